@@ -1,0 +1,659 @@
+//! The Avro side: the schemas in `schemas/` (embedded at build time, the single
+//! source of truth), the event to Avro `Value` mapping, and the two wire formats:
+//! Avro single-object encoding (`C3 01`, 8-byte little-endian CRC-64-AVRO
+//! fingerprint of the parsing canonical form, binary datum) and the Confluent
+//! Schema Registry format (`00`, 4-byte big-endian schema id, binary datum).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::types::Value;
+use apache_avro::Schema;
+
+use crate::domain::event::{
+    ConnectorErrorDetails, ConnectorState, ErrorInfo, IssuerErrorDetails, MandateReference,
+    NetworkErrorDetails, UnifiedErrorDetails,
+};
+use crate::domain::{Money, PaymentStatus, PaymentStatusEvent, RedirectForm};
+
+/// The event schema, as committed in `schemas/`.
+pub const EVENT_SCHEMA_JSON: &str = include_str!("../../schemas/payment_status_event.avsc");
+/// The request schema, as committed in `schemas/`.
+pub const REQUEST_SCHEMA_JSON: &str = include_str!("../../schemas/status_check_request.avsc");
+
+/// Marker of Avro single-object encoding.
+pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+/// Marker of the Confluent Schema Registry wire format.
+pub const CONFLUENT_MAGIC: u8 = 0x00;
+
+/// Errors of the Avro layer.
+#[derive(Debug, thiserror::Error)]
+pub enum AvroError {
+    /// A value did not match the schema (a bug, not bad input).
+    #[error("avro encoding failed: {0}")]
+    Encode(String),
+    /// Bytes that are not a datum of the schema.
+    #[error("avro decoding failed: {0}")]
+    Decode(String),
+    /// A header that is neither single-object nor Confluent, or a foreign fingerprint.
+    #[error("{0}")]
+    Framing(String),
+}
+
+/// The parsed schemas with their fingerprints.
+pub struct Schemas {
+    /// `PaymentStatusEvent`.
+    pub event: Schema,
+    /// `StatusCheckRequest`.
+    pub request: Schema,
+    /// CRC-64-AVRO of the event schema's canonical form.
+    pub event_fingerprint: u64,
+    /// CRC-64-AVRO of the request schema's canonical form.
+    pub request_fingerprint: u64,
+}
+
+impl Schemas {
+    /// The schemas, parsed once per process. The embedded files are tested, so a
+    /// parse failure here is a build defect.
+    pub fn get() -> &'static Schemas {
+        static SCHEMAS: OnceLock<Schemas> = OnceLock::new();
+        SCHEMAS.get_or_init(|| {
+            #[allow(clippy::expect_used)]
+            let event = Schema::parse_str(EVENT_SCHEMA_JSON).expect("embedded event schema parses");
+            #[allow(clippy::expect_used)]
+            let request =
+                Schema::parse_str(REQUEST_SCHEMA_JSON).expect("embedded request schema parses");
+            Schemas {
+                event_fingerprint: fingerprint(&event),
+                request_fingerprint: fingerprint(&request),
+                event,
+                request,
+            }
+        })
+    }
+}
+
+/// The CRC-64-AVRO ("Rabin") fingerprint of a schema's parsing canonical form.
+pub fn fingerprint(schema: &Schema) -> u64 {
+    let fp = schema.fingerprint::<Rabin>();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&fp.bytes[..8]);
+    u64::from_le_bytes(bytes)
+}
+
+/// How events are framed on the output topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireFormat {
+    /// Avro single-object encoding (no registry configured).
+    SingleObject,
+    /// Confluent wire format with this registry schema id.
+    Confluent {
+        /// The id the registry gave the event schema.
+        schema_id: u32,
+    },
+}
+
+/// Encodes events with the embedded schema in one wire format.
+#[derive(Debug, Clone, Copy)]
+pub struct EventEncoder {
+    format: WireFormat,
+}
+
+impl EventEncoder {
+    /// An encoder for `format`.
+    pub fn new(format: WireFormat) -> Self {
+        EventEncoder { format }
+    }
+
+    /// The framing in use.
+    pub fn format(&self) -> WireFormat {
+        self.format
+    }
+
+    /// Frames and encodes one event.
+    pub fn encode(&self, event: &PaymentStatusEvent) -> Result<Vec<u8>, AvroError> {
+        let schemas = Schemas::get();
+        let datum = apache_avro::to_avro_datum(&schemas.event, event_to_value(event))
+            .map_err(|e| AvroError::Encode(e.to_string()))?;
+        let mut out = Vec::with_capacity(datum.len() + 10);
+        match self.format {
+            WireFormat::SingleObject => {
+                out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+                out.extend_from_slice(&schemas.event_fingerprint.to_le_bytes());
+            }
+            WireFormat::Confluent { schema_id } => {
+                out.push(CONFLUENT_MAGIC);
+                out.extend_from_slice(&schema_id.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+}
+
+/// Splits a framed value into its framing and datum. For single-object encoding
+/// the fingerprint must be `expected_fingerprint`.
+pub fn unframe(bytes: &[u8], expected_fingerprint: u64) -> Result<(WireFormat, &[u8]), AvroError> {
+    if bytes.len() >= 10 && bytes[..2] == SINGLE_OBJECT_MAGIC {
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(&bytes[2..10]);
+        let fp = u64::from_le_bytes(fp);
+        if fp != expected_fingerprint {
+            return Err(AvroError::Framing(format!(
+                "single-object fingerprint {fp:#018x} is not the expected schema's {expected_fingerprint:#018x}"
+            )));
+        }
+        return Ok((WireFormat::SingleObject, &bytes[10..]));
+    }
+    if bytes.len() >= 5 && bytes[0] == CONFLUENT_MAGIC {
+        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        return Ok((WireFormat::Confluent { schema_id: id }, &bytes[5..]));
+    }
+    Err(AvroError::Framing(
+        "not Avro: neither single-object (C3 01) nor Confluent (00) framing".into(),
+    ))
+}
+
+/// True when `bytes` start like an Avro-framed value (PRODUCT.md §2).
+pub fn looks_like_avro(bytes: &[u8]) -> bool {
+    (bytes.len() >= 10 && bytes[..2] == SINGLE_OBJECT_MAGIC)
+        || (bytes.len() >= 5 && bytes[0] == CONFLUENT_MAGIC)
+}
+
+/// Decodes a framed event back into an Avro value, resolving to `reader` when given.
+pub fn decode_event_value(bytes: &[u8], reader: Option<&Schema>) -> Result<Value, AvroError> {
+    let schemas = Schemas::get();
+    let (_, mut datum) = unframe(bytes, schemas.event_fingerprint)?;
+    apache_avro::from_avro_datum(&schemas.event, &mut datum, reader)
+        .map_err(|e| AvroError::Decode(e.to_string()))
+}
+
+/// Decodes a framed event into JSON (for the demo, tests and debugging).
+pub fn decode_event_json(bytes: &[u8]) -> Result<serde_json::Value, AvroError> {
+    let value = decode_event_value(bytes, None)?;
+    avro_to_json(value)
+}
+
+/// Converts an Avro value to JSON: unions collapse to their branch, enums to symbols.
+pub fn avro_to_json(value: Value) -> Result<serde_json::Value, AvroError> {
+    Ok(match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Boolean(b) => b.into(),
+        Value::Int(i) => i.into(),
+        Value::Long(l) | Value::TimestampMillis(l) | Value::TimestampMicros(l) => l.into(),
+        Value::Float(f) => f64::from(f).into(),
+        Value::Double(d) => d.into(),
+        Value::String(s) | Value::Enum(_, s) => s.into(),
+        Value::Union(_, inner) => avro_to_json(*inner)?,
+        Value::Array(items) => serde_json::Value::Array(
+            items
+                .into_iter()
+                .map(avro_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Map(m) => serde_json::Value::Object(
+            m.into_iter()
+                .map(|(k, v)| Ok((k, avro_to_json(v)?)))
+                .collect::<Result<_, AvroError>>()?,
+        ),
+        Value::Record(fields) => serde_json::Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| Ok((k, avro_to_json(v)?)))
+                .collect::<Result<_, AvroError>>()?,
+        ),
+        other => {
+            return Err(AvroError::Decode(format!(
+                "unexpected avro value {other:?}"
+            )))
+        }
+    })
+}
+
+// ---- event -> Avro value ---------------------------------------------------------
+
+fn null() -> Value {
+    Value::Union(0, Box::new(Value::Null))
+}
+
+fn some(v: Value) -> Value {
+    Value::Union(1, Box::new(v))
+}
+
+fn opt_str(v: &Option<String>) -> Value {
+    v.as_ref()
+        .map_or_else(null, |s| some(Value::String(s.clone())))
+}
+
+fn opt_long(v: Option<i64>) -> Value {
+    v.map_or_else(null, |l| some(Value::Long(l)))
+}
+
+fn opt_record<T>(v: &Option<T>, f: impl FnOnce(&T) -> Value) -> Value {
+    v.as_ref().map_or_else(null, |x| some(f(x)))
+}
+
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+}
+
+fn string_map(m: &BTreeMap<String, String>) -> Value {
+    Value::Map(
+        m.iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect::<HashMap<_, _>>(),
+    )
+}
+
+fn enum_value(index: usize, symbol: &str) -> Value {
+    Value::Enum(index as u32, symbol.to_owned())
+}
+
+fn money(m: &Money) -> Value {
+    record(vec![
+        ("minor_amount", Value::Long(m.minor_amount)),
+        ("currency", Value::String(m.currency.clone())),
+    ])
+}
+
+fn error_info(e: &ErrorInfo) -> Value {
+    record(vec![
+        (
+            "unified_details",
+            opt_record(&e.unified_details, |u: &UnifiedErrorDetails| {
+                record(vec![
+                    ("code", opt_str(&u.code)),
+                    ("message", opt_str(&u.message)),
+                    ("description", opt_str(&u.description)),
+                    ("user_guidance_message", opt_str(&u.user_guidance_message)),
+                ])
+            }),
+        ),
+        (
+            "issuer_details",
+            opt_record(&e.issuer_details, |i: &IssuerErrorDetails| {
+                record(vec![
+                    ("code", opt_str(&i.code)),
+                    ("message", opt_str(&i.message)),
+                    (
+                        "network_details",
+                        opt_record(&i.network_details, |n: &NetworkErrorDetails| {
+                            record(vec![
+                                ("advice_code", opt_str(&n.advice_code)),
+                                ("decline_code", opt_str(&n.decline_code)),
+                                ("error_message", opt_str(&n.error_message)),
+                            ])
+                        }),
+                    ),
+                ])
+            }),
+        ),
+        (
+            "connector_details",
+            opt_record(&e.connector_details, |c: &ConnectorErrorDetails| {
+                record(vec![
+                    ("code", opt_str(&c.code)),
+                    ("message", opt_str(&c.message)),
+                    ("reason", opt_str(&c.reason)),
+                    (
+                        "connector_transaction_id",
+                        opt_str(&c.connector_transaction_id),
+                    ),
+                ])
+            }),
+        ),
+    ])
+}
+
+fn redirect(r: &Option<RedirectForm>) -> Value {
+    match r {
+        None => null(),
+        Some(RedirectForm::Form {
+            endpoint,
+            method,
+            form_fields,
+        }) => Value::Union(
+            1,
+            Box::new(record(vec![
+                ("endpoint", Value::String(endpoint.clone())),
+                ("method", Value::String(method.clone())),
+                ("form_fields", string_map(form_fields)),
+            ])),
+        ),
+        Some(RedirectForm::Html { html_data }) => Value::Union(
+            2,
+            Box::new(record(vec![(
+                "html_data",
+                Value::String(html_data.clone()),
+            )])),
+        ),
+        Some(RedirectForm::Uri { uri }) => Value::Union(
+            3,
+            Box::new(record(vec![("uri", Value::String(uri.clone()))])),
+        ),
+    }
+}
+
+fn status_index(status: PaymentStatus) -> usize {
+    PaymentStatus::ALL
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(0)
+}
+
+/// Maps an event to an Avro value of the event schema (field order as in the file).
+pub fn event_to_value(e: &PaymentStatusEvent) -> Value {
+    use crate::domain::{AuthenticationType, CaptureMethod};
+    let capture = |c: &CaptureMethod| {
+        enum_value(
+            CaptureMethod::ALL.iter().position(|x| x == c).unwrap_or(0),
+            c.as_str(),
+        )
+    };
+    let auth = |a: &AuthenticationType| {
+        enum_value(
+            AuthenticationType::ALL
+                .iter()
+                .position(|x| x == a)
+                .unwrap_or(0),
+            a.as_str(),
+        )
+    };
+    record(vec![
+        ("event_id", Value::String(e.event_id.clone())),
+        ("request_id", Value::String(e.request_id.clone())),
+        ("connector", Value::String(e.connector.clone())),
+        ("merchant_id", Value::String(e.merchant_id.clone())),
+        ("observed_at", Value::TimestampMillis(e.observed_at_ms)),
+        (
+            "attempts",
+            Value::Int(i32::try_from(e.attempts).unwrap_or(i32::MAX)),
+        ),
+        (
+            "connector_transaction_id",
+            Value::String(e.connector_transaction_id.clone()),
+        ),
+        (
+            "merchant_transaction_id",
+            opt_str(&e.merchant_transaction_id),
+        ),
+        (
+            "status",
+            enum_value(status_index(e.status), e.status.as_str()),
+        ),
+        ("error", opt_record(&e.error, error_info)),
+        ("status_code", Value::Long(i64::from(e.status_code))),
+        ("response_headers", string_map(&e.response_headers)),
+        (
+            "mandate_reference",
+            opt_record(&e.mandate_reference, |m: &MandateReference| {
+                record(vec![
+                    ("mandate_id", opt_str(&m.mandate_id)),
+                    ("payment_method_id", opt_str(&m.payment_method_id)),
+                ])
+            }),
+        ),
+        ("network_transaction_id", opt_str(&e.network_transaction_id)),
+        ("amount", opt_record(&e.amount, money)),
+        ("captured_amount", opt_long(e.captured_amount)),
+        ("payment_method_type", opt_str(&e.payment_method_type)),
+        ("capture_method", opt_record(&e.capture_method, capture)),
+        ("auth_type", opt_record(&e.auth_type, auth)),
+        ("created_at", opt_long(e.created_at)),
+        ("updated_at", opt_long(e.updated_at)),
+        ("authorized_at", opt_long(e.authorized_at)),
+        ("captured_at", opt_long(e.captured_at)),
+        ("customer_name", opt_str(&e.customer_name)),
+        ("email", opt_str(&e.email)),
+        ("connector_customer_id", opt_str(&e.connector_customer_id)),
+        ("merchant_order_id", opt_str(&e.merchant_order_id)),
+        ("metadata", opt_str(&e.metadata)),
+        ("connector_response", opt_str(&e.connector_response)),
+        (
+            "state",
+            opt_record(&e.state, |s: &ConnectorState| {
+                record(vec![(
+                    "connector_customer_id",
+                    opt_str(&s.connector_customer_id),
+                )])
+            }),
+        ),
+        ("raw_connector_response", opt_str(&e.raw_connector_response)),
+        ("raw_connector_request", opt_str(&e.raw_connector_request)),
+        ("redirection_data", redirect(&e.redirection_data)),
+        (
+            "incremental_authorization_allowed",
+            e.incremental_authorization_allowed
+                .map_or_else(null, |b| some(Value::Boolean(b))),
+        ),
+        ("refunded_amount", opt_long(e.refunded_amount)),
+        ("refund_pending_amount", opt_long(e.refund_pending_amount)),
+        ("connector_status", opt_str(&e.connector_status)),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{event_id, CheckFailure, Envelope, FailureCode, SecretFields};
+    use crate::domain::{StatusCheckRequest, StatusReport, TransactionId};
+
+    /// CRC-64-AVRO written from the Avro specification's reference pseudo-code,
+    /// independent of the apache-avro crate.
+    fn spec_crc64_avro(data: &[u8]) -> u64 {
+        const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+        let mut table = [0u64; 256];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut fp = i as u64;
+            for _ in 0..8 {
+                fp = (fp >> 1) ^ (EMPTY & (0u64.wrapping_sub(fp & 1)));
+            }
+            *slot = fp;
+        }
+        let mut fp = EMPTY;
+        for b in data {
+            fp = (fp >> 8) ^ table[((fp ^ u64::from(*b)) & 0xff) as usize];
+        }
+        fp
+    }
+
+    fn sample_event(outcome: Result<StatusReport, CheckFailure>) -> PaymentStatusEvent {
+        let mut req = StatusCheckRequest::new(
+            TransactionId::parse("tx-9").unwrap(),
+            "cm",
+            "default",
+            "r-9",
+        );
+        req.amount = Some(Money {
+            minor_amount: 1200,
+            currency: "EUR".into(),
+        });
+        req.capture_method = Some(crate::domain::CaptureMethod::MANUAL);
+        PaymentStatusEvent::build(
+            &req,
+            Envelope {
+                event_id: event_id("in", 2, 41),
+                observed_at_ms: 1_750_000_000_123,
+                attempts: 1,
+                raw_request: None,
+            },
+            outcome,
+            SecretFields::default(),
+        )
+    }
+
+    fn charged_report() -> StatusReport {
+        let mut r = StatusReport::new(PaymentStatus::AUTHENTICATION_PENDING, 200);
+        r.amount = Some(Money {
+            minor_amount: 1200,
+            currency: "EUR".into(),
+        });
+        r.redirection_data = Some(RedirectForm::Uri {
+            uri: "https://3ds.example/x".into(),
+        });
+        r.refunded_amount = Some(300);
+        r.refund_pending_amount = Some(100);
+        r.created_at = Some(1_136_214_245);
+        r.connector_status = Some("OPEN".into());
+        r.response_headers
+            .insert("content-type".into(), "application/json".into());
+        r
+    }
+
+    #[test]
+    fn fingerprint_matches_an_independent_crc64_avro() {
+        let s = Schemas::get();
+        let canonical = s.event.canonical_form();
+        assert_eq!(s.event_fingerprint, spec_crc64_avro(canonical.as_bytes()));
+        assert_eq!(
+            s.request_fingerprint,
+            spec_crc64_avro(s.request.canonical_form().as_bytes())
+        );
+        // A published vector: the spec's empty-input value, and a primitive schema.
+        assert_eq!(spec_crc64_avro(b""), 0xc15d_213a_a4d7_a795);
+        let int_schema = Schema::parse_str("\"int\"").unwrap();
+        assert_eq!(fingerprint(&int_schema), spec_crc64_avro(b"\"int\""));
+    }
+
+    #[test]
+    fn single_object_framing_is_exact() {
+        let bytes = EventEncoder::new(WireFormat::SingleObject)
+            .encode(&sample_event(Ok(charged_report())))
+            .unwrap();
+        assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+        let fp = u64::from_le_bytes(bytes[2..10].try_into().unwrap());
+        assert_eq!(
+            fp,
+            spec_crc64_avro(Schemas::get().event.canonical_form().as_bytes())
+        );
+        // The body is exactly the Avro binary datum.
+        let datum = apache_avro::to_avro_datum(
+            &Schemas::get().event,
+            event_to_value(&sample_event(Ok(charged_report()))),
+        )
+        .unwrap();
+        assert_eq!(&bytes[10..], &datum[..]);
+    }
+
+    #[test]
+    fn confluent_framing_carries_the_schema_id() {
+        let bytes = EventEncoder::new(WireFormat::Confluent { schema_id: 42 })
+            .encode(&sample_event(Ok(charged_report())))
+            .unwrap();
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 42]);
+        assert_eq!(
+            unframe(&bytes, 0).unwrap().0,
+            WireFormat::Confluent { schema_id: 42 }
+        );
+    }
+
+    #[test]
+    fn round_trip_through_the_schema() {
+        let event = sample_event(Ok(charged_report()));
+        let bytes = EventEncoder::new(WireFormat::SingleObject)
+            .encode(&event)
+            .unwrap();
+        let json = decode_event_json(&bytes).unwrap();
+        assert_eq!(json["event_id"], event.event_id.as_str());
+        assert_eq!(json["status"], "AUTHENTICATION_PENDING");
+        assert_eq!(json["amount"]["minor_amount"], 1200);
+        assert_eq!(json["amount"]["currency"], "EUR");
+        assert_eq!(json["redirection_data"]["uri"], "https://3ds.example/x");
+        assert_eq!(json["refunded_amount"], 300);
+        assert_eq!(json["refund_pending_amount"], 100);
+        assert_eq!(json["observed_at"], 1_750_000_000_123_i64);
+        assert_eq!(json["capture_method"], "MANUAL");
+        assert_eq!(json["status_code"], 200);
+        assert_eq!(json["response_headers"]["content-type"], "application/json");
+        assert_eq!(json["metadata"], serde_json::Value::Null);
+
+        let failed = sample_event(Err(CheckFailure::new(
+            FailureCode::TransactionNotFound,
+            "404",
+        )));
+        let json = decode_event_json(
+            &EventEncoder::new(WireFormat::SingleObject)
+                .encode(&failed)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["status"], "PAYMENT_STATUS_UNSPECIFIED");
+        assert_eq!(
+            json["error"]["unified_details"]["code"],
+            "TRANSACTION_NOT_FOUND"
+        );
+    }
+
+    #[test]
+    fn every_status_encodes() {
+        for status in PaymentStatus::ALL {
+            let mut r = StatusReport::new(*status, 200);
+            r.connector_status = Some("X".into());
+            let bytes = EventEncoder::new(WireFormat::SingleObject)
+                .encode(&sample_event(Ok(r)))
+                .unwrap();
+            assert_eq!(
+                decode_event_json(&bytes).unwrap()["status"],
+                status.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn old_reader_without_a_newer_optional_field_reads_new_events() {
+        // A reader schema from "before" connector_status and the refund extensions existed.
+        let mut reader: serde_json::Value = serde_json::from_str(EVENT_SCHEMA_JSON).unwrap();
+        let fields = reader["fields"].as_array_mut().unwrap();
+        fields.retain(|f| {
+            !matches!(
+                f["name"].as_str(),
+                Some("connector_status" | "refunded_amount" | "refund_pending_amount")
+            )
+        });
+        let reader = Schema::parse_str(&reader.to_string()).unwrap();
+        let bytes = EventEncoder::new(WireFormat::SingleObject)
+            .encode(&sample_event(Ok(charged_report())))
+            .unwrap();
+        let value = decode_event_value(&bytes, Some(&reader)).unwrap();
+        let json = avro_to_json(value).unwrap();
+        assert_eq!(json["status"], "AUTHENTICATION_PENDING");
+        assert!(json.get("connector_status").is_none());
+        assert!(json.get("refunded_amount").is_none());
+    }
+
+    #[test]
+    fn new_reader_with_an_added_optional_field_reads_old_events() {
+        let mut reader: serde_json::Value = serde_json::from_str(EVENT_SCHEMA_JSON).unwrap();
+        reader["fields"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!(
+                {"name": "future_field", "type": ["null", "string"], "default": null}
+            ));
+        let reader = Schema::parse_str(&reader.to_string()).unwrap();
+        let bytes = EventEncoder::new(WireFormat::SingleObject)
+            .encode(&sample_event(Ok(charged_report())))
+            .unwrap();
+        let json = avro_to_json(decode_event_value(&bytes, Some(&reader)).unwrap()).unwrap();
+        assert_eq!(json["future_field"], serde_json::Value::Null);
+        assert_eq!(json["connector_status"], "OPEN");
+    }
+
+    #[test]
+    fn foreign_fingerprint_and_garbage_are_rejected() {
+        let mut bytes = EventEncoder::new(WireFormat::SingleObject)
+            .encode(&sample_event(Ok(charged_report())))
+            .unwrap();
+        bytes[5] ^= 0xff;
+        assert!(matches!(
+            decode_event_value(&bytes, None),
+            Err(AvroError::Framing(_))
+        ));
+        assert!(matches!(
+            decode_event_value(b"{\"json\":1}", None),
+            Err(AvroError::Framing(_))
+        ));
+        assert!(decode_event_value(&[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0xff], None).is_err());
+    }
+}

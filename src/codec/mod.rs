@@ -1,0 +1,9 @@
+//! Bytes to domain and back: status-check requests from JSON or Avro with their
+//! Kafka headers, and `PaymentStatusEvent`s to Avro (single-object or Confluent
+//! wire format). Pure functions; no I/O.
+
+pub mod avro;
+pub mod request;
+
+pub use avro::{EventEncoder, Schemas, WireFormat};
+pub use request::{decode_request, DecodeOptions, RejectCode, Rejection, SourcePosition};

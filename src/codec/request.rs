@@ -1,0 +1,656 @@
+//! Request decoding: Kafka value bytes plus headers to a validated
+//! [`StatusCheckRequest`], or a [`Rejection`] with a stable code that the
+//! dead-letter header `paysync-error-code` carries.
+//!
+//! Values that begin with Avro framing (`00` + 4-byte id, or `C3 01`) are decoded
+//! with the request schema and then validated exactly like JSON, so both formats
+//! share one set of rules.
+
+use serde_json::{Map, Value};
+
+use super::avro::{self, Schemas};
+use crate::domain::request::{
+    CaptureMethod, FutureUsage, Money, PaymentExperience, PaymentMethodType, StatusCheckRequest,
+    SyncType, TransactionId,
+};
+
+/// Stable reasons a request cannot be used. Their `as_str()` values are part of the
+/// product contract (dead-letter headers, metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectCode {
+    /// Not JSON, or JSON that is not an object.
+    InvalidJson,
+    /// Avro framing that does not decode with the request schema.
+    InvalidAvro,
+    /// No `connector_transaction_id`.
+    MissingTransactionId,
+    /// A `connector_transaction_id` that is not safe for a URL path.
+    InvalidTransactionId,
+    /// A known field with the wrong type or an invalid value.
+    InvalidField,
+    /// A routing header that is not UTF-8.
+    InvalidHeader,
+    /// A connector that is not configured.
+    UnknownConnector,
+    /// A merchant account that is not configured for the connector.
+    UnknownMerchant,
+    /// A payment method the connector does not support.
+    UnsupportedPaymentMethod,
+    /// A value larger than `processing.max_request_bytes`, or no value at all.
+    Oversize,
+    /// A message without a value (a tombstone).
+    EmptyValue,
+}
+
+impl RejectCode {
+    /// Every code (for documentation and metric pre-registration).
+    pub const ALL: &'static [RejectCode] = &[
+        RejectCode::InvalidJson,
+        RejectCode::InvalidAvro,
+        RejectCode::MissingTransactionId,
+        RejectCode::InvalidTransactionId,
+        RejectCode::InvalidField,
+        RejectCode::InvalidHeader,
+        RejectCode::UnknownConnector,
+        RejectCode::UnknownMerchant,
+        RejectCode::UnsupportedPaymentMethod,
+        RejectCode::Oversize,
+        RejectCode::EmptyValue,
+    ];
+
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::InvalidJson => "invalid_json",
+            RejectCode::InvalidAvro => "invalid_avro",
+            RejectCode::MissingTransactionId => "missing_transaction_id",
+            RejectCode::InvalidTransactionId => "invalid_transaction_id",
+            RejectCode::InvalidField => "invalid_field",
+            RejectCode::InvalidHeader => "invalid_header",
+            RejectCode::UnknownConnector => "unknown_connector",
+            RejectCode::UnknownMerchant => "unknown_merchant",
+            RejectCode::UnsupportedPaymentMethod => "unsupported_payment_method",
+            RejectCode::Oversize => "oversize",
+            RejectCode::EmptyValue => "empty_value",
+        }
+    }
+}
+
+/// A request that cannot be used, with a code and a message for the dead letter.
+/// Messages name fields, never echo their values (they may be secrets).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct Rejection {
+    /// The stable code.
+    pub code: RejectCode,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl Rejection {
+    /// A rejection with a code and message.
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a message came from; the default `request_id` is built from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePosition<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// Settings the decoder needs.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Connector used when neither the field nor the header names one.
+    pub default_connector: String,
+    /// Merchant account used when neither the field nor the header names one.
+    pub default_merchant: String,
+    /// Largest accepted value in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            default_connector: "cm".into(),
+            default_merchant: "default".into(),
+            max_request_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Decodes one message. `headers` are the Kafka headers (name, value).
+pub fn decode_request(
+    value: Option<&[u8]>,
+    headers: &[(&str, Option<&[u8]>)],
+    position: SourcePosition<'_>,
+    options: &DecodeOptions,
+) -> Result<StatusCheckRequest, Rejection> {
+    let bytes =
+        value.ok_or_else(|| Rejection::new(RejectCode::EmptyValue, "message has no value"))?;
+    if bytes.len() > options.max_request_bytes {
+        return Err(Rejection::new(
+            RejectCode::Oversize,
+            format!(
+                "value is {} bytes, more than the limit of {}",
+                bytes.len(),
+                options.max_request_bytes
+            ),
+        ));
+    }
+    let object = if avro::looks_like_avro(bytes) {
+        avro_object(bytes)?
+    } else {
+        json_object(bytes)?
+    };
+    from_object(&object, headers, position, options)
+}
+
+fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, Rejection> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Rejection::new(
+            RejectCode::InvalidJson,
+            "value is JSON but not an object",
+        )),
+        // serde_json's message gives line and column, never the content.
+        Err(e) => Err(Rejection::new(
+            RejectCode::InvalidJson,
+            format!("value is not JSON: {e}"),
+        )),
+    }
+}
+
+fn avro_object(bytes: &[u8]) -> Result<Map<String, Value>, Rejection> {
+    let schemas = Schemas::get();
+    let (_, mut datum) = avro::unframe(bytes, schemas.request_fingerprint)
+        .map_err(|e| Rejection::new(RejectCode::InvalidAvro, e.to_string()))?;
+    let value = apache_avro::from_avro_datum(&schemas.request, &mut datum, None).map_err(|e| {
+        Rejection::new(
+            RejectCode::InvalidAvro,
+            format!("not a StatusCheckRequest datum: {e}"),
+        )
+    })?;
+    match avro::avro_to_json(value) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(Rejection::new(
+            RejectCode::InvalidAvro,
+            "avro datum is not a record",
+        )),
+    }
+}
+
+fn invalid(field: &str, expected: &str) -> Rejection {
+    Rejection::new(
+        RejectCode::InvalidField,
+        format!("field `{field}` must be {expected}"),
+    )
+}
+
+/// A field's value, treating JSON `null` as absent.
+fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+    obj.get(field).filter(|v| !v.is_null())
+}
+
+fn opt_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, Rejection> {
+    match present(obj, field) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(invalid(field, "a string")),
+    }
+}
+
+/// A string that is used for routing or echoed into headers: non-empty, at most
+/// 256 characters, no control characters.
+fn opt_routing(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, Rejection> {
+    match opt_string(obj, field)? {
+        Some(s) if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) => Err(
+            invalid(field, "1 to 256 characters without control characters"),
+        ),
+        other => Ok(other),
+    }
+}
+
+fn opt_enum<T>(
+    obj: &Map<String, Value>,
+    field: &str,
+    parse: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<T>, Rejection> {
+    match present(obj, field) {
+        None => Ok(None),
+        Some(v) => parse(v)
+            .map(Some)
+            .ok_or_else(|| invalid(field, "a known enum symbol or number")),
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>, Rejection> {
+    match present(obj, field) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(invalid(field, "a boolean")),
+    }
+}
+
+/// `metadata` is a UCS SecretString; callers send either a string or a JSON object.
+fn opt_secret(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, Rejection> {
+    match present(obj, field) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v @ Value::Object(_)) => Ok(Some(v.to_string())),
+        Some(_) => Err(invalid(field, "a string or an object")),
+    }
+}
+
+fn opt_money(obj: &Map<String, Value>) -> Result<Option<Money>, Rejection> {
+    let Some(v) = present(obj, "amount") else {
+        return Ok(None);
+    };
+    let Value::Object(m) = v else {
+        return Err(invalid("amount", "an object {minor_amount, currency}"));
+    };
+    // proto JSON writes int64 as a string; accept both.
+    let minor_amount = match m.get("minor_amount") {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.parse::<i64>().ok(),
+        _ => None,
+    }
+    .filter(|a| *a >= 0)
+    .ok_or_else(|| invalid("amount.minor_amount", "a non-negative integer"))?;
+    let currency = match m.get("currency") {
+        Some(Value::String(c)) if c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()) => {
+            c.clone()
+        }
+        _ => return Err(invalid("amount.currency", "a three-letter ISO 4217 code")),
+    };
+    Ok(Some(Money {
+        minor_amount,
+        currency,
+    }))
+}
+
+fn header<'a>(
+    headers: &[(&str, Option<&'a [u8]>)],
+    name: &str,
+) -> Result<Option<&'a str>, Rejection> {
+    // The last occurrence wins, as with HTTP-style repeated headers.
+    match headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+    {
+        None | Some((_, None)) => Ok(None),
+        Some((_, Some(bytes))) => std::str::from_utf8(bytes).map(Some).map_err(|_| {
+            Rejection::new(
+                RejectCode::InvalidHeader,
+                format!("header `{name}` is not UTF-8"),
+            )
+        }),
+    }
+}
+
+/// The JSON field wins over the header, the header over the default.
+fn routed(
+    obj: &Map<String, Value>,
+    field: &str,
+    headers: &[(&str, Option<&[u8]>)],
+    header_name: &str,
+) -> Result<Option<String>, Rejection> {
+    if let Some(v) = opt_routing(obj, field)? {
+        return Ok(Some(v));
+    }
+    match header(headers, header_name)? {
+        Some(h) if h.is_empty() || h.len() > 256 || h.chars().any(char::is_control) => {
+            Err(Rejection::new(
+                RejectCode::InvalidHeader,
+                format!(
+                    "header `{header_name}` must be 1 to 256 characters without control characters"
+                ),
+            ))
+        }
+        Some(h) => Ok(Some(h.to_owned())),
+        None => Ok(None),
+    }
+}
+
+fn from_object(
+    obj: &Map<String, Value>,
+    headers: &[(&str, Option<&[u8]>)],
+    position: SourcePosition<'_>,
+    options: &DecodeOptions,
+) -> Result<StatusCheckRequest, Rejection> {
+    let id = match present(obj, "connector_transaction_id") {
+        None => {
+            return Err(Rejection::new(
+                RejectCode::MissingTransactionId,
+                "field `connector_transaction_id` is required",
+            ))
+        }
+        Some(Value::String(s)) => TransactionId::parse(s)
+            .map_err(|e| Rejection::new(RejectCode::InvalidTransactionId, e.to_string()))?,
+        Some(_) => {
+            return Err(Rejection::new(
+                RejectCode::InvalidTransactionId,
+                "field `connector_transaction_id` must be a string",
+            ))
+        }
+    };
+    let connector = routed(obj, "connector", headers, "x-connector")?
+        .unwrap_or_else(|| options.default_connector.clone());
+    let merchant_id = routed(obj, "merchant_id", headers, "x-merchant-id")?
+        .unwrap_or_else(|| options.default_merchant.clone());
+    let request_id = routed(obj, "request_id", headers, "x-request-id")?.unwrap_or_else(|| {
+        format!(
+            "{}:{}:{}",
+            position.topic, position.partition, position.offset
+        )
+    });
+    let payment_method_type = match opt_string(obj, "payment_method_type")? {
+        None => PaymentMethodType::default_method(),
+        Some(s) => PaymentMethodType::parse(&s).ok_or_else(|| {
+            invalid(
+                "payment_method_type",
+                "a PaymentMethodType symbol such as GOOGLE_PAY",
+            )
+        })?,
+    };
+    let connector_customer_id = match present(obj, "state") {
+        None => None,
+        Some(Value::Object(state)) => opt_string(state, "connector_customer_id")
+            .map_err(|_| invalid("state.connector_customer_id", "a string"))?,
+        Some(_) => return Err(invalid("state", "an object")),
+    };
+    let mut request = StatusCheckRequest::new(id, &connector, &merchant_id, &request_id);
+    request.payment_method_type = payment_method_type;
+    request.merchant_transaction_id = opt_string(obj, "merchant_transaction_id")?;
+    request.encoded_data = opt_string(obj, "encoded_data")?;
+    request.capture_method = opt_enum(obj, "capture_method", CaptureMethod::parse)?;
+    request.amount = opt_money(obj)?;
+    request.setup_future_usage = opt_enum(obj, "setup_future_usage", FutureUsage::parse)?;
+    request.connector_customer_id = connector_customer_id;
+    request.metadata = opt_secret(obj, "metadata")?;
+    request.connector_feature_data = opt_secret(obj, "connector_feature_data")?;
+    request.sync_type = opt_enum(obj, "sync_type", SyncType::parse)?;
+    request.connector_order_reference_id = opt_string(obj, "connector_order_reference_id")?;
+    request.test_mode = opt_bool(obj, "test_mode")?;
+    request.payment_experience = opt_enum(obj, "payment_experience", PaymentExperience::parse)?;
+    request.merchant_request_id = opt_string(obj, "merchant_request_id")?;
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const POS: SourcePosition<'static> = SourcePosition {
+        topic: "in",
+        partition: 3,
+        offset: 99,
+    };
+
+    fn decode(
+        v: &[u8],
+        headers: &[(&str, Option<&[u8]>)],
+    ) -> Result<StatusCheckRequest, Rejection> {
+        decode_request(Some(v), headers, POS, &DecodeOptions::default())
+    }
+
+    fn code_of(v: serde_json::Value) -> RejectCode {
+        decode(v.to_string().as_bytes(), &[]).unwrap_err().code
+    }
+
+    #[test]
+    fn minimal_request_gets_defaults() {
+        let r = decode(br#"{"connector_transaction_id":"tx-1"}"#, &[]).unwrap();
+        assert_eq!(r.connector_transaction_id.as_str(), "tx-1");
+        assert_eq!(r.connector, "cm");
+        assert_eq!(r.merchant_id, "default");
+        assert_eq!(r.request_id, "in:3:99");
+        assert_eq!(r.payment_method_type.as_str(), "GOOGLE_PAY");
+    }
+
+    #[test]
+    fn every_get_field_is_accepted_and_typed() {
+        let r = decode(
+            json!({
+                "connector_transaction_id": "tx-2",
+                "merchant_transaction_id": "m-1",
+                "encoded_data": "enc",
+                "capture_method": "MANUAL",
+                "handle_response": "AAAA",
+                "amount": {"minor_amount": "1200", "currency": "EUR"},
+                "setup_future_usage": 1,
+                "state": {"connector_customer_id": "cust", "access_token": {"token": "ignored"}},
+                "metadata": {"k": "v"},
+                "connector_feature_data": "cfd",
+                "sync_type": "SINGLE_PAYMENT_SYNC",
+                "connector_order_reference_id": "ord",
+                "test_mode": true,
+                "payment_experience": "REDIRECT_TO_URL",
+                "merchant_request_id": "idem-1",
+                "payment_method_type": "IDEAL",
+                "unknown_extra": [1, 2, 3]
+            })
+            .to_string()
+            .as_bytes(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.merchant_transaction_id.as_deref(), Some("m-1"));
+        assert_eq!(r.capture_method, Some(CaptureMethod::MANUAL));
+        assert_eq!(
+            r.amount,
+            Some(Money {
+                minor_amount: 1200,
+                currency: "EUR".into()
+            })
+        );
+        assert_eq!(r.setup_future_usage, Some(FutureUsage::OFF_SESSION));
+        assert_eq!(r.connector_customer_id.as_deref(), Some("cust"));
+        assert_eq!(r.metadata.as_deref(), Some(r#"{"k":"v"}"#));
+        assert_eq!(r.sync_type, Some(SyncType::SINGLE_PAYMENT_SYNC));
+        assert_eq!(r.test_mode, Some(true));
+        assert_eq!(
+            r.payment_experience,
+            Some(PaymentExperience::REDIRECT_TO_URL)
+        );
+        assert_eq!(r.merchant_request_id.as_deref(), Some("idem-1"));
+        assert_eq!(r.payment_method_type.as_str(), "IDEAL");
+    }
+
+    #[test]
+    fn headers_route_when_fields_are_absent_and_fields_win() {
+        let headers: &[(&str, Option<&[u8]>)] = &[
+            ("x-connector", Some(b"other")),
+            ("x-merchant-id", Some(b"shop-2")),
+            ("x-request-id", Some(b"req-h")),
+        ];
+        let r = decode(br#"{"connector_transaction_id":"tx"}"#, headers).unwrap();
+        assert_eq!(
+            (
+                r.connector.as_str(),
+                r.merchant_id.as_str(),
+                r.request_id.as_str()
+            ),
+            ("other", "shop-2", "req-h")
+        );
+        let r = decode(
+            br#"{"connector_transaction_id":"tx","connector":"cm","merchant_id":"m","request_id":"r"}"#,
+            headers,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                r.connector.as_str(),
+                r.merchant_id.as_str(),
+                r.request_id.as_str()
+            ),
+            ("cm", "m", "r")
+        );
+    }
+
+    #[test]
+    fn rejections_carry_stable_codes() {
+        let cases: Vec<(&[u8], RejectCode)> = vec![
+            (b"not json", RejectCode::InvalidJson),
+            (b"[1,2]", RejectCode::InvalidJson),
+            (b"\"tx\"", RejectCode::InvalidJson),
+            (b"{}", RejectCode::MissingTransactionId),
+            (
+                br#"{"connector_transaction_id":null}"#,
+                RejectCode::MissingTransactionId,
+            ),
+            (
+                br#"{"connector_transaction_id":""}"#,
+                RejectCode::InvalidTransactionId,
+            ),
+            (
+                br#"{"connector_transaction_id":"../x"}"#,
+                RejectCode::InvalidTransactionId,
+            ),
+            (
+                br#"{"connector_transaction_id":"a/b"}"#,
+                RejectCode::InvalidTransactionId,
+            ),
+            (
+                br#"{"connector_transaction_id":".."}"#,
+                RejectCode::InvalidTransactionId,
+            ),
+            (
+                br#"{"connector_transaction_id":42}"#,
+                RejectCode::InvalidTransactionId,
+            ),
+            (&[0xff, 0xfe, 0x00], RejectCode::InvalidJson),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                decode(bytes, &[]).unwrap_err().code,
+                want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        let base = |k: &str, v: serde_json::Value| {
+            let mut o = json!({"connector_transaction_id": "tx"});
+            o[k] = v;
+            o
+        };
+        for (field, bad) in [
+            ("amount", json!(12)),
+            ("amount", json!({"minor_amount": -1, "currency": "EUR"})),
+            ("amount", json!({"minor_amount": 1, "currency": "eur"})),
+            ("amount", json!({"minor_amount": 1.5, "currency": "EUR"})),
+            ("capture_method", json!("SOMETIMES")),
+            ("test_mode", json!("yes")),
+            ("merchant_transaction_id", json!(5)),
+            ("payment_method_type", json!("google-pay")),
+            ("state", json!("s")),
+            ("metadata", json!(7)),
+            ("merchant_id", json!("")),
+            ("request_id", json!("a\nb")),
+        ] {
+            assert_eq!(
+                code_of(base(field, bad.clone())),
+                RejectCode::InvalidField,
+                "{field}={bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversize_and_tombstones_are_rejected_before_parsing() {
+        let opts = DecodeOptions {
+            max_request_bytes: 16,
+            ..Default::default()
+        };
+        let err = decode_request(Some(&[b' '; 17]), &[], POS, &opts).unwrap_err();
+        assert_eq!(err.code, RejectCode::Oversize);
+        let err = decode_request(None, &[], POS, &opts).unwrap_err();
+        assert_eq!(err.code, RejectCode::EmptyValue);
+    }
+
+    #[test]
+    fn bad_header_is_rejected() {
+        let headers: &[(&str, Option<&[u8]>)] = &[("x-merchant-id", Some(&[0xff, 0xff]))];
+        assert_eq!(
+            decode(br#"{"connector_transaction_id":"tx"}"#, headers)
+                .unwrap_err()
+                .code,
+            RejectCode::InvalidHeader
+        );
+    }
+
+    #[test]
+    fn messages_never_echo_values() {
+        let err = decode(
+            br#"{"connector_transaction_id":"tx","metadata":12345678}"#,
+            &[],
+        )
+        .unwrap_err();
+        assert!(!err.message.contains("12345678"), "{}", err.message);
+        let err = decode(br#"{"connector_transaction_id":"sk_live_abc/def"}"#, &[]).unwrap_err();
+        assert!(!err.message.contains("sk_live"), "{}", err.message);
+    }
+
+    #[test]
+    fn avro_requests_decode_in_both_framings() {
+        use apache_avro::types::{Record, Value as AV};
+        let schemas = Schemas::get();
+        let mut rec = Record::new(&schemas.request).unwrap();
+        rec.put("connector_transaction_id", "tx-avro");
+        rec.put(
+            "merchant_id",
+            AV::Union(1, Box::new(AV::String("shop".into()))),
+        );
+        rec.put(
+            "amount",
+            AV::Union(
+                1,
+                Box::new(AV::Record(vec![
+                    ("minor_amount".into(), AV::Long(500)),
+                    ("currency".into(), AV::String("USD".into())),
+                ])),
+            ),
+        );
+        let datum = apache_avro::to_avro_datum(&schemas.request, rec).unwrap();
+        let mut single = vec![0xC3, 0x01];
+        single.extend_from_slice(&schemas.request_fingerprint.to_le_bytes());
+        single.extend_from_slice(&datum);
+        let mut confluent = vec![0, 0, 0, 0, 7];
+        confluent.extend_from_slice(&datum);
+        for framed in [single, confluent] {
+            let r = decode(&framed, &[]).unwrap();
+            assert_eq!(r.connector_transaction_id.as_str(), "tx-avro");
+            assert_eq!(r.merchant_id, "shop");
+            assert_eq!(
+                r.amount,
+                Some(Money {
+                    minor_amount: 500,
+                    currency: "USD".into()
+                })
+            );
+        }
+        // Wrong fingerprint, truncated datum.
+        let mut wrong = vec![0xC3, 0x01, 1, 2, 3, 4, 5, 6, 7, 8];
+        wrong.extend_from_slice(&datum);
+        assert_eq!(
+            decode(&wrong, &[]).unwrap_err().code,
+            RejectCode::InvalidAvro
+        );
+        assert_eq!(
+            decode(&[0, 0, 0, 0, 1, 0x80], &[]).unwrap_err().code,
+            RejectCode::InvalidAvro
+        );
+    }
+}

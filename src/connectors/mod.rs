@@ -1,0 +1,377 @@
+//! Connectors: translators between a [`StatusCheckRequest`] and one payment
+//! processor's API. A connector only *describes* HTTP requests and *parses*
+//! responses ([`Connector`]); [`http`] is the one module that performs HTTP, and
+//! [`client::ConnectorClient`] adds credentials, token caching and the classified
+//! outcome of a call. [`retry`] turns classified outcomes into a bounded retry.
+//!
+//! Adding a connector: one file beside `cm.rs` implementing [`Connector`], and one
+//! line in [`registry`].
+
+pub mod client;
+pub mod cm;
+pub mod http;
+pub mod registry;
+pub mod retry;
+pub mod token;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::codec::Rejection;
+use crate::config::Account;
+use crate::domain::event::{CheckFailure, FailureCode};
+use crate::domain::{StatusCheckRequest, StatusReport};
+
+/// HTTP method of a described request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET.
+    Get,
+    /// POST.
+    Post,
+}
+
+/// A request body that holds credentials: never printed.
+#[derive(Clone)]
+pub struct SecretBody {
+    /// Content type.
+    pub content_type: &'static str,
+    /// The encoded body.
+    pub body: SecretString,
+}
+
+impl fmt::Debug for SecretBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBody({}, ********)", self.content_type)
+    }
+}
+
+/// An HTTP request described by a connector (pure data).
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    /// Method.
+    pub method: Method,
+    /// Full URL, built from the configured base URL.
+    pub url: Url,
+    /// Extra headers (never credentials: the client adds `Authorization`).
+    pub headers: Vec<(&'static str, String)>,
+    /// Body, if any.
+    pub body: Option<SecretBody>,
+}
+
+impl HttpRequest {
+    /// `METHOD URL`, safe to publish as `raw_connector_request`.
+    pub fn describe(&self) -> String {
+        let m = match self.method {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        };
+        format!("{m} {}", self.url)
+    }
+}
+
+/// A received HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers, lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// Body (bounded by `max_response_bytes`).
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// First header of that (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An OAuth2 access token (a secret).
+#[derive(Clone)]
+pub struct AccessToken {
+    /// The bearer token.
+    pub token: SecretString,
+    /// Lifetime from issue.
+    pub expires_in: Duration,
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccessToken(********, expires_in={:?})", self.expires_in)
+    }
+}
+
+impl AccessToken {
+    /// The `Authorization` header value.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.token.expose_secret())
+    }
+}
+
+/// Why a retryable call failed (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryReason {
+    /// No answer within the timeout.
+    Timeout,
+    /// Connection refused, reset, DNS, TLS.
+    Transport,
+    /// 408.
+    RequestTimeout,
+    /// 429.
+    RateLimited,
+    /// 5xx.
+    ServerError,
+}
+
+impl RetryReason {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RetryReason::Timeout => "timeout",
+            RetryReason::Transport => "transport",
+            RetryReason::RequestTimeout => "408",
+            RetryReason::RateLimited => "429",
+            RetryReason::ServerError => "5xx",
+        }
+    }
+}
+
+/// The classified failure of one connector call: what the caller should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// Do not retry: report the failure on the event.
+    Permanent(CheckFailure),
+    /// Retry later (after `retry_after` if the server asked for it).
+    Retryable {
+        /// The failure to report if retries run out.
+        failure: CheckFailure,
+        /// Why, for metrics.
+        reason: RetryReason,
+        /// Delay the server requested (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
+    /// 401: refresh the token once and call again.
+    Unauthorized(CheckFailure),
+}
+
+impl CallError {
+    /// The failure to report.
+    pub fn failure(&self) -> &CheckFailure {
+        match self {
+            CallError::Permanent(f)
+            | CallError::Unauthorized(f)
+            | CallError::Retryable { failure: f, .. } => f,
+        }
+    }
+}
+
+/// A payment connector: a pure translator between paysync and one API.
+pub trait Connector: Send + Sync + 'static {
+    /// The connector's name, as used in requests and configuration.
+    fn name(&self) -> &'static str;
+
+    /// The request that obtains an access token for `account`.
+    fn token_request(&self, base_url: &Url, account: &Account) -> HttpRequest;
+
+    /// Parses a 2xx token response.
+    fn parse_token(&self, response: &HttpResponse) -> Result<AccessToken, CheckFailure>;
+
+    /// The status request for `request`; a rejection when the request cannot be
+    /// served by this connector (for example an unsupported payment method).
+    fn status_request(
+        &self,
+        base_url: &Url,
+        request: &StatusCheckRequest,
+    ) -> Result<HttpRequest, Rejection>;
+
+    /// Parses a 2xx status response into a normalized report.
+    fn parse_status(
+        &self,
+        request: &StatusCheckRequest,
+        response: &HttpResponse,
+    ) -> Result<StatusReport, CheckFailure>;
+
+    /// The connector's error message from an error body, if it has a known shape.
+    fn error_message(&self, body: &[u8]) -> Option<String>;
+}
+
+/// Parses `Retry-After` (delay-seconds or HTTP-date) relative to `now`.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Classifies a non-2xx answer of the status endpoint. `message` is the
+/// connector's own (sanitized) message, if any.
+pub fn classify_error_status(
+    response: &HttpResponse,
+    message: Option<String>,
+    now: SystemTime,
+) -> CallError {
+    let status = response.status;
+    let failure = |code: FailureCode, text: String| CheckFailure {
+        code,
+        message: text,
+        status_code: Some(status),
+        connector_code: Some(status.to_string()),
+        connector_message: message.clone(),
+    };
+    let retryable = |reason: RetryReason, text: String| CallError::Retryable {
+        failure: failure(FailureCode::ConnectorErrorResponse, text),
+        reason,
+        retry_after: response
+            .header("retry-after")
+            .and_then(|v| parse_retry_after(v, now)),
+    };
+    match status {
+        401 => CallError::Unauthorized(failure(
+            FailureCode::AuthenticationFailed,
+            "connector refused the access token (401)".into(),
+        )),
+        403 => CallError::Permanent(failure(
+            FailureCode::AuthenticationFailed,
+            "connector refused access to the transaction (403)".into(),
+        )),
+        404 => CallError::Permanent(failure(
+            FailureCode::TransactionNotFound,
+            "connector does not know the transaction (404)".into(),
+        )),
+        408 => retryable(
+            RetryReason::RequestTimeout,
+            "connector answered 408 Request Timeout".into(),
+        ),
+        429 => retryable(
+            RetryReason::RateLimited,
+            "connector answered 429 Too Many Requests".into(),
+        ),
+        500..=599 => retryable(
+            RetryReason::ServerError,
+            format!("connector answered {status}"),
+        ),
+        _ => CallError::Permanent(failure(
+            FailureCode::ConnectorErrorResponse,
+            format!("connector answered {status}"),
+        )),
+    }
+}
+
+/// Keeps a connector-supplied text safe to publish: no control characters, at most
+/// 200 characters.
+pub fn sanitize(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(200).collect()
+}
+
+/// Response headers published on events: an allow-list of non-sensitive names.
+pub const PUBLISHED_HEADERS: &[&str] = &[
+    "content-type",
+    "date",
+    "x-request-id",
+    "x-correlation-id",
+    "request-id",
+];
+
+/// The allow-listed response headers.
+pub fn published_headers(response: &HttpResponse) -> BTreeMap<String, String> {
+    response
+        .headers
+        .iter()
+        .filter(|(k, _)| PUBLISHED_HEADERS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), sanitize(v)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> HttpResponse {
+        HttpResponse {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: vec![],
+        }
+    }
+
+    #[test]
+    fn retry_after_both_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn status_classification_table() {
+        let now = SystemTime::now();
+        let cases: &[(u16, &str)] = &[
+            (400, "permanent:CONNECTOR_ERROR_RESPONSE"),
+            (401, "unauthorized"),
+            (403, "permanent:AUTHENTICATION_FAILED"),
+            (404, "permanent:TRANSACTION_NOT_FOUND"),
+            (408, "retry:408"),
+            (409, "permanent:CONNECTOR_ERROR_RESPONSE"),
+            (422, "permanent:CONNECTOR_ERROR_RESPONSE"),
+            (429, "retry:429"),
+            (500, "retry:5xx"),
+            (502, "retry:5xx"),
+            (503, "retry:5xx"),
+            (599, "retry:5xx"),
+        ];
+        for (status, want) in cases {
+            let got = match classify_error_status(&resp(*status, &[]), None, now) {
+                CallError::Permanent(f) => format!("permanent:{}", f.code.as_str()),
+                CallError::Unauthorized(_) => "unauthorized".into(),
+                CallError::Retryable { reason, .. } => format!("retry:{}", reason.label()),
+            };
+            assert_eq!(&got, want, "status {status}");
+        }
+        match classify_error_status(&resp(429, &[("retry-after", "3")]), None, now) {
+            CallError::Retryable {
+                retry_after,
+                failure,
+                ..
+            } => {
+                assert_eq!(retry_after, Some(Duration::from_secs(3)));
+                assert_eq!(failure.status_code, Some(429));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_allow_listed_headers_are_published() {
+        let r = resp(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("set-cookie", "s=1"),
+                ("authorization", "x"),
+            ],
+        );
+        let h = published_headers(&r);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["content-type"], "application/json");
+    }
+}

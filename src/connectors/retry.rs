@@ -1,0 +1,159 @@
+//! The retry policy over classified call outcomes: exponential backoff with full
+//! jitter, `Retry-After` honoured up to a cap, bounded attempts and bounded total
+//! time. After the budget is spent the last failure is reported (an error event),
+//! never a payment status.
+
+use std::time::{Duration, Instant};
+
+use super::client::ConnectorClient;
+use super::{CallError, HttpRequest};
+use crate::config::RetrySettings;
+use crate::domain::event::CheckFailure;
+use crate::domain::{StatusCheckRequest, StatusReport};
+use crate::telemetry::Metrics;
+
+/// How a status check ended after retries.
+#[derive(Debug)]
+pub struct CheckResult {
+    /// The report, or the failure to publish.
+    pub outcome: Result<StatusReport, CheckFailure>,
+    /// Status calls made in total.
+    pub attempts: u32,
+}
+
+/// Backoff parameters.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    settings: RetrySettings,
+}
+
+impl RetryPolicy {
+    /// A policy from settings.
+    pub fn new(settings: RetrySettings) -> Self {
+        RetryPolicy { settings }
+    }
+
+    /// The delay before retry number `retry` (1-based): full jitter over
+    /// `min(max_backoff, initial * 2^(retry-1))`, or the server's `Retry-After`
+    /// (capped at `max_retry_after`) when it asked for longer.
+    pub fn delay(&self, retry: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+        let exp = self
+            .settings
+            .initial_backoff
+            .saturating_mul(
+                1u32.checked_shl(retry.saturating_sub(1))
+                    .unwrap_or(u32::MAX),
+            )
+            .min(self.settings.max_backoff);
+        let jittered = exp.mul_f64(jitter.clamp(0.0, 1.0));
+        match retry_after {
+            Some(server) => server.min(self.settings.max_retry_after).max(jittered),
+            None => jittered,
+        }
+    }
+
+    /// Runs a status check with retries.
+    pub async fn run(
+        &self,
+        client: &ConnectorClient,
+        metrics: &Metrics,
+        request: &StatusCheckRequest,
+        http_request: &HttpRequest,
+    ) -> CheckResult {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut retries = 0;
+        loop {
+            let record = client.call_once(request, http_request).await;
+            attempts += record.calls;
+            let (failure, reason, retry_after) = match record.outcome {
+                Ok(report) => {
+                    return CheckResult {
+                        outcome: Ok(report),
+                        attempts,
+                    }
+                }
+                Err(CallError::Permanent(f) | CallError::Unauthorized(f)) => {
+                    return CheckResult {
+                        outcome: Err(f),
+                        attempts,
+                    }
+                }
+                Err(CallError::Retryable {
+                    failure,
+                    reason,
+                    retry_after,
+                }) => (failure, reason, retry_after),
+            };
+            retries += 1;
+            let delay = self.delay(retries, retry_after, fastrand::f64());
+            let out_of_attempts = attempts.max(retries) >= self.settings.max_attempts;
+            let out_of_time = started.elapsed() + delay > self.settings.max_elapsed;
+            if out_of_attempts || out_of_time {
+                let mut failure = failure;
+                failure.message = format!(
+                    "{} (gave up after {attempts} attempt{} in {:.1}s)",
+                    failure.message,
+                    if attempts == 1 { "" } else { "s" },
+                    started.elapsed().as_secs_f64()
+                );
+                return CheckResult {
+                    outcome: Err(failure),
+                    attempts,
+                };
+            }
+            metrics.connector_retry(client.name(), reason.label());
+            tracing::debug!(
+                reason = reason.label(),
+                delay_ms = delay.as_millis() as u64,
+                "retrying connector call"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::new(RetrySettings {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            max_elapsed: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(10),
+        })
+    }
+
+    #[test]
+    fn exponential_with_full_jitter_and_cap() {
+        let p = policy();
+        assert_eq!(p.delay(1, None, 1.0), Duration::from_millis(100));
+        assert_eq!(p.delay(2, None, 1.0), Duration::from_millis(200));
+        assert_eq!(p.delay(4, None, 1.0), Duration::from_millis(800));
+        assert_eq!(p.delay(10, None, 1.0), Duration::from_secs(2));
+        assert_eq!(p.delay(60, None, 1.0), Duration::from_secs(2));
+        assert_eq!(p.delay(3, None, 0.0), Duration::ZERO);
+        assert_eq!(p.delay(3, None, 0.5), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_capped() {
+        let p = policy();
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3)), 1.0),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3600)), 1.0),
+            Duration::from_secs(10)
+        );
+        // A Retry-After shorter than the backoff does not shorten it.
+        assert_eq!(
+            p.delay(4, Some(Duration::ZERO), 1.0),
+            Duration::from_millis(800)
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! Access tokens per account: cached, refreshed before expiry with a safety margin,
+//! fetched by one caller at a time (single flight), and invalidated after a 401.
+//! A failed fetch is shared with the callers that waited for it, so a token-endpoint
+//! outage costs one request per wave of callers, not one per caller.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use super::{AccessToken, CallError};
+
+/// A source of monotonic time (injected so that expiry is testable).
+pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
+/// The system's monotonic clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Instant::now)
+}
+
+/// A token handed to a caller, with the generation needed to invalidate it.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The token.
+    pub token: AccessToken,
+    /// Which fetch produced it.
+    pub generation: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    token: Option<(AccessToken, Instant, u64)>,
+    /// The last failed fetch: its epoch and error.
+    failure: Option<(u64, CallError)>,
+}
+
+struct Account {
+    slot: Mutex<Slot>,
+    /// Incremented on every completed fetch (success or failure).
+    epoch: AtomicU64,
+}
+
+/// Tokens of every account of one connector.
+pub struct TokenCache {
+    accounts: HashMap<String, Account>,
+    margin: Duration,
+    clock: Clock,
+}
+
+impl TokenCache {
+    /// A cache for these account names.
+    pub fn new<'a>(
+        accounts: impl IntoIterator<Item = &'a String>,
+        margin: Duration,
+        clock: Clock,
+    ) -> Self {
+        TokenCache {
+            accounts: accounts
+                .into_iter()
+                .map(|a| {
+                    (
+                        a.clone(),
+                        Account {
+                            slot: Mutex::new(Slot::default()),
+                            epoch: AtomicU64::new(0),
+                        },
+                    )
+                })
+                .collect(),
+            margin,
+            clock,
+        }
+    }
+
+    /// When a token with this lifetime should be replaced: `margin` before expiry,
+    /// but never later than half its life (short-lived tokens).
+    fn refresh_at(&self, obtained: Instant, expires_in: Duration) -> Instant {
+        let lead = self.margin.min(expires_in / 2);
+        obtained + (expires_in - lead)
+    }
+
+    /// A valid token for `account`, fetching one with `fetch` when there is none or
+    /// it is due for refresh. Concurrent callers share one fetch.
+    pub async fn get<F, Fut>(&self, account: &str, fetch: F) -> Result<Lease, CallError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<AccessToken, CallError>>,
+    {
+        let Some(acc) = self.accounts.get(account) else {
+            return Err(CallError::Permanent(
+                crate::domain::event::CheckFailure::new(
+                    crate::domain::event::FailureCode::AuthenticationFailed,
+                    "no credentials for this merchant account",
+                ),
+            ));
+        };
+        let seen_epoch = acc.epoch.load(Ordering::Acquire);
+        let mut slot = acc.slot.lock().await;
+        if let Some((token, refresh_at, generation)) = &slot.token {
+            if (self.clock)() < *refresh_at {
+                return Ok(Lease {
+                    token: token.clone(),
+                    generation: *generation,
+                });
+            }
+        }
+        // A fetch completed while we waited for the lock and failed: share its result.
+        if let Some((epoch, err)) = &slot.failure {
+            if *epoch > seen_epoch {
+                return Err(err.clone());
+            }
+        }
+        let result = fetch().await;
+        let epoch = acc.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        match result {
+            Ok(token) => {
+                let refresh_at = self.refresh_at((self.clock)(), token.expires_in);
+                slot.token = Some((token.clone(), refresh_at, epoch));
+                slot.failure = None;
+                Ok(Lease {
+                    token,
+                    generation: epoch,
+                })
+            }
+            Err(err) => {
+                slot.failure = Some((epoch, err.clone()));
+                Err(err)
+            }
+        }
+    }
+
+    /// Drops the token of that generation (after a 401), unless a newer one exists.
+    pub async fn invalidate(&self, account: &str, generation: u64) {
+        if let Some(acc) = self.accounts.get(account) {
+            let mut slot = acc.slot.lock().await;
+            if slot
+                .token
+                .as_ref()
+                .is_some_and(|(_, _, g)| *g == generation)
+            {
+                slot.token = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex as StdMutex;
+
+    fn token(s: &str, secs: u64) -> AccessToken {
+        AccessToken {
+            token: SecretString::from(s.to_owned()),
+            expires_in: Duration::from_secs(secs),
+        }
+    }
+
+    fn manual_clock() -> (Clock, Arc<StdMutex<Instant>>) {
+        let now = Arc::new(StdMutex::new(Instant::now()));
+        let n = now.clone();
+        (Arc::new(move || *n.lock().unwrap()), now)
+    }
+
+    #[tokio::test]
+    async fn cached_until_margin_then_refreshed() {
+        let (clock, now) = manual_clock();
+        let names = vec!["default".to_string()];
+        let cache = TokenCache::new(&names, Duration::from_secs(60), clock);
+        let fetches = AtomicUsize::new(0);
+        let fetch = || async {
+            let n = fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(token(&format!("t{n}"), 3600))
+        };
+        let a = cache.get("default", fetch).await.unwrap();
+        let b = cache.get("default", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(a.generation, b.generation);
+        *now.lock().unwrap() += Duration::from_secs(3539);
+        cache.get("default", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "still 61s before expiry");
+        *now.lock().unwrap() += Duration::from_secs(2);
+        let c = cache.get("default", fetch).await.unwrap();
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            2,
+            "within the margin: refreshed"
+        );
+        assert_ne!(c.generation, a.generation);
+    }
+
+    #[tokio::test]
+    async fn short_lived_tokens_refresh_at_half_life() {
+        let (clock, now) = manual_clock();
+        let names = vec!["a".to_string()];
+        let cache = TokenCache::new(&names, Duration::from_secs(60), clock);
+        let fetches = AtomicUsize::new(0);
+        let fetch = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(token("t", 10))
+        };
+        cache.get("a", fetch).await.unwrap();
+        *now.lock().unwrap() += Duration::from_secs(4);
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        *now.lock().unwrap() += Duration::from_secs(2);
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn invalidate_only_drops_the_named_generation() {
+        let names = vec!["a".to_string()];
+        let cache = TokenCache::new(&names, Duration::from_secs(60), system_clock());
+        let fetches = AtomicUsize::new(0);
+        let fetch = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(token("t", 3600))
+        };
+        let first = cache.get("a", fetch).await.unwrap();
+        cache.invalidate("a", first.generation + 100).await;
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        cache.invalidate("a", first.generation).await;
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
+}

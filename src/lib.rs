@@ -1,0 +1,26 @@
+//! paysync: a Kafka-driven payment status synchronizer.
+//!
+//! It consumes status-check requests, asks the payment connector (first: CM.com)
+//! for each payment's current state, normalizes the answer into the UCS
+//! `PaymentStatus` model and publishes an Avro `PaymentStatusEvent`.
+//!
+//! # Layout
+//!
+//! A pure core with I/O at the edges:
+//!
+//! | module | owns | I/O |
+//! |---|---|---|
+//! | [`domain`] | `PaymentStatus`, `StatusCheckRequest`, `PaymentStatusEvent` | none |
+//! | [`codec`] | request decoding (JSON/Avro + headers), Avro event encoding | none |
+//! | [`connectors`] | the `Connector` trait and registry, CM.com translation; `http.rs` is the only HTTP code | HTTP |
+//! | [`config`] | settings from TOML + environment, validation, secrets | reads files/env at start-up |
+//! | [`telemetry`] | Prometheus metrics, tracing | none |
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod codec;
+pub mod config;
+pub mod connectors;
+pub mod domain;
+pub mod telemetry;

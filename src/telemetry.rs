@@ -1,0 +1,377 @@
+//! Observability: [`Metrics`] owns its own Prometheus registry with one method per
+//! observable event (no global statics), and [`init_tracing`] sets up `tracing`
+//! output (human text on a terminal, JSON otherwise or when configured).
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::LogFormat;
+
+/// Every paysync metric. Label values are bounded: outcomes, statuses, reject
+/// codes, connector names, HTTP codes, partitions.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    events_published: IntCounterVec,
+    dead_letters: IntCounterVec,
+    connector_requests: IntCounterVec,
+    connector_duration: HistogramVec,
+    connector_retries: IntCounterVec,
+    token_refreshes: IntCounterVec,
+    unknown_statuses: IntCounterVec,
+    in_flight: IntGauge,
+    processing_duration: Histogram,
+    consumer_lag: IntGaugeVec,
+    committed_offset: IntGaugeVec,
+    commit_gap: IntGaugeVec,
+    publish_retries: IntCounterVec,
+    circuit_open: IntGaugeVec,
+    rate_limit_wait: HistogramVec,
+}
+
+/// Outcome of one request (`paysync_requests_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An event with a status.
+    Synced,
+    /// An event for a failed check.
+    ConnectorError,
+    /// A dead letter.
+    Invalid,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Synced => "synced",
+            Outcome::ConnectorError => "connector_error",
+            Outcome::Invalid => "invalid",
+        }
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    c
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    g
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered. Metric definitions are
+    /// static, so a failure here is a programming error caught by the tests.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let connector_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "paysync_connector_request_duration_seconds",
+                "Duration of one connector HTTP call (status or token), seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["connector"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(connector_duration.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let processing_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "paysync_processing_duration_seconds",
+                "From consuming a request to the broker acknowledging its event or dead letter, seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(processing_duration.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let rate_limit_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "paysync_rate_limit_wait_seconds",
+                "Time spent waiting for a client-side rate-limit permit, seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["connector"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(rate_limit_wait.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let in_flight = IntGauge::new(
+            "paysync_in_flight",
+            "Requests accepted and not yet finished.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(in_flight.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let m = Metrics {
+            requests: counter(r, "paysync_requests_total", "Requests processed, by outcome.", &["outcome"]),
+            events_published: counter(
+                r,
+                "paysync_events_published_total",
+                "Events acknowledged by the broker, by status.",
+                &["status"],
+            ),
+            dead_letters: counter(
+                r,
+                "paysync_dead_letters_total",
+                "Dead letters acknowledged by the broker, by reason.",
+                &["reason"],
+            ),
+            connector_requests: counter(
+                r,
+                "paysync_connector_requests_total",
+                "Connector HTTP calls, by HTTP status or timeout/transport.",
+                &["connector", "code"],
+            ),
+            connector_duration,
+            connector_retries: counter(
+                r,
+                "paysync_connector_retries_total",
+                "Connector calls retried, by reason.",
+                &["connector", "reason"],
+            ),
+            token_refreshes: counter(
+                r,
+                "paysync_token_refreshes_total",
+                "Access-token requests made.",
+                &["connector"],
+            ),
+            unknown_statuses: counter(
+                r,
+                "paysync_unknown_connector_status_total",
+                "Connector answers with an undocumented status (published as UNRESOLVED).",
+                &["connector"],
+            ),
+            in_flight,
+            processing_duration,
+            consumer_lag: gauge_vec(r, "paysync_consumer_lag", "Messages behind the high watermark.", &["partition"]),
+            committed_offset: gauge_vec(
+                r,
+                "paysync_committed_offset",
+                "Last offset committed for the input topic.",
+                &["partition"],
+            ),
+            commit_gap: gauge_vec(
+                r,
+                "paysync_commit_gap",
+                "Highest finished offset + 1 minus the committed offset: work done but not committable yet.",
+                &["partition"],
+            ),
+            publish_retries: counter(
+                r,
+                "paysync_publish_retries_total",
+                "Event or dead-letter publishes retried after a delivery error.",
+                &["topic"],
+            ),
+            circuit_open: gauge_vec(r, "paysync_circuit_open", "1 while the connector's circuit is open.", &["connector"]),
+            rate_limit_wait,
+            registry,
+        };
+        for o in [Outcome::Synced, Outcome::ConnectorError, Outcome::Invalid] {
+            m.requests.with_label_values(&[o.label()]);
+        }
+        m
+    }
+
+    /// Pre-creates per-connector series so dashboards show zeros, not gaps.
+    pub fn register_connector(&self, connector: &str) {
+        self.circuit_open.with_label_values(&[connector]).set(0);
+        self.token_refreshes.with_label_values(&[connector]);
+    }
+
+    /// A request finished with this outcome.
+    pub fn request_done(&self, outcome: Outcome, started: std::time::Instant) {
+        self.requests.with_label_values(&[outcome.label()]).inc();
+        self.processing_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// An event with `status` was acknowledged.
+    pub fn event_published(&self, status: &str) {
+        self.events_published.with_label_values(&[status]).inc();
+    }
+
+    /// A dead letter with `reason` was acknowledged.
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_letters.with_label_values(&[reason]).inc();
+    }
+
+    /// One connector HTTP call finished with `code` (status or timeout/transport).
+    pub fn connector_call(&self, connector: &str, code: &str, took: Duration) {
+        self.connector_requests
+            .with_label_values(&[connector, code])
+            .inc();
+        self.connector_duration
+            .with_label_values(&[connector])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A connector call is being retried.
+    pub fn connector_retry(&self, connector: &str, reason: &str) {
+        self.connector_retries
+            .with_label_values(&[connector, reason])
+            .inc();
+    }
+
+    /// A token was requested.
+    pub fn token_refresh(&self, connector: &str) {
+        self.token_refreshes.with_label_values(&[connector]).inc();
+    }
+
+    /// An undocumented connector status was seen.
+    pub fn unknown_status(&self, connector: &str) {
+        self.unknown_statuses.with_label_values(&[connector]).inc();
+    }
+
+    /// The number of requests in flight.
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Consumer lag of a partition.
+    pub fn set_lag(&self, partition: i32, lag: i64) {
+        self.consumer_lag
+            .with_label_values(&[&partition.to_string()])
+            .set(lag);
+    }
+
+    /// Commit progress of a partition.
+    pub fn set_commit(&self, partition: i32, committed: i64, gap: i64) {
+        let p = partition.to_string();
+        self.committed_offset
+            .with_label_values(&[&p])
+            .set(committed);
+        self.commit_gap.with_label_values(&[&p]).set(gap);
+    }
+
+    /// Drops the per-partition series of a partition this member no longer owns.
+    pub fn forget_partition(&self, partition: i32) {
+        let p = partition.to_string();
+        let _ = self.consumer_lag.remove_label_values(&[&p]);
+        let _ = self.committed_offset.remove_label_values(&[&p]);
+        let _ = self.commit_gap.remove_label_values(&[&p]);
+    }
+
+    /// A publish is retried.
+    pub fn publish_retry(&self, topic_role: &str) {
+        self.publish_retries.with_label_values(&[topic_role]).inc();
+    }
+
+    /// Circuit state of a connector.
+    pub fn set_circuit_open(&self, connector: &str, open: bool) {
+        self.circuit_open
+            .with_label_values(&[connector])
+            .set(i64::from(open));
+    }
+
+    /// Time waited for a rate-limit permit.
+    pub fn rate_limit_waited(&self, connector: &str, waited: Duration) {
+        self.rate_limit_wait
+            .with_label_values(&[connector])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Current value of `paysync_in_flight`.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Installs the global `tracing` subscriber. Returns false when one was already
+/// installed (tests, the demo after `run`).
+pub fn init_tracing(format: LogFormat, level: &str) -> bool {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
+            .is_ok()
+    } else {
+        builder.compact().try_init().is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_contract_metric() {
+        let m = Metrics::new();
+        m.register_connector("cm");
+        m.event_published("CHARGED");
+        m.dead_lettered("invalid_json");
+        m.connector_call("cm", "200", Duration::from_millis(5));
+        m.connector_retry("cm", "5xx");
+        m.token_refresh("cm");
+        m.set_in_flight(3);
+        m.request_done(Outcome::Synced, std::time::Instant::now());
+        m.set_lag(0, 10);
+        m.set_commit(0, 5, 1);
+        let text = m.render();
+        for name in [
+            "paysync_requests_total",
+            "paysync_events_published_total",
+            "paysync_dead_letters_total",
+            "paysync_connector_requests_total",
+            "paysync_connector_request_duration_seconds",
+            "paysync_connector_retries_total",
+            "paysync_token_refreshes_total",
+            "paysync_in_flight",
+            "paysync_processing_duration_seconds",
+            "paysync_consumer_lag",
+            "paysync_circuit_open",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains("paysync_in_flight 3"));
+        assert!(text.contains("paysync_requests_total{outcome=\"synced\"} 1"));
+    }
+}
