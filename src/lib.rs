@@ -15,12 +15,20 @@
 //! | [`connectors`] | the `Connector` trait and registry, CM.com translation; `http.rs` is the only HTTP code | HTTP |
 //! | [`config`] | settings from TOML + environment, validation, secrets | reads files/env at start-up |
 //! | [`telemetry`] | Prometheus metrics, tracing | none |
+//! | [`pipeline`] | offset watermarks, per-key scheduling, the partition ledger, message processing | connector calls |
+//! | [`kafka`] | the engine (consumer loop, pause/resume, commits, rebalances), producer, topics; the only rdkafka code | Kafka |
+//! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
+//! | [`app`] | wiring and ordered shutdown | all of the above |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod app;
 pub mod codec;
 pub mod config;
 pub mod connectors;
 pub mod domain;
+pub mod kafka;
+pub mod pipeline;
+pub mod server;
 pub mod telemetry;

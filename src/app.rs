@@ -1,0 +1,249 @@
+//! Wiring: builds the connectors, the producer, the consumer and the HTTP server
+//! from [`Settings`], runs the engine, and shuts everything down in order (stop
+//! fetching, drain in-flight work, commit, flush the producer, leave the group).
+//! Shutdown is injected, so tests and the demo can stop the service.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{DecodeOptions, EventEncoder, WireFormat};
+use crate::config::Settings;
+use crate::connectors::client::ConnectorClient;
+use crate::connectors::registry;
+use crate::connectors::retry::RetryPolicy;
+use crate::connectors::token::system_clock;
+use crate::kafka::engine::{create_consumer, Engine, EngineConsumer, EngineSettings};
+use crate::kafka::producer::Publisher;
+use crate::kafka::{admin, consumer_config, producer_config};
+use crate::pipeline::ledger::Ledger;
+use crate::pipeline::process::{ConnectorRuntime, Processor};
+use crate::server::{self, HttpState};
+use crate::telemetry::Metrics;
+
+/// A start-up failure (exit code 1; configuration errors are caught earlier).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartupError(pub String);
+
+/// A running paysync instance.
+pub struct RunningApp {
+    shutdown: CancellationToken,
+    engine: JoinHandle<()>,
+    server: JoinHandle<()>,
+    topic_check: JoinHandle<()>,
+    publisher: Arc<Publisher>,
+    consumer: Arc<EngineConsumer>,
+    metrics: Arc<Metrics>,
+    http_addr: SocketAddr,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl RunningApp {
+    /// The metrics registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The address the HTTP server listens on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// True once the consumer joined its group and the topics were found.
+    pub fn is_ready(&self) -> bool {
+        (self.ready)()
+    }
+
+    /// Stops fetching, drains, commits, flushes and leaves the group.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.engine.await {
+            tracing::error!(error = %e, "engine task failed");
+        }
+        self.topic_check.abort();
+        let publisher = self.publisher.clone();
+        match tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(30))).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete"),
+            Err(e) => tracing::warn!(error = %e, "producer flush task failed"),
+            Ok(Ok(())) => {}
+        }
+        // Dropping the last handle closes the consumer and leaves the group.
+        drop(self.consumer);
+        let _ = self.server.await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Builds one runtime per configured connector.
+pub fn connectors(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<HashMap<String, Arc<ConnectorRuntime>>, StartupError> {
+    let mut out = HashMap::new();
+    for (name, cs) in &settings.connectors {
+        let connector = registry::get(name)
+            .ok_or_else(|| StartupError(format!("unknown connector `{name}`")))?;
+        let client = ConnectorClient::new(connector, cs.clone(), metrics.clone(), system_clock())
+            .map_err(|e| StartupError(format!("connector `{name}`: {e}")))?;
+        let policy = RetryPolicy::new(cs.retry.clone());
+        out.insert(name.clone(), Arc::new(ConnectorRuntime { client, policy }));
+    }
+    Ok(out)
+}
+
+/// Starts paysync.
+pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
+    let metrics = Arc::new(Metrics::new());
+    if settings.schema_registry.is_some() {
+        return Err(StartupError(
+            "schema_registry.url is set, but this build encodes events with single-object encoding only; remove [schema_registry]".into(),
+        ));
+    }
+    let processor = Arc::new(Processor::new(
+        connectors(&settings, &metrics)?,
+        DecodeOptions {
+            default_connector: settings.processing.default_connector.clone(),
+            default_merchant: settings.processing.default_merchant.clone(),
+            max_request_bytes: settings.processing.max_request_bytes,
+        },
+        EventEncoder::new(WireFormat::SingleObject),
+        settings.secret_fields(),
+        metrics.clone(),
+    ));
+    let k = &settings.kafka;
+    let publisher = Arc::new(
+        Publisher::new(
+            &producer_config(k),
+            &k.output_topic,
+            &k.dead_letter_topic,
+            metrics.clone(),
+        )
+        .map_err(StartupError)?,
+    );
+    let ledger = Arc::new(Ledger::new());
+    let engine_settings = EngineSettings {
+        input_topic: k.input_topic.clone(),
+        max_in_flight: settings.processing.max_in_flight,
+        max_queued_per_key: settings.processing.max_queued_per_key,
+        commit_interval: k.commit_interval,
+        drain_timeout: settings.processing.shutdown_timeout,
+    };
+    let consumer = Arc::new(
+        create_consumer(
+            &consumer_config(k),
+            &engine_settings,
+            ledger.clone(),
+            metrics.clone(),
+        )
+        .map_err(StartupError)?,
+    );
+    let listener = server::bind(settings.http.listen)
+        .await
+        .map_err(StartupError)?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|e| StartupError(e.to_string()))?;
+
+    let topics_ok = Arc::new(AtomicBool::new(false));
+    let ready: Arc<dyn Fn() -> bool + Send + Sync> = {
+        let consumer = consumer.clone();
+        let topics_ok = topics_ok.clone();
+        Arc::new(move || {
+            topics_ok.load(Ordering::Acquire) && crate::kafka::engine::has_joined(&consumer)
+        })
+    };
+    let topic_check = tokio::spawn(check_topics(
+        publisher.clone(),
+        vec![
+            k.input_topic.clone(),
+            k.output_topic.clone(),
+            k.dead_letter_topic.clone(),
+        ],
+        topics_ok,
+    ));
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        listener,
+        HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        shutdown.clone(),
+    ));
+    let engine = Engine::new(
+        consumer.clone(),
+        processor,
+        publisher.clone(),
+        ledger,
+        metrics.clone(),
+        engine_settings,
+    );
+    let engine = tokio::spawn(engine.run(shutdown.clone()));
+    tracing::info!(
+        brokers = %k.brokers,
+        group_id = %k.group_id,
+        input = %k.input_topic,
+        output = %k.output_topic,
+        dead_letters = %k.dead_letter_topic,
+        http = %http_addr,
+        "paysync started"
+    );
+    Ok(RunningApp {
+        shutdown,
+        engine,
+        server,
+        topic_check,
+        publisher,
+        consumer,
+        metrics,
+        http_addr,
+        ready,
+    })
+}
+
+/// Waits until the topics exist (readiness); logs what is missing meanwhile.
+async fn check_topics(publisher: Arc<Publisher>, topics: Vec<String>, ok: Arc<AtomicBool>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let p = publisher.clone();
+        let t = topics.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let names: Vec<&str> = t.iter().map(String::as_str).collect();
+            admin::missing_topics(p.producer(), &names, Duration::from_secs(5))
+        })
+        .await;
+        match result {
+            Ok(Ok(missing)) if missing.is_empty() => {
+                ok.store(true, Ordering::Release);
+                return;
+            }
+            Ok(Ok(missing)) => tracing::error!(
+                ?missing,
+                "topics do not exist; create them (paysync does not auto-create)"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "waiting for the Kafka cluster"),
+            Err(e) => tracing::warn!(error = %e, "topic check failed"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Runs until `shutdown` completes, then stops cleanly.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartupError> {
+    let app = start(settings).await?;
+    shutdown.await;
+    tracing::info!("shutdown requested");
+    app.stop().await;
+    Ok(())
+}

@@ -1,0 +1,584 @@
+//! The processing engine: a consumer-group member that feeds messages through the
+//! [`Scheduler`] (bounded in-flight, per-key order), runs each admitted job as a
+//! task, pauses partitions whose head cannot be admitted, commits each partition's
+//! contiguous watermark on an interval, on revocation and on shutdown, and hands
+//! partitions over cleanly on a rebalance (finish or abandon their work, commit
+//! what is done, and make sure nothing more is published for them).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::producer::{Delivery, Publisher};
+use crate::pipeline::ledger::{Epoch, Ledger, Position};
+use crate::pipeline::process::{Incoming, PipelineJob, Processor, Work};
+use crate::pipeline::scheduler::{Admission, Scheduler};
+use crate::telemetry::Metrics;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Input topic.
+    pub input_topic: String,
+    /// In-flight bound.
+    pub max_in_flight: usize,
+    /// Per-key bound.
+    pub max_queued_per_key: usize,
+    /// Commit interval.
+    pub commit_interval: Duration,
+    /// How long shutdown and revocation wait for in-flight work.
+    pub drain_timeout: Duration,
+}
+
+enum Note {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// The consumer context: rebalance callbacks, commit results, statistics.
+pub struct EngineContext {
+    input_topic: String,
+    ledger: Arc<Ledger>,
+    metrics: Arc<Metrics>,
+    drain_timeout: Duration,
+    notes: Mutex<Vec<Note>>,
+    assigned: Mutex<BTreeSet<i32>>,
+    joined: AtomicBool,
+}
+
+impl EngineContext {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements()
+            .iter()
+            .filter(|e| e.topic() == self.input_topic)
+            .map(|e| e.partition())
+            .collect()
+    }
+
+    fn note(&self, note: Note) {
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(note);
+    }
+
+    /// True once the consumer has joined its group.
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Acquire)
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let deadline = self.drain_timeout;
+        let positions = blocking(|| self.ledger.revoke(partitions, deadline, deadline));
+        let committed = commit_positions(consumer, &self.input_topic, &positions, CommitMode::Sync);
+        for p in partitions {
+            self.metrics.forget_partition(*p);
+        }
+        tracing::info!(?partitions, committed = ?committed, "partitions revoked");
+    }
+}
+
+/// Runs blocking code from inside the runtime (rebalance callbacks run inside the
+/// consumer poll): on a multi-threaded runtime other tasks keep running meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn commit_positions<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    positions: &[Position],
+    mode: CommitMode,
+) -> Vec<(i32, i64)> {
+    let todo: Vec<_> = positions
+        .iter()
+        .filter(|p| p.committed.is_none_or(|c| p.watermark > c))
+        .collect();
+    if todo.is_empty() {
+        return Vec::new();
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &todo {
+        if let Err(e) = tpl.add_partition_offset(topic, p.partition, Offset::Offset(p.watermark)) {
+            tracing::error!(error = %e, "cannot build commit list");
+            return Vec::new();
+        }
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => todo.iter().map(|p| (p.partition, p.watermark)).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "commit failed; will retry");
+            Vec::new()
+        }
+    }
+}
+
+impl ClientContext for EngineContext {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.input_topic) else {
+            return;
+        };
+        let assigned = self
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (partition, p) in &topic.partitions {
+            if assigned.contains(partition) && p.consumer_lag >= 0 {
+                self.metrics.set_lag(*partition, p.consumer_lag);
+            }
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for EngineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions = self.partitions(tpl);
+            self.revoke(consumer, &partitions);
+            self.assigned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|p| !partitions.contains(p));
+            self.note(Note::Revoked(partitions));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions = self.partitions(tpl);
+                tracing::info!(?partitions, "partitions assigned");
+                self.assigned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(partitions.iter().copied());
+                self.note(Note::Assigned(partitions));
+                self.joined.store(true, Ordering::Release);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                for e in offsets.elements() {
+                    if e.topic() != self.input_topic {
+                        continue;
+                    }
+                    if let Offset::Offset(o) = e.offset() {
+                        self.ledger.committed(e.partition(), o);
+                    }
+                }
+                for p in self.ledger.positions() {
+                    self.metrics
+                        .set_commit(p.partition, p.committed.unwrap_or(p.watermark), p.gap);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "offset commit failed"),
+        }
+    }
+}
+
+/// The consumer type of the engine.
+pub type EngineConsumer = StreamConsumer<EngineContext>;
+
+/// True once the consumer has joined its group (received an assignment, possibly empty).
+pub fn has_joined(consumer: &EngineConsumer) -> bool {
+    consumer.context().joined()
+}
+
+/// Creates and subscribes the consumer.
+pub fn create_consumer(
+    config: &rdkafka::ClientConfig,
+    settings: &EngineSettings,
+    ledger: Arc<Ledger>,
+    metrics: Arc<Metrics>,
+) -> Result<EngineConsumer, String> {
+    let context = EngineContext {
+        input_topic: settings.input_topic.clone(),
+        ledger,
+        metrics,
+        drain_timeout: settings.drain_timeout,
+        notes: Mutex::new(Vec::new()),
+        assigned: Mutex::new(BTreeSet::new()),
+        joined: AtomicBool::new(false),
+    };
+    let consumer: EngineConsumer = config
+        .create_with_context(context)
+        .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
+    consumer
+        .subscribe(&[&settings.input_topic])
+        .map_err(|e| format!("cannot subscribe: {e}"))?;
+    Ok(consumer)
+}
+
+struct Done {
+    key: Option<String>,
+}
+
+/// Releases a job's accounting however its task ends (even by panic).
+struct JobGuard {
+    key: Option<String>,
+    partition: i32,
+    epoch: Epoch,
+    offset: i64,
+    published: bool,
+    ledger: Arc<Ledger>,
+    done: mpsc::UnboundedSender<Done>,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.ledger
+            .finish(self.partition, self.epoch, self.offset, self.published);
+        let _ = self.done.send(Done {
+            key: self.key.take(),
+        });
+    }
+}
+
+fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Incoming {
+    let headers = message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Incoming {
+        topic: topic.clone(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers,
+        received: Instant::now(),
+    }
+}
+
+/// The running engine.
+pub struct Engine {
+    consumer: Arc<EngineConsumer>,
+    processor: Arc<Processor>,
+    publisher: Arc<Publisher>,
+    ledger: Arc<Ledger>,
+    metrics: Arc<Metrics>,
+    settings: EngineSettings,
+    scheduler: Scheduler<PipelineJob>,
+    paused: BTreeSet<i32>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    topic: Arc<str>,
+}
+
+impl Engine {
+    /// An engine over a subscribed consumer.
+    pub fn new(
+        consumer: Arc<EngineConsumer>,
+        processor: Arc<Processor>,
+        publisher: Arc<Publisher>,
+        ledger: Arc<Ledger>,
+        metrics: Arc<Metrics>,
+        settings: EngineSettings,
+    ) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Engine {
+            scheduler: Scheduler::new(settings.max_in_flight, settings.max_queued_per_key),
+            topic: Arc::from(settings.input_topic.as_str()),
+            consumer,
+            processor,
+            publisher,
+            ledger,
+            metrics,
+            settings,
+            paused: BTreeSet::new(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Consumes until `shutdown` is cancelled, then drains in-flight work within
+    /// the drain timeout, commits and returns.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut commit_tick = tokio::time::interval(self.settings.commit_interval);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let consumer = self.consumer.clone();
+        loop {
+            self.apply_notes();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(done) = self.done_rx.recv() => self.on_done(done),
+                _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                message = consumer.recv() => match message {
+                    Ok(m) => {
+                        let incoming = incoming(&m, &self.topic);
+                        drop(m);
+                        self.apply_notes();
+                        self.on_message(incoming);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consume error"),
+                },
+            }
+            self.apply_pauses();
+            self.metrics.set_in_flight(self.scheduler.in_flight());
+        }
+        self.drain().await;
+    }
+
+    fn apply_notes(&mut self) {
+        let notes = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .notes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for note in notes {
+            match note {
+                Note::Revoked(partitions) => {
+                    for p in partitions {
+                        let dropped = self.scheduler.drop_partition(p);
+                        self.paused.remove(&p);
+                        if dropped > 0 {
+                            tracing::debug!(
+                                partition = p,
+                                dropped,
+                                "dropped queued work of a revoked partition"
+                            );
+                        }
+                    }
+                }
+                // A new assignment starts unpaused; re-apply what the scheduler needs.
+                Note::Assigned(partitions) => {
+                    for p in partitions {
+                        self.paused.remove(&p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, incoming: Incoming) {
+        let partition = incoming.partition;
+        let epoch = self.ledger.epoch(partition);
+        if !self.ledger.accept(partition, epoch, incoming.offset) {
+            tracing::debug!(
+                partition,
+                offset = incoming.offset,
+                "skipping a message already in flight"
+            );
+            return;
+        }
+        let job = self.processor.prepare(incoming, epoch);
+        if let Admission::Start(job) = self.scheduler.offer(job) {
+            self.start(job);
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        let mut ready = self.scheduler.complete(done.key.as_deref());
+        while let Some(job) = ready.pop() {
+            ready.extend(self.start(job));
+        }
+    }
+
+    /// Spawns a job; returns jobs that became startable because this one was stale.
+    fn start(&mut self, job: PipelineJob) -> Vec<PipelineJob> {
+        let partition = job.incoming.partition;
+        if !self.ledger.start(partition, job.epoch) {
+            // Its partition was revoked while it waited: the next owner redoes it.
+            return self.scheduler.complete(job.key.as_deref());
+        }
+        let guard = JobGuard {
+            key: job.key.clone(),
+            partition,
+            epoch: job.epoch,
+            offset: job.incoming.offset,
+            published: false,
+            ledger: self.ledger.clone(),
+            done: self.done_tx.clone(),
+        };
+        let processor = self.processor.clone();
+        let publisher = self.publisher.clone();
+        let ledger = self.ledger.clone();
+        let metrics = self.metrics.clone();
+        let span = match &job.work {
+            Work::Check { request, .. } => tracing::info_span!(
+                "message",
+                partition,
+                offset = job.incoming.offset,
+                request_id = %request.request_id,
+                connector = %request.connector,
+                transaction_id = %request.connector_transaction_id,
+            ),
+            Work::Reject(_) => {
+                tracing::info_span!("message", partition, offset = job.incoming.offset)
+            }
+        };
+        tokio::spawn(
+            async move {
+                let mut guard = guard;
+                let out = processor.run(&job).await;
+                match publisher.publish(&out, &ledger, partition, job.epoch).await {
+                    Delivery::Published => {
+                        guard.published = true;
+                        match out.destination {
+                            crate::pipeline::process::Destination::Events => {
+                                metrics.event_published(out.label)
+                            }
+                            crate::pipeline::process::Destination::DeadLetters => {
+                                metrics.dead_lettered(out.label)
+                            }
+                        }
+                        metrics.request_done(out.outcome, job.incoming.received);
+                        tracing::info!(result = %out.summary, "processed");
+                    }
+                    Delivery::Abandoned => tracing::info!("abandoned: partition no longer owned"),
+                }
+            }
+            .instrument(span),
+        );
+        Vec::new()
+    }
+
+    fn assigned(&self) -> Vec<i32> {
+        self.consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    fn apply_pauses(&mut self) {
+        let assigned = self.assigned();
+        let want: BTreeSet<i32> = self.scheduler.paused(&assigned).into_iter().collect();
+        let to_pause: Vec<i32> = want.difference(&self.paused).copied().collect();
+        let to_resume: Vec<i32> = self
+            .paused
+            .difference(&want)
+            .copied()
+            .filter(|p| assigned.contains(p))
+            .collect();
+        if !to_pause.is_empty() && self.set_paused(&to_pause, true) {
+            self.paused.extend(to_pause);
+        }
+        if !to_resume.is_empty() && self.set_paused(&to_resume, false) {
+            for p in to_resume {
+                self.paused.remove(&p);
+            }
+        }
+        self.paused.retain(|p| assigned.contains(p));
+    }
+
+    fn set_paused(&self, partitions: &[i32], pause: bool) -> bool {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.settings.input_topic, *p);
+        }
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(?partitions, pause, "fetch state changed");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pause, "cannot change fetch state");
+                false
+            }
+        }
+    }
+
+    fn commit(&self, mode: CommitMode) {
+        let positions = self.ledger.to_commit();
+        let done = commit_positions(
+            self.consumer.as_ref(),
+            &self.settings.input_topic,
+            &positions,
+            mode,
+        );
+        if matches!(mode, CommitMode::Sync) {
+            for (p, o) in done {
+                self.ledger.committed(p, o);
+            }
+        }
+        for p in self.ledger.positions() {
+            self.metrics
+                .set_commit(p.partition, p.committed.unwrap_or(p.watermark), p.gap);
+        }
+    }
+
+    async fn drain(mut self) {
+        let parked = self.scheduler.drop_parked();
+        tracing::info!(
+            in_flight = self.scheduler.in_flight(),
+            parked,
+            "shutting down: draining in-flight work"
+        );
+        let deadline = tokio::time::Instant::now() + self.settings.drain_timeout;
+        while self.scheduler.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some(done)) => self.on_done(done),
+                Ok(None) | Err(_) => break,
+            }
+            self.metrics.set_in_flight(self.scheduler.in_flight());
+        }
+        let positions = if self.scheduler.in_flight() > 0 {
+            tracing::warn!(
+                abandoned = self.scheduler.in_flight(),
+                "shutdown deadline passed; unfinished requests will be redone after restart"
+            );
+            self.ledger.revoke_all()
+        } else {
+            self.ledger.positions()
+        };
+        let committed = commit_positions(
+            self.consumer.as_ref(),
+            &self.settings.input_topic,
+            &positions,
+            CommitMode::Sync,
+        );
+        for (p, o) in &committed {
+            self.ledger.committed(*p, *o);
+        }
+        tracing::info!(?committed, "final commit");
+        self.metrics.set_in_flight(self.scheduler.in_flight());
+    }
+}

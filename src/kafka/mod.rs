@@ -1,0 +1,113 @@
+//! Everything that talks to Kafka (the only module that uses rdkafka): client
+//! configuration, the [`engine`] (consumer loop, pause/resume, commits,
+//! rebalances), the [`producer`] for events and dead letters, and [`admin`]
+//! helpers for topics.
+
+pub mod admin;
+pub mod engine;
+pub mod producer;
+
+use rdkafka::ClientConfig;
+
+use crate::config::{KafkaProperties, KafkaSettings};
+
+/// Consumer settings paysync depends on for at-least-once delivery; a user value
+/// for these keys is overridden (with a warning).
+const CONSUMER_FORCED: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+];
+
+/// Consumer defaults a user may override.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("auto.offset.reset", "earliest"),
+    ("statistics.interval.ms", "5000"),
+    // Bounded prefetch: memory stays flat whatever the backlog.
+    ("queued.max.messages.kbytes", "16384"),
+    ("queued.min.messages", "10000"),
+    ("partition.assignment.strategy", "range,roundrobin"),
+];
+
+/// Producer defaults a user may override.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("linger.ms", "5"),
+    // A broker that is briefly unreachable is waited out: librdkafka retries for
+    // this long, then paysync retries the publish itself.
+    ("message.timeout.ms", "60000"),
+];
+
+fn build(
+    settings: &KafkaSettings,
+    defaults: &[(&str, &str)],
+    own: &KafkaProperties,
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (k, v) in defaults {
+        config.set(*k, *v);
+    }
+    for (k, v) in settings.common.iter().chain(own.iter()) {
+        config.set(k, v);
+    }
+    config
+}
+
+/// The consumer's configuration.
+pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = build(settings, CONSUMER_DEFAULTS, &settings.consumer);
+    config.set("group.id", &settings.group_id);
+    for (k, v) in CONSUMER_FORCED {
+        if config.get(k).is_some_and(|user| user != *v) {
+            tracing::warn!(
+                property = k,
+                "overriding a consumer property that would break at-least-once delivery"
+            );
+        }
+        config.set(*k, *v);
+    }
+    config
+}
+
+/// The producer's configuration.
+pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
+    build(settings, PRODUCER_DEFAULTS, &settings.producer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    #[test]
+    fn layering_and_forced_properties() {
+        let s = Settings::from_toml(
+            r#"
+[kafka.common]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanism" = "PLAIN"
+[kafka.consumer]
+"enable.auto.commit" = "true"
+"session.timeout.ms" = "6000"
+[kafka.producer]
+"linger.ms" = "20"
+[connectors.cm.accounts.default]
+client_id = "a"
+client_secret = "b"
+"#,
+        )
+        .unwrap();
+        let c = consumer_config(&s.kafka);
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("group.id"), Some("paysync"));
+        let p = producer_config(&s.kafka);
+        assert_eq!(p.get("linger.ms"), Some("20"));
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("acks"), Some("all"));
+        assert_eq!(p.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(p.get("session.timeout.ms"), None);
+    }
+}

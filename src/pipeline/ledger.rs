@@ -1,0 +1,363 @@
+//! Per-partition state shared by the engine, its in-flight tasks and the
+//! rebalance callback: the offset tracker, how many jobs are running and
+//! publishing, and whether the partition was revoked. A task may publish only
+//! while its partition is still owned under the same *epoch* (assignment
+//! generation), so no event is published for a partition after it was handed over.
+//!
+//! It is a `std::sync::Mutex` plus a `Condvar`: never held across an `.await`, and
+//! waited on only by the rebalance callback and shutdown (from blocking context).
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::tracker::OffsetTracker;
+
+#[derive(Debug)]
+struct Part {
+    epoch: u64,
+    tracker: OffsetTracker,
+    running: usize,
+    publishing: usize,
+    revoked: bool,
+    committed: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    parts: HashMap<i32, Part>,
+    next_epoch: u64,
+}
+
+/// A ticket identifying a partition ownership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(pub u64);
+
+/// Progress of one partition, for commits and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Partition.
+    pub partition: i32,
+    /// Position to commit (next offset to read).
+    pub watermark: i64,
+    /// Work finished but not committable yet.
+    pub gap: i64,
+    /// Last committed position, if known.
+    pub committed: Option<i64>,
+}
+
+/// The shared per-partition state.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain counters behind; keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current epoch of a partition, creating its state on first use.
+    pub fn epoch(&self, partition: i32) -> Epoch {
+        let mut inner = self.lock();
+        let next = inner.next_epoch;
+        let part = inner.parts.entry(partition).or_insert_with(|| Part {
+            epoch: next,
+            tracker: OffsetTracker::new(),
+            running: 0,
+            publishing: 0,
+            revoked: false,
+            committed: None,
+        });
+        let epoch = part.epoch;
+        if epoch == next {
+            inner.next_epoch += 1;
+        }
+        Epoch(epoch)
+    }
+
+    /// Records an accepted offset. Returns false for a stale epoch or an offset
+    /// already seen (a re-delivery within the same ownership), which must be skipped.
+    pub fn accept(&self, partition: i32, epoch: Epoch, offset: i64) -> bool {
+        let mut inner = self.lock();
+        match inner.parts.get_mut(&partition) {
+            Some(p) if p.epoch == epoch.0 && !p.revoked => p.tracker.push(offset),
+            _ => false,
+        }
+    }
+
+    /// A job is starting. False when the partition is gone or revoked: drop the job.
+    pub fn start(&self, partition: i32, epoch: Epoch) -> bool {
+        let mut inner = self.lock();
+        match inner.parts.get_mut(&partition) {
+            Some(p) if p.epoch == epoch.0 && !p.revoked => {
+                p.running += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A running job is about to publish. False when the partition was revoked in
+    /// the meantime: the job must not publish.
+    pub fn begin_publish(&self, partition: i32, epoch: Epoch) -> bool {
+        let mut inner = self.lock();
+        match inner.parts.get_mut(&partition) {
+            Some(p) if p.epoch == epoch.0 && !p.revoked => {
+                p.publishing += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A publish that `begin_publish` allowed has ended (acknowledged or failed).
+    pub fn end_publish(&self, partition: i32, epoch: Epoch) {
+        let mut inner = self.lock();
+        if let Some(p) = inner.parts.get_mut(&partition) {
+            if p.epoch == epoch.0 {
+                p.publishing = p.publishing.saturating_sub(1);
+            }
+        }
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    /// A running job ended: `published` when its event or dead letter was
+    /// acknowledged (its offset is then done), false when it was abandoned.
+    pub fn finish(&self, partition: i32, epoch: Epoch, offset: i64, published: bool) {
+        let mut inner = self.lock();
+        if let Some(p) = inner.parts.get_mut(&partition) {
+            if p.epoch == epoch.0 {
+                p.running = p.running.saturating_sub(1);
+                if published {
+                    p.tracker.complete(offset);
+                }
+            }
+        }
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    /// Marks every partition revoked without waiting (shutdown after its deadline),
+    /// so nothing may publish any more, and returns their positions to commit.
+    pub fn revoke_all(&self) -> Vec<Position> {
+        let positions = self.positions();
+        let mut inner = self.lock();
+        for p in inner.parts.values_mut() {
+            p.revoked = true;
+        }
+        positions
+    }
+
+    /// Positions of every owned partition.
+    pub fn positions(&self) -> Vec<Position> {
+        let inner = self.lock();
+        let mut v: Vec<Position> = inner
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.revoked)
+            .filter_map(|(partition, p)| {
+                Some(Position {
+                    partition: *partition,
+                    watermark: p.tracker.watermark()?,
+                    gap: p.tracker.gap(),
+                    committed: p.committed,
+                })
+            })
+            .collect();
+        v.sort_by_key(|p| p.partition);
+        v
+    }
+
+    /// Positions that moved past the last commit.
+    pub fn to_commit(&self) -> Vec<Position> {
+        self.positions()
+            .into_iter()
+            .filter(|p| p.committed.is_none_or(|c| p.watermark > c))
+            .collect()
+    }
+
+    /// The broker confirmed a commit.
+    pub fn committed(&self, partition: i32, offset: i64) {
+        let mut inner = self.lock();
+        if let Some(p) = inner.parts.get_mut(&partition) {
+            if p.committed.is_none_or(|c| offset > c) {
+                p.committed = Some(offset);
+            }
+        }
+    }
+
+    /// Jobs running in any partition.
+    pub fn running(&self) -> usize {
+        self.lock().parts.values().map(|p| p.running).sum()
+    }
+
+    /// Hands over `partitions`: waits until their running jobs finish (or
+    /// `finish_deadline` passes), then marks them revoked so that abandoned jobs
+    /// cannot publish, waits for publishes already under way (up to
+    /// `publish_deadline`), and returns the positions to commit before the
+    /// partitions move. Blocking: call from a blocking context.
+    pub fn revoke(
+        &self,
+        partitions: &[i32],
+        finish_deadline: Duration,
+        publish_deadline: Duration,
+    ) -> Vec<Position> {
+        let owned = |inner: &Inner, f: &dyn Fn(&Part) -> usize| {
+            partitions
+                .iter()
+                .filter_map(|p| inner.parts.get(p))
+                .map(f)
+                .sum::<usize>()
+        };
+        let guard = self.lock();
+        let mut guard = self.wait_until(guard, Instant::now() + finish_deadline, &|inner| {
+            owned(inner, &|p| p.running) == 0
+        });
+        let abandoned = owned(&guard, &|p| p.running);
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "revocation deadline passed; unfinished work will be redone by the next owner"
+            );
+        }
+        for p in partitions {
+            if let Some(part) = guard.parts.get_mut(p) {
+                part.revoked = true;
+            }
+        }
+        let mut guard = self.wait_until(guard, Instant::now() + publish_deadline, &|inner| {
+            owned(inner, &|p| p.publishing) == 0
+        });
+        let mut positions = Vec::new();
+        for p in partitions {
+            if let Some(part) = guard.parts.remove(p) {
+                if let Some(watermark) = part.tracker.watermark() {
+                    positions.push(Position {
+                        partition: *p,
+                        watermark,
+                        gap: part.tracker.gap(),
+                        committed: part.committed,
+                    });
+                }
+            }
+        }
+        positions
+    }
+
+    fn wait_until<'a>(
+        &self,
+        mut guard: MutexGuard<'a, Inner>,
+        deadline: Instant,
+        done: &dyn Fn(&Inner) -> bool,
+    ) -> MutexGuard<'a, Inner> {
+        while !done(&guard) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        guard
+    }
+
+    /// Waits (blocking) until no job is running or the deadline passes; returns
+    /// how many are still running.
+    pub fn wait_idle(&self, deadline: Duration) -> usize {
+        let until = Instant::now() + deadline;
+        let mut guard = self.lock();
+        loop {
+            let running: usize = guard.parts.values().map(|p| p.running).sum();
+            let now = Instant::now();
+            if running == 0 || now >= until {
+                return running;
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, until - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn stale_epochs_cannot_accept_start_or_publish() {
+        let l = Ledger::new();
+        let e = l.epoch(0);
+        assert!(l.accept(0, e, 5));
+        assert!(!l.accept(0, e, 5), "re-delivery of a tracked offset");
+        assert!(l.start(0, e));
+        l.revoke(&[0], Duration::ZERO, Duration::ZERO);
+        assert!(!l.begin_publish(0, e));
+        let e2 = l.epoch(0);
+        assert_ne!(e, e2);
+        assert!(!l.start(0, e));
+        assert!(l.accept(0, e2, 5));
+    }
+
+    #[test]
+    fn revoke_waits_for_running_work_and_returns_its_position() {
+        let l = Arc::new(Ledger::new());
+        let e = l.epoch(3);
+        for o in 0..3 {
+            l.accept(3, e, o);
+        }
+        l.start(3, e);
+        l.start(3, e);
+        let worker = {
+            let l = l.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(l.begin_publish(3, e));
+                l.end_publish(3, e);
+                l.finish(3, e, 0, true);
+                assert!(l.begin_publish(3, e));
+                l.end_publish(3, e);
+                l.finish(3, e, 1, true);
+            })
+        };
+        // Offset 2 was accepted but never started (queued): not waited for.
+        let positions = l.revoke(&[3], Duration::from_secs(5), Duration::from_secs(5));
+        worker.join().unwrap();
+        assert_eq!(positions.len(), 1);
+        assert_eq!(positions[0].watermark, 2);
+        assert!(l.positions().is_empty());
+    }
+
+    #[test]
+    fn revoke_abandons_work_after_the_deadline() {
+        let l = Ledger::new();
+        let e = l.epoch(0);
+        l.accept(0, e, 10);
+        l.accept(0, e, 11);
+        l.start(0, e);
+        l.start(0, e);
+        l.begin_publish(0, e);
+        l.end_publish(0, e);
+        l.finish(0, e, 11, true);
+        let positions = l.revoke(&[0], Duration::from_millis(10), Duration::from_millis(10));
+        assert_eq!(
+            positions[0].watermark, 10,
+            "10 is unfinished: commit stays before it"
+        );
+        assert_eq!(positions[0].gap, 2);
+    }
+}

@@ -1,0 +1,447 @@
+//! CM.com connector HTTP behaviour against a local mock server: token handling,
+//! error classification, timeouts, integrity, and URL safety.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use paysync::codec::{decode_request, DecodeOptions, RejectCode, SourcePosition};
+use paysync::connectors::retry::RetryPolicy;
+use paysync::connectors::{CallError, RetryReason};
+use paysync::domain::event::FailureCode;
+use paysync::domain::{Money, PaymentStatus, StatusCheckRequest, TransactionId};
+use paysync::telemetry::Metrics;
+use wiremock::matchers::{body_string_contains, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::*;
+
+const TX_PATH: &str = "/api/v1/paymentmethods/google-pay/v1/transactions/tx-1";
+const TOKEN_PATH: &str = "/api/v1/authorization/oauth2/token";
+
+fn request() -> StatusCheckRequest {
+    StatusCheckRequest::new(
+        TransactionId::parse("tx-1").unwrap(),
+        "cm",
+        "default",
+        "req-1",
+    )
+}
+
+fn token_body(token: &str, expires_in: u64) -> serde_json::Value {
+    serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in})
+}
+
+fn success_body() -> serde_json::Value {
+    serde_json::json!({"id": "tx-1", "amount": 1200, "currency": "EUR", "status": "SUCCESS", "reference": "o-1"})
+}
+
+async fn mount_token(server: &MockServer, token: &str, expires_in: u64) {
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .and(header("content-type", "application/x-www-form-urlencoded"))
+        .and(body_string_contains("grant_type=client_credentials"))
+        .and(body_string_contains(format!("client_id={CLIENT_ID}")))
+        .and(body_string_contains(format!(
+            "client_secret={CLIENT_SECRET}"
+        )))
+        .respond_with(ResponseTemplate::new(200).set_body_json(token_body(token, expires_in)))
+        .mount(server)
+        .await;
+}
+
+async fn requests_to(server: &MockServer, p: &str) -> usize {
+    server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == p)
+        .count()
+}
+
+struct Fixture {
+    server: MockServer,
+    metrics: Arc<Metrics>,
+    clock: ManualClock,
+    client: paysync::connectors::client::ConnectorClient,
+}
+
+async fn fixture() -> Fixture {
+    let server = MockServer::start().await;
+    let metrics = Arc::new(Metrics::new());
+    let clock = ManualClock::new();
+    let client = cm_client(
+        connector_settings(&server.uri()),
+        metrics.clone(),
+        clock.clock(),
+    );
+    Fixture {
+        server,
+        metrics,
+        clock,
+        client,
+    }
+}
+
+impl Fixture {
+    async fn call(&self, req: &StatusCheckRequest) -> paysync::connectors::client::CallRecord {
+        let http = self.client.prepare(req).unwrap();
+        self.client.call_once(req, &http).await
+    }
+}
+
+#[tokio::test]
+async fn token_is_fetched_with_client_credentials_and_sent_as_bearer() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok-A", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .and(header("authorization", "Bearer tok-A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .expect(1)
+        .mount(&f.server)
+        .await;
+    let record = f.call(&request()).await;
+    let report = record.outcome.unwrap();
+    assert_eq!(report.status, PaymentStatus::CHARGED);
+    assert_eq!(report.captured_amount, Some(1200));
+    assert_eq!(record.calls, 1);
+}
+
+#[tokio::test]
+async fn token_is_reused_across_calls_and_refreshed_at_expiry() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok-A", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .mount(&f.server)
+        .await;
+    for _ in 0..3 {
+        assert!(f.call(&request()).await.outcome.is_ok());
+    }
+    assert_eq!(
+        requests_to(&f.server, TOKEN_PATH).await,
+        1,
+        "one token for three calls"
+    );
+    f.clock.advance(Duration::from_secs(3600 - 59));
+    assert!(f.call(&request()).await.outcome.is_ok());
+    assert_eq!(
+        requests_to(&f.server, TOKEN_PATH).await,
+        2,
+        "refreshed inside the safety margin"
+    );
+    assert!(f
+        .metrics
+        .render()
+        .contains("paysync_token_refreshes_total{connector=\"cm\"} 2"));
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_token_request() {
+    let f = fixture().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(token_body("tok", 3600))
+                .set_delay(Duration::from_millis(100)),
+        )
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .mount(&f.server)
+        .await;
+    let req = request();
+    let http = f.client.prepare(&req).unwrap();
+    let calls = (0..20).map(|_| f.client.call_once(&req, &http));
+    let results = futures::future::join_all(calls).await;
+    assert!(results.iter().all(|r| r.outcome.is_ok()));
+    assert_eq!(requests_to(&f.server, TOKEN_PATH).await, 1);
+}
+
+#[tokio::test]
+async fn a_401_refreshes_the_token_once_and_retries_once() {
+    let f = fixture().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(token_body("tok-old", 3600)))
+        .up_to_n_times(1)
+        .mount(&f.server)
+        .await;
+    mount_token(&f.server, "tok-new", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .and(header("authorization", "Bearer tok-old"))
+        .respond_with(ResponseTemplate::new(401))
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .and(header("authorization", "Bearer tok-new"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .mount(&f.server)
+        .await;
+    let record = f.call(&request()).await;
+    assert_eq!(record.outcome.unwrap().status, PaymentStatus::CHARGED);
+    assert_eq!(record.calls, 2);
+    assert_eq!(requests_to(&f.server, TOKEN_PATH).await, 2);
+}
+
+#[tokio::test]
+async fn a_second_401_is_an_authentication_failure() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(401))
+        .mount(&f.server)
+        .await;
+    let record = f.call(&request()).await;
+    match record.outcome {
+        Err(CallError::Permanent(failure)) => {
+            assert_eq!(failure.code, FailureCode::AuthenticationFailed);
+            assert_eq!(failure.status_code, Some(401));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        record.calls, 2,
+        "refreshed once, retried once, then stopped"
+    );
+    assert_eq!(requests_to(&f.server, TOKEN_PATH).await, 2);
+}
+
+async fn failure_for(status: u16, body: &str) -> CallError {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(
+            ResponseTemplate::new(status)
+                .set_body_string(body)
+                .insert_header("retry-after", "3"),
+        )
+        .mount(&f.server)
+        .await;
+    f.call(&request()).await.outcome.unwrap_err()
+}
+
+#[tokio::test]
+async fn error_statuses_are_classified() {
+    match failure_for(403, "").await {
+        CallError::Permanent(f) => assert_eq!(f.code, FailureCode::AuthenticationFailed),
+        other => panic!("403: {other:?}"),
+    }
+    match failure_for(404, r#"{"message":"Transaction not found"}"#).await {
+        CallError::Permanent(f) => {
+            assert_eq!(f.code, FailureCode::TransactionNotFound);
+            assert_eq!(
+                f.connector_message.as_deref(),
+                Some("Transaction not found")
+            );
+            assert_eq!(f.status_code, Some(404));
+        }
+        other => panic!("404: {other:?}"),
+    }
+    match failure_for(400, r#"{"messages":[{"message":"bad id"}]}"#).await {
+        CallError::Permanent(f) => assert_eq!(f.code, FailureCode::ConnectorErrorResponse),
+        other => panic!("400: {other:?}"),
+    }
+    match failure_for(500, "<html>oops</html>").await {
+        CallError::Retryable {
+            reason, failure, ..
+        } => {
+            assert_eq!(reason, RetryReason::ServerError);
+            assert_eq!(failure.code, FailureCode::ConnectorErrorResponse);
+        }
+        other => panic!("500: {other:?}"),
+    }
+    match failure_for(429, "").await {
+        CallError::Retryable {
+            reason,
+            retry_after,
+            ..
+        } => {
+            assert_eq!(reason, RetryReason::RateLimited);
+            assert_eq!(retry_after, Some(Duration::from_secs(3)));
+        }
+        other => panic!("429: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_slow_answer_is_a_retryable_timeout() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(success_body())
+                .set_delay(Duration::from_secs(2)),
+        )
+        .mount(&f.server)
+        .await;
+    match f.call(&request()).await.outcome {
+        Err(CallError::Retryable {
+            reason: RetryReason::Timeout,
+            failure,
+            ..
+        }) => {
+            assert_eq!(failure.code, FailureCode::ConnectorTimeout)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(f.metrics.render().contains("code=\"timeout\""));
+}
+
+#[tokio::test]
+async fn a_malformed_2xx_is_a_permanent_deserialization_failure() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{\"status\": \"SUCC"))
+        .mount(&f.server)
+        .await;
+    match f.call(&request()).await.outcome {
+        Err(CallError::Permanent(failure)) => {
+            assert_eq!(failure.code, FailureCode::ResponseDeserializationFailed)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_amount_mismatch_fails_the_integrity_check() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .mount(&f.server)
+        .await;
+    let mut req = request();
+    req.amount = Some(Money {
+        minor_amount: 999,
+        currency: "EUR".into(),
+    });
+    match f.call(&req).await.outcome {
+        Err(CallError::Permanent(failure)) => {
+            assert_eq!(failure.code, FailureCode::IntegrityCheckFailed)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn token_endpoint_failures_are_classified_and_never_leak_credentials() {
+    let f = fixture().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&f.server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_string(format!("bad client_secret={CLIENT_SECRET}")),
+        )
+        .mount(&f.server)
+        .await;
+    let first = f.call(&request()).await.outcome.unwrap_err();
+    assert!(
+        matches!(
+            first,
+            CallError::Retryable {
+                reason: RetryReason::ServerError,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    let second = f.call(&request()).await.outcome.unwrap_err();
+    match &second {
+        CallError::Permanent(failure) => {
+            assert_eq!(failure.code, FailureCode::AuthenticationFailed)
+        }
+        other => panic!("{other:?}"),
+    }
+    for e in [first, second] {
+        let shown = format!("{e:?}");
+        assert!(!shown.contains(CLIENT_SECRET), "{shown}");
+    }
+    assert_eq!(
+        requests_to(&f.server, TX_PATH).await,
+        0,
+        "no status call without a token"
+    );
+}
+
+#[tokio::test]
+async fn unsafe_ids_never_reach_a_url() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    for id in ["../x", "a/b", "..", "%2e%2e", "a?b=c", "a#b"] {
+        let value = serde_json::json!({"connector_transaction_id": id}).to_string();
+        let err = decode_request(
+            Some(value.as_bytes()),
+            &[],
+            SourcePosition {
+                topic: "in",
+                partition: 0,
+                offset: 0,
+            },
+            &DecodeOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.code, RejectCode::InvalidTransactionId, "{id}");
+    }
+    assert!(f.server.received_requests().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn retry_policy_rides_out_transient_errors_and_reports_exhaustion() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(2)
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .mount(&f.server)
+        .await;
+    let policy = RetryPolicy::new(f.client.settings().retry.clone());
+    let req = request();
+    let http = f.client.prepare(&req).unwrap();
+    let result = policy.run(&f.client, &f.metrics, &req, &http).await;
+    assert_eq!(result.outcome.unwrap().status, PaymentStatus::CHARGED);
+    assert_eq!(result.attempts, 3);
+    assert!(f
+        .metrics
+        .render()
+        .contains("paysync_connector_retries_total{connector=\"cm\",reason=\"5xx\"} 2"));
+
+    f.server.reset().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(502))
+        .mount(&f.server)
+        .await;
+    let result = policy.run(&f.client, &f.metrics, &req, &http).await;
+    let failure = result.outcome.unwrap_err();
+    assert_eq!(failure.code, FailureCode::ConnectorErrorResponse);
+    assert_eq!(result.attempts, 4, "max_attempts");
+    assert_eq!(failure.status_code, Some(502));
+}

@@ -1,0 +1,5 @@
+//! Integration tests, one binary: connector HTTP behaviour against a local mock
+//! server, and the pipeline end to end against a Kafka-protocol broker.
+
+mod connector_http;
+mod support;
