@@ -19,6 +19,7 @@
 //! | [`kafka`] | the engine (consumer loop, pause/resume, commits, rebalances), producer, topics; the only rdkafka code | Kafka |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
+//! | [`demo`] | `paysync demo` and the CM.com simulator | in-process |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -27,6 +28,7 @@ pub mod app;
 pub mod codec;
 pub mod config;
 pub mod connectors;
+pub mod demo;
 pub mod domain;
 pub mod kafka;
 pub mod pipeline;

@@ -1,11 +1,13 @@
 //! The `paysync` command line: parses arguments, loads settings, runs a command and
-//! maps errors to exit codes (2 for invalid configuration).
+//! maps errors to exit codes (2 for invalid configuration, 1 for other failures).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use paysync::config::{ConfigError, Settings, Sources, EXIT_CONFIG};
+use paysync::config::{LogFormat, Settings, Sources, EXIT_CONFIG};
 
 #[derive(Parser)]
 #[command(
@@ -21,18 +23,81 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the processor: consume status-check requests, publish status events.
+    Run {
+        /// TOML settings file (every key can be overridden by PAYSYNC_<SECTION>__<KEY>).
+        #[arg(long, env = "PAYSYNC_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run the whole pipeline in one process: in-process Kafka, a CM.com simulator and sample requests.
+    Demo {
+        /// Address for /metrics, /healthz and /readyz while the demo runs.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
+        /// Show paysync's info-level logs on stderr.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Validate the configuration and print it with secrets masked.
     CheckConfig {
         /// TOML settings file.
         #[arg(long, env = "PAYSYNC_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Print the Avro schemas (event and request).
+    /// Print the Avro schemas (event, then request).
     Schema,
+    /// Serve the CM.com simulator (token endpoint and Get Transaction) for local stacks and load tests.
+    SimulateCm {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Fixed latency of Get Transaction in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Fraction of Get Transaction calls answered 503 (0 to 1).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+    },
 }
 
-fn load(config: Option<PathBuf>) -> Result<Settings, ConfigError> {
-    Settings::load(&Sources::from_process(config))
+fn load(config: Option<PathBuf>) -> Result<Settings, ExitCode> {
+    Settings::load(&Sources::from_process(config)).map_err(|e| {
+        eprintln!("paysync: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("paysync: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn main() -> ExitCode {
@@ -48,10 +113,81 @@ fn main() -> ExitCode {
                 print!("{}", settings.to_masked_toml());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("paysync: {e}");
-                ExitCode::from(EXIT_CONFIG as u8)
-            }
+            Err(code) => code,
         },
+        Command::Run { config } => {
+            let settings = match load(config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            paysync::telemetry::init_tracing(settings.log.format, &settings.log.level);
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(paysync::app::run(settings, termination())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "start-up failed");
+                    eprintln!("paysync: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { listen, verbose } => {
+            paysync::telemetry::init_tracing(
+                LogFormat::Text,
+                if verbose { "info" } else { "warn" },
+            );
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(paysync::demo::run(paysync::demo::DemoOptions { listen })) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("paysync demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::SimulateCm {
+            listen,
+            latency_ms,
+            error_rate,
+        } => {
+            paysync::telemetry::init_tracing(LogFormat::Auto, "info");
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            rt.block_on(async move {
+                let latency = if latency_ms == 0 {
+                    paysync::demo::simulator::Latency::None
+                } else {
+                    paysync::demo::simulator::Latency::Fixed(Duration::from_millis(latency_ms))
+                };
+                let options = paysync::demo::simulator::SimOptions {
+                    latency,
+                    error_rate: error_rate.clamp(0.0, 1.0),
+                    ..Default::default()
+                };
+                match paysync::demo::simulator::Simulator::start(listen, options).await {
+                    Ok(sim) => {
+                        tracing::info!(url = %sim.base_url(), "CM.com simulator listening");
+                        termination().await;
+                        sim.stop().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("paysync: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
     }
 }

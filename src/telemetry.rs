@@ -312,6 +312,30 @@ impl Metrics {
     }
 }
 
+/// Sums the samples of a metric in Prometheus text whose labels include every
+/// (name, value) in `labels`. Histograms are not summed (use their `_count`).
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let ok = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            });
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
 /// Installs the global `tracing` subscriber. Returns false when one was already
 /// installed (tests, the demo after `run`).
 pub fn init_tracing(format: LogFormat, level: &str) -> bool {

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod engine;
 pub mod producer;
+pub mod tools;
 
 use rdkafka::ClientConfig;
 

@@ -1,0 +1,311 @@
+//! `paysync demo`: the whole pipeline in one process with no outside services.
+//! librdkafka's in-process mock cluster is the broker and [`simulator`] plays
+//! CM.com; paysync itself runs through [`crate::app::start`], exactly as
+//! `paysync run` does. Sample requests cover every status, a retried 5xx, an
+//! honoured 429, failed checks and invalid requests. Each event is printed as one
+//! JSON line, each dead letter with its reason, then a summary table.
+
+pub mod simulator;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::codec::avro::decode_event_json;
+use crate::config::Settings;
+use crate::kafka::tools::{MockBroker, RawProducer, RawRecord, TopicReader};
+use crate::telemetry::sum_metric;
+use simulator::{SimOptions, Simulator, SIM_CLIENT_ID, SIM_CLIENT_SECRET};
+
+const INPUT: &str = "payment-status-requests";
+const OUTPUT: &str = "payment-status-events";
+const DLQ: &str = "payment-status-requests.dlq";
+
+/// A sample request: value and headers.
+struct Sample {
+    value: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+}
+
+const SAMPLES: &[Sample] = &[
+    Sample {
+        value: r#"{"connector_transaction_id":"open-3ds-1001","payment_method_type":"GOOGLE_PAY"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"open-1002","payment_method_type":"APPLE_PAY"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"authorized-1003","payment_method_type":"CREDIT"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"success-1004","payment_method_type":"IDEAL","amount":{"minor_amount":1200,"currency":"EUR"},"merchant_transaction_id":"order-42"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"cancelled-1005","payment_method_type":"BANCONTACT_CARD"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"expired-1006","payment_method_type":"CHECKOUT"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"failure-1007"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"unknown-1008"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"flaky-1009","request_id":"retry-after-500"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"ratelimited-1010","request_id":"honour-429"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"notfound-1011"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"malformed-1012"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"success-1013","amount":{"minor_amount":999,"currency":"EUR"}}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"success-1014"}"#,
+        headers: &[
+            ("x-request-id", "from-header-1014"),
+            ("x-merchant-id", "default"),
+            ("x-connector", "cm"),
+        ],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"success-1004","payment_method_type":"IDEAL"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: "this is not json",
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"merchant_id":"default"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"../etc/passwd"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"x-1","connector":"stripe"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"x-2","merchant_id":"nobody"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"x-3","payment_method_type":"PAYPAL"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"x-4","amount":"12 EUR"}"#,
+        headers: &[],
+    },
+];
+
+/// Demo options.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where to serve /metrics, /healthz, /readyz (falls back to a free port when busy).
+    pub listen: SocketAddr,
+}
+
+/// The settings the demo runs with: defaults, plus the mock broker and simulator.
+pub fn demo_settings(
+    brokers: &str,
+    base_url: &str,
+    listen: SocketAddr,
+) -> Result<Settings, String> {
+    Settings::from_toml(&format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "paysync-demo"
+commit_interval = "200ms"
+[kafka.consumer]
+"session.timeout.ms" = "6000"
+[processing]
+shutdown_timeout = "10s"
+[http]
+listen = "{listen}"
+[log]
+level = "warn"
+[connectors.cm]
+base_url = "{base_url}"
+request_timeout = "2s"
+[connectors.cm.retry]
+initial_backoff = "100ms"
+[connectors.cm.accounts.default]
+client_id = "{SIM_CLIENT_ID}"
+client_secret = "{SIM_CLIENT_SECRET}"
+"#
+    ))
+    .map_err(|e| e.to_string())
+}
+
+/// Runs the demo; returns the text of the summary, or an error.
+pub async fn run(options: DemoOptions) -> Result<String, String> {
+    let started = Instant::now();
+    let broker = MockBroker::start(&[(INPUT, 3), (OUTPUT, 3), (DLQ, 1)])?;
+    let sim = Simulator::start(
+        "127.0.0.1:0".parse().map_err(|_| "address")?,
+        SimOptions::default(),
+    )
+    .await?;
+    let listen = match tokio::net::TcpListener::bind(options.listen).await {
+        Ok(l) => {
+            drop(l);
+            options.listen
+        }
+        Err(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let settings = demo_settings(&broker.bootstrap(), &sim.base_url(), listen)?;
+    let app = crate::app::start(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "paysync demo: broker {} (in-process), CM.com simulator {}, metrics http://{}/metrics",
+        broker.bootstrap(),
+        sim.base_url(),
+        app.http_addr()
+    );
+
+    let producer = RawProducer::new(&broker.bootstrap())?;
+    for (i, s) in SAMPLES.iter().enumerate() {
+        let headers: Vec<(&str, &[u8])> =
+            s.headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        let key = format!("sample-{i}");
+        producer
+            .send(
+                INPUT,
+                None,
+                Some(key.as_bytes()),
+                Some(s.value.as_bytes()),
+                &headers,
+            )
+            .await?;
+    }
+
+    let brokers = broker.bootstrap();
+    let records = tokio::task::spawn_blocking(move || -> Result<Vec<RawRecord>, String> {
+        let mut reader = TopicReader::new(&brokers, &[(OUTPUT, 3), (DLQ, 1)])?;
+        Ok(reader.read(SAMPLES.len(), Duration::from_secs(60)))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let processing_time = started.elapsed();
+
+    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &records {
+        if r.topic == OUTPUT {
+            let json = decode_event_json(r.value.as_deref().unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+            let status = json["status"].as_str().unwrap_or("?").to_owned();
+            let label = match json["error"]["unified_details"]["code"].as_str() {
+                Some(code) if status == "PAYMENT_STATUS_UNSPECIFIED" => {
+                    format!("{status} ({code})")
+                }
+                _ => status,
+            };
+            *by_status.entry(label).or_default() += 1;
+            println!("{json}");
+        } else {
+            let reason = r.header("paysync-error-code").unwrap_or_default();
+            *by_reason.entry(reason.clone()).or_default() += 1;
+            let line = serde_json::json!({"dead_letter": {
+                "reason": reason,
+                "message": r.header("paysync-error-message"),
+                "key": r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                "value": r.value.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()),
+                "source": format!("{}:{}:{}", r.header("paysync-source-topic").unwrap_or_default(),
+                    r.header("paysync-source-partition").unwrap_or_default(), r.header("paysync-source-offset").unwrap_or_default()),
+            }});
+            println!("{line}");
+        }
+    }
+    let metrics_text = app.metrics().render();
+    app.stop().await;
+    sim.stop().await;
+
+    let events: usize = by_status.values().sum();
+    let dead: usize = by_reason.values().sum();
+    let mut out = String::new();
+    let _ = writeln!(out, "\npaysync demo summary");
+    let _ = writeln!(out, "  {:<62} {:>5}", "requests", SAMPLES.len());
+    let _ = writeln!(out, "  {:<62} {:>5}", "events", events);
+    for (k, v) in &by_status {
+        let _ = writeln!(out, "    {k:<60} {v:>5}");
+    }
+    let _ = writeln!(out, "  {:<62} {:>5}", "dead letters", dead);
+    for (k, v) in &by_reason {
+        let _ = writeln!(out, "    {k:<60} {v:>5}");
+    }
+    let _ = writeln!(
+        out,
+        "  {:<62} {:>5}",
+        "connector calls (Get Transaction)",
+        sum_metric(&metrics_text, "paysync_connector_requests_total", &[]) as u64
+            - sum_metric(&metrics_text, "paysync_token_refreshes_total", &[]) as u64
+    );
+    let _ = writeln!(
+        out,
+        "  {:<62} {:>5}",
+        "token requests",
+        sum_metric(&metrics_text, "paysync_token_refreshes_total", &[]) as u64
+    );
+    let _ = writeln!(
+        out,
+        "  {:<62} {:>5}",
+        "retries (5xx)",
+        sum_metric(
+            &metrics_text,
+            "paysync_connector_retries_total",
+            &[("reason", "5xx")]
+        ) as u64
+    );
+    let _ = writeln!(
+        out,
+        "  {:<62} {:>5}",
+        "retries (429, Retry-After honoured)",
+        sum_metric(
+            &metrics_text,
+            "paysync_connector_retries_total",
+            &[("reason", "429")]
+        ) as u64
+    );
+    let _ = writeln!(
+        out,
+        "  {:<62} {:>5.2}s",
+        "time taken",
+        processing_time.as_secs_f64()
+    );
+    if events + dead != SAMPLES.len() {
+        return Err(format!(
+            "{out}\nexpected {} records, got {}",
+            SAMPLES.len(),
+            events + dead
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,249 @@
+//! Kafka tooling for the demo, the tests and the benchmark: an in-process mock
+//! cluster, a raw producer of request records, and an independent reader of the
+//! output topics. Not used by `paysync run`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+
+/// librdkafka's in-process mock cluster (one broker).
+pub struct MockBroker {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl MockBroker {
+    /// Starts a mock cluster and creates `topics` (name, partitions).
+    pub fn start(topics: &[(&str, i32)]) -> Result<Self, String> {
+        let cluster = MockCluster::new(1).map_err(|e| format!("mock cluster: {e}"))?;
+        for (name, partitions) in topics {
+            cluster
+                .create_topic(name, *partitions, 1)
+                .map_err(|e| format!("mock topic {name}: {e}"))?;
+        }
+        Ok(MockBroker { cluster })
+    }
+
+    /// The bootstrap servers.
+    pub fn bootstrap(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+}
+
+/// A record as read from a topic.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub value: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl RawRecord {
+    /// The first header with this name, as UTF-8.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// A plain producer for request records.
+pub struct RawProducer {
+    producer: FutureProducer,
+}
+
+impl RawProducer {
+    /// Connects to `brokers`.
+    pub fn new(brokers: &str) -> Result<Self, String> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(|e| format!("producer: {e}"))?;
+        Ok(RawProducer { producer })
+    }
+
+    /// Sends one record and waits for the acknowledgement; returns (partition, offset).
+    pub async fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(i32, i64), String> {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(h);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        self.producer
+            .send(record, Timeout::Never)
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| e.to_string())
+    }
+
+    /// Queues a record without waiting (bulk loads); call [`RawProducer::flush`] after.
+    pub fn enqueue(&self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key).payload(value);
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| e.to_string())?;
+        drop(delivery);
+        Ok(())
+    }
+
+    /// Queues a record, waiting for queue space when the local queue is full.
+    pub fn enqueue_blocking(&self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+        loop {
+            let record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).key(key).payload(value);
+            match self.producer.send_result(record) {
+                Ok(_) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Waits for all queued records.
+    pub fn flush(&self, timeout: Duration) -> Result<(), String> {
+        self.producer.flush(timeout).map_err(|e| e.to_string())
+    }
+}
+
+/// An independent reader of whole topics (no consumer group: partitions are
+/// assigned from the beginning).
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    seen: HashMap<(String, i32), i64>,
+}
+
+impl TopicReader {
+    /// Reads `topics` from offset 0. `partitions` gives each topic's partition count.
+    pub fn new(brokers: &str, topics: &[(&str, i32)]) -> Result<Self, String> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "paysync-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(|e| format!("reader: {e}"))?;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partitions) in topics {
+            for p in 0..*partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
+        Ok(TopicReader {
+            consumer,
+            seen: HashMap::new(),
+        })
+    }
+
+    /// Reads until `want` new records arrived or `timeout` passed (blocking).
+    pub fn read(&mut self, want: usize, timeout: Duration) -> Vec<RawRecord> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < want && Instant::now() < deadline {
+            let Some(result) = self.consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let Ok(m) = result else { continue };
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.seen
+                .insert((m.topic().to_owned(), m.partition()), m.offset());
+            out.push(RawRecord {
+                topic: m.topic().to_owned(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        out
+    }
+}
+
+/// Committed offsets of `group` for `topic` partitions `0..partitions` (-1: none).
+pub fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<Vec<i64>, String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    Ok((0..partitions)
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            },
+        )
+        .collect())
+}
