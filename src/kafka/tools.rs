@@ -30,6 +30,13 @@ impl MockBroker {
         Ok(MockBroker { cluster })
     }
 
+    /// Creates a topic.
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), String> {
+        self.cluster
+            .create_topic(name, partitions, 1)
+            .map_err(|e| format!("mock topic {name}: {e}"))
+    }
+
     /// The bootstrap servers.
     pub fn bootstrap(&self) -> String {
         self.cluster.bootstrap_servers()

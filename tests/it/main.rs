@@ -2,4 +2,5 @@
 //! server, and the pipeline end to end against a Kafka-protocol broker.
 
 mod connector_http;
+mod e2e;
 mod support;
