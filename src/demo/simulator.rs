@@ -114,6 +114,26 @@ impl Default for SimOptions {
 struct Counters {
     token_requests: AtomicU64,
     status_requests: AtomicU64,
+    /// Get Transaction calls being served right now, and the most ever seen.
+    concurrent: AtomicU64,
+    max_concurrent: AtomicU64,
+}
+
+/// Counts a call as concurrent for as long as it lives.
+struct Concurrent<'a>(&'a Counters);
+
+impl<'a> Concurrent<'a> {
+    fn enter(c: &'a Counters) -> Self {
+        let now = c.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_concurrent.fetch_max(now, Ordering::SeqCst);
+        Concurrent(c)
+    }
+}
+
+impl Drop for Concurrent<'_> {
+    fn drop(&mut self) {
+        self.0.concurrent.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct SimState {
@@ -182,6 +202,11 @@ impl Simulator {
         self.state.counters.status_requests.load(Ordering::Relaxed)
     }
 
+    /// The most Get Transaction calls ever served at the same time.
+    pub fn max_concurrency(&self) -> u64 {
+        self.state.counters.max_concurrent.load(Ordering::SeqCst)
+    }
+
     /// Stops the server.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -240,6 +265,7 @@ async fn transaction(
         .counters
         .status_requests
         .fetch_add(1, Ordering::Relaxed);
+    let _concurrent = Concurrent::enter(&state.counters);
     let delay = state.options.latency.sample();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

@@ -28,6 +28,19 @@ use crate::pipeline::process::{Incoming, PipelineJob, Processor, Work};
 use crate::pipeline::scheduler::{Admission, Scheduler};
 use crate::telemetry::Metrics;
 
+/// How long the in-flight bound may be reached before partitions are paused.
+pub const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
+/// Parked messages in one partition before that partition is paused.
+pub const PARK_LIMIT: usize = 64;
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -295,6 +308,10 @@ pub struct Engine {
     settings: EngineSettings,
     scheduler: Scheduler<PipelineJob>,
     paused: BTreeSet<i32>,
+    /// Since when the in-flight bound has been reached without a break.
+    saturated_since: Option<tokio::time::Instant>,
+    /// Every assigned partition is paused because saturation lasted.
+    paused_all: bool,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     topic: Arc<str>,
@@ -321,6 +338,8 @@ impl Engine {
             metrics,
             settings,
             paused: BTreeSet::new(),
+            saturated_since: None,
+            paused_all: false,
             done_tx,
             done_rx,
         }
@@ -328,18 +347,32 @@ impl Engine {
 
     /// Consumes until `shutdown` is cancelled, then drains in-flight work within
     /// the drain timeout, commits and returns.
+    ///
+    /// Backpressure: at the in-flight bound the loop stops taking messages, which
+    /// wait in librdkafka's bounded prefetch queue; if saturation lasts longer than
+    /// [`PAUSE_AFTER`], every partition is paused and polling resumes, so rebalances
+    /// and liveness are served during long stalls. Pausing is not done at once
+    /// because librdkafka discards prefetched messages on pause: pausing on every
+    /// saturation would turn each completion into a refetch.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut commit_tick = tokio::time::interval(self.settings.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let consumer = self.consumer.clone();
         loop {
             self.apply_notes();
+            let saturated = self.scheduler.saturated();
+            let take_messages = !saturated || self.paused_all;
+            let pause_at = self.saturated_since.map(|t| t + PAUSE_AFTER);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(done) = self.done_rx.recv() => self.on_done(done),
                 _ = commit_tick.tick() => self.commit(CommitMode::Async),
-                message = consumer.recv() => match message {
+                () = sleep_until(pause_at), if saturated && !self.paused_all => {
+                    tracing::info!(in_flight = self.scheduler.in_flight(), "saturated; pausing consumption");
+                    self.paused_all = true;
+                }
+                message = consumer.recv(), if take_messages => match message {
                     Ok(m) => {
                         let incoming = incoming(&m, &self.topic);
                         drop(m);
@@ -349,10 +382,24 @@ impl Engine {
                     Err(e) => tracing::warn!(error = %e, "consume error"),
                 },
             }
+            self.track_saturation();
             self.apply_pauses();
             self.metrics.set_in_flight(self.scheduler.in_flight());
         }
         self.drain().await;
+    }
+
+    fn track_saturation(&mut self) {
+        if self.scheduler.saturated() {
+            self.saturated_since
+                .get_or_insert_with(tokio::time::Instant::now);
+        } else {
+            self.saturated_since = None;
+            if self.paused_all {
+                tracing::info!("capacity available; resuming consumption");
+                self.paused_all = false;
+            }
+        }
     }
 
     fn apply_notes(&mut self) {
@@ -379,8 +426,13 @@ impl Engine {
                         }
                     }
                 }
-                // A new assignment starts unpaused; re-apply what the scheduler needs.
+                // librdkafka may keep a partition's paused state across a rebalance:
+                // start every assigned partition resumed, then re-apply what the
+                // scheduler needs.
                 Note::Assigned(partitions) => {
+                    if !partitions.is_empty() {
+                        self.set_paused(&partitions, false);
+                    }
                     for p in partitions {
                         self.paused.remove(&p);
                     }
@@ -484,9 +536,30 @@ impl Engine {
     }
 
     fn apply_pauses(&mut self) {
+        // Nothing is or should be paused: skip the bookkeeping on the hot path.
+        if !self.paused_all && self.paused.is_empty() && self.scheduler.parked() < PARK_LIMIT {
+            return;
+        }
         let assigned = self.assigned();
-        let want: BTreeSet<i32> = self.scheduler.paused(&assigned).into_iter().collect();
-        let to_pause: Vec<i32> = want.difference(&self.paused).copied().collect();
+        let want: BTreeSet<i32> = if self.paused_all {
+            assigned.iter().copied().collect()
+        } else {
+            // Pause a partition once its parked queue reaches the limit, and keep it
+            // paused until the queue is empty (hysteresis).
+            let mut w: BTreeSet<i32> = self.scheduler.overflowing(PARK_LIMIT).into_iter().collect();
+            w.extend(
+                self.paused
+                    .iter()
+                    .copied()
+                    .filter(|p| self.scheduler.parked_in(*p) > 0),
+            );
+            w
+        };
+        let to_pause: Vec<i32> = want
+            .difference(&self.paused)
+            .copied()
+            .filter(|p| assigned.contains(p))
+            .collect();
         let to_resume: Vec<i32> = self
             .paused
             .difference(&want)

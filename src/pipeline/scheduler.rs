@@ -2,10 +2,11 @@
 //! `max_in_flight` requests are accepted and unfinished, and when its key (the
 //! transaction id) has fewer than `max_per_key` requests waiting or running;
 //! requests with the same key run one at a time in arrival order. A request that
-//! cannot be admitted is *parked* at the head of its partition, and that partition
-//! is paused until the request gets in, so order within a partition is kept and
-//! memory stays bounded. One hot key therefore holds back at most its own
-//! partition, never the others.
+//! cannot be admitted is *parked* at the head of its partition and later messages
+//! of that partition park behind it, so order within a partition is kept; the
+//! engine pauses a partition whose parked queue grows past a limit, so memory stays
+//! bounded. One hot key therefore holds back at most its own partition, never the
+//! others.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -163,16 +164,22 @@ impl<J: Job> Scheduler<J> {
         }
     }
 
-    /// Partitions that must be paused: all of `assigned` at the in-flight bound,
-    /// otherwise those with parked jobs.
-    pub fn paused(&self, assigned: &[i32]) -> Vec<i32> {
-        if self.in_flight >= self.max_in_flight {
-            return assigned.to_vec();
-        }
-        assigned
+    /// True at the in-flight bound: no job can be admitted now.
+    pub fn saturated(&self) -> bool {
+        self.in_flight >= self.max_in_flight
+    }
+
+    /// Jobs parked for one partition.
+    pub fn parked_in(&self, partition: i32) -> usize {
+        self.parked.get(&partition).map_or(0, VecDeque::len)
+    }
+
+    /// Partitions with at least `limit` parked jobs.
+    pub fn overflowing(&self, limit: usize) -> Vec<i32> {
+        self.parked
             .iter()
-            .copied()
-            .filter(|p| self.parked.contains_key(p))
+            .filter(|(_, q)| q.len() >= limit)
+            .map(|(p, _)| *p)
             .collect()
     }
 
@@ -241,14 +248,16 @@ mod tests {
         let mut s = Scheduler::new(2, 10);
         assert!(matches!(s.offer(J(0, Some("a"), 1)), Admission::Start(_)));
         assert!(matches!(s.offer(J(1, Some("b"), 1)), Admission::Start(_)));
+        assert!(s.saturated());
         assert_eq!(s.offer(J(0, Some("c"), 2)), Admission::Parked);
-        assert_eq!(s.paused(&[0, 1, 2]), vec![0, 1, 2]);
+        assert_eq!(s.parked_in(0), 1);
         assert_eq!(s.in_flight(), 2, "the bound is never exceeded");
         assert_eq!(s.complete(Some("a")), vec![J(0, Some("c"), 2)]);
         assert_eq!(s.in_flight(), 2);
-        assert_eq!(s.paused(&[0, 1, 2]), vec![0, 1, 2]);
+        assert!(s.saturated());
         s.complete(Some("b"));
-        assert_eq!(s.paused(&[0, 1, 2]), Vec::<i32>::new());
+        assert!(!s.saturated());
+        assert_eq!(s.parked(), 0);
     }
 
     #[test]
@@ -263,11 +272,12 @@ mod tests {
         // Other partitions are not held back.
         assert!(matches!(s.offer(J(1, Some("x"), 0)), Admission::Start(_)));
         assert!(matches!(s.offer(J(2, Some("y"), 0)), Admission::Start(_)));
-        assert_eq!(s.paused(&[0, 1, 2]), vec![0]);
+        assert_eq!(s.overflowing(1), vec![0]);
+        assert_eq!(s.overflowing(3), Vec::<i32>::new());
         // The hot key drains one: its parked job gets in, then the cold one starts.
         let started = s.complete(Some("hot"));
         assert_eq!(started, vec![J(0, Some("hot"), 1), J(0, Some("cold"), 4)]);
-        assert_eq!(s.paused(&[0, 1, 2]), Vec::<i32>::new());
+        assert_eq!(s.parked_in(0), 0);
     }
 
     #[test]

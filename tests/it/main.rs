@@ -3,4 +3,5 @@
 
 mod connector_http;
 mod e2e;
+mod engine;
 mod support;

@@ -106,6 +106,15 @@ impl Broker {
         }
     }
 
+    /// Always librdkafka's in-process mock cluster (fault tests).
+    pub fn mock() -> Broker {
+        let mock = MockBroker::start(&[]).unwrap();
+        Broker {
+            bootstrap: mock.bootstrap(),
+            mock: Some(mock),
+        }
+    }
+
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
     }
