@@ -26,6 +26,7 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // Bounded prefetch: memory stays flat whatever the backlog.
     ("queued.max.messages.kbytes", "16384"),
     ("queued.min.messages", "10000"),
+    ("fetch.wait.max.ms", "10"),
     ("partition.assignment.strategy", "range,roundrobin"),
 ];
 

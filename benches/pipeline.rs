@@ -1,0 +1,990 @@
+//! The paysync benchmark: throughput, latency, memory and CPU of the real `paysync`
+//! binary against a real Kafka-protocol broker (tansu) and the CM.com simulator,
+//! compared with the limit (the simulator's own capacity, the broker's
+//! produce-plus-consume capacity) and with a naive sequential consumer.
+//!
+//! `cargo bench --bench pipeline -- [--quick] [--only NAME,NAME] [--out DIR]`
+//! (normally through `bench/run.sh`, which also draws the charts). Writes
+//! `results.json` and `results.md` to `bench/results/` unless `--out` says otherwise.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use paysync::demo::simulator::{Latency, SimOptions, Simulator, SIM_CLIENT_ID, SIM_CLIENT_SECRET};
+use paysync::kafka::admin::create_topics;
+use paysync::kafka::tools::RawProducer;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, Serialize)]
+enum Keys {
+    /// Every request a different payment.
+    Uniform,
+    /// Payment ids drawn from a Zipf distribution over 10,000 ids (s = 1.1).
+    Zipf,
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    name: &'static str,
+    what: &'static str,
+    n: usize,
+    latency: Latency,
+    latency_text: &'static str,
+    error_rate: f64,
+    keys: Keys,
+    max_in_flight: usize,
+    /// Also measure latency with a paced load at half the throughput.
+    paced: bool,
+    /// Compare with the naive sequential consumer.
+    baseline: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct ScenarioResult {
+    name: String,
+    what: String,
+    n: usize,
+    max_in_flight: usize,
+    latency: String,
+    error_rate: f64,
+    keys: String,
+    throughput_rps: f64,
+    little_limit_rps: Option<f64>,
+    sim_capacity_rps: f64,
+    broker_capacity_rps: f64,
+    ratio_to_limit: f64,
+    baseline_rps: Option<f64>,
+    ratio_to_baseline: Option<f64>,
+    paced_rate_rps: Option<f64>,
+    e2e_ms: Option<Percentiles>,
+    overhead_ms: Option<Percentiles>,
+    peak_rss_mb: f64,
+    cpu_s_per_1k: f64,
+    wall_s: f64,
+}
+
+#[derive(Debug, Default, Serialize, Clone, Copy)]
+struct Percentiles {
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Percentiles {
+        p50: at(0.5),
+        p95: at(0.95),
+        p99: at(0.99),
+        max: *v.last().unwrap_or(&0.0),
+    }
+}
+
+// ---- broker -------------------------------------------------------------------------
+
+struct Broker {
+    child: Option<Child>,
+    bootstrap: String,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        if let Ok(b) = std::env::var("PAYSYNC_BENCH_BROKERS") {
+            return Broker {
+                child: None,
+                bootstrap: b,
+            };
+        }
+        let port = free_addr().port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is on PATH (bench/run.sh installs it)");
+        let bootstrap = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&bootstrap).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Broker {
+            child: Some(child),
+            bootstrap,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+// ---- load -------------------------------------------------------------------------
+
+struct Ids {
+    keys: Keys,
+    cdf: Vec<f64>,
+    rng: fastrand::Rng,
+    next: usize,
+}
+
+impl Ids {
+    fn new(keys: Keys) -> Ids {
+        let k = 10_000;
+        let s = 1.1;
+        let weights: Vec<f64> = (1..=k).map(|i| 1.0 / (i as f64).powf(s)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let cdf = weights.iter().map(|w| {
+            acc += w / total;
+            acc
+        });
+        Ids {
+            keys,
+            cdf: cdf.collect(),
+            rng: fastrand::Rng::with_seed(42),
+            next: 0,
+        }
+    }
+
+    fn next(&mut self) -> String {
+        match self.keys {
+            Keys::Uniform => {
+                self.next += 1;
+                format!("success-u{}", self.next)
+            }
+            Keys::Zipf => {
+                let x = self.rng.f64();
+                let i = self.cdf.partition_point(|c| *c < x);
+                format!("success-z{i}")
+            }
+        }
+    }
+}
+
+fn request_value(id: &str) -> String {
+    format!(r#"{{"connector_transaction_id":"{id}","payment_method_type":"GOOGLE_PAY"}}"#)
+}
+
+/// Loads a backlog of `n` requests.
+fn load_backlog(brokers: &str, topic: &str, n: usize, keys: Keys) {
+    let producer = RawProducer::new(brokers).unwrap();
+    let mut ids = Ids::new(keys);
+    for _ in 0..n {
+        let id = ids.next();
+        producer
+            .enqueue_blocking(topic, id.as_bytes(), request_value(&id).as_bytes())
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(300)).unwrap();
+}
+
+// ---- paysync process ----------------------------------------------------------------
+
+struct Paysync {
+    child: Child,
+    http: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+struct Topics {
+    input: String,
+    output: String,
+    dlq: String,
+    group: String,
+}
+
+fn topics(name: &str) -> Topics {
+    let tag = format!("bench-{name}-{}", fastrand::u32(..));
+    Topics {
+        input: format!("{tag}.requests"),
+        output: format!("{tag}.events"),
+        dlq: format!("{tag}.dlq"),
+        group: format!("{tag}.group"),
+    }
+}
+
+const PARTITIONS: i32 = 8;
+
+fn config(
+    brokers: &str,
+    t: &Topics,
+    base_url: &str,
+    http: SocketAddr,
+    max_in_flight: usize,
+) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+input_topic = "{input}"
+output_topic = "{output}"
+dead_letter_topic = "{dlq}"
+[kafka.consumer]
+"session.timeout.ms" = "6000"
+[http]
+listen = "{http}"
+[log]
+level = "warn"
+format = "json"
+[processing]
+max_in_flight = {max_in_flight}
+max_queued_per_key = 64
+[connectors.cm]
+base_url = "{base_url}"
+request_timeout = "5s"
+[connectors.cm.retry]
+initial_backoff = "50ms"
+max_backoff = "1s"
+[connectors.cm.accounts.default]
+client_id = "{SIM_CLIENT_ID}"
+client_secret = "{SIM_CLIENT_SECRET}"
+"#,
+        group = t.group,
+        input = t.input,
+        output = t.output,
+        dlq = t.dlq,
+    )
+}
+
+impl Paysync {
+    fn spawn(brokers: &str, t: &Topics, base_url: &str, max_in_flight: usize) -> Paysync {
+        let dir = tempfile::tempdir().unwrap();
+        let http = free_addr();
+        let path = dir.path().join("paysync.toml");
+        std::fs::write(&path, config(brokers, t, base_url, http, max_in_flight)).unwrap();
+        let log = std::fs::File::create(dir.path().join("paysync.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_paysync"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Paysync {
+            child,
+            http,
+            _dir: dir,
+        }
+    }
+
+    /// (peak RSS in MiB, CPU seconds) from /proc.
+    fn usage(&self) -> (f64, f64) {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm_kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map(|(_, r)| r.split(' ').collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 (1-based); after the comm field they are 11 and 12 (0-based).
+        let hz = 100.0;
+        (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / hz)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the output topic until `n` records arrived; returns (receive instant,
+/// record timestamp in ms, key) in arrival order.
+fn read_n(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<(Instant, i64, Vec<u8>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            out.push((
+                Instant::now(),
+                m.timestamp().to_millis().unwrap_or(0),
+                m.key().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+// ---- limits and baseline ---------------------------------------------------------------
+
+/// The simulator's capacity at `concurrency` with a plain HTTP load loop.
+async fn sim_capacity(base_url: &str, concurrency: usize, duration: Duration) -> f64 {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let token: serde_json::Value = client
+        .post(format!("{base_url}/api/v1/authorization/oauth2/token"))
+        .form(&[
+            ("client_id", SIM_CLIENT_ID),
+            ("client_secret", SIM_CLIENT_SECRET),
+            ("grant_type", "client_credentials"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let client = client.clone();
+        let bearer = bearer.clone();
+        let base = base_url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let url = format!(
+                    "{base}/api/v1/paymentmethods/google-pay/v1/transactions/success-cap-{w}-{n}"
+                );
+                if let Ok(r) = client
+                    .get(url)
+                    .header("authorization", &bearer)
+                    .send()
+                    .await
+                {
+                    let _ = r.bytes().await;
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The broker's produce-plus-consume capacity for these record sizes: produce
+/// `m` event-sized records (idempotent, acks=all, like paysync) and consume `m`
+/// request-sized records; both loads together, per request.
+async fn broker_capacity(brokers: &str, m: usize) -> f64 {
+    let t = topics("cap");
+    create_topics(brokers, &[(&t.input, PARTITIONS), (&t.output, PARTITIONS)])
+        .await
+        .unwrap();
+    let request = request_value("success-cap-000000");
+    let event = vec![b'e'; 640];
+    let b = brokers.to_owned();
+    let input = t.input.clone();
+    tokio::task::spawn_blocking(move || load_backlog(&b, &input, m, Keys::Uniform))
+        .await
+        .unwrap();
+    let _ = request;
+    let b = brokers.to_owned();
+    let input = t.input.clone();
+    let started = Instant::now();
+    let consume =
+        tokio::task::spawn_blocking(move || read_n(&b, &input, m, Duration::from_secs(300)).len());
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    use futures::StreamExt;
+    for i in 0..m {
+        let key = format!("k{i}");
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&t.output)
+            .key(key.as_bytes())
+            .payload(&event[..]);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((_, back)) => {
+                    record = back;
+                    pending.next().await;
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            pending.next().await;
+        }
+    }
+    while pending.next().await.is_some() {}
+    let consumed = consume.await.unwrap();
+    assert_eq!(consumed, m);
+    m as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A naive sequential consumer doing the same work: consume one request, call the
+/// connector, publish the event, wait for the acknowledgement, commit, repeat.
+async fn baseline(
+    brokers: &str,
+    base_url: &str,
+    s: &Scenario,
+    limit: usize,
+    budget: Duration,
+) -> f64 {
+    let t = topics("base");
+    create_topics(
+        brokers,
+        &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
+    )
+    .await
+    .unwrap();
+    let b = brokers.to_owned();
+    let input = t.input.clone();
+    let keys = s.keys;
+    tokio::task::spawn_blocking(move || load_backlog(&b, &input, limit, keys))
+        .await
+        .unwrap();
+    let settings = paysync::config::Settings::from_toml(&config(
+        brokers,
+        &t,
+        base_url,
+        free_addr(),
+        s.max_in_flight,
+    ))
+    .unwrap();
+    let metrics = Arc::new(paysync::telemetry::Metrics::new());
+    let processor = paysync::pipeline::process::Processor::new(
+        paysync::app::connectors(&settings, &metrics).unwrap(),
+        paysync::codec::DecodeOptions::default(),
+        paysync::codec::EventEncoder::new(paysync::codec::WireFormat::SingleObject),
+        settings.secret_fields(),
+        metrics,
+    );
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &t.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&t.input]).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let topic: Arc<str> = Arc::from(t.input.as_str());
+    let ledger = paysync::pipeline::ledger::Ledger::new();
+    let mut done = 0usize;
+    let mut started: Option<Instant> = None;
+    while done < limit && started.is_none_or(|s| s.elapsed() < budget) {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        started.get_or_insert_with(Instant::now);
+        let incoming = paysync::pipeline::process::Incoming {
+            topic: topic.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: Vec::new(),
+            received: Instant::now(),
+        };
+        let epoch = ledger.epoch(m.partition());
+        let job = processor.prepare(incoming, epoch);
+        let out = processor.run(&job).await;
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&t.output);
+        if let Some(k) = &out.key {
+            record = record.key(k);
+        }
+        if let Some(v) = &out.value {
+            record = record.payload(v);
+        }
+        producer.send(record, Timeout::Never).await.unwrap();
+        consumer.commit_message(&m, CommitMode::Sync).unwrap();
+        done += 1;
+    }
+    done as f64 / started.map_or(1.0, |s| s.elapsed().as_secs_f64())
+}
+
+// ---- one scenario -----------------------------------------------------------------
+
+async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
+    eprintln!("== {} ({})", s.name, s.what);
+    let brokers = broker.bootstrap.as_str();
+    let sim = Simulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimOptions {
+            latency: s.latency,
+            error_rate: s.error_rate,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let base_url = sim.base_url();
+
+    // Throughput with a backlog.
+    let t = topics(s.name);
+    create_topics(
+        brokers,
+        &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
+    )
+    .await
+    .unwrap();
+    let (b, input, n, keys) = (brokers.to_owned(), t.input.clone(), s.n, s.keys);
+    tokio::task::spawn_blocking(move || load_backlog(&b, &input, n, keys))
+        .await
+        .unwrap();
+    let wall = Instant::now();
+    let paysync = Paysync::spawn(brokers, &t, &base_url, s.max_in_flight);
+    // PAYSYNC_BENCH_PROFILE=DIR samples paysync's stacks during the backlog run.
+    let profiler = std::env::var("PAYSYNC_BENCH_PROFILE").ok().map(|dir| {
+        Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "499",
+                "-g",
+                "-p",
+                &paysync.child.id().to_string(),
+                "-o",
+            ])
+            .arg(PathBuf::from(dir).join(format!("{}.perf.data", s.name)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf is installed")
+    });
+    let (b, output) = (brokers.to_owned(), t.output.clone());
+    let received =
+        tokio::task::spawn_blocking(move || read_n(&b, &output, n, Duration::from_secs(1800)))
+            .await
+            .unwrap();
+    assert_eq!(
+        received.len(),
+        s.n,
+        "{}: every request produced an event",
+        s.name
+    );
+    let (rss, cpu) = paysync.usage();
+    if let Some(p) = profiler {
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(p.id().to_string())
+            .status();
+        let _ = p.wait_with_output();
+    }
+    paysync.stop();
+    // From the first to the last publish, by the events' own timestamps (the
+    // reader may lag, so its receive times are not the clock to use).
+    let first = received.iter().map(|r| r.1).min().unwrap();
+    let last = received.iter().map(|r| r.1).max().unwrap();
+    let throughput = (s.n - 1) as f64 / ((last - first) as f64 / 1000.0).max(1e-3);
+    let wall_s = wall.elapsed().as_secs_f64();
+    eprintln!("   throughput {throughput:.0}/s, peak RSS {rss:.1} MiB, CPU {cpu:.2}s");
+
+    // Latency with a paced load at half that throughput.
+    let (mut e2e, mut overhead, mut paced_rate) = (None, None, None);
+    if s.paced {
+        let rate = throughput / 2.0;
+        let count = ((rate * 5.0) as usize).clamp(200, 20_000);
+        let t = topics(&format!("{}-paced", s.name));
+        create_topics(
+            brokers,
+            &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
+        )
+        .await
+        .unwrap();
+        let paysync = Paysync::spawn(brokers, &t, &base_url, s.max_in_flight);
+        // Wait until it consumes: send a warm-up request and wait for its event.
+        let producer = RawProducer::new(brokers).unwrap();
+        producer
+            .send(
+                &t.input,
+                None,
+                Some(b"warm"),
+                Some(request_value("success-warm").as_bytes()),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (b, output) = (brokers.to_owned(), t.output.clone());
+        let reader =
+            std::thread::spawn(move || read_n(&b, &output, count + 1, Duration::from_secs(600)));
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let mut sent: HashMap<Vec<u8>, Instant> = HashMap::with_capacity(count);
+        let mut ids = Ids::new(Keys::Uniform);
+        let start = Instant::now();
+        for i in 0..count {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let id = format!("{}-p{i}", ids.next());
+            sent.insert(id.clone().into_bytes(), Instant::now());
+            producer
+                .enqueue(&t.input, id.as_bytes(), request_value(&id).as_bytes())
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(60)).unwrap();
+        let got = reader.join().unwrap();
+        if let Ok(text) = reqwest::get(format!("http://{}/metrics", paysync.http)).await {
+            if let Ok(text) = text.text().await {
+                let sum = paysync::telemetry::sum_metric(
+                    &text,
+                    "paysync_processing_duration_seconds_sum",
+                    &[],
+                );
+                let count = paysync::telemetry::sum_metric(
+                    &text,
+                    "paysync_processing_duration_seconds_count",
+                    &[],
+                );
+                eprintln!(
+                    "   paysync consume-to-ack mean {:.1} ms over {count} requests",
+                    sum / count.max(1.0) * 1000.0
+                );
+            }
+        }
+        paysync.stop();
+        let connector_ms = match s.latency {
+            Latency::Fixed(d) => d.as_secs_f64() * 1000.0,
+            _ => 0.0,
+        };
+        let lat: Vec<f64> = got
+            .iter()
+            .filter_map(|(at, _, key)| sent.get(key).map(|s| (*at - *s).as_secs_f64() * 1000.0))
+            .collect();
+        if !lat.is_empty() {
+            overhead = Some(percentiles(
+                lat.iter().map(|l| (l - connector_ms).max(0.0)).collect(),
+            ));
+            e2e = Some(percentiles(lat));
+            paced_rate = Some(rate);
+        }
+    }
+
+    let sim_cap = sim_capacity(&base_url, s.max_in_flight.min(1000), Duration::from_secs(3)).await;
+    let broker_cap = broker_capacity(brokers, 50_000.min(s.n.max(20_000))).await;
+    let limit = sim_cap.min(broker_cap);
+    let base = if s.baseline {
+        let per_call = match s.latency {
+            Latency::Fixed(d) if !d.is_zero() => d.as_secs_f64(),
+            Latency::LongTail { base, .. } => base.as_secs_f64(),
+            _ => 0.0005,
+        };
+        let count = ((5.0 / per_call) as usize).clamp(50, 5000);
+        Some(baseline(brokers, &base_url, s, count, Duration::from_secs(10)).await)
+    } else {
+        None
+    };
+    let little = match s.latency {
+        Latency::Fixed(d) if !d.is_zero() => Some(s.max_in_flight as f64 / d.as_secs_f64()),
+        _ => None,
+    };
+    sim.stop().await;
+    ScenarioResult {
+        name: s.name.to_owned(),
+        what: s.what.to_owned(),
+        n: s.n,
+        max_in_flight: s.max_in_flight,
+        latency: s.latency_text.to_owned(),
+        error_rate: s.error_rate,
+        keys: format!("{:?}", s.keys),
+        throughput_rps: throughput,
+        little_limit_rps: little,
+        sim_capacity_rps: sim_cap,
+        broker_capacity_rps: broker_cap,
+        ratio_to_limit: throughput / limit,
+        baseline_rps: base,
+        ratio_to_baseline: base.map(|b| throughput / b),
+        paced_rate_rps: paced_rate,
+        e2e_ms: e2e,
+        overhead_ms: overhead,
+        peak_rss_mb: rss,
+        cpu_s_per_1k: cpu / s.n as f64 * 1000.0,
+        wall_s,
+    }
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let scale = |n: usize| if quick { n / 10 } else { n };
+    let ms = Duration::from_millis;
+    let mut v = vec![
+        Scenario {
+            name: "cpu-0ms",
+            what: "0 ms connector: CPU bound",
+            n: scale(50_000),
+            latency: Latency::None,
+            latency_text: "0 ms",
+            error_rate: 0.0,
+            keys: Keys::Uniform,
+            max_in_flight: 256,
+            paced: true,
+            baseline: true,
+        },
+        Scenario {
+            name: "latency-50ms",
+            what: "50 ms connector, max_in_flight 1000",
+            n: scale(100_000),
+            latency: Latency::Fixed(ms(50)),
+            latency_text: "50 ms fixed",
+            error_rate: 0.0,
+            keys: Keys::Uniform,
+            max_in_flight: 1000,
+            paced: true,
+            baseline: true,
+        },
+        Scenario {
+            name: "tail-200ms-zipf",
+            what: "200 ms with a long tail (1% at 2 s), Zipf keys",
+            n: scale(50_000),
+            latency: Latency::LongTail {
+                base: ms(200),
+                tail: ms(2000),
+                tail_ratio: 0.01,
+            },
+            latency_text: "200 ms, 1% 2 s",
+            error_rate: 0.0,
+            keys: Keys::Zipf,
+            max_in_flight: 1000,
+            paced: false,
+            baseline: false,
+        },
+        Scenario {
+            name: "errors-5pct",
+            what: "50 ms connector, 5% 503 answers (retried)",
+            n: scale(50_000),
+            latency: Latency::Fixed(ms(50)),
+            latency_text: "50 ms fixed",
+            error_rate: 0.05,
+            keys: Keys::Uniform,
+            max_in_flight: 1000,
+            paced: false,
+            baseline: false,
+        },
+    ];
+    for (n, name) in [
+        (10_000, "growth-10k"),
+        (100_000, "growth-100k"),
+        (1_000_000, "growth-1m"),
+    ] {
+        v.push(Scenario {
+            name,
+            what: "0 ms connector, max_in_flight 1000: memory and CPU growth",
+            n: scale(n),
+            latency: Latency::None,
+            latency_text: "0 ms",
+            error_rate: 0.0,
+            keys: Keys::Uniform,
+            max_in_flight: 1000,
+            paced: false,
+            baseline: false,
+        });
+    }
+    for m in [50, 100, 250, 500, 1000, 2000] {
+        v.push(Scenario {
+            name: Box::leak(format!("sweep-{m}").into_boxed_str()),
+            what: "50 ms connector: throughput against max_in_flight",
+            n: scale((m * 20 * 4).max(5_000)),
+            latency: Latency::Fixed(ms(50)),
+            latency_text: "50 ms fixed",
+            error_rate: 0.0,
+            keys: Keys::Uniform,
+            max_in_flight: m,
+            paced: false,
+            baseline: false,
+        });
+    }
+    v
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+        / 1024.0;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem:.0} GiB RAM, Linux {}; broker tansu 0.6.0 (in memory), simulator and paysync on the same machine", kernel.trim())
+}
+
+fn markdown(machine: &str, results: &[ScenarioResult]) -> String {
+    let mut md = String::new();
+    md.push_str("# paysync benchmark results\n\n");
+    md.push_str(&format!("Machine: {machine}.\n\n"));
+    md.push_str("| scenario | n | max_in_flight | connector | throughput (req/s) | limit (req/s) | ratio to limit | Little's law | baseline (req/s) | ratio to baseline | peak RSS (MiB) | CPU s / 1k req |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let limit = r.sim_capacity_rps.min(r.broker_capacity_rps);
+        md.push_str(&format!(
+            "| {} | {} | {} | {}{} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {:.1} | {:.3} |\n",
+            r.name,
+            r.n,
+            r.max_in_flight,
+            r.latency,
+            if r.error_rate > 0.0 {
+                format!(", {:.0}% errors", r.error_rate * 100.0)
+            } else {
+                String::new()
+            },
+            r.throughput_rps,
+            limit,
+            r.ratio_to_limit,
+            r.little_limit_rps.map_or("".into(), |l| format!(
+                "{:.0} ({:.0}%)",
+                l,
+                r.throughput_rps / l * 100.0
+            )),
+            r.baseline_rps.map_or("".into(), |b| format!("{b:.1}")),
+            r.ratio_to_baseline
+                .map_or("".into(), |x| format!("{x:.0}×")),
+            r.peak_rss_mb,
+            r.cpu_s_per_1k,
+        ));
+    }
+    md.push_str("\nLatency with a paced load at half the measured throughput (end to end: produced request to consumed event; overhead: end to end minus the connector's fixed latency):\n\n");
+    md.push_str("| scenario | paced rate (req/s) | e2e p50 | p95 | p99 | max | overhead p50 | p99 |\n|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        if let (Some(e), Some(o), Some(rate)) = (r.e2e_ms, r.overhead_ms, r.paced_rate_rps) {
+            md.push_str(&format!(
+                "| {} | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+                r.name, rate, e.p50, e.p95, e.p99, e.max, o.p50, o.p99
+            ));
+        }
+    }
+    md.push_str("\nLimit: the lower of the simulator's own capacity at the same concurrency (a plain HTTP load loop) and the broker's produce-plus-consume capacity for the same record sizes. Baseline: a sequential consumer doing the same work one request at a time with a synchronous commit after each.\n");
+    md
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    let out: PathBuf = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results")));
+    if args.iter().any(|a| a == "--list") {
+        for s in scenarios(quick) {
+            println!("{}: {}", s.name, s.what);
+        }
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker = Broker::start();
+    let machine = machine();
+    let mut results = Vec::new();
+    for s in scenarios(quick) {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == s.name))
+        {
+            continue;
+        }
+        results.push(rt.block_on(run(&broker, &s)));
+    }
+    std::fs::create_dir_all(&out).unwrap();
+    let json = serde_json::json!({"machine": machine, "quick": quick, "results": results});
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    let md = markdown(&machine, &results);
+    std::fs::write(out.join("results.md"), &md).unwrap();
+    let _ = std::io::stdout().write_all(md.as_bytes());
+}
