@@ -92,7 +92,7 @@ pub fn connectors(
             .ok_or_else(|| StartupError(format!("unknown connector `{name}`")))?;
         let client = ConnectorClient::new(connector, cs.clone(), metrics.clone(), system_clock())
             .map_err(|e| StartupError(format!("connector `{name}`: {e}")))?;
-        let policy = RetryPolicy::new(cs.retry.clone());
+        let policy = RetryPolicy::new(client.name(), cs.retry.clone(), &cs.circuit);
         out.insert(name.clone(), Arc::new(ConnectorRuntime { client, policy }));
     }
     Ok(out)

@@ -232,7 +232,50 @@ struct RawConnector {
     #[serde(default)]
     retry: RawRetry,
     #[serde(default)]
+    circuit: RawCircuit,
+    #[serde(default)]
+    rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
     accounts: BTreeMap<String, RawAccount>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawCircuit {
+    #[serde(default = "d_failure_threshold")]
+    failure_threshold: i64,
+    #[serde(default = "d_cooldown", deserialize_with = "lenient_string")]
+    cooldown: String,
+    #[serde(default = "d_max_cooldown", deserialize_with = "lenient_string")]
+    max_cooldown: String,
+}
+
+impl Default for RawCircuit {
+    fn default() -> Self {
+        RawCircuit {
+            failure_threshold: d_failure_threshold(),
+            cooldown: d_cooldown(),
+            max_cooldown: d_max_cooldown(),
+        }
+    }
+}
+
+fn d_failure_threshold() -> i64 {
+    5
+}
+fn d_cooldown() -> String {
+    "5s".into()
+}
+fn d_max_cooldown() -> String {
+    "60s".into()
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    requests_per_second: i64,
+    #[serde(default)]
+    burst: Option<i64>,
 }
 
 fn opt_lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -301,6 +344,8 @@ struct RawAccount {
     #[serde(deserialize_with = "lenient_string")]
     client_id: String,
     client_secret: SecretSource,
+    #[serde(default)]
+    requests_per_second: Option<i64>,
 }
 
 /// The built-in defaults, as TOML (also the reference shown in the README).
@@ -517,6 +562,28 @@ pub struct RetrySettings {
     pub max_retry_after: Duration,
 }
 
+/// Circuit-breaker settings of one connector.
+#[derive(Debug, Clone, Serialize)]
+pub struct CircuitSettings {
+    /// Consecutive retryable failures that open the circuit (at most `retry.max_attempts`).
+    pub failure_threshold: u32,
+    /// Wait before the first probe.
+    #[serde(serialize_with = "ser_duration")]
+    pub cooldown: Duration,
+    /// Longest wait between probes.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_cooldown: Duration,
+}
+
+/// A token-bucket rate limit.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RateLimit {
+    /// Sustained calls per second.
+    pub requests_per_second: u32,
+    /// Calls allowed at once after a quiet period.
+    pub burst: u32,
+}
+
 /// Credentials of one merchant account.
 #[derive(Clone, Serialize)]
 pub struct Account {
@@ -525,6 +592,8 @@ pub struct Account {
     /// OAuth2 client secret.
     #[serde(serialize_with = "ser_secret")]
     pub client_secret: SecretString,
+    /// Optional rate limit for this account's calls (in addition to the connector's).
+    pub requests_per_second: Option<u32>,
 }
 
 impl fmt::Debug for Account {
@@ -542,6 +611,7 @@ impl Account {
         Account {
             client_id: client_id.into(),
             client_secret: SecretString::from(client_secret.to_owned()),
+            requests_per_second: None,
         }
     }
 
@@ -569,6 +639,10 @@ pub struct ConnectorSettings {
     pub max_response_bytes: usize,
     /// Retry policy.
     pub retry: RetrySettings,
+    /// Circuit breaker.
+    pub circuit: CircuitSettings,
+    /// Client-side rate limit for the whole connector.
+    pub rate_limit: Option<RateLimit>,
     /// Merchant accounts by `merchant_id`.
     pub accounts: BTreeMap<String, Account>,
 }
@@ -882,6 +956,13 @@ impl RawSettings {
                     Account {
                         client_id: non_empty(&akey("client_id"), &a.client_id)?,
                         client_secret: a.client_secret.resolve(&akey("client_secret"))?,
+                        requests_per_second: a
+                            .requests_per_second
+                            .map(|r| {
+                                bounded(&akey("requests_per_second"), r, 1, 1_000_000)
+                                    .map(|r| r as u32)
+                            })
+                            .transpose()?,
                     },
                 );
             }
@@ -893,9 +974,51 @@ impl RawSettings {
                 max_elapsed: duration(&key("retry.max_elapsed"), &r.max_elapsed)?,
                 max_retry_after: duration(&key("retry.max_retry_after"), &r.max_retry_after)?,
             };
+            let circuit = CircuitSettings {
+                failure_threshold: bounded(
+                    &key("circuit.failure_threshold"),
+                    c.circuit.failure_threshold,
+                    1,
+                    1000,
+                )? as u32,
+                cooldown: duration(&key("circuit.cooldown"), &c.circuit.cooldown)?,
+                max_cooldown: duration(&key("circuit.max_cooldown"), &c.circuit.max_cooldown)?,
+            };
+            if circuit.failure_threshold > retry.max_attempts {
+                return Err(ConfigError::new(
+                    key("circuit.failure_threshold"),
+                    format!(
+                        "must be at most retry.max_attempts ({}): otherwise a lone request could exhaust its retries during an outage before the circuit opens, and publish an error event",
+                        retry.max_attempts
+                    ),
+                ));
+            }
+            let rate_limit = match c.rate_limit {
+                None => None,
+                Some(r) => {
+                    let rps = bounded(
+                        &key("rate_limit.requests_per_second"),
+                        r.requests_per_second,
+                        1,
+                        1_000_000,
+                    )? as u32;
+                    let burst = bounded(
+                        &key("rate_limit.burst"),
+                        r.burst.unwrap_or(i64::from(rps)),
+                        1,
+                        1_000_000,
+                    )? as u32;
+                    Some(RateLimit {
+                        requests_per_second: rps,
+                        burst,
+                    })
+                }
+            };
             connectors.insert(
                 name.clone(),
                 ConnectorSettings {
+                    circuit,
+                    rate_limit,
                     base_url,
                     connect_timeout: duration(&key("connect_timeout"), &c.connect_timeout)?,
                     request_timeout: duration(&key("request_timeout"), &c.request_timeout)?,
@@ -1078,6 +1201,18 @@ client_secret = {{ file = "{}" }}
             (
                 "[connectors.cm]\nrequest_timeout = \"0s\"\n",
                 "connectors.cm.request_timeout",
+            ),
+            (
+                "[connectors.cm.circuit]\nfailure_threshold = 6\n",
+                "connectors.cm.circuit.failure_threshold",
+            ),
+            (
+                "[connectors.cm.rate_limit]\nrequests_per_second = 0\n",
+                "connectors.cm.rate_limit.requests_per_second",
+            ),
+            (
+                "[connectors.cm.accounts.x]\nclient_id = \"a\"\nclient_secret = \"b\"\nrequests_per_second = -1\n",
+                "connectors.cm.accounts.x.requests_per_second",
             ),
             (
                 "[connectors.nope]\nbase_url = \"https://x\"\n",

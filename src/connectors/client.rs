@@ -3,14 +3,18 @@
 //! (token, GET, one refresh-and-retry on 401) and returns a classified outcome;
 //! the retry policy in `retry.rs` decides what happens next.
 
+use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::http::{HttpExecutor, TransportError};
 use super::token::{Clock, TokenCache};
 use super::{classify_error_status, AccessToken, CallError, Connector, HttpRequest, RetryReason};
 use crate::codec::{RejectCode, Rejection};
-use crate::config::ConnectorSettings;
+use crate::config::{ConnectorSettings, RateLimit};
 use crate::domain::event::{CheckFailure, FailureCode};
 use crate::domain::{PaymentStatus, StatusCheckRequest, StatusReport};
 use crate::telemetry::Metrics;
@@ -31,6 +35,16 @@ pub struct ConnectorClient {
     http: HttpExecutor,
     tokens: TokenCache,
     metrics: Arc<Metrics>,
+    /// Client-side rate limit of the whole connector.
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// Per-account rate limits.
+    account_limiters: HashMap<String, DefaultDirectRateLimiter>,
+}
+
+fn token_bucket(rate: RateLimit) -> DefaultDirectRateLimiter {
+    let per_second = NonZeroU32::new(rate.requests_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(rate.burst).unwrap_or(per_second);
+    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
 }
 
 impl ConnectorClient {
@@ -52,12 +66,30 @@ impl ConnectorClient {
             clock,
         );
         metrics.register_connector(connector.name());
+        let limiter = settings.rate_limit.map(token_bucket);
+        let account_limiters = settings
+            .accounts
+            .iter()
+            .filter_map(|(name, a)| {
+                a.requests_per_second.map(|rps| {
+                    (
+                        name.clone(),
+                        token_bucket(RateLimit {
+                            requests_per_second: rps,
+                            burst: rps,
+                        }),
+                    )
+                })
+            })
+            .collect();
         Ok(ConnectorClient {
             connector,
             settings,
             http,
             tokens,
             metrics,
+            limiter,
+            account_limiters,
         })
     }
 
@@ -143,6 +175,23 @@ impl ConnectorClient {
         }
     }
 
+    /// Waits for the connector's and the account's rate-limit permits. Waiting is
+    /// not an error; it is measured in `paysync_rate_limit_wait_seconds`.
+    async fn wait_for_permit(&self, merchant_id: &str) {
+        if self.limiter.is_none() && self.account_limiters.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        if let Some(l) = &self.limiter {
+            l.until_ready().await;
+        }
+        if let Some(l) = self.account_limiters.get(merchant_id) {
+            l.until_ready().await;
+        }
+        self.metrics
+            .rate_limit_waited(self.name(), started.elapsed());
+    }
+
     /// One status check for a prepared request: obtains a token, calls, and on a
     /// 401 refreshes the token once and calls once more.
     pub async fn call_once(
@@ -168,6 +217,7 @@ impl ConnectorClient {
                     }
                 }
             };
+            self.wait_for_permit(&request.merchant_id).await;
             calls += 1;
             let started = Instant::now();
             let response = self.http.send(http_request, Some(&lease.token)).await;

@@ -7,6 +7,7 @@
 //! Adding a connector: one file beside `cm.rs` implementing [`Connector`], and one
 //! line in [`registry`].
 
+pub mod breaker;
 pub mod client;
 pub mod cm;
 pub mod http;

@@ -1,13 +1,16 @@
 //! The retry policy over classified call outcomes: exponential backoff with full
 //! jitter, `Retry-After` honoured up to a cap, bounded attempts and bounded total
-//! time. After the budget is spent the last failure is reported (an error event),
-//! never a payment status.
+//! time, with the connector's [`CircuitBreaker`] in front of every call. After the
+//! budget is spent the last failure is reported (an error event), never a payment
+//! status, unless the circuit is open: then the connector is down, not this
+//! request, and the request waits for the circuit instead (an outage becomes lag).
 
 use std::time::{Duration, Instant};
 
+use super::breaker::{BreakerSettings, CircuitBreaker, Verdict};
 use super::client::ConnectorClient;
 use super::{CallError, HttpRequest};
-use crate::config::RetrySettings;
+use crate::config::{CircuitSettings, RetrySettings};
 use crate::domain::event::CheckFailure;
 use crate::domain::{StatusCheckRequest, StatusReport};
 use crate::telemetry::Metrics;
@@ -21,16 +24,29 @@ pub struct CheckResult {
     pub attempts: u32,
 }
 
-/// Backoff parameters.
-#[derive(Debug, Clone)]
+/// Backoff parameters and the connector's circuit breaker.
 pub struct RetryPolicy {
     settings: RetrySettings,
+    breaker: CircuitBreaker,
 }
 
 impl RetryPolicy {
-    /// A policy from settings.
-    pub fn new(settings: RetrySettings) -> Self {
-        RetryPolicy { settings }
+    /// A policy from settings, with a breaker for the connector `name`.
+    pub fn new(name: &'static str, settings: RetrySettings, circuit: &CircuitSettings) -> Self {
+        let breaker = CircuitBreaker::new(
+            name,
+            BreakerSettings {
+                failure_threshold: circuit.failure_threshold,
+                cooldown: circuit.cooldown,
+                max_cooldown: circuit.max_cooldown,
+            },
+        );
+        RetryPolicy { settings, breaker }
+    }
+
+    /// The connector's breaker.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
     }
 
     /// The delay before retry number `retry` (1-based): full jitter over
@@ -60,36 +76,55 @@ impl RetryPolicy {
         request: &StatusCheckRequest,
         http_request: &HttpRequest,
     ) -> CheckResult {
-        let started = Instant::now();
+        let mut started = Instant::now();
         let mut attempts = 0;
+        // Retries in the current budget (reset after waiting out an open circuit).
         let mut retries = 0;
         loop {
+            let permit = self.breaker.acquire(metrics).await;
             let record = client.call_once(request, http_request).await;
             attempts += record.calls;
             let (failure, reason, retry_after) = match record.outcome {
                 Ok(report) => {
+                    self.breaker.record(permit, Verdict::Answered, metrics);
                     return CheckResult {
                         outcome: Ok(report),
                         attempts,
-                    }
+                    };
                 }
                 Err(CallError::Permanent(f) | CallError::Unauthorized(f)) => {
+                    self.breaker.record(permit, Verdict::Answered, metrics);
                     return CheckResult {
                         outcome: Err(f),
                         attempts,
-                    }
+                    };
                 }
                 Err(CallError::Retryable {
                     failure,
                     reason,
                     retry_after,
-                }) => (failure, reason, retry_after),
+                }) => {
+                    self.breaker.record(permit, Verdict::Failed, metrics);
+                    (failure, reason, retry_after)
+                }
             };
             retries += 1;
             let delay = self.delay(retries, retry_after, fastrand::f64());
-            let out_of_attempts = attempts.max(retries) >= self.settings.max_attempts;
-            let out_of_time = started.elapsed() + delay > self.settings.max_elapsed;
-            if out_of_attempts || out_of_time {
+            let spent = retries >= self.settings.max_attempts
+                || started.elapsed() + delay > self.settings.max_elapsed;
+            if spent && self.breaker.is_open() {
+                // The connector is down, not this request: wait for the circuit
+                // (acquire blocks) with a fresh budget instead of reporting a failure.
+                tracing::debug!(
+                    attempts,
+                    "retry budget spent during an outage; waiting for the circuit"
+                );
+                retries = 0;
+                started = Instant::now();
+                metrics.connector_retry(client.name(), reason.label());
+                continue;
+            }
+            if spent {
                 let mut failure = failure;
                 failure.message = format!(
                     "{} (gave up after {attempts} attempt{} in {:.1}s)",
@@ -118,13 +153,21 @@ mod tests {
     use super::*;
 
     fn policy() -> RetryPolicy {
-        RetryPolicy::new(RetrySettings {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
-            max_elapsed: Duration::from_secs(30),
-            max_retry_after: Duration::from_secs(10),
-        })
+        RetryPolicy::new(
+            "cm",
+            RetrySettings {
+                max_attempts: 5,
+                initial_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                max_elapsed: Duration::from_secs(30),
+                max_retry_after: Duration::from_secs(10),
+            },
+            &CircuitSettings {
+                failure_threshold: 5,
+                cooldown: Duration::from_secs(1),
+                max_cooldown: Duration::from_secs(5),
+            },
+        )
     }
 
     #[test]

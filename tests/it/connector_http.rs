@@ -421,7 +421,11 @@ async fn retry_policy_rides_out_transient_errors_and_reports_exhaustion() {
         .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
         .mount(&f.server)
         .await;
-    let policy = RetryPolicy::new(f.client.settings().retry.clone());
+    let policy = RetryPolicy::new(
+        "cm",
+        f.client.settings().retry.clone(),
+        &f.client.settings().circuit,
+    );
     let req = request();
     let http = f.client.prepare(&req).unwrap();
     let result = policy.run(&f.client, &f.metrics, &req, &http).await;

@@ -342,6 +342,8 @@ async fn two_members_one_killed_mid_stream_nothing_is_lost() {
     );
 }
 
+/// On a broker that accepts commits during a rebalance (Kafka, tansu) a graceful
+/// handover repeats nothing; on the mock cluster see the comment below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_one_stopped_mid_stream_hands_over_without_loss_or_repeats() {
     let broker = Broker::new();
@@ -398,9 +400,27 @@ async fn two_members_one_stopped_mid_stream_hands_over_without_loss_or_repeats()
         covered, inputs,
         "every input has an event after the handover"
     );
-    assert_eq!(
-        sources.len(),
-        n,
-        "a graceful handover repeats nothing: done work was committed before the partitions moved"
-    );
+    if broker.is_mock() {
+        // librdkafka's mock cluster rejects the surviving member's commit inside its
+        // revocation callback with REBALANCE_IN_PROGRESS (Kafka and tansu accept
+        // commits from the current generation while a rebalance is prepared), so
+        // the survivor's last uncommitted work is redone: the same events again.
+        let mut ids: HashMap<(i32, i64), HashSet<String>> = HashMap::new();
+        for r in &records {
+            let json = event(r);
+            ids.entry(source(&json))
+                .or_default()
+                .insert(json["event_id"].as_str().unwrap().to_owned());
+        }
+        assert!(
+            ids.values().all(|s| s.len() == 1),
+            "repeats carry the same event_id"
+        );
+    } else {
+        assert_eq!(
+            sources.len(),
+            n,
+            "a graceful handover repeats nothing: done work was committed before the partitions moved"
+        );
+    }
 }

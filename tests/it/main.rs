@@ -4,4 +4,5 @@
 mod connector_http;
 mod e2e;
 mod engine;
+mod resilience;
 mod support;

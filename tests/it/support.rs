@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use paysync::config::{Account, ConnectorSettings, RetrySettings};
+use paysync::config::{Account, CircuitSettings, ConnectorSettings, RetrySettings};
 use paysync::connectors::client::ConnectorClient;
 use paysync::connectors::registry;
 use paysync::connectors::token::Clock;
@@ -33,6 +33,12 @@ pub fn connector_settings(base: &str) -> ConnectorSettings {
             max_elapsed: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(2),
         },
+        circuit: CircuitSettings {
+            failure_threshold: 4,
+            cooldown: Duration::from_millis(100),
+            max_cooldown: Duration::from_millis(400),
+        },
+        rate_limit: None,
         accounts,
     }
 }
@@ -113,6 +119,11 @@ impl Broker {
             bootstrap: mock.bootstrap(),
             mock: Some(mock),
         }
+    }
+
+    /// True on librdkafka's mock cluster.
+    pub fn is_mock(&self) -> bool {
+        self.mock.is_some()
     }
 
     pub fn bootstrap(&self) -> &str {
