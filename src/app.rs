@@ -24,6 +24,7 @@ use crate::kafka::producer::Publisher;
 use crate::kafka::{admin, consumer_config, producer_config};
 use crate::pipeline::ledger::Ledger;
 use crate::pipeline::process::{ConnectorRuntime, Processor};
+use crate::registry::RegistryClient;
 use crate::server::{self, HttpState};
 use crate::telemetry::Metrics;
 
@@ -101,11 +102,18 @@ pub fn connectors(
 /// Starts paysync.
 pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
     let metrics = Arc::new(Metrics::new());
-    if settings.schema_registry.is_some() {
-        return Err(StartupError(
-            "schema_registry.url is set, but this build encodes events with single-object encoding only; remove [schema_registry]".into(),
-        ));
-    }
+    let format = match &settings.schema_registry {
+        None => WireFormat::SingleObject,
+        Some(r) => {
+            let client = RegistryClient::new(r.clone()).map_err(StartupError)?;
+            let id = client
+                .schema_id_with_retries(&r.subject, crate::codec::avro::EVENT_SCHEMA_JSON, 5)
+                .await
+                .map_err(|e| StartupError(e.to_string()))?;
+            tracing::info!(subject = %r.subject, schema_id = id, "event schema registered; using the Confluent wire format");
+            WireFormat::Confluent { schema_id: id }
+        }
+    };
     let processor = Arc::new(Processor::new(
         connectors(&settings, &metrics)?,
         DecodeOptions {
@@ -113,7 +121,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
             default_merchant: settings.processing.default_merchant.clone(),
             max_request_bytes: settings.processing.max_request_bytes,
         },
-        EventEncoder::new(WireFormat::SingleObject),
+        EventEncoder::new(format),
         settings.secret_fields(),
         metrics.clone(),
     ));

@@ -175,6 +175,14 @@ struct RawRegistry {
     username: Option<String>,
     #[serde(default)]
     password: Option<SecretSource>,
+    #[serde(default = "d_true")]
+    auto_register: bool,
+    #[serde(default)]
+    subject: Option<String>,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -486,6 +494,10 @@ pub struct RegistrySettings {
     /// Basic-auth password.
     #[serde(serialize_with = "ser_opt_secret")]
     pub password: Option<SecretString>,
+    /// Register the event schema at start-up (false: only look it up).
+    pub auto_register: bool,
+    /// Subject of the event schema (default `<output_topic>-value`).
+    pub subject: String,
 }
 
 /// Processing engine settings.
@@ -887,6 +899,10 @@ impl RawSettings {
                     .password
                     .map(|p| p.resolve("schema_registry.password"))
                     .transpose()?,
+                auto_register: r.auto_register,
+                subject: r
+                    .subject
+                    .unwrap_or_else(|| format!("{}-value", kafka.output_topic)),
             }),
         };
         let p = self.processing;

@@ -17,6 +17,7 @@
 //! | [`telemetry`] | Prometheus metrics, tracing | none |
 //! | [`pipeline`] | offset watermarks, per-key scheduling, the partition ledger, message processing | connector calls |
 //! | [`kafka`] | the engine (consumer loop, pause/resume, commits, rebalances), producer, topics; the only rdkafka code | Kafka |
+//! | [`registry`] | Confluent Schema Registry client (event schema id at start-up) | HTTP |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
 //! | [`demo`] | `paysync demo` and the CM.com simulator | in-process |
@@ -32,5 +33,6 @@ pub mod demo;
 pub mod domain;
 pub mod kafka;
 pub mod pipeline;
+pub mod registry;
 pub mod server;
 pub mod telemetry;

@@ -112,4 +112,38 @@ client_secret = "b"
         assert_eq!(p.get("sasl.mechanism"), Some("PLAIN"));
         assert_eq!(p.get("session.timeout.ms"), None);
     }
+
+    #[test]
+    fn sasl_and_ssl_settings_are_accepted_by_librdkafka() {
+        // librdkafka validates security settings when a client is created (no broker
+        // needed): this fails if it was built without SSL or SASL/SCRAM support.
+        let s = Settings::from_toml(
+            r#"
+[kafka]
+brokers = "127.0.0.1:1"
+[kafka.common]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanism" = "SCRAM-SHA-512"
+"sasl.username" = "paysync"
+"sasl.password" = "secret"
+"ssl.endpoint.identification.algorithm" = "https"
+[connectors.cm.accounts.default]
+client_id = "a"
+client_secret = "b"
+"#,
+        )
+        .unwrap();
+        let producer: Result<rdkafka::producer::BaseProducer, _> =
+            producer_config(&s.kafka).create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+        let consumer: Result<rdkafka::consumer::BaseConsumer, _> =
+            consumer_config(&s.kafka).create();
+        assert!(consumer.is_ok(), "{:?}", consumer.err());
+        for mechanism in ["PLAIN", "SCRAM-SHA-256", "OAUTHBEARER"] {
+            let mut c = producer_config(&s.kafka);
+            c.set("sasl.mechanism", mechanism);
+            let p: Result<rdkafka::producer::BaseProducer, _> = c.create();
+            assert!(p.is_ok(), "{mechanism}: {:?}", p.err());
+        }
+    }
 }

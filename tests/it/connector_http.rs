@@ -421,11 +421,14 @@ async fn retry_policy_rides_out_transient_errors_and_reports_exhaustion() {
         .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
         .mount(&f.server)
         .await;
-    let policy = RetryPolicy::new(
-        "cm",
-        f.client.settings().retry.clone(),
-        &f.client.settings().circuit,
-    );
+    // The breaker is set above the retry budget so that exhaustion itself is
+    // tested; with the breaker in play a connector failing every call is an
+    // outage and requests wait (see the resilience tests).
+    let circuit = paysync::config::CircuitSettings {
+        failure_threshold: 100,
+        ..f.client.settings().circuit.clone()
+    };
+    let policy = RetryPolicy::new("cm", f.client.settings().retry.clone(), &circuit);
     let req = request();
     let http = f.client.prepare(&req).unwrap();
     let result = policy.run(&f.client, &f.metrics, &req, &http).await;

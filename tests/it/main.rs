@@ -4,5 +4,7 @@
 mod connector_http;
 mod e2e;
 mod engine;
+mod logs;
+mod registry;
 mod resilience;
 mod support;
