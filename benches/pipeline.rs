@@ -29,7 +29,7 @@ use serde::Serialize;
 enum Keys {
     /// Every request a different payment.
     Uniform,
-    /// Payment ids drawn from a Zipf distribution over 10,000 ids (s = 1.1).
+    /// Payment ids drawn from a Zipf distribution over 10,000 ids (s = 0.7).
     Zipf,
 }
 
@@ -163,7 +163,7 @@ struct Ids {
 impl Ids {
     fn new(keys: Keys) -> Ids {
         let k = 10_000;
-        let s = 1.1;
+        let s = 0.7;
         let weights: Vec<f64> = (1..=k).map(|i| 1.0 / (i as f64).powf(s)).collect();
         let total: f64 = weights.iter().sum();
         let mut acc = 0.0;
@@ -803,7 +803,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         Scenario {
             name: "tail-200ms-zipf",
             what: "200 ms with a long tail (1% at 2 s), Zipf keys",
-            n: scale(50_000),
+            n: scale(20_000),
             latency: Latency::LongTail {
                 base: ms(200),
                 tail: ms(2000),

@@ -308,6 +308,8 @@ pub struct Engine {
     settings: EngineSettings,
     scheduler: Scheduler<PipelineJob>,
     paused: BTreeSet<i32>,
+    /// Partitions sought back to this offset after a gap, awaiting the refetch.
+    gap_seeks: std::collections::HashMap<i32, i64>,
     /// Since when the in-flight bound has been reached without a break.
     saturated_since: Option<tokio::time::Instant>,
     /// Every assigned partition is paused because saturation lasted.
@@ -338,6 +340,7 @@ impl Engine {
             metrics,
             settings,
             paused: BTreeSet::new(),
+            gap_seeks: std::collections::HashMap::new(),
             saturated_since: None,
             paused_all: false,
             done_tx,
@@ -415,6 +418,7 @@ impl Engine {
             match note {
                 Note::Revoked(partitions) => {
                     for p in partitions {
+                        self.gap_seeks.remove(&p);
                         let dropped = self.scheduler.drop_partition(p);
                         self.paused.remove(&p);
                         if dropped > 0 {
@@ -443,18 +447,52 @@ impl Engine {
 
     fn on_message(&mut self, incoming: Incoming) {
         let partition = incoming.partition;
+        let offset = incoming.offset;
         let epoch = self.ledger.epoch(partition);
-        if !self.ledger.accept(partition, epoch, incoming.offset) {
-            tracing::debug!(
-                partition,
-                offset = incoming.offset,
-                "skipping a message already in flight"
-            );
+        // Offsets must arrive contiguously: a jump would let the watermark pass
+        // offsets that were never processed. Seek back once; if the offset after
+        // that seek is still past the expected one, the gap is real (compaction,
+        // transaction markers) and is accepted.
+        if let Some(expected) = self.ledger.expected(partition, epoch) {
+            if offset > expected {
+                if self.gap_seeks.get(&partition) != Some(&expected) {
+                    tracing::warn!(
+                        partition,
+                        offset,
+                        expected,
+                        "offsets arrived with a gap; seeking back to refetch them"
+                    );
+                    self.gap_seeks.insert(partition, expected);
+                    self.seek(partition, expected);
+                    return;
+                }
+                tracing::info!(
+                    partition,
+                    offset,
+                    expected,
+                    "offsets absent from the log (compaction or transaction markers)"
+                );
+            }
+        }
+        self.gap_seeks.remove(&partition);
+        if !self.ledger.accept(partition, epoch, offset) {
+            tracing::debug!(partition, offset, "skipping a message already in flight");
             return;
         }
         let job = self.processor.prepare(incoming, epoch);
         if let Admission::Start(job) = self.scheduler.offer(job) {
             self.start(job);
+        }
+    }
+
+    fn seek(&self, partition: i32, offset: i64) {
+        if let Err(e) = self.consumer.seek(
+            &self.settings.input_topic,
+            partition,
+            rdkafka::Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
+            tracing::error!(partition, offset, error = %e, "seek failed");
         }
     }
 

@@ -23,8 +23,10 @@ const CONSUMER_FORCED: &[(&str, &str)] = &[
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
     ("statistics.interval.ms", "5000"),
-    // Bounded prefetch: memory stays flat whatever the backlog.
-    ("queued.max.messages.kbytes", "16384"),
+    // Bounded prefetch: memory stays flat whatever the backlog. 4 MiB holds tens of
+    // thousands of requests, far more than the in-flight bound admits.
+    ("queued.max.messages.kbytes", "4096"),
+    ("fetch.max.bytes", "4194304"),
     ("queued.min.messages", "10000"),
     ("fetch.wait.max.ms", "10"),
     ("partition.assignment.strategy", "range,roundrobin"),

@@ -83,6 +83,17 @@ impl Ledger {
         Epoch(epoch)
     }
 
+    /// The next offset this ownership expects for a partition (one past the last
+    /// accepted), if any offset was accepted yet.
+    pub fn expected(&self, partition: i32, epoch: Epoch) -> Option<i64> {
+        let inner = self.lock();
+        inner
+            .parts
+            .get(&partition)
+            .filter(|p| p.epoch == epoch.0)
+            .and_then(|p| p.tracker.next())
+    }
+
     /// Records an accepted offset. Returns false for a stale epoch or an offset
     /// already seen (a re-delivery within the same ownership), which must be skipped.
     pub fn accept(&self, partition: i32, epoch: Epoch, offset: i64) -> bool {

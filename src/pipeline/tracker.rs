@@ -33,6 +33,11 @@ impl OffsetTracker {
         true
     }
 
+    /// One past the highest offset pushed.
+    pub fn next(&self) -> Option<i64> {
+        self.next
+    }
+
     /// Marks an offset finished; returns `false` if it is not tracked.
     pub fn complete(&mut self, offset: i64) -> bool {
         let Ok(i) = self.entries.binary_search_by_key(&offset, |(o, _)| *o) else {

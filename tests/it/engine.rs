@@ -254,6 +254,68 @@ async fn shutdown_finishes_in_flight_work_and_commits_it() {
     assert_eq!(committed, ends.to_vec(), "and committed before leaving");
 }
 
+/// Two paysync processes in one group over 4 partitions with 400 queued requests,
+/// each with an in-flight bound of 2, both already processing.
+struct TwoMembers {
+    t: Topics,
+    inputs: HashSet<(i32, i64)>,
+    n: usize,
+    a: Process,
+    b: Process,
+    _sim: paysync::demo::simulator::Simulator,
+}
+
+impl TwoMembers {
+    async fn start(broker: &Broker, tag: &str) -> TwoMembers {
+        let t = broker.topics(tag, 4).await;
+        let sim = simulator(SimOptions {
+            latency: Latency::Fixed(Duration::from_millis(10)),
+            ..Default::default()
+        })
+        .await;
+        let producer = RawProducer::new(broker.bootstrap()).unwrap();
+        let n = 400;
+        let mut inputs = HashSet::new();
+        for i in 0..n {
+            inputs.insert(
+                send_to(
+                    &producer,
+                    &t.input,
+                    (i % 4) as i32,
+                    &format!("success-{tag}-{i}"),
+                )
+                .await,
+            );
+        }
+        let slow = [("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "2")];
+        let a = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
+        let b = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
+        a.wait_ready(WAIT).await;
+        b.wait_ready(WAIT).await;
+        // Both members must own partitions and be working before one goes.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let done = |m: &str| sum_metric(m, "paysync_requests_total", &[]);
+            if done(&a.metrics().await) > 0.0 && done(&b.metrics().await) > 0.0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "both members never got work"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        TwoMembers {
+            t,
+            inputs,
+            n,
+            a,
+            b,
+            _sim: sim,
+        }
+    }
+}
+
 /// Runs on librdkafka's mock cluster whatever broker is configured: the takeover
 /// after a hard kill depends on the broker expiring the dead member's session, and
 /// tansu 0.6.0 was seen to keep a SIGKILLed member in the group (its rebalance after
@@ -262,45 +324,15 @@ async fn shutdown_finishes_in_flight_work_and_commits_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_one_killed_mid_stream_nothing_is_lost() {
     let broker = Broker::mock();
-    let t = broker.topics("group", 4).await;
-    let sim = simulator(SimOptions {
-        latency: Latency::Fixed(Duration::from_millis(10)),
-        ..Default::default()
-    })
-    .await;
-    let producer = RawProducer::new(broker.bootstrap()).unwrap();
-    let n = 400;
-    let mut inputs = HashSet::new();
-    for i in 0..n {
-        inputs.insert(
-            send_to(
-                &producer,
-                &t.input,
-                (i % 4) as i32,
-                &format!("success-grp-{i}"),
-            )
-            .await,
-        );
-    }
-    let slow = [("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "2")];
-    let mut a = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
-    let b = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
-    a.wait_ready(WAIT).await;
-    b.wait_ready(WAIT).await;
-    // Both members must own partitions before one dies.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (ma, mb) = (a.metrics().await, b.metrics().await);
-        let done = |m: &str| sum_metric(m, "paysync_requests_total", &[]);
-        if done(&ma) > 0.0 && done(&mb) > 0.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "both members never got work"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let group = TwoMembers::start(&broker, "group").await;
+    let TwoMembers {
+        t,
+        inputs,
+        n,
+        mut a,
+        b,
+        _sim,
+    } = group;
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(10));
     let records =
@@ -347,44 +379,15 @@ async fn two_members_one_killed_mid_stream_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_one_stopped_mid_stream_hands_over_without_loss_or_repeats() {
     let broker = Broker::new();
-    let t = broker.topics("handover", 4).await;
-    let sim = simulator(SimOptions {
-        latency: Latency::Fixed(Duration::from_millis(10)),
-        ..Default::default()
-    })
-    .await;
-    let producer = RawProducer::new(broker.bootstrap()).unwrap();
-    let n = 400;
-    let mut inputs = HashSet::new();
-    for i in 0..n {
-        inputs.insert(
-            send_to(
-                &producer,
-                &t.input,
-                (i % 4) as i32,
-                &format!("success-ho-{i}"),
-            )
-            .await,
-        );
-    }
-    let slow = [("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "2")];
-    let mut a = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
-    let b = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
-    a.wait_ready(WAIT).await;
-    b.wait_ready(WAIT).await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (ma, mb) = (a.metrics().await, b.metrics().await);
-        let done = |m: &str| sum_metric(m, "paysync_requests_total", &[]);
-        if done(&ma) > 0.0 && done(&mb) > 0.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "both members never got work"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let group = TwoMembers::start(&broker, "handover").await;
+    let TwoMembers {
+        t,
+        inputs,
+        n,
+        mut a,
+        b: _b,
+        _sim,
+    } = group;
     a.signal("TERM");
     assert_eq!(
         a.wait_exit(Duration::from_secs(30)).code(),
@@ -423,4 +426,55 @@ async fn two_members_one_stopped_mid_stream_hands_over_without_loss_or_repeats()
             "a graceful handover repeats nothing: done work was committed before the partitions moved"
         );
     }
+}
+
+/// Saturation that lasts longer than the pause delay pauses every partition and
+/// resumes them later; every offset must still yield exactly one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_saturation_pauses_and_resumes_without_losing_or_repeating_offsets() {
+    let broker = Broker::new();
+    let t = broker.topics("pauses", 4).await;
+    let sim = simulator(SimOptions {
+        latency: Latency::Fixed(Duration::from_millis(300)),
+        ..Default::default()
+    })
+    .await;
+    let producer = RawProducer::new(broker.bootstrap()).unwrap();
+    let n = 120;
+    let mut inputs = HashSet::new();
+    for i in 0..n {
+        inputs.insert(
+            send_to(
+                &producer,
+                &t.input,
+                (i % 4) as i32,
+                &format!("success-pause-{i}"),
+            )
+            .await,
+        );
+    }
+    let toml = settings_toml(
+        broker.bootstrap(),
+        &t,
+        &sim.base_url(),
+        "127.0.0.1:0".parse().unwrap(),
+        "",
+    )
+    .replace("[processing]\n", "[processing]\nmax_in_flight = 8\n");
+    let app = paysync::app::start(paysync::config::Settings::from_toml(&toml).unwrap())
+        .await
+        .unwrap();
+    let records =
+        read_outputs_settled(broker.bootstrap(), &t, n, WAIT, Duration::from_secs(2)).await;
+    let sources: Vec<(i32, i64)> = records.iter().map(|r| source(&event(r))).collect();
+    let covered: HashSet<(i32, i64)> = sources.iter().copied().collect();
+    let missing: Vec<_> = inputs.difference(&covered).collect();
+    assert!(
+        missing.is_empty(),
+        "{} offsets never produced an event, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(sources.len(), n, "no offset repeated");
+    app.stop().await;
 }

@@ -229,15 +229,7 @@ pub async fn read_outputs(
     want: usize,
     timeout: Duration,
 ) -> Vec<RawRecord> {
-    let brokers = brokers.to_owned();
-    let t = t.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut reader =
-            TopicReader::new(&brokers, &[(&t.output, t.partitions), (&t.dlq, 1)]).unwrap();
-        reader.read(want, timeout)
-    })
-    .await
-    .unwrap()
+    read_outputs_settled(brokers, t, want, timeout, Duration::ZERO).await
 }
 
 /// Reads outputs for a while after `want` arrived, to catch extra records.
