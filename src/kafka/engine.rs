@@ -31,6 +31,10 @@ use crate::telemetry::Metrics;
 /// How long the in-flight bound may be reached before partitions are paused.
 pub const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
+/// Seeks back to the same expected offset before a gap is taken as a real hole
+/// in the log (compaction, transaction markers) rather than a client skip.
+pub const GAP_SEEKS: u32 = 3;
+
 /// Parked messages in one partition before that partition is paused.
 pub const PARK_LIMIT: usize = 64;
 
@@ -308,8 +312,8 @@ pub struct Engine {
     settings: EngineSettings,
     scheduler: Scheduler<PipelineJob>,
     paused: BTreeSet<i32>,
-    /// Partitions sought back to this offset after a gap, awaiting the refetch.
-    gap_seeks: std::collections::HashMap<i32, i64>,
+    /// Partitions sought back after a gap: (expected offset, seeks so far).
+    gap_seeks: std::collections::HashMap<i32, (i64, u32)>,
     /// Since when the in-flight bound has been reached without a break.
     saturated_since: Option<tokio::time::Instant>,
     /// Every assigned partition is paused because saturation lasted.
@@ -455,14 +459,18 @@ impl Engine {
         // transaction markers) and is accepted.
         if let Some(expected) = self.ledger.expected(partition, epoch) {
             if offset > expected {
-                if self.gap_seeks.get(&partition) != Some(&expected) {
+                let tries = self.gap_seeks.entry(partition).or_insert((expected, 0));
+                if tries.0 != expected {
+                    *tries = (expected, 0);
+                }
+                if tries.1 < GAP_SEEKS {
+                    tries.1 += 1;
                     tracing::warn!(
                         partition,
                         offset,
                         expected,
                         "offsets arrived with a gap; seeking back to refetch them"
                     );
-                    self.gap_seeks.insert(partition, expected);
                     self.seek(partition, expected);
                     return;
                 }
@@ -490,7 +498,7 @@ impl Engine {
             &self.settings.input_topic,
             partition,
             rdkafka::Offset::Offset(offset),
-            Duration::from_secs(5),
+            Duration::ZERO,
         ) {
             tracing::error!(partition, offset, error = %e, "seek failed");
         }
@@ -625,6 +633,16 @@ impl Engine {
         } else {
             self.consumer.resume(&tpl)
         };
+        if !pause && result.is_ok() {
+            // Resume where this member's own bookkeeping says, not where the client
+            // library thinks: librdkafka was seen resuming past the last offset it
+            // had delivered after a pause.
+            for p in partitions {
+                if let Some(expected) = self.ledger.expected(*p, self.ledger.epoch(*p)) {
+                    self.seek(*p, expected);
+                }
+            }
+        }
         match result {
             Ok(()) => {
                 tracing::debug!(?partitions, pause, "fetch state changed");
