@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::providers::{Format, Serialized, Toml};
@@ -1081,11 +1081,6 @@ impl RawSettings {
             connectors,
         })
     }
-}
-
-/// Reads a settings file path from `--config` or `PAYSYNC_CONFIG`.
-pub fn config_path(flag: Option<&Path>) -> Option<PathBuf> {
-    flag.map(Path::to_path_buf)
 }
 
 #[cfg(test)]

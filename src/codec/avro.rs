@@ -106,11 +106,6 @@ impl EventEncoder {
         EventEncoder { format }
     }
 
-    /// The framing in use.
-    pub fn format(&self) -> WireFormat {
-        self.format
-    }
-
     /// Frames and encodes one event.
     pub fn encode(&self, event: &PaymentStatusEvent) -> Result<Vec<u8>, AvroError> {
         let mut out = Vec::with_capacity(512);

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::producer::{Delivery, Publisher};
-use crate::pipeline::ledger::{Epoch, Ledger, Position};
+use crate::pipeline::ledger::{Arrival, Epoch, Ledger, Position};
 use crate::pipeline::process::{Incoming, PipelineJob, Processor, Work};
 use crate::pipeline::scheduler::{Admission, Scheduler};
 use crate::telemetry::Metrics;
@@ -452,13 +452,17 @@ impl Engine {
     fn on_message(&mut self, incoming: Incoming) {
         let partition = incoming.partition;
         let offset = incoming.offset;
-        let epoch = self.ledger.epoch(partition);
-        // Offsets must arrive contiguously: a jump would let the watermark pass
-        // offsets that were never processed. Seek back once; if the offset after
-        // that seek is still past the expected one, the gap is real (compaction,
-        // transaction markers) and is accepted.
-        if let Some(expected) = self.ledger.expected(partition, epoch) {
-            if offset > expected {
+        let epoch = match self.ledger.arrive(partition, offset) {
+            Arrival::Accepted(epoch) => epoch,
+            Arrival::Skip => {
+                tracing::debug!(partition, offset, "skipping a message already in flight");
+                return;
+            }
+            // Offsets must arrive contiguously: a jump would let the watermark pass
+            // offsets that were never processed. Seek back; only a gap that is still
+            // there after GAP_SEEKS seeks is a real hole in the log (compaction,
+            // transaction markers).
+            Arrival::Gap { epoch, expected } => {
                 let tries = self.gap_seeks.entry(partition).or_insert((expected, 0));
                 if tries.0 != expected {
                     *tries = (expected, 0);
@@ -480,13 +484,13 @@ impl Engine {
                     expected,
                     "offsets absent from the log (compaction or transaction markers)"
                 );
+                if !self.ledger.accept(partition, epoch, offset) {
+                    return;
+                }
+                epoch
             }
-        }
+        };
         self.gap_seeks.remove(&partition);
-        if !self.ledger.accept(partition, epoch, offset) {
-            tracing::debug!(partition, offset, "skipping a message already in flight");
-            return;
-        }
         let job = self.processor.prepare(incoming, epoch);
         if let Admission::Start(job) = self.scheduler.offer(job) {
             self.start(job);
@@ -638,7 +642,7 @@ impl Engine {
             // library thinks: librdkafka was seen resuming past the last offset it
             // had delivered after a pause.
             for p in partitions {
-                if let Some(expected) = self.ledger.expected(*p, self.ledger.epoch(*p)) {
+                if let Some(expected) = self.ledger.expected(*p) {
                     self.seek(*p, expected);
                 }
             }

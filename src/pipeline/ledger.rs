@@ -29,9 +29,44 @@ struct Inner {
     next_epoch: u64,
 }
 
+impl Inner {
+    /// The state of `partition`, created under a fresh epoch on first use.
+    fn part(&mut self, partition: i32) -> &mut Part {
+        let next_epoch = &mut self.next_epoch;
+        self.parts.entry(partition).or_insert_with(|| {
+            let part = Part {
+                epoch: *next_epoch,
+                tracker: OffsetTracker::new(),
+                running: 0,
+                publishing: 0,
+                revoked: false,
+                committed: None,
+            };
+            *next_epoch += 1;
+            part
+        })
+    }
+}
+
 /// A ticket identifying a partition ownership.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Epoch(pub u64);
+
+/// How a consumed offset fits its partition's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Tracked under this epoch: process it.
+    Accepted(Epoch),
+    /// Past the next expected offset: offsets in between were not delivered.
+    Gap {
+        /// The current epoch.
+        epoch: Epoch,
+        /// The offset that should have come next.
+        expected: i64,
+    },
+    /// Already seen, or the partition is being handed over: skip it.
+    Skip,
+}
 
 /// Progress of one partition, for commits and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,32 +101,34 @@ impl Ledger {
 
     /// The current epoch of a partition, creating its state on first use.
     pub fn epoch(&self, partition: i32) -> Epoch {
-        let mut inner = self.lock();
-        let next = inner.next_epoch;
-        let part = inner.parts.entry(partition).or_insert_with(|| Part {
-            epoch: next,
-            tracker: OffsetTracker::new(),
-            running: 0,
-            publishing: 0,
-            revoked: false,
-            committed: None,
-        });
-        let epoch = part.epoch;
-        if epoch == next {
-            inner.next_epoch += 1;
-        }
-        Epoch(epoch)
+        Epoch(Inner::part(&mut self.lock(), partition).epoch)
     }
 
-    /// The next offset this ownership expects for a partition (one past the last
-    /// accepted), if any offset was accepted yet.
-    pub fn expected(&self, partition: i32, epoch: Epoch) -> Option<i64> {
-        let inner = self.lock();
-        inner
+    /// The next offset the current owner of `partition` expects (one past the last
+    /// accepted), if it accepted any. Never creates partition state.
+    pub fn expected(&self, partition: i32) -> Option<i64> {
+        self.lock()
             .parts
             .get(&partition)
-            .filter(|p| p.epoch == epoch.0)
             .and_then(|p| p.tracker.next())
+    }
+
+    /// Takes in a consumed offset with one lock: creates the partition's state on
+    /// first use, and accepts the offset unless it repeats one already seen or
+    /// jumps past the next expected offset (the caller decides about gaps, then
+    /// calls [`Ledger::accept`]).
+    pub fn arrive(&self, partition: i32, offset: i64) -> Arrival {
+        let mut inner = self.lock();
+        let part = Inner::part(&mut inner, partition);
+        let epoch = Epoch(part.epoch);
+        if part.revoked {
+            return Arrival::Skip;
+        }
+        match part.tracker.next() {
+            Some(expected) if offset > expected => Arrival::Gap { epoch, expected },
+            _ if part.tracker.push(offset) => Arrival::Accepted(epoch),
+            _ => Arrival::Skip,
+        }
     }
 
     /// Records an accepted offset. Returns false for a stale epoch or an offset
@@ -206,11 +243,6 @@ impl Ledger {
         }
     }
 
-    /// Jobs running in any partition.
-    pub fn running(&self) -> usize {
-        self.lock().parts.values().map(|p| p.running).sum()
-    }
-
     /// Hands over `partitions`: waits until their running jobs finish (or
     /// `finish_deadline` passes), then marks them revoked so that abandoned jobs
     /// cannot publish, waits for publishes already under way (up to
@@ -283,31 +315,33 @@ impl Ledger {
         }
         guard
     }
-
-    /// Waits (blocking) until no job is running or the deadline passes; returns
-    /// how many are still running.
-    pub fn wait_idle(&self, deadline: Duration) -> usize {
-        let until = Instant::now() + deadline;
-        let mut guard = self.lock();
-        loop {
-            let running: usize = guard.parts.values().map(|p| p.running).sum();
-            let now = Instant::now();
-            if running == 0 || now >= until {
-                return running;
-            }
-            guard = self
-                .changed
-                .wait_timeout(guard, until - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn arrivals_are_accepted_in_order_and_gaps_and_repeats_reported() {
+        let l = Ledger::new();
+        let Arrival::Accepted(e) = l.arrive(0, 10) else {
+            panic!("first offset")
+        };
+        assert_eq!(l.arrive(0, 11), Arrival::Accepted(e));
+        assert_eq!(l.arrive(0, 11), Arrival::Skip, "a repeat");
+        assert_eq!(
+            l.arrive(0, 15),
+            Arrival::Gap {
+                epoch: e,
+                expected: 12
+            }
+        );
+        assert_eq!(l.expected(0), Some(12), "a gap is not tracked by arrive");
+        assert!(l.accept(0, e, 15), "the caller may accept a real gap");
+        assert_eq!(l.expected(0), Some(16));
+        assert_eq!(l.expected(1), None);
+    }
 
     #[test]
     fn stale_epochs_cannot_accept_start_or_publish() {
