@@ -37,6 +37,16 @@ impl MockBroker {
             .map_err(|e| format!("mock topic {name}: {e}"))
     }
 
+    /// Takes the (only) broker down: connections are refused until [`MockBroker::broker_up`].
+    pub fn broker_down(&self) -> Result<(), String> {
+        self.cluster.broker_down(1).map_err(|e| e.to_string())
+    }
+
+    /// Brings the broker back.
+    pub fn broker_up(&self) -> Result<(), String> {
+        self.cluster.broker_up(1).map_err(|e| e.to_string())
+    }
+
     /// The bootstrap servers.
     pub fn bootstrap(&self) -> String {
         self.cluster.bootstrap_servers()

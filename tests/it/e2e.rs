@@ -572,3 +572,55 @@ async fn sigterm_exits_zero_and_a_restart_repeats_nothing() {
         "only the new request was processed after the restart"
     );
 }
+
+/// Fault injection (mock cluster): the broker goes away while events are being
+/// published, longer than the producer's own delivery timeout. paysync retries the
+/// publish, does not commit what was not acknowledged, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_briefly_unreachable_broker_is_waited_out() {
+    let broker = Broker::mock();
+    let t = broker.topics("outage", 2).await;
+    let sim = simulator(SimOptions {
+        latency: Latency::Fixed(Duration::from_millis(20)),
+        ..Default::default()
+    })
+    .await;
+    let n = 200;
+    let positions = produce_all(broker.bootstrap(), &t.input, &bulk_inputs(n)).await;
+    let extra = "[kafka.producer]\n\"message.timeout.ms\" = \"1000\"\n";
+    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), extra))
+        .await
+        .unwrap();
+    let metrics = app.metrics();
+    let deadline = std::time::Instant::now() + WAIT;
+    while sum_metric(&metrics.render(), "paysync_requests_total", &[]) < 20.0 {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mock = broker.mock_cluster().unwrap();
+    mock.broker_down().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    mock.broker_up().unwrap();
+    let all = read_outputs_settled(broker.bootstrap(), &t, n, WAIT, Duration::from_secs(2)).await;
+    let covered: HashSet<(i32, i64)> = all.iter().map(|r| source_of(r, &t.input).0).collect();
+    assert_eq!(
+        covered, positions,
+        "every request has an event after the outage"
+    );
+    let text = metrics.render();
+    assert!(
+        sum_metric(&text, "paysync_publish_retries_total", &[]) > 0.0,
+        "publishes failed and were retried"
+    );
+    assert_eq!(
+        sum_metric(&text, "paysync_requests_total", &[]) as usize,
+        n,
+        "each request finished once"
+    );
+    app.stop().await;
+    // Open: after this outage the group's committed offsets read back as 0 on the
+    // mock cluster (not the end offsets), although every request finished exactly
+    // once. Either the mock coordinator loses group state when its broker goes
+    // down, or a commit is skipped because the ledger believes it already landed.
+    // Not asserted until that is understood; see the closing note of issue 4.
+}

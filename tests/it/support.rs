@@ -121,6 +121,11 @@ impl Broker {
         }
     }
 
+    /// The mock cluster, for fault injection.
+    pub fn mock_cluster(&self) -> Option<&MockBroker> {
+        self.mock.as_ref()
+    }
+
     /// True on librdkafka's mock cluster.
     pub fn is_mock(&self) -> bool {
         self.mock.is_some()
