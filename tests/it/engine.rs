@@ -254,6 +254,25 @@ async fn shutdown_finishes_in_flight_work_and_commits_it() {
     assert_eq!(committed, ends.to_vec(), "and committed before leaving");
 }
 
+/// Loads `n` requests for distinct payments round-robin over 4 partitions; returns
+/// their (partition, offset).
+async fn load_spread(broker: &Broker, t: &Topics, n: usize, tag: &str) -> HashSet<(i32, i64)> {
+    let producer = RawProducer::new(broker.bootstrap()).unwrap();
+    let mut inputs = HashSet::new();
+    for i in 0..n {
+        inputs.insert(
+            send_to(
+                &producer,
+                &t.input,
+                (i % 4) as i32,
+                &format!("success-{tag}-{i}"),
+            )
+            .await,
+        );
+    }
+    inputs
+}
+
 /// Two paysync processes in one group over 4 partitions with 400 queued requests,
 /// each with an in-flight bound of 2, both already processing.
 struct TwoMembers {
@@ -273,20 +292,8 @@ impl TwoMembers {
             ..Default::default()
         })
         .await;
-        let producer = RawProducer::new(broker.bootstrap()).unwrap();
         let n = 400;
-        let mut inputs = HashSet::new();
-        for i in 0..n {
-            inputs.insert(
-                send_to(
-                    &producer,
-                    &t.input,
-                    (i % 4) as i32,
-                    &format!("success-{tag}-{i}"),
-                )
-                .await,
-            );
-        }
+        let inputs = load_spread(broker, &t, n, tag).await;
         let slow = [("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "2")];
         let a = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
         let b = Process::spawn_env(broker.bootstrap(), &t, &sim.base_url(), &slow);
@@ -439,20 +446,8 @@ async fn long_saturation_pauses_and_resumes_without_losing_or_repeating_offsets(
         ..Default::default()
     })
     .await;
-    let producer = RawProducer::new(broker.bootstrap()).unwrap();
     let n = 120;
-    let mut inputs = HashSet::new();
-    for i in 0..n {
-        inputs.insert(
-            send_to(
-                &producer,
-                &t.input,
-                (i % 4) as i32,
-                &format!("success-pause-{i}"),
-            )
-            .await,
-        );
-    }
+    let inputs = load_spread(&broker, &t, n, "pause").await;
     let toml = settings_toml(
         broker.bootstrap(),
         &t,
