@@ -27,6 +27,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     processing_duration: Histogram,
     consumer_lag: IntGaugeVec,
+    prefetched: IntGaugeVec,
     committed_offset: IntGaugeVec,
     commit_gap: IntGaugeVec,
     publish_retries: IntCounterVec,
@@ -170,6 +171,12 @@ impl Metrics {
             in_flight,
             processing_duration,
             consumer_lag: gauge_vec(r, "paysync_consumer_lag", "Messages behind the high watermark.", &["partition"]),
+            prefetched: gauge_vec(
+                r,
+                "paysync_consumer_prefetched_messages",
+                "Messages fetched from the broker and waiting in the client's bounded queue (from librdkafka statistics).",
+                &["partition"],
+            ),
             committed_offset: gauge_vec(
                 r,
                 "paysync_committed_offset",
@@ -260,6 +267,13 @@ impl Metrics {
             .set(lag);
     }
 
+    /// Messages fetched and not yet taken by the engine, for a partition.
+    pub fn set_prefetched(&self, partition: i32, messages: i64) {
+        self.prefetched
+            .with_label_values(&[&partition.to_string()])
+            .set(messages);
+    }
+
     /// Commit progress of a partition.
     pub fn set_commit(&self, partition: i32, committed: i64, gap: i64) {
         let p = partition.to_string();
@@ -273,6 +287,7 @@ impl Metrics {
     pub fn forget_partition(&self, partition: i32) {
         let p = partition.to_string();
         let _ = self.consumer_lag.remove_label_values(&[&p]);
+        let _ = self.prefetched.remove_label_values(&[&p]);
         let _ = self.committed_offset.remove_label_values(&[&p]);
         let _ = self.commit_gap.remove_label_values(&[&p]);
     }

@@ -1,24 +1,34 @@
 //! The processing engine: a consumer-group member that feeds messages through the
 //! [`Scheduler`] (bounded in-flight, per-key order), runs each admitted job as a
-//! task, pauses partitions whose head cannot be admitted, commits each partition's
-//! contiguous watermark on an interval, on revocation and on shutdown, and hands
-//! partitions over cleanly on a rebalance (finish or abandon their work, commit
-//! what is done, and make sure nothing more is published for them).
+//! task, commits each partition's contiguous watermark on an interval, on
+//! revocation and on shutdown, and hands partitions over cleanly on a rebalance
+//! (finish or abandon their work, commit what is done, and make sure nothing more
+//! is published for them).
+//!
+//! Flow control never pauses a partition. Each assigned partition's messages are
+//! split into their own librdkafka queue; the engine reads a partition's queue only
+//! while the in-flight bound has room and the partition has no message waiting for
+//! admission. A queue that is not read fills up to librdkafka's prefetch bound
+//! (`queued.min.messages` / `queued.max.messages.kbytes` per partition), and
+//! librdkafka then stops fetching that partition. The consumer's own queue
+//! (rebalances, commit results, statistics, errors) is served all the time, so the
+//! member stays in its group during a long stall. Nothing is discarded and
+//! refetched, so offsets reach the engine contiguously and in order.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance,
 };
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -28,22 +38,12 @@ use crate::pipeline::process::{Incoming, PipelineJob, Processor, Work};
 use crate::pipeline::scheduler::{Admission, Scheduler};
 use crate::telemetry::Metrics;
 
-/// How long the in-flight bound may be reached before partitions are paused.
-pub const PAUSE_AFTER: Duration = Duration::from_millis(500);
-
 /// Seeks back to the same expected offset before a gap is taken as a real hole
 /// in the log (compaction, transaction markers) rather than a client skip.
 pub const GAP_SEEKS: u32 = 3;
 
-/// Parked messages in one partition before that partition is paused.
-pub const PARK_LIMIT: usize = 64;
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
+/// Messages read from one partition's queue before the next partition's turn.
+const READ_BATCH: usize = 64;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -74,6 +74,14 @@ pub struct EngineContext {
     notes: Mutex<Vec<Note>>,
     assigned: Mutex<BTreeSet<i32>>,
     joined: AtomicBool,
+    /// Woken by librdkafka when the consumer queue or a partition queue becomes
+    /// non-empty.
+    wake: Arc<Notify>,
+    /// The consumer queue became non-empty since it was last served.
+    main_ready: Arc<AtomicBool>,
+    /// Callbacks run by polls of the consumer queue: a poll that returns nothing
+    /// but ran a callback consumed an event, and the queue may hold more.
+    served: AtomicU64,
 }
 
 impl EngineContext {
@@ -83,6 +91,10 @@ impl EngineContext {
             .filter(|e| e.topic() == self.input_topic)
             .map(|e| e.partition())
             .collect()
+    }
+
+    fn served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
     }
 
     fn note(&self, note: Note) {
@@ -153,6 +165,7 @@ fn commit_positions<C: ConsumerContext>(
 
 impl ClientContext for EngineContext {
     fn stats(&self, statistics: Statistics) {
+        self.served();
         let Some(topic) = statistics.topics.get(&self.input_topic) else {
             return;
         };
@@ -162,13 +175,17 @@ impl ClientContext for EngineContext {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for (partition, p) in &topic.partitions {
-            if assigned.contains(partition) && p.consumer_lag >= 0 {
-                self.metrics.set_lag(*partition, p.consumer_lag);
+            if assigned.contains(partition) {
+                if p.consumer_lag >= 0 {
+                    self.metrics.set_lag(*partition, p.consumer_lag);
+                }
+                self.metrics.set_prefetched(*partition, p.fetchq_cnt.max(0));
             }
         }
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.served();
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
@@ -187,6 +204,7 @@ impl ConsumerContext for EngineContext {
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.served();
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let partitions = self.partitions(tpl);
@@ -204,6 +222,7 @@ impl ConsumerContext for EngineContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.served();
         match result {
             Ok(()) => {
                 for e in offsets.elements() {
@@ -225,7 +244,7 @@ impl ConsumerContext for EngineContext {
 }
 
 /// The consumer type of the engine.
-pub type EngineConsumer = StreamConsumer<EngineContext>;
+pub type EngineConsumer = BaseConsumer<EngineContext>;
 
 /// True once the consumer has joined its group (received an assignment, possibly empty).
 pub fn has_joined(consumer: &EngineConsumer) -> bool {
@@ -247,10 +266,19 @@ pub fn create_consumer(
         notes: Mutex::new(Vec::new()),
         assigned: Mutex::new(BTreeSet::new()),
         joined: AtomicBool::new(false),
+        wake: Arc::new(Notify::new()),
+        main_ready: Arc::new(AtomicBool::new(true)),
+        served: AtomicU64::new(0),
     };
-    let consumer: EngineConsumer = config
+    let wake = context.wake.clone();
+    let main_ready = context.main_ready.clone();
+    let mut consumer: EngineConsumer = config
         .create_with_context(context)
         .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
+    consumer.set_nonempty_callback(move || {
+        main_ready.store(true, Ordering::Release);
+        wake.notify_one();
+    });
     consumer
         .subscribe(&[&settings.input_topic])
         .map_err(|e| format!("cannot subscribe: {e}"))?;
@@ -302,6 +330,14 @@ fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Incoming {
     }
 }
 
+/// One assigned partition's own message queue, split from the consumer queue.
+struct Source {
+    queue: PartitionQueue<EngineContext>,
+    /// The queue may hold messages: set by librdkafka when it becomes non-empty,
+    /// and by the engine when it stops reading before the queue ran dry.
+    ready: Arc<AtomicBool>,
+}
+
 /// The running engine.
 pub struct Engine {
     consumer: Arc<EngineConsumer>,
@@ -311,13 +347,11 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     settings: EngineSettings,
     scheduler: Scheduler<PipelineJob>,
-    paused: BTreeSet<i32>,
+    sources: BTreeMap<i32, Source>,
+    /// Round-robin start for reading partitions, so none is always first.
+    rotate: usize,
     /// Partitions sought back after a gap: (expected offset, seeks so far).
     gap_seeks: std::collections::HashMap<i32, (i64, u32)>,
-    /// Since when the in-flight bound has been reached without a break.
-    saturated_since: Option<tokio::time::Instant>,
-    /// Every assigned partition is paused because saturation lasted.
-    paused_all: bool,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     topic: Arc<str>,
@@ -343,10 +377,9 @@ impl Engine {
             ledger,
             metrics,
             settings,
-            paused: BTreeSet::new(),
+            sources: BTreeMap::new(),
+            rotate: 0,
             gap_seeks: std::collections::HashMap::new(),
-            saturated_since: None,
-            paused_all: false,
             done_tx,
             done_rx,
         }
@@ -355,58 +388,118 @@ impl Engine {
     /// Consumes until `shutdown` is cancelled, then drains in-flight work within
     /// the drain timeout, commits and returns.
     ///
-    /// Backpressure: at the in-flight bound the loop stops taking messages, which
-    /// wait in librdkafka's bounded prefetch queue; if saturation lasts longer than
-    /// [`PAUSE_AFTER`], every partition is paused and polling resumes, so rebalances
-    /// and liveness are served during long stalls. Pausing is not done at once
-    /// because librdkafka discards prefetched messages on pause: pausing on every
-    /// saturation would turn each completion into a refetch.
+    /// Backpressure: at the in-flight bound, or while a partition's next message
+    /// waits for admission, the engine does not read that partition's queue; the
+    /// consumer queue is still served, so rebalances and liveness are handled
+    /// during long stalls.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut commit_tick = tokio::time::interval(self.settings.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let consumer = self.consumer.clone();
+        let context = self.consumer.context().clone();
         loop {
-            self.apply_notes();
-            let saturated = self.scheduler.saturated();
-            let take_messages = !saturated || self.paused_all;
-            let pause_at = self.saturated_since.map(|t| t + PAUSE_AFTER);
+            if context.main_ready.swap(false, Ordering::AcqRel) {
+                self.serve_consumer_queue();
+            }
+            let more = self.read_partitions();
+            self.metrics.set_in_flight(self.scheduler.in_flight());
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                Some(done) = self.done_rx.recv() => self.on_done(done),
-                _ = commit_tick.tick() => self.commit(CommitMode::Async),
-                () = sleep_until(pause_at), if saturated && !self.paused_all => {
-                    tracing::info!(in_flight = self.scheduler.in_flight(), "saturated; pausing consumption");
-                    self.paused_all = true;
-                }
-                message = consumer.recv(), if take_messages => match message {
-                    Ok(m) => {
-                        let incoming = incoming(&m, &self.topic);
-                        drop(m);
-                        self.apply_notes();
-                        self.on_message(incoming);
+                Some(done) = self.done_rx.recv() => {
+                    self.on_done(done);
+                    while let Ok(done) = self.done_rx.try_recv() {
+                        self.on_done(done);
                     }
-                    Err(e) => tracing::warn!(error = %e, "consume error"),
-                },
+                }
+                _ = commit_tick.tick() => {
+                    // Also a backstop for an event the consumer queue holds without
+                    // having signalled it.
+                    self.serve_consumer_queue();
+                    self.commit(CommitMode::Async);
+                }
+                () = context.wake.notified() => {}
+                () = tokio::task::yield_now(), if more => {}
             }
-            self.track_saturation();
-            self.apply_pauses();
-            self.metrics.set_in_flight(self.scheduler.in_flight());
         }
         self.drain().await;
     }
 
-    fn track_saturation(&mut self) {
-        if self.scheduler.saturated() {
-            self.saturated_since
-                .get_or_insert_with(tokio::time::Instant::now);
-        } else {
-            self.saturated_since = None;
-            if self.paused_all {
-                tracing::info!("capacity available; resuming consumption");
-                self.paused_all = false;
+    /// Serves the consumer queue until it is empty: rebalance callbacks, commit
+    /// results, statistics and errors, plus messages fetched for a partition
+    /// before its queue was split off.
+    fn serve_consumer_queue(&mut self) {
+        let consumer = self.consumer.clone();
+        let context = consumer.context().clone();
+        loop {
+            let served = context.served.load(Ordering::Relaxed);
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    let incoming = incoming(&m, &self.topic);
+                    drop(m);
+                    self.apply_notes();
+                    self.on_message(incoming);
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consume error"),
+                None if context.served.load(Ordering::Relaxed) != served => self.apply_notes(),
+                None => break,
             }
         }
+        self.apply_notes();
+    }
+
+    /// Reads admitted-able messages from partition queues, round robin, while the
+    /// in-flight bound has room. Returns true when it stopped with messages left
+    /// that could be taken now (batch limit), so the loop comes back at once.
+    fn read_partitions(&mut self) -> bool {
+        if self.sources.is_empty() || self.scheduler.saturated() {
+            return false;
+        }
+        let partitions: Vec<i32> = self.sources.keys().copied().collect();
+        self.rotate = (self.rotate + 1) % partitions.len();
+        let mut more = false;
+        for i in 0..partitions.len() {
+            let p = partitions[(self.rotate + i) % partitions.len()];
+            if self.scheduler.parked_in(p) > 0 {
+                continue;
+            }
+            let Some(source) = self.sources.get(&p) else {
+                continue;
+            };
+            if !source.ready.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let ready = source.ready.clone();
+            let mut taken = 0;
+            loop {
+                if self.scheduler.saturated() || self.scheduler.parked_in(p) > 0 {
+                    // Stopped before the queue ran dry: read it again later.
+                    ready.store(true, Ordering::Release);
+                    break;
+                }
+                if taken == READ_BATCH {
+                    ready.store(true, Ordering::Release);
+                    more = true;
+                    break;
+                }
+                let Some(source) = self.sources.get(&p) else {
+                    break;
+                };
+                match source.queue.poll(Duration::ZERO) {
+                    Some(Ok(m)) => {
+                        let incoming = incoming(&m, &self.topic);
+                        drop(m);
+                        self.on_message(incoming);
+                        taken += 1;
+                    }
+                    Some(Err(e)) => tracing::warn!(partition = p, error = %e, "consume error"),
+                    None => break,
+                }
+            }
+            if self.scheduler.saturated() {
+                break;
+            }
+        }
+        more
     }
 
     fn apply_notes(&mut self) {
@@ -423,8 +516,8 @@ impl Engine {
                 Note::Revoked(partitions) => {
                     for p in partitions {
                         self.gap_seeks.remove(&p);
+                        self.sources.remove(&p);
                         let dropped = self.scheduler.drop_partition(p);
-                        self.paused.remove(&p);
                         if dropped > 0 {
                             tracing::debug!(
                                 partition = p,
@@ -434,19 +527,33 @@ impl Engine {
                         }
                     }
                 }
-                // librdkafka may keep a partition's paused state across a rebalance:
-                // start every assigned partition resumed, then re-apply what the
-                // scheduler needs.
+                // An assignment re-forwards partitions to the consumer queue: split
+                // every assigned partition off again, before fetching starts.
                 Note::Assigned(partitions) => {
-                    if !partitions.is_empty() {
-                        self.set_paused(&partitions, false);
-                    }
                     for p in partitions {
-                        self.paused.remove(&p);
+                        self.split(p);
                     }
                 }
             }
         }
+    }
+
+    fn split(&mut self, partition: i32) {
+        let Some(mut queue) = self
+            .consumer
+            .split_partition_queue(&self.settings.input_topic, partition)
+        else {
+            tracing::error!(partition, "cannot split the partition queue");
+            return;
+        };
+        let ready = Arc::new(AtomicBool::new(true));
+        let wake = self.consumer.context().wake.clone();
+        let flag = ready.clone();
+        queue.set_nonempty_callback(move || {
+            flag.store(true, Ordering::Release);
+            wake.notify_one();
+        });
+        self.sources.insert(partition, Source { queue, ready });
     }
 
     fn on_message(&mut self, incoming: Incoming) {
@@ -572,91 +679,6 @@ impl Engine {
             .instrument(span),
         );
         Vec::new()
-    }
-
-    fn assigned(&self) -> Vec<i32> {
-        self.consumer
-            .context()
-            .assigned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect()
-    }
-
-    fn apply_pauses(&mut self) {
-        // Nothing is or should be paused: skip the bookkeeping on the hot path.
-        if !self.paused_all && self.paused.is_empty() && self.scheduler.parked() < PARK_LIMIT {
-            return;
-        }
-        let assigned = self.assigned();
-        let want: BTreeSet<i32> = if self.paused_all {
-            assigned.iter().copied().collect()
-        } else {
-            // Pause a partition once its parked queue reaches the limit, and keep it
-            // paused until the queue is empty (hysteresis).
-            let mut w: BTreeSet<i32> = self.scheduler.overflowing(PARK_LIMIT).into_iter().collect();
-            w.extend(
-                self.paused
-                    .iter()
-                    .copied()
-                    .filter(|p| self.scheduler.parked_in(*p) > 0),
-            );
-            w
-        };
-        let to_pause: Vec<i32> = want
-            .difference(&self.paused)
-            .copied()
-            .filter(|p| assigned.contains(p))
-            .collect();
-        let to_resume: Vec<i32> = self
-            .paused
-            .difference(&want)
-            .copied()
-            .filter(|p| assigned.contains(p))
-            .collect();
-        if !to_pause.is_empty() && self.set_paused(&to_pause, true) {
-            self.paused.extend(to_pause);
-        }
-        if !to_resume.is_empty() && self.set_paused(&to_resume, false) {
-            for p in to_resume {
-                self.paused.remove(&p);
-            }
-        }
-        self.paused.retain(|p| assigned.contains(p));
-    }
-
-    fn set_paused(&self, partitions: &[i32], pause: bool) -> bool {
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition(&self.settings.input_topic, *p);
-        }
-        let result = if pause {
-            self.consumer.pause(&tpl)
-        } else {
-            self.consumer.resume(&tpl)
-        };
-        if !pause && result.is_ok() {
-            // Resume where this member's own bookkeeping says, not where the client
-            // library thinks: librdkafka was seen resuming past the last offset it
-            // had delivered after a pause.
-            for p in partitions {
-                if let Some(expected) = self.ledger.expected(*p) {
-                    self.seek(*p, expected);
-                }
-            }
-        }
-        match result {
-            Ok(()) => {
-                tracing::debug!(?partitions, pause, "fetch state changed");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, pause, "cannot change fetch state");
-                false
-            }
-        }
     }
 
     fn commit(&self, mode: CommitMode) {

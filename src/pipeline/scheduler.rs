@@ -4,9 +4,9 @@
 //! requests with the same key run one at a time in arrival order. A request that
 //! cannot be admitted is *parked* at the head of its partition and later messages
 //! of that partition park behind it, so order within a partition is kept; the
-//! engine pauses a partition whose parked queue grows past a limit, so memory stays
-//! bounded. One hot key therefore holds back at most its own partition, never the
-//! others.
+//! engine stops reading a partition while it has a parked job, so at most one job
+//! per partition is parked (memory stays bounded). One hot key therefore holds back
+//! at most its own partition, never the others.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -174,15 +174,6 @@ impl<J: Job> Scheduler<J> {
         self.parked.get(&partition).map_or(0, VecDeque::len)
     }
 
-    /// Partitions with at least `limit` parked jobs.
-    pub fn overflowing(&self, limit: usize) -> Vec<i32> {
-        self.parked
-            .iter()
-            .filter(|(_, q)| q.len() >= limit)
-            .map(|(p, _)| *p)
-            .collect()
-    }
-
     /// Forgets the parked and queued (not running) jobs of a partition that was
     /// revoked; they will be consumed again by the partition's next owner.
     /// Returns how many accepted jobs were dropped.
@@ -272,8 +263,8 @@ mod tests {
         // Other partitions are not held back.
         assert!(matches!(s.offer(J(1, Some("x"), 0)), Admission::Start(_)));
         assert!(matches!(s.offer(J(2, Some("y"), 0)), Admission::Start(_)));
-        assert_eq!(s.overflowing(1), vec![0]);
-        assert_eq!(s.overflowing(3), Vec::<i32>::new());
+        assert_eq!(s.parked_in(0), 2);
+        assert_eq!(s.parked_in(1), 0);
         // The hot key drains one: its parked job gets in, then the cold one starts.
         let started = s.complete(Some("hot"));
         assert_eq!(started, vec![J(0, Some("hot"), 1), J(0, Some("cold"), 4)]);

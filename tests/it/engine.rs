@@ -435,19 +435,48 @@ async fn two_members_one_stopped_mid_stream_hands_over_without_loss_or_repeats()
     }
 }
 
-/// Saturation that lasts longer than the pause delay pauses every partition and
-/// resumes them later; every offset must still yield exactly one event.
+/// Hot payments under a saturated in-flight bound: half of 2,000 requests go to
+/// three payments, so their per-key queues fill and their partitions wait for
+/// admission again and again while other partitions keep going. Every offset must
+/// yield exactly one event, and each payment's events must follow offset order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_saturation_pauses_and_resumes_without_losing_or_repeating_offsets() {
+async fn hot_payments_under_saturation_lose_repeat_and_reorder_nothing() {
     let broker = Broker::new();
-    let t = broker.topics("pauses", 4).await;
+    let t = broker.topics("hotsat", 4).await;
     let sim = simulator(SimOptions {
-        latency: Latency::Fixed(Duration::from_millis(300)),
+        latency: Latency::Normal {
+            mean: Duration::from_millis(3),
+            stddev: Duration::from_millis(2),
+        },
         ..Default::default()
     })
     .await;
-    let n = 120;
-    let inputs = load_spread(&broker, &t, n, "pause").await;
+    let n = 2000;
+    let producer = RawProducer::new(broker.bootstrap()).unwrap();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let ids: Vec<String> = (0..n)
+        .map(|i| match rng.u8(0..6) {
+            0 => "success-hot-a".to_owned(),
+            1 => "success-hot-b".to_owned(),
+            2 => "success-hot-c".to_owned(),
+            _ => format!("success-cold-{i}"),
+        })
+        .collect();
+    let mut inputs = HashSet::new();
+    // Each payment lives in one partition, as when producers key by payment id.
+    let partition_of = |i: usize, id: &str| match id {
+        "success-hot-a" => 0,
+        "success-hot-b" | "success-hot-c" => 1,
+        _ => (i % 4) as i32,
+    };
+    let numbered: Vec<(usize, &String)> = ids.iter().enumerate().collect();
+    for chunk in numbered.chunks(200) {
+        let sends = chunk
+            .iter()
+            .map(|(i, id)| send_to(&producer, &t.input, partition_of(*i, id), id));
+        inputs.extend(futures::future::join_all(sends).await);
+    }
+    assert_eq!(inputs.len(), n);
     let toml = settings_toml(
         broker.bootstrap(),
         &t,
@@ -455,13 +484,17 @@ async fn long_saturation_pauses_and_resumes_without_losing_or_repeating_offsets(
         "127.0.0.1:0".parse().unwrap(),
         "",
     )
-    .replace("[processing]\n", "[processing]\nmax_in_flight = 8\n");
+    .replace(
+        "[processing]\n",
+        "[processing]\nmax_in_flight = 16\nmax_queued_per_key = 4\n",
+    );
     let app = paysync::app::start(paysync::config::Settings::from_toml(&toml).unwrap())
         .await
         .unwrap();
     let records =
         read_outputs_settled(broker.bootstrap(), &t, n, WAIT, Duration::from_secs(2)).await;
-    let sources: Vec<(i32, i64)> = records.iter().map(|r| source(&event(r))).collect();
+    let events: Vec<serde_json::Value> = records.iter().map(event).collect();
+    let sources: Vec<(i32, i64)> = events.iter().map(source).collect();
     let covered: HashSet<(i32, i64)> = sources.iter().copied().collect();
     let missing: Vec<_> = inputs.difference(&covered).collect();
     assert!(
@@ -471,5 +504,22 @@ async fn long_saturation_pauses_and_resumes_without_losing_or_repeating_offsets(
         &missing[..missing.len().min(10)]
     );
     assert_eq!(sources.len(), n, "no offset repeated");
+    // The output topic has one partition per payment key's hash; events of one
+    // payment share a key, so their order in the output is their publish order.
+    let mut last: HashMap<String, (i32, i64)> = HashMap::new();
+    for (json, src) in events.iter().zip(&sources) {
+        let id = json["connector_transaction_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if let Some(prev) = last.insert(id.clone(), *src) {
+            assert!(prev < *src, "{id}: {src:?} published after {prev:?}");
+        }
+    }
+    assert!(
+        sim.max_concurrency() <= 16,
+        "the connector saw {} concurrent calls",
+        sim.max_concurrency()
+    );
     app.stop().await;
 }
