@@ -68,6 +68,7 @@ struct ScenarioResult {
     paced_rate_rps: Option<f64>,
     e2e_ms: Option<Percentiles>,
     overhead_ms: Option<Percentiles>,
+    relay_floor_ms: Option<Percentiles>,
     peak_rss_mb: f64,
     cpu_s_per_1k: f64,
     wall_s: f64,
@@ -573,6 +574,100 @@ async fn baseline(
     done as f64 / started.map_or(1.0, |s| s.elapsed().as_secs_f64())
 }
 
+/// Sends a warm-up request, waits for the consumer under test to be running, then
+/// sends `count` requests at `rate` per second (no linger, as a pipeline reacting to
+/// a missed webhook would) and reads the output topic. Returns each request's end-to-
+/// end latency in ms: from handing it to the producer to reading its event.
+async fn paced_latencies(brokers: &str, t: &Topics, rate: f64, count: usize) -> Vec<f64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let warm = request_value("success-warm");
+    producer
+        .send(
+            FutureRecord::to(&t.input)
+                .key(&b"warm"[..])
+                .payload(warm.as_bytes()),
+            Timeout::Never,
+        )
+        .await
+        .unwrap();
+    let (b, output) = (brokers.to_owned(), t.output.clone());
+    let reader =
+        std::thread::spawn(move || read_n(&b, &output, count + 1, Duration::from_secs(600)));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut sent: HashMap<Vec<u8>, Instant> = HashMap::with_capacity(count);
+    let mut ids = Ids::new(Keys::Uniform);
+    let mut deliveries = Vec::with_capacity(count);
+    let start = Instant::now();
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let id = format!("{}-p{i}", ids.next());
+        let value = request_value(&id);
+        sent.insert(id.clone().into_bytes(), Instant::now());
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&t.input)
+            .key(id.as_bytes())
+            .payload(value.as_bytes());
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    futures::future::join_all(deliveries).await;
+    let got = reader.join().unwrap();
+    got.iter()
+        .filter_map(|(at, _, key)| sent.get(key).map(|s| (*at - *s).as_secs_f64() * 1000.0))
+        .collect()
+}
+
+/// A plain relay with paysync's own client settings and no work in between:
+/// consume a request, produce it unchanged to the output topic. Its latency is the
+/// floor set by the broker and the two client hops.
+fn spawn_relay(
+    brokers: &str,
+    t: &Topics,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let settings = paysync::config::Settings::from_toml(&config(
+        brokers,
+        t,
+        "http://127.0.0.1:9",
+        free_addr(),
+        1000,
+    ))
+    .unwrap();
+    let consumer: BaseConsumer = paysync::kafka::consumer_config(&settings.kafka)
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&t.input]).unwrap();
+    let producer: BaseProducer = paysync::kafka::producer_config(&settings.kafka)
+        .create()
+        .unwrap();
+    let output = t.output.clone();
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            producer.poll(Duration::ZERO);
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) else {
+                continue;
+            };
+            let key = m.key().unwrap_or_default().to_vec();
+            let value = m.payload().unwrap_or_default().to_vec();
+            while producer
+                .send(
+                    BaseRecord::<[u8], [u8]>::to(&output)
+                        .key(&key)
+                        .payload(&value),
+                )
+                .is_err()
+            {
+                producer.poll(Duration::from_millis(1));
+            }
+        }
+        let _ = producer.flush(Duration::from_secs(10));
+    })
+}
+
 // ---- one scenario -----------------------------------------------------------------
 
 async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
@@ -650,8 +745,9 @@ async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
     let wall_s = wall.elapsed().as_secs_f64();
     eprintln!("   throughput {throughput:.0}/s, peak RSS {rss:.1} MiB, CPU {cpu:.2}s");
 
-    // Latency with a paced load at half that throughput.
-    let (mut e2e, mut overhead, mut paced_rate) = (None, None, None);
+    // Latency with a paced load at half that throughput, and the same load through a
+    // plain relay with paysync's client settings (the floor Kafka itself sets).
+    let (mut e2e, mut overhead, mut floor, mut paced_rate) = (None, None, None, None);
     if s.paced {
         let rate = throughput / 2.0;
         let count = ((rate * 5.0) as usize).clamp(200, 20_000);
@@ -663,36 +759,7 @@ async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
         .await
         .unwrap();
         let paysync = Paysync::spawn(brokers, &t, &base_url, s.max_in_flight);
-        // Wait until it consumes: send a warm-up request and wait for its event.
-        let producer = RawProducer::new(brokers).unwrap();
-        producer
-            .send(
-                &t.input,
-                None,
-                Some(b"warm"),
-                Some(request_value("success-warm").as_bytes()),
-                &[],
-            )
-            .await
-            .unwrap();
-        let (b, output) = (brokers.to_owned(), t.output.clone());
-        let reader =
-            std::thread::spawn(move || read_n(&b, &output, count + 1, Duration::from_secs(600)));
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        let mut sent: HashMap<Vec<u8>, Instant> = HashMap::with_capacity(count);
-        let mut ids = Ids::new(Keys::Uniform);
-        let start = Instant::now();
-        for i in 0..count {
-            let due = start + Duration::from_secs_f64(i as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
-            let id = format!("{}-p{i}", ids.next());
-            sent.insert(id.clone().into_bytes(), Instant::now());
-            producer
-                .enqueue(&t.input, id.as_bytes(), request_value(&id).as_bytes())
-                .unwrap();
-        }
-        producer.flush(Duration::from_secs(60)).unwrap();
-        let got = reader.join().unwrap();
+        let lat = paced_latencies(brokers, &t, rate, count).await;
         if let Ok(text) = reqwest::get(format!("http://{}/metrics", paysync.http)).await {
             if let Ok(text) = text.text().await {
                 let sum = paysync::telemetry::sum_metric(
@@ -716,16 +783,30 @@ async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
             Latency::Fixed(d) => d.as_secs_f64() * 1000.0,
             _ => 0.0,
         };
-        let lat: Vec<f64> = got
-            .iter()
-            .filter_map(|(at, _, key)| sent.get(key).map(|s| (*at - *s).as_secs_f64() * 1000.0))
-            .collect();
         if !lat.is_empty() {
             overhead = Some(percentiles(
                 lat.iter().map(|l| (l - connector_ms).max(0.0)).collect(),
             ));
             e2e = Some(percentiles(lat));
             paced_rate = Some(rate);
+        }
+        let t = topics(&format!("{}-relay", s.name));
+        create_topics(brokers, &[(&t.input, PARTITIONS), (&t.output, PARTITIONS)])
+            .await
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let relay = spawn_relay(brokers, &t, stop.clone());
+        let lat = paced_latencies(brokers, &t, rate, count).await;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        relay.join().unwrap();
+        if !lat.is_empty() {
+            floor = Some(percentiles(lat));
+        }
+        if let (Some(o), Some(f)) = (overhead, floor) {
+            eprintln!(
+                "   overhead p50 {:.1} ms p99 {:.1} ms; relay floor p50 {:.1} ms p99 {:.1} ms",
+                o.p50, o.p99, f.p50, f.p99
+            );
         }
     }
 
@@ -766,6 +847,7 @@ async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
         paced_rate_rps: paced_rate,
         e2e_ms: e2e,
         overhead_ms: overhead,
+        relay_floor_ms: floor,
         peak_rss_mb: rss,
         cpu_s_per_1k: cpu / s.n as f64 * 1000.0,
         wall_s,
@@ -927,13 +1009,14 @@ fn markdown(machine: &str, results: &[ScenarioResult]) -> String {
             r.cpu_s_per_1k,
         ));
     }
-    md.push_str("\nLatency with a paced load at half the measured throughput (end to end: produced request to consumed event; overhead: end to end minus the connector's fixed latency):\n\n");
-    md.push_str("| scenario | paced rate (req/s) | e2e p50 | p95 | p99 | max | overhead p50 | p99 |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\nLatency with a paced load at half the measured throughput (end to end: request handed to the producer to event read by a consumer; overhead: end to end minus the connector's fixed latency; relay floor: the same load through a plain consume-and-produce relay with paysync's client settings, no work in between):\n\n");
+    md.push_str("| scenario | paced rate (req/s) | e2e p50 | p95 | p99 | max | overhead p50 | overhead p99 | relay floor p50 | relay floor p99 |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         if let (Some(e), Some(o), Some(rate)) = (r.e2e_ms, r.overhead_ms, r.paced_rate_rps) {
+            let f = r.relay_floor_ms.unwrap_or_default();
             md.push_str(&format!(
-                "| {} | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
-                r.name, rate, e.p50, e.p95, e.p99, e.max, o.p50, o.p99
+                "| {} | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+                r.name, rate, e.p50, e.p95, e.p99, e.max, o.p50, o.p99, f.p50, f.p99
             ));
         }
     }

@@ -23,11 +23,13 @@ const CONSUMER_FORCED: &[(&str, &str)] = &[
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
     ("statistics.interval.ms", "5000"),
-    // Bounded prefetch: memory stays flat whatever the backlog. 4 MiB holds tens of
-    // thousands of requests, far more than the in-flight bound admits.
-    ("queued.max.messages.kbytes", "4096"),
+    // Bounded prefetch: memory stays flat whatever the backlog. The engine reads
+    // each partition from its own queue, so these bounds apply per partition: at
+    // most ~1 MiB queued plus one fetch (256 KiB) each, thousands of requests.
+    ("queued.max.messages.kbytes", "1024"),
+    ("queued.min.messages", "2000"),
+    ("max.partition.fetch.bytes", "262144"),
     ("fetch.max.bytes", "4194304"),
-    ("queued.min.messages", "10000"),
     ("fetch.wait.max.ms", "10"),
     ("partition.assignment.strategy", "range,roundrobin"),
 ];
