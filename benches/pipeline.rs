@@ -575,13 +575,13 @@ async fn baseline(
 }
 
 /// Sends a warm-up request, waits for the consumer under test to be running, then
-/// sends `count` requests at `rate` per second (no linger, as a pipeline reacting to
-/// a missed webhook would) and reads the output topic. Returns each request's end-to-
-/// end latency in ms: from handing it to the producer to reading its event.
+/// sends `count` requests at `rate` per second (librdkafka's default 5 ms linger)
+/// and reads the output topic. Returns each request's end-to-end latency in ms:
+/// from handing it to the producer to reading its event.
 async fn paced_latencies(brokers: &str, t: &Topics, rate: f64, count: usize) -> Vec<f64> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("linger.ms", "0")
+        .set("linger.ms", "5")
         .create()
         .unwrap();
     let warm = request_value("success-warm");

@@ -16,7 +16,7 @@
 //! | [`config`] | settings from TOML + environment, validation, secrets | reads files/env at start-up |
 //! | [`telemetry`] | Prometheus metrics, tracing | none |
 //! | [`pipeline`] | offset watermarks, per-key scheduling, the partition ledger, message processing | connector calls |
-//! | [`kafka`] | the engine (consumer loop, pause/resume, commits, rebalances), producer, topics; the only rdkafka code | Kafka |
+//! | [`kafka`] | the engine (consumer loop, partition queues, commits, rebalances), producer, topics; the only rdkafka code | Kafka |
 //! | [`registry`] | Confluent Schema Registry client (event schema id at start-up) | HTTP |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
 //! | [`app`] | wiring and ordered shutdown | all of the above |

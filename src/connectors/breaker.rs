@@ -1,7 +1,7 @@
 //! A circuit breaker per connector. After `failure_threshold` retryable failures in
 //! a row (timeouts, transport errors, 408, 429, 5xx, from any request) it *opens*:
 //! calls wait instead of being made, so requests keep their place and their
-//! attempts, in-flight slots fill up and consumption pauses (lag, not errors).
+//! attempts, in-flight slots fill up and consumption stops (lag, not errors).
 //! After `cooldown` one probe call is let through (*half-open*): success closes the
 //! circuit and everyone proceeds; failure opens it again with the cool-down
 //! doubled, up to `max_cooldown`. Successes and permanent answers (the connector

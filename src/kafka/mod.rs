@@ -1,5 +1,5 @@
 //! Everything that talks to Kafka (the only module that uses rdkafka): client
-//! configuration, the [`engine`] (consumer loop, pause/resume, commits,
+//! configuration, the [`engine`] (consumer loop, partition queues, commits,
 //! rebalances), the [`producer`] for events and dead letters, and [`admin`]
 //! helpers for topics.
 

@@ -235,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn in_flight_bound_parks_and_pauses_everything_then_resumes() {
+    fn in_flight_bound_parks_then_admits_in_order() {
         let mut s = Scheduler::new(2, 10);
         assert!(matches!(s.offer(J(0, Some("a"), 1)), Admission::Start(_)));
         assert!(matches!(s.offer(J(1, Some("b"), 1)), Admission::Start(_)));

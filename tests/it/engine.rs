@@ -212,6 +212,73 @@ async fn the_in_flight_bound_is_never_exceeded() {
     app.stop().await;
 }
 
+/// Backpressure: with a slow connector and a small in-flight bound, a backlog of
+/// 20,000 requests stays in the broker. The client's per-partition queue holds at
+/// most its configured bound plus one fetch; the consumer stays in its group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_stays_in_the_broker() {
+    let broker = Broker::new();
+    let t = broker.topics("backlog", 1).await;
+    let sim = simulator(SimOptions {
+        latency: Latency::Fixed(Duration::from_millis(100)),
+        ..Default::default()
+    })
+    .await;
+    let producer = RawProducer::new(broker.bootstrap()).unwrap();
+    let n = 20_000;
+    let ids: Vec<String> = (0..n).map(|i| format!("success-backlog-{i}")).collect();
+    for chunk in ids.chunks(1000) {
+        let sends = chunk.iter().map(|id| send_to(&producer, &t.input, 0, id));
+        futures::future::join_all(sends).await;
+    }
+    let toml = settings_toml(
+        broker.bootstrap(),
+        &t,
+        &sim.base_url(),
+        "127.0.0.1:0".parse().unwrap(),
+        "",
+    )
+    .replace(
+        "\"heartbeat.interval.ms\" = \"500\"\n",
+        "\"heartbeat.interval.ms\" = \"500\"\n\"queued.min.messages\" = \"100\"\n\"queued.max.messages.kbytes\" = \"64\"\n\"max.partition.fetch.bytes\" = \"16384\"\n\"statistics.interval.ms\" = \"1000\"\n",
+    )
+    .replace("[processing]\n", "[processing]\nmax_in_flight = 4\n");
+    let app = paysync::app::start(paysync::config::Settings::from_toml(&toml).unwrap())
+        .await
+        .unwrap();
+    let metrics = app.metrics();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut samples = Vec::new();
+    while samples.len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "no statistics");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let text = metrics.render();
+        let lag = sum_metric(&text, "paysync_consumer_lag", &[]);
+        if lag > 0.0 {
+            let prefetched = sum_metric(&text, "paysync_consumer_prefetched_messages", &[]);
+            samples.push((prefetched, lag, metrics.in_flight()));
+        }
+    }
+    for (prefetched, lag, in_flight) in &samples {
+        assert!(*in_flight <= 4);
+        assert!(
+            *lag > 15_000.0,
+            "the backlog is still in the broker: lag {lag}"
+        );
+        // 100 messages or 64 KiB queued, plus one 16 KiB fetch (about 300 small
+        // requests) may overshoot.
+        assert!(
+            *prefetched <= 500.0,
+            "the client queue stays bounded: {prefetched} prefetched"
+        );
+    }
+    assert!(
+        samples.iter().any(|(p, _, _)| *p > 0.0),
+        "the client did prefetch (the gauge is live): {samples:?}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_work_and_commits_it() {
     let broker = Broker::new();
