@@ -3,7 +3,7 @@
 //! compared with the limit (the simulator's own capacity, the broker's
 //! produce-plus-consume capacity) and with a naive sequential consumer.
 //!
-//! `cargo bench --bench pipeline -- [--quick] [--only NAME,NAME] [--out DIR]`
+//! `cargo bench --bench pipeline -- [--quick] [--only NAME,NAME] [--backlog-only] [--out DIR]`
 //! (normally through `bench/run.sh`, which also draws the charts). Writes
 //! `results.json` and `results.md` to `bench/results/` unless `--out` says otherwise.
 
@@ -670,7 +670,7 @@ fn spawn_relay(
 
 // ---- one scenario -----------------------------------------------------------------
 
-async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
+async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResult {
     eprintln!("== {} ({})", s.name, s.what);
     let brokers = broker.bootstrap.as_str();
     let sim = Simulator::start(
@@ -743,12 +743,15 @@ async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
     let last = received.iter().map(|r| r.1).max().unwrap();
     let throughput = (s.n - 1) as f64 / ((last - first) as f64 / 1000.0).max(1e-3);
     let wall_s = wall.elapsed().as_secs_f64();
-    eprintln!("   throughput {throughput:.0}/s, peak RSS {rss:.1} MiB, CPU {cpu:.2}s");
+    eprintln!(
+        "   throughput {throughput:.0}/s, peak RSS {rss:.1} MiB, CPU {cpu:.2}s, connector concurrency max {}",
+        sim.max_concurrency()
+    );
 
     // Latency with a paced load at half that throughput, and the same load through a
     // plain relay with paysync's client settings (the floor Kafka itself sets).
     let (mut e2e, mut overhead, mut floor, mut paced_rate) = (None, None, None, None);
-    if s.paced {
+    if s.paced && !backlog_only {
         let rate = throughput / 2.0;
         let count = ((rate * 5.0) as usize).clamp(200, 20_000);
         let t = topics(&format!("{}-paced", s.name));
@@ -810,6 +813,18 @@ async fn run(broker: &Broker, s: &Scenario) -> ScenarioResult {
         }
     }
 
+    if backlog_only {
+        sim.stop().await;
+        return ScenarioResult {
+            name: s.name.to_owned(),
+            n: s.n,
+            throughput_rps: throughput,
+            peak_rss_mb: rss,
+            cpu_s_per_1k: cpu / s.n as f64 * 1000.0,
+            wall_s,
+            ..Default::default()
+        };
+    }
     let sim_cap = sim_capacity(&base_url, s.max_in_flight.min(1000), Duration::from_secs(3)).await;
     let broker_cap = broker_capacity(brokers, 50_000.min(s.n.max(20_000))).await;
     let limit = sim_cap.min(broker_cap);
@@ -1027,6 +1042,8 @@ fn markdown(machine: &str, results: &[ScenarioResult]) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // Only the backlog run of each scenario (throughput, RSS, CPU): for tuning.
+    let backlog_only = args.iter().any(|a| a == "--backlog-only");
     let only: Option<Vec<String>> = args
         .iter()
         .position(|a| a == "--only")
@@ -1058,7 +1075,7 @@ fn main() {
         {
             continue;
         }
-        results.push(rt.block_on(run(&broker, &s)));
+        results.push(rt.block_on(run(&broker, &s, backlog_only)));
     }
     std::fs::create_dir_all(&out).unwrap();
     let json = serde_json::json!({"machine": machine, "quick": quick, "results": results});

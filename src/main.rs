@@ -9,11 +9,6 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use paysync::config::{LogFormat, Settings, Sources, EXIT_CONFIG};
 
-// The per-message path allocates many small short-lived buffers; mimalloc keeps
-// that cheaper and flatter than the system allocator (see the README's benchmarks).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "paysync",
