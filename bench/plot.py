@@ -32,13 +32,16 @@ paced = [r for r in results if r.get("e2e_ms")]
 if paced:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = ["p50", "p95", "p99", "max"]
-    width = 0.8 / (2 * len(paced))
+    series = [("e2e_ms", "", "end to end"), ("overhead_ms", "//", "overhead"), ("relay_floor_ms", "..", "Kafka relay floor")]
+    width = 0.8 / (len(series) * len(paced))
     for i, r in enumerate(paced):
-        for j, (key, hatch) in enumerate([("e2e_ms", ""), ("overhead_ms", "//")]):
+        for j, (key, hatch, what) in enumerate(series):
+            if not r.get(key):
+                continue
             vals = [r[key][k] for k in labels]
-            pos = [p + (2 * i + j) * width for p in range(len(labels))]
-            ax.bar(pos, vals, width, hatch=hatch, label=f"{r['name']} {'end to end' if j == 0 else 'overhead'}")
-    ax.set_xticks([p + width * (len(paced) - 0.5) for p in range(len(labels))])
+            pos = [p + (len(series) * i + j) * width for p in range(len(labels))]
+            ax.bar(pos, vals, width, hatch=hatch, label=f"{r['name']} {what}")
+    ax.set_xticks([p + width * (len(series) * len(paced) - 1) / 2 for p in range(len(labels))])
     ax.set_xticklabels(labels)
     ax.set_ylabel("milliseconds")
     ax.set_title("Latency at half the maximum throughput")
