@@ -47,6 +47,10 @@ struct Scenario {
     paced: bool,
     /// Compare with the naive sequential consumer.
     baseline: bool,
+    /// Run against librdkafka's mock cluster hosted in the benchmark process instead
+    /// of tansu (backlog run only): a broker that honours the fetch size limits, so
+    /// paysync's own memory bound shows.
+    mock_broker: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -238,6 +242,7 @@ fn topics(name: &str) -> Topics {
 }
 
 const PARTITIONS: i32 = 8;
+const MOCK_PARTITIONS: i32 = 32;
 
 fn config(
     brokers: &str,
@@ -355,8 +360,14 @@ fn read_n(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<(Insta
         .set("fetch.wait.max.ms", "5")
         .create()
         .unwrap();
+    let partitions = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap()
+        .topics()
+        .first()
+        .map_or(PARTITIONS, |t| t.partitions().len() as i32);
     let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
             .unwrap();
     }
@@ -672,7 +683,13 @@ fn spawn_relay(
 
 async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResult {
     eprintln!("== {} ({})", s.name, s.what);
-    let brokers = broker.bootstrap.as_str();
+    let mock = s
+        .mock_broker
+        .then(|| paysync::kafka::tools::MockBroker::start(&[]).unwrap());
+    let bootstrap = mock
+        .as_ref()
+        .map_or_else(|| broker.bootstrap.clone(), |m| m.bootstrap());
+    let brokers = bootstrap.as_str();
     let sim = Simulator::start(
         "127.0.0.1:0".parse().unwrap(),
         SimOptions {
@@ -687,12 +704,25 @@ async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResul
 
     // Throughput with a backlog.
     let t = topics(s.name);
-    create_topics(
-        brokers,
-        &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
-    )
-    .await
-    .unwrap();
+    match &mock {
+        Some(m) => {
+            // The mock cluster keeps only 5 MiB per partition (older data is deleted
+            // as if by retention): spread a large backlog so that none is lost.
+            for (topic, partitions) in [
+                (&t.input, MOCK_PARTITIONS),
+                (&t.output, MOCK_PARTITIONS),
+                (&t.dlq, 1),
+            ] {
+                m.create_topic(topic, partitions).unwrap();
+            }
+        }
+        None => create_topics(
+            brokers,
+            &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
+        )
+        .await
+        .unwrap(),
+    }
     let (b, input, n, keys) = (brokers.to_owned(), t.input.clone(), s.n, s.keys);
     tokio::task::spawn_blocking(move || load_backlog(&b, &input, n, keys))
         .await
@@ -751,7 +781,7 @@ async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResul
     // Latency with a paced load at half that throughput, and the same load through a
     // plain relay with paysync's client settings (the floor Kafka itself sets).
     let (mut e2e, mut overhead, mut floor, mut paced_rate) = (None, None, None, None);
-    if s.paced && !backlog_only {
+    if s.paced && !backlog_only && !s.mock_broker {
         let rate = throughput / 2.0;
         let count = ((rate * 5.0) as usize).clamp(200, 20_000);
         let t = topics(&format!("{}-paced", s.name));
@@ -813,11 +843,15 @@ async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResul
         }
     }
 
-    if backlog_only {
+    if backlog_only || s.mock_broker {
         sim.stop().await;
         return ScenarioResult {
             name: s.name.to_owned(),
+            what: s.what.to_owned(),
             n: s.n,
+            max_in_flight: s.max_in_flight,
+            latency: s.latency_text.to_owned(),
+            keys: format!("{:?}", s.keys),
             throughput_rps: throughput,
             peak_rss_mb: rss,
             cpu_s_per_1k: cpu / s.n as f64 * 1000.0,
@@ -884,6 +918,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             max_in_flight: 256,
             paced: true,
             baseline: true,
+            mock_broker: false,
         },
         Scenario {
             name: "latency-50ms",
@@ -896,6 +931,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             max_in_flight: 1000,
             paced: true,
             baseline: true,
+            mock_broker: false,
         },
         Scenario {
             name: "tail-200ms-zipf",
@@ -912,6 +948,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             max_in_flight: 1000,
             paced: false,
             baseline: false,
+            mock_broker: false,
         },
         Scenario {
             name: "errors-5pct",
@@ -924,6 +961,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             max_in_flight: 1000,
             paced: false,
             baseline: false,
+            mock_broker: false,
         },
     ];
     for (n, name) in [
@@ -942,6 +980,26 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             max_in_flight: 1000,
             paced: false,
             baseline: false,
+            mock_broker: false,
+        });
+    }
+    for (n, name) in [
+        (10_000, "backlog-10k-mock"),
+        (100_000, "backlog-100k-mock"),
+        (1_000_000, "backlog-1m-mock"),
+    ] {
+        v.push(Scenario {
+            name,
+            what: "0 ms connector, max_in_flight 1000, mock-cluster broker: memory bound",
+            n: scale(n),
+            latency: Latency::None,
+            latency_text: "0 ms",
+            error_rate: 0.0,
+            keys: Keys::Uniform,
+            max_in_flight: 1000,
+            paced: false,
+            baseline: false,
+            mock_broker: true,
         });
     }
     for m in [50, 100, 250, 500, 1000, 2000] {
@@ -956,6 +1014,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             max_in_flight: m,
             paced: false,
             baseline: false,
+            mock_broker: false,
         });
     }
     v
@@ -999,7 +1058,7 @@ fn markdown(machine: &str, results: &[ScenarioResult]) -> String {
     for r in results {
         let limit = r.sim_capacity_rps.min(r.broker_capacity_rps);
         md.push_str(&format!(
-            "| {} | {} | {} | {}{} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {:.1} | {:.3} |\n",
+            "| {} | {} | {} | {}{} | {:.0} | {} | {} | {} | {} | {} | {:.1} | {:.3} |\n",
             r.name,
             r.n,
             r.max_in_flight,
@@ -1010,8 +1069,16 @@ fn markdown(machine: &str, results: &[ScenarioResult]) -> String {
                 String::new()
             },
             r.throughput_rps,
-            limit,
-            r.ratio_to_limit,
+            if limit > 0.0 {
+                format!("{limit:.0}")
+            } else {
+                String::new()
+            },
+            if limit > 0.0 {
+                format!("{:.2}", r.ratio_to_limit)
+            } else {
+                String::new()
+            },
             r.little_limit_rps.map_or("".into(), |l| format!(
                 "{:.0} ({:.0}%)",
                 l,

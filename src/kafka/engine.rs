@@ -585,11 +585,11 @@ impl Engine {
                     self.seek(partition, expected);
                     return;
                 }
-                tracing::info!(
+                tracing::warn!(
                     partition,
                     offset,
                     expected,
-                    "offsets absent from the log (compaction or transaction markers)"
+                    "offsets absent from the log (compaction, transaction markers, or deleted by retention before they were consumed)"
                 );
                 if !self.ledger.accept(partition, epoch, offset) {
                     return;
