@@ -269,10 +269,11 @@ async fn a_large_backlog_stays_in_the_broker() {
             *lag > 15_000.0,
             "the backlog is still in the broker: lag {lag}"
         );
-        // 100 messages or 64 KiB queued, plus one 16 KiB fetch (about 300 small
-        // requests) may overshoot.
+        // 100 messages or 64 KiB queued, plus one fetch; a fetch returns whole
+        // producer batches, and the requests were produced 1,000 at a time, so a
+        // fetch can bring up to about 1,000 at once (seen: 968).
         assert!(
-            *prefetched <= 500.0,
+            *prefetched <= 2_000.0,
             "the client queue stays bounded: {prefetched} prefetched"
         );
     }
