@@ -964,14 +964,19 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             mock_broker: false,
         },
     ];
-    for (n, name) in [
-        (10_000, "growth-10k"),
-        (100_000, "growth-100k"),
-        (1_000_000, "growth-1m"),
+    let growth = "0 ms connector, max_in_flight 1000: memory and CPU growth";
+    let bound = "0 ms connector, max_in_flight 1000, mock-cluster broker: memory bound";
+    for (n, name, what, mock_broker) in [
+        (10_000, "growth-10k", growth, false),
+        (100_000, "growth-100k", growth, false),
+        (1_000_000, "growth-1m", growth, false),
+        (10_000, "backlog-10k-mock", bound, true),
+        (100_000, "backlog-100k-mock", bound, true),
+        (1_000_000, "backlog-1m-mock", bound, true),
     ] {
         v.push(Scenario {
             name,
-            what: "0 ms connector, max_in_flight 1000: memory and CPU growth",
+            what,
             n: scale(n),
             latency: Latency::None,
             latency_text: "0 ms",
@@ -980,26 +985,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             max_in_flight: 1000,
             paced: false,
             baseline: false,
-            mock_broker: false,
-        });
-    }
-    for (n, name) in [
-        (10_000, "backlog-10k-mock"),
-        (100_000, "backlog-100k-mock"),
-        (1_000_000, "backlog-1m-mock"),
-    ] {
-        v.push(Scenario {
-            name,
-            what: "0 ms connector, max_in_flight 1000, mock-cluster broker: memory bound",
-            n: scale(n),
-            latency: Latency::None,
-            latency_text: "0 ms",
-            error_rate: 0.0,
-            keys: Keys::Uniform,
-            max_in_flight: 1000,
-            paced: false,
-            baseline: false,
-            mock_broker: true,
+            mock_broker,
         });
     }
     for m in [50, 100, 250, 500, 1000, 2000] {

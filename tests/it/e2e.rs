@@ -412,6 +412,15 @@ async fn produce_all(brokers: &str, topic: &str, values: &[String]) -> HashSet<(
 }
 
 /// (partition, offset) of the input an event came from, via its request_id default.
+/// One past the highest produced offset of each partition.
+fn end_offsets(positions: &HashSet<(i32, i64)>, partitions: i32) -> Vec<i64> {
+    let mut ends = vec![0i64; partitions as usize];
+    for (p, o) in positions {
+        ends[*p as usize] = ends[*p as usize].max(o + 1);
+    }
+    ends
+}
+
 fn source_of(r: &RawRecord, input_topic: &str) -> ((i32, i64), String) {
     let json = decode_with_schema_file(r.value.as_deref().unwrap());
     let request_id = json["request_id"].as_str().unwrap();
@@ -545,10 +554,7 @@ async fn sigterm_exits_zero_and_a_restart_repeats_nothing() {
     );
     let committed =
         committed_offsets(broker.bootstrap(), &t.group, &t.input, t.partitions).unwrap();
-    let mut ends = vec![0i64; t.partitions as usize];
-    for (p, o) in &positions {
-        ends[*p as usize] = ends[*p as usize].max(o + 1);
-    }
+    let ends = end_offsets(&positions, t.partitions);
     assert_eq!(committed, ends, "everything committed on shutdown");
 
     let second = Process::spawn(broker.bootstrap(), &t, &sim.base_url(), "");
@@ -621,9 +627,6 @@ async fn a_briefly_unreachable_broker_is_waited_out() {
     // Everything was processed, so the final commit covers every offset.
     let committed =
         committed_offsets(broker.bootstrap(), &t.group, &t.input, t.partitions).unwrap();
-    let mut ends = vec![0i64; t.partitions as usize];
-    for (p, o) in &positions {
-        ends[*p as usize] = ends[*p as usize].max(o + 1);
-    }
+    let ends = end_offsets(&positions, t.partitions);
     assert_eq!(committed, ends, "committed offsets after the outage");
 }
