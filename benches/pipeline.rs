@@ -964,6 +964,19 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             mock_broker: false,
         },
     ];
+    v.push(Scenario {
+        name: "latency-50ms-mock",
+        what: "50 ms connector, max_in_flight 1000, mock-cluster broker: memory at the bound",
+        n: scale(100_000),
+        latency: Latency::Fixed(ms(50)),
+        latency_text: "50 ms fixed",
+        error_rate: 0.0,
+        keys: Keys::Uniform,
+        max_in_flight: 1000,
+        paced: false,
+        baseline: false,
+        mock_broker: true,
+    });
     let growth = "0 ms connector, max_in_flight 1000: memory and CPU growth";
     let bound = "0 ms connector, max_in_flight 1000, mock-cluster broker: memory bound";
     for (n, name, what, mock_broker) in [
