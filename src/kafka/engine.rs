@@ -412,9 +412,13 @@ impl Engine {
                     }
                 }
                 _ = commit_tick.tick() => {
-                    // Also a backstop for an event the consumer queue holds without
-                    // having signalled it.
+                    // Also a backstop for a queue that holds something without
+                    // having signalled it: serve the consumer queue and look at
+                    // every partition queue once.
                     self.serve_consumer_queue();
+                    for source in self.sources.values() {
+                        source.ready.store(true, Ordering::Release);
+                    }
                     self.commit(CommitMode::Async);
                 }
                 () = context.wake.notified() => {}
@@ -539,6 +543,9 @@ impl Engine {
     }
 
     fn split(&mut self, partition: i32) {
+        // Dropping an old handle of this partition's queue would switch off the
+        // new handle's wake-up callback: drop it first.
+        self.sources.remove(&partition);
         let Some(mut queue) = self
             .consumer
             .split_partition_queue(&self.settings.input_topic, partition)
@@ -732,6 +739,19 @@ impl Engine {
         );
         for (p, o) in &committed {
             self.ledger.committed(*p, *o);
+        }
+        let wanted = positions
+            .iter()
+            .filter(|p| p.committed.is_none_or(|c| p.watermark > c))
+            .count();
+        if committed.len() < wanted {
+            // Typically the group expelled this member (a broker outage longer than
+            // the session timeout): its commits are refused, and the partitions'
+            // next owner repeats the work since the last commit that landed.
+            tracing::warn!(
+                ?positions,
+                "final commit refused; work since the last commit will be repeated"
+            );
         }
         tracing::info!(?committed, "final commit");
         self.metrics.set_in_flight(self.scheduler.in_flight());
