@@ -411,7 +411,6 @@ async fn produce_all(brokers: &str, topic: &str, values: &[String]) -> HashSet<(
     positions
 }
 
-/// (partition, offset) of the input an event came from, via its request_id default.
 /// One past the highest produced offset of each partition.
 fn end_offsets(positions: &HashSet<(i32, i64)>, partitions: i32) -> Vec<i64> {
     let mut ends = vec![0i64; partitions as usize];
@@ -421,6 +420,7 @@ fn end_offsets(positions: &HashSet<(i32, i64)>, partitions: i32) -> Vec<i64> {
     ends
 }
 
+/// (partition, offset) of the input an event came from, via its request_id default.
 fn source_of(r: &RawRecord, input_topic: &str) -> ((i32, i64), String) {
     let json = decode_with_schema_file(r.value.as_deref().unwrap());
     let request_id = json["request_id"].as_str().unwrap();
