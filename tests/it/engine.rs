@@ -170,17 +170,9 @@ async fn the_in_flight_bound_is_never_exceeded() {
         )
         .await;
     }
-    let toml = settings_toml(
-        broker.bootstrap(),
-        &t,
-        &sim.base_url(),
-        "127.0.0.1:0".parse().unwrap(),
-        "",
-    )
-    .replace("[processing]\n", "[processing]\nmax_in_flight = 5\n");
-    let app = paysync::app::start(paysync::config::Settings::from_toml(&toml).unwrap())
-        .await
-        .unwrap();
+    let mut s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
+    s.processing.max_in_flight = 5;
+    let app = paysync::app::start(s).await.unwrap();
     // Watch the gauge while the backlog drains.
     let metrics = app.metrics();
     let stop = Arc::new(AtomicBool::new(false));
@@ -235,21 +227,17 @@ async fn a_large_backlog_stays_in_the_broker() {
         let sends = chunk.iter().map(|id| send_to(&producer, &t.input, 0, id));
         futures::future::join_all(sends).await;
     }
-    let toml = settings_toml(
-        broker.bootstrap(),
-        &t,
-        &sim.base_url(),
-        "127.0.0.1:0".parse().unwrap(),
-        "",
-    )
-    .replace(
-        "\"heartbeat.interval.ms\" = \"500\"\n",
-        "\"heartbeat.interval.ms\" = \"500\"\n\"queued.min.messages\" = \"100\"\n\"queued.max.messages.kbytes\" = \"64\"\n\"max.partition.fetch.bytes\" = \"16384\"\n\"statistics.interval.ms\" = \"1000\"\n",
-    )
-    .replace("[processing]\n", "[processing]\nmax_in_flight = 4\n");
-    let app = paysync::app::start(paysync::config::Settings::from_toml(&toml).unwrap())
-        .await
-        .unwrap();
+    let mut s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
+    s.processing.max_in_flight = 4;
+    for (k, v) in [
+        ("queued.min.messages", "100"),
+        ("queued.max.messages.kbytes", "64"),
+        ("max.partition.fetch.bytes", "16384"),
+        ("statistics.interval.ms", "1000"),
+    ] {
+        s.kafka.consumer.0.insert(k.to_owned(), v.to_owned());
+    }
+    let app = paysync::app::start(s).await.unwrap();
     let metrics = app.metrics();
     let deadline = std::time::Instant::now() + WAIT;
     let mut samples = Vec::new();
@@ -549,20 +537,10 @@ async fn hot_payments_under_saturation_lose_repeat_and_reorder_nothing() {
         inputs.extend(futures::future::join_all(sends).await);
     }
     assert_eq!(inputs.len(), n);
-    let toml = settings_toml(
-        broker.bootstrap(),
-        &t,
-        &sim.base_url(),
-        "127.0.0.1:0".parse().unwrap(),
-        "",
-    )
-    .replace(
-        "[processing]\n",
-        "[processing]\nmax_in_flight = 16\nmax_queued_per_key = 4\n",
-    );
-    let app = paysync::app::start(paysync::config::Settings::from_toml(&toml).unwrap())
-        .await
-        .unwrap();
+    let mut s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
+    s.processing.max_in_flight = 16;
+    s.processing.max_queued_per_key = 4;
+    let app = paysync::app::start(s).await.unwrap();
     let records =
         read_outputs_settled(broker.bootstrap(), &t, n, WAIT, Duration::from_secs(2)).await;
     let events: Vec<serde_json::Value> = records.iter().map(event).collect();

@@ -167,6 +167,16 @@ impl Rig {
     fn token_requests(&self) -> u64 {
         self.tokens.0.load(Ordering::SeqCst)
     }
+
+    /// `paysync_connector_retries_total`, for one reason or (None) all of them.
+    fn retries(&self, reason: Option<&str>) -> f64 {
+        let labels: Vec<(&str, &str)> = reason.map(|r| ("reason", r)).into_iter().collect();
+        sum_metric(
+            &self.metrics.render(),
+            "paysync_connector_retries_total",
+            &labels,
+        )
+    }
 }
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
@@ -210,15 +220,7 @@ async fn thirty_percent_5xx_are_retried_and_never_become_errors() {
         .map(|id| script.calls(id).len() - 1)
         .sum::<usize>();
     assert_eq!(failed_calls, 120);
-    let text = r.metrics.render();
-    assert_eq!(
-        sum_metric(
-            &text,
-            "paysync_connector_retries_total",
-            &[("reason", "5xx")]
-        ) as usize,
-        failed_calls
-    );
+    assert_eq!(r.retries(Some("5xx")) as usize, failed_calls);
     assert_eq!(r.token_requests(), 1);
 }
 
@@ -235,14 +237,7 @@ async fn timeouts_are_retried() {
     let results = r.check_all(&ids("slow", 3)).await;
     assert_all_charged(&results, 3);
     assert_eq!(results[0].attempts, 2);
-    assert_eq!(
-        sum_metric(
-            &r.metrics.render(),
-            "paysync_connector_retries_total",
-            &[("reason", "timeout")]
-        ),
-        1.0
-    );
+    assert_eq!(r.retries(Some("timeout")), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,14 +265,7 @@ async fn a_429_storm_with_retry_after_is_honoured() {
             calls[1] - calls[0]
         );
     }
-    assert_eq!(
-        sum_metric(
-            &r.metrics.render(),
-            "paysync_connector_retries_total",
-            &[("reason", "429")]
-        ),
-        50.0
-    );
+    assert_eq!(r.retries(Some("429")), 50.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,10 +417,7 @@ async fn slow_answers_within_the_timeout_are_not_retried() {
     let results = r.check_all(&ids("slowok", 20)).await;
     assert_all_charged(&results, 20);
     assert!(results.iter().all(|r| r.attempts == 1));
-    assert_eq!(
-        sum_metric(&r.metrics.render(), "paysync_connector_retries_total", &[]),
-        0.0
-    );
+    assert_eq!(r.retries(None), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
