@@ -15,7 +15,7 @@
 //! member stays in its group during a long stall. Nothing is discarded and
 //! refetched, so offsets reach the engine contiguously and in order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -332,6 +332,7 @@ fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Incoming {
 
 /// One assigned partition's own message queue, split from the consumer queue.
 struct Source {
+    partition: i32,
     queue: PartitionQueue<EngineContext>,
     /// The queue may hold messages: set by librdkafka when it becomes non-empty,
     /// and by the engine when it stops reading before the queue ran dry.
@@ -347,7 +348,7 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     settings: EngineSettings,
     scheduler: Scheduler<PipelineJob>,
-    sources: BTreeMap<i32, Source>,
+    sources: Vec<Source>,
     /// Round-robin start for reading partitions, so none is always first.
     rotate: usize,
     /// Partitions sought back after a gap: (expected offset, seeks so far).
@@ -377,7 +378,7 @@ impl Engine {
             ledger,
             metrics,
             settings,
-            sources: BTreeMap::new(),
+            sources: Vec::new(),
             rotate: 0,
             gap_seeks: std::collections::HashMap::new(),
             done_tx,
@@ -416,7 +417,7 @@ impl Engine {
                     // having signalled it: serve the consumer queue and look at
                     // every partition queue once.
                     self.serve_consumer_queue();
-                    for source in self.sources.values() {
+                    for source in &self.sources {
                         source.ready.store(true, Ordering::Release);
                     }
                     self.commit(CommitMode::Async);
@@ -458,37 +459,30 @@ impl Engine {
         if self.sources.is_empty() || self.scheduler.saturated() {
             return false;
         }
-        let partitions: Vec<i32> = self.sources.keys().copied().collect();
-        self.rotate = (self.rotate + 1) % partitions.len();
+        let count = self.sources.len();
+        self.rotate = (self.rotate + 1) % count;
+        let first = self.rotate;
         let mut more = false;
-        for i in 0..partitions.len() {
-            let p = partitions[(self.rotate + i) % partitions.len()];
-            if self.scheduler.parked_in(p) > 0 {
+        for i in (0..count).map(|i| (first + i) % count) {
+            let p = self.sources[i].partition;
+            if self.scheduler.parked_in(p) > 0
+                || !self.sources[i].ready.swap(false, Ordering::AcqRel)
+            {
                 continue;
             }
-            let Some(source) = self.sources.get(&p) else {
-                continue;
-            };
-            if !source.ready.swap(false, Ordering::AcqRel) {
-                continue;
-            }
-            let ready = source.ready.clone();
             let mut taken = 0;
             loop {
                 if self.scheduler.saturated() || self.scheduler.parked_in(p) > 0 {
                     // Stopped before the queue ran dry: read it again later.
-                    ready.store(true, Ordering::Release);
+                    self.sources[i].ready.store(true, Ordering::Release);
                     break;
                 }
                 if taken == READ_BATCH {
-                    ready.store(true, Ordering::Release);
+                    self.sources[i].ready.store(true, Ordering::Release);
                     more = true;
                     break;
                 }
-                let Some(source) = self.sources.get(&p) else {
-                    break;
-                };
-                match source.queue.poll(Duration::ZERO) {
+                match self.sources[i].queue.poll(Duration::ZERO) {
                     Some(Ok(m)) => {
                         let incoming = incoming(&m, &self.topic);
                         drop(m);
@@ -520,7 +514,7 @@ impl Engine {
                 Note::Revoked(partitions) => {
                     for p in partitions {
                         self.gap_seeks.remove(&p);
-                        self.sources.remove(&p);
+                        self.sources.retain(|s| s.partition != p);
                         let dropped = self.scheduler.drop_partition(p);
                         if dropped > 0 {
                             tracing::debug!(
@@ -545,7 +539,7 @@ impl Engine {
     fn split(&mut self, partition: i32) {
         // Dropping an old handle of this partition's queue would switch off the
         // new handle's wake-up callback: drop it first.
-        self.sources.remove(&partition);
+        self.sources.retain(|s| s.partition != partition);
         let Some(mut queue) = self
             .consumer
             .split_partition_queue(&self.settings.input_topic, partition)
@@ -560,7 +554,11 @@ impl Engine {
             flag.store(true, Ordering::Release);
             wake.notify_one();
         });
-        self.sources.insert(partition, Source { queue, ready });
+        self.sources.push(Source {
+            partition,
+            queue,
+            ready,
+        });
     }
 
     fn on_message(&mut self, incoming: Incoming) {

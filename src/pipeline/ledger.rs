@@ -104,15 +104,6 @@ impl Ledger {
         Epoch(Inner::part(&mut self.lock(), partition).epoch)
     }
 
-    /// The next offset the current owner of `partition` expects (one past the last
-    /// accepted), if it accepted any. Never creates partition state.
-    pub fn expected(&self, partition: i32) -> Option<i64> {
-        self.lock()
-            .parts
-            .get(&partition)
-            .and_then(|p| p.tracker.next())
-    }
-
     /// Takes in a consumed offset with one lock: creates the partition's state on
     /// first use, and accepts the offset unless it repeats one already seen or
     /// jumps past the next expected offset (the caller decides about gaps, then
@@ -337,10 +328,17 @@ mod tests {
                 expected: 12
             }
         );
-        assert_eq!(l.expected(0), Some(12), "a gap is not tracked by arrive");
+        assert_eq!(
+            l.arrive(0, 16),
+            Arrival::Gap {
+                epoch: e,
+                expected: 12
+            },
+            "a gap is not tracked by arrive"
+        );
         assert!(l.accept(0, e, 15), "the caller may accept a real gap");
-        assert_eq!(l.expected(0), Some(16));
-        assert_eq!(l.expected(1), None);
+        assert_eq!(l.arrive(0, 16), Arrival::Accepted(e));
+        assert!(matches!(l.arrive(1, 40), Arrival::Accepted(_)));
     }
 
     #[test]
