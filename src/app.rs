@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{DecodeOptions, EventEncoder, WireFormat};
+use crate::codec::{AcceptedSchemaIds, DecodeOptions, EventEncoder, WireFormat};
 use crate::config::Settings;
 use crate::connectors::client::ConnectorClient;
 use crate::connectors::registry;
@@ -39,6 +39,7 @@ pub struct RunningApp {
     engine: JoinHandle<()>,
     server: JoinHandle<()>,
     topic_check: JoinHandle<()>,
+    registry_refresh: Option<JoinHandle<()>>,
     publisher: Arc<Publisher>,
     consumer: Arc<EngineConsumer>,
     metrics: Arc<Metrics>,
@@ -69,6 +70,9 @@ impl RunningApp {
             tracing::error!(error = %e, "engine task failed");
         }
         self.topic_check.abort();
+        if let Some(task) = &self.registry_refresh {
+            task.abort();
+        }
         let publisher = self.publisher.clone();
         match tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(30))).await {
             Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete"),
@@ -102,6 +106,9 @@ pub fn connectors(
 /// Starts paysync.
 pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
     let metrics = Arc::new(Metrics::new());
+    let accepted_schema_ids =
+        AcceptedSchemaIds::new(settings.processing.accepted_schema_ids.iter().copied());
+    let mut registry_refresh = None;
     let format = match &settings.schema_registry {
         None => WireFormat::SingleObject,
         Some(r) => {
@@ -110,6 +117,18 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
                 .schema_id_with_retries(&r.subject, crate::codec::avro::EVENT_SCHEMA_JSON, 5)
                 .await
                 .map_err(|e| StartupError(e.to_string()))?;
+            let request_subject = format!("{}-value", settings.kafka.input_topic);
+            match client.subject_ids(&request_subject).await {
+                Ok(ids) => accepted_schema_ids.extend(ids),
+                Err(e) => {
+                    tracing::warn!(error = %e, subject = %request_subject, "cannot list the request schema ids")
+                }
+            }
+            registry_refresh = Some(tokio::spawn(refresh_request_ids(
+                client,
+                request_subject,
+                accepted_schema_ids.clone(),
+            )));
             tracing::info!(subject = %r.subject, schema_id = id, "event schema registered; using the Confluent wire format");
             WireFormat::Confluent { schema_id: id }
         }
@@ -120,6 +139,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
             default_connector: settings.processing.default_connector.clone(),
             default_merchant: settings.processing.default_merchant.clone(),
             max_request_bytes: settings.processing.max_request_bytes,
+            accepted_schema_ids,
         },
         EventEncoder::new(format),
         settings.secret_fields(),
@@ -208,12 +228,25 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         engine,
         server,
         topic_check,
+        registry_refresh,
         publisher,
         consumer,
         metrics,
         http_addr,
         ready,
     })
+}
+
+/// Keeps the accepted Confluent schema ids of Avro requests up to date with the
+/// versions registered under the input topic's subject.
+async fn refresh_request_ids(client: RegistryClient, subject: String, ids: AcceptedSchemaIds) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        match client.subject_ids(&subject).await {
+            Ok(found) => ids.extend(found),
+            Err(e) => tracing::warn!(error = %e, %subject, "cannot list the request schema ids"),
+        }
+    }
 }
 
 /// Waits until the topics exist (readiness); logs what is missing meanwhile.

@@ -27,6 +27,9 @@ pub const ENV_PREFIX: &str = "PAYSYNC_";
 
 const MASK: &str = "********";
 
+/// The longest duration any setting accepts.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A configuration problem, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: `{key}`: {message}")]
@@ -191,6 +194,8 @@ struct RawProcessing {
     max_in_flight: i64,
     max_queued_per_key: i64,
     max_request_bytes: i64,
+    #[serde(default)]
+    accepted_schema_ids: Vec<i64>,
     #[serde(deserialize_with = "lenient_string")]
     default_connector: String,
     #[serde(deserialize_with = "lenient_string")]
@@ -509,6 +514,9 @@ pub struct ProcessingSettings {
     pub max_queued_per_key: usize,
     /// Largest accepted request value.
     pub max_request_bytes: usize,
+    /// Confluent schema ids accepted for Avro requests (besides those the registry
+    /// has for `<input_topic>-value`).
+    pub accepted_schema_ids: Vec<u32>,
     /// Connector for requests that name none.
     pub default_connector: String,
     /// Merchant account for requests that name none.
@@ -815,6 +823,11 @@ fn duration(key: &str, raw: &str) -> Result<Duration, ConfigError> {
     if d.is_zero() {
         return Err(ConfigError::new(key, "must be greater than zero"));
     }
+    // Durations are added to `Instant`s; a bound keeps that arithmetic far from
+    // overflow whatever a configuration says.
+    if d > MAX_DURATION {
+        return Err(ConfigError::new(key, "must be at most 7 days"));
+    }
     Ok(d)
 }
 
@@ -920,6 +933,19 @@ impl RawSettings {
                 64,
                 16 * 1024 * 1024,
             )?,
+            accepted_schema_ids: p
+                .accepted_schema_ids
+                .iter()
+                .map(|id| {
+                    bounded(
+                        "processing.accepted_schema_ids",
+                        *id,
+                        0,
+                        i64::from(i32::MAX),
+                    )
+                    .map(|id| id as u32)
+                })
+                .collect::<Result<_, _>>()?,
             default_connector: non_empty("processing.default_connector", &p.default_connector)?,
             default_merchant: non_empty("processing.default_merchant", &p.default_merchant)?,
             shutdown_timeout: duration("processing.shutdown_timeout", &p.shutdown_timeout)?,

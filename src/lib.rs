@@ -21,7 +21,8 @@
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
 //! | [`demo`] | `paysync demo` and the CM.com simulator | in-process |
-#![forbid(unsafe_code)]
+// The one exception is `kafka::headers` (FFI for header names that are not UTF-8).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 

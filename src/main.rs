@@ -44,8 +44,12 @@ enum Command {
         #[arg(long, env = "PAYSYNC_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Print the Avro schemas (event, then request).
-    Schema,
+    /// Print the Avro schemas (event, then request) with their single-object fingerprints.
+    Schema {
+        /// Print only this schema, exactly as committed (for other tools).
+        #[arg(long, value_enum)]
+        only: Option<WhichSchema>,
+    },
     /// Serve the CM.com simulator (token endpoint and Get Transaction) for local stacks and load tests.
     SimulateCm {
         /// Listen address.
@@ -58,6 +62,55 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         error_rate: f64,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WhichSchema {
+    /// `PaymentStatusEvent` (schemas/payment_status_event.avsc).
+    Event,
+    /// `StatusCheckRequest` (schemas/status_check_request.avsc).
+    Request,
+}
+
+fn print_schemas(only: Option<WhichSchema>) {
+    use paysync::codec::avro::{Schemas, EVENT_SCHEMA_JSON, REQUEST_SCHEMA_JSON};
+    let schemas = Schemas::get();
+    let all = [
+        (
+            WhichSchema::Event,
+            "schemas/payment_status_event.avsc",
+            EVENT_SCHEMA_JSON,
+            schemas.event_fingerprint,
+        ),
+        (
+            WhichSchema::Request,
+            "schemas/status_check_request.avsc",
+            REQUEST_SCHEMA_JSON,
+            schemas.request_fingerprint,
+        ),
+    ];
+    for (which, file, json, fingerprint) in all {
+        match only {
+            Some(o) if o as u8 != which as u8 => continue,
+            Some(_) => println!("{}", json.trim_end()),
+            None => {
+                let wire: Vec<String> = fingerprint
+                    .to_le_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                println!("# {file}");
+                println!(
+                    "# fingerprint (CRC-64-AVRO of the Parsing Canonical Form): {fingerprint:016x}"
+                );
+                println!(
+                    "# on the wire after C3 01 (little-endian): {}",
+                    wire.join(" ")
+                );
+                println!("{}", json.trim_end());
+            }
+        }
+    }
 }
 
 fn load(config: Option<PathBuf>) -> Result<Settings, ExitCode> {
@@ -103,9 +156,8 @@ async fn termination() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Schema => {
-            println!("{}", paysync::codec::avro::EVENT_SCHEMA_JSON.trim_end());
-            println!("{}", paysync::codec::avro::REQUEST_SCHEMA_JSON.trim_end());
+        Command::Schema { only } => {
+            print_schemas(only);
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => match load(config) {

@@ -177,6 +177,73 @@ impl RegistryClient {
         })
     }
 
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: url::Url,
+    ) -> Result<Option<T>, RegistryError> {
+        let mut req = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        if let Some(user) = &self.settings.username {
+            req = req.basic_auth(
+                user,
+                self.settings
+                    .password
+                    .as_ref()
+                    .map(|p| p.expose_secret().to_owned()),
+            );
+        }
+        let response = req.send().await.map_err(|e| RegistryError::Unreachable {
+            url: self.settings.url.to_string(),
+            message: crate::connectors::sanitize(&e.without_url().to_string()),
+        })?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.unwrap_or_default();
+        match status {
+            200..=299 => {
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|_| RegistryError::Unexpected {
+                        status,
+                        message: "answer is not the expected JSON".into(),
+                    })
+            }
+            404 => Ok(None),
+            401 | 403 => Err(RegistryError::Unauthorized(status)),
+            _ => Err(RegistryError::Unexpected {
+                status,
+                message: serde_json::from_slice::<ErrorAnswer>(&body)
+                    .ok()
+                    .and_then(|e| e.message)
+                    .map(|m| crate::connectors::sanitize(&m))
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// The ids of every schema version registered under `subject` (empty when the
+    /// subject does not exist). Avro requests framed with one of them are accepted.
+    pub async fn subject_ids(&self, subject: &str) -> Result<Vec<u32>, RegistryError> {
+        let Some(versions) = self
+            .get_json::<Vec<i64>>(self.url(&["subjects", subject, "versions"]))
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut ids = Vec::with_capacity(versions.len());
+        for version in versions {
+            let v = version.to_string();
+            if let Some(answer) = self
+                .get_json::<IdAnswer>(self.url(&["subjects", subject, "versions", &v]))
+                .await?
+            {
+                ids.push(answer.id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// [`Self::schema_id`] with a few retries for an unreachable or failing registry.
     pub async fn schema_id_with_retries(
         &self,

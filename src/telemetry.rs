@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::LogFormat;
@@ -33,6 +33,11 @@ pub struct Metrics {
     publish_retries: IntCounterVec,
     circuit_open: IntGaugeVec,
     rate_limit_wait: HistogramVec,
+    redirects_dropped: IntCounterVec,
+    internal_errors: IntCounter,
+    stalled_partitions: IntGauge,
+    watermark_stuck: IntGaugeVec,
+    token_refusals: IntCounterVec,
 }
 
 /// Outcome of one request (`paysync_requests_total{outcome}`).
@@ -129,6 +134,20 @@ impl Metrics {
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(in_flight.clone()))
             .unwrap_or_else(|e| panic!("{e}"));
+        let internal_errors = IntCounter::new(
+            "paysync_internal_errors_total",
+            "Requests whose processing panicked (a bug); each was dead-lettered as internal_error.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(internal_errors.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stalled_partitions = IntGauge::new(
+            "paysync_stalled_partitions",
+            "Partitions stopped by a dead letter the broker refuses permanently (uncommitted until the cause clears).",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(stalled_partitions.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
         let m = Metrics {
             requests: counter(r, "paysync_requests_total", "Requests processed, by outcome.", &["outcome"]),
             events_published: counter(
@@ -197,6 +216,26 @@ impl Metrics {
             ),
             circuit_open: gauge_vec(r, "paysync_circuit_open", "1 while the connector's circuit is open.", &["connector"]),
             rate_limit_wait,
+            redirects_dropped: counter(
+                r,
+                "paysync_redirects_dropped_total",
+                "Redirect URLs from a connector that were not http(s) and were not published.",
+                &["connector"],
+            ),
+            internal_errors,
+            stalled_partitions,
+            watermark_stuck: gauge_vec(
+                r,
+                "paysync_commit_watermark_stuck_seconds",
+                "Seconds the partition's commit watermark has not moved while work is pending (0 when idle or moving).",
+                &["partition"],
+            ),
+            token_refusals: counter(
+                r,
+                "paysync_token_refusals_total",
+                "Token requests refused by the connector's token endpoint (credentials), by account.",
+                &["connector", "account"],
+            ),
             registry,
         };
         for o in [Outcome::Synced, Outcome::ConnectorError, Outcome::Invalid] {
@@ -290,6 +329,7 @@ impl Metrics {
         let _ = self.prefetched.remove_label_values(&[&p]);
         let _ = self.committed_offset.remove_label_values(&[&p]);
         let _ = self.commit_gap.remove_label_values(&[&p]);
+        let _ = self.watermark_stuck.remove_label_values(&[&p]);
     }
 
     /// A publish is retried.
@@ -309,6 +349,36 @@ impl Metrics {
         self.rate_limit_wait
             .with_label_values(&[connector])
             .observe(waited.as_secs_f64());
+    }
+
+    /// A connector's redirect URL was dropped (not http/https).
+    pub fn redirect_dropped(&self, connector: &str) {
+        self.redirects_dropped.with_label_values(&[connector]).inc();
+    }
+
+    /// A job panicked and its record was dead-lettered.
+    pub fn internal_error(&self) {
+        self.internal_errors.inc();
+    }
+
+    /// Partitions currently stalled by a permanently refused dead letter.
+    pub fn set_stalled_partitions(&self, n: usize) {
+        self.stalled_partitions
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// How long a partition's watermark has been stuck with work pending.
+    pub fn set_watermark_stuck(&self, partition: i32, stuck: Duration) {
+        self.watermark_stuck
+            .with_label_values(&[&partition.to_string()])
+            .set(i64::try_from(stuck.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// The token endpoint refused an account's credentials.
+    pub fn token_refused(&self, connector: &str, account: &str) {
+        self.token_refusals
+            .with_label_values(&[connector, account])
+            .inc();
     }
 
     /// Current value of `paysync_in_flight`.

@@ -1,16 +1,17 @@
 //! The Avro side: the schemas in `schemas/` (embedded at build time, the single
 //! source of truth), the event to Avro `Value` mapping, and the two wire formats:
 //! Avro single-object encoding (`C3 01`, 8-byte little-endian CRC-64-AVRO
-//! fingerprint of the parsing canonical form, binary datum) and the Confluent
-//! Schema Registry format (`00`, 4-byte big-endian schema id, binary datum).
+//! fingerprint of the Parsing Canonical Form as the specification defines it, see
+//! [`super::canonical`], binary datum) and the Confluent Schema Registry format
+//! (`00`, 4-byte big-endian schema id, binary datum).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
-use apache_avro::rabin::Rabin;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 
+use super::canonical;
 use crate::domain::event::{
     ConnectorErrorDetails, ConnectorState, ErrorInfo, IssuerErrorDetails, MandateReference,
     NetworkErrorDetails, UnifiedErrorDetails,
@@ -64,22 +65,20 @@ impl Schemas {
             #[allow(clippy::expect_used)]
             let request =
                 Schema::parse_str(REQUEST_SCHEMA_JSON).expect("embedded request schema parses");
+            #[allow(clippy::expect_used)]
+            let event_fingerprint =
+                canonical::fingerprint(EVENT_SCHEMA_JSON).expect("embedded event schema");
+            #[allow(clippy::expect_used)]
+            let request_fingerprint =
+                canonical::fingerprint(REQUEST_SCHEMA_JSON).expect("embedded request schema");
             Schemas {
-                event_fingerprint: fingerprint(&event),
-                request_fingerprint: fingerprint(&request),
+                event_fingerprint,
+                request_fingerprint,
                 event,
                 request,
             }
         })
     }
-}
-
-/// The CRC-64-AVRO ("Rabin") fingerprint of a schema's parsing canonical form.
-pub fn fingerprint(schema: &Schema) -> u64 {
-    let fp = schema.fingerprint::<Rabin>();
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&fp.bytes[..8]);
-    u64::from_le_bytes(bytes)
 }
 
 /// How events are framed on the output topic.
@@ -606,25 +605,6 @@ mod tests {
     use crate::domain::event::{event_id, CheckFailure, Envelope, FailureCode, SecretFields};
     use crate::domain::{StatusCheckRequest, StatusReport, TransactionId};
 
-    /// CRC-64-AVRO written from the Avro specification's reference pseudo-code,
-    /// independent of the apache-avro crate.
-    fn spec_crc64_avro(data: &[u8]) -> u64 {
-        const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
-        let mut table = [0u64; 256];
-        for (i, slot) in table.iter_mut().enumerate() {
-            let mut fp = i as u64;
-            for _ in 0..8 {
-                fp = (fp >> 1) ^ (EMPTY & (0u64.wrapping_sub(fp & 1)));
-            }
-            *slot = fp;
-        }
-        let mut fp = EMPTY;
-        for b in data {
-            fp = (fp >> 8) ^ table[((fp ^ u64::from(*b)) & 0xff) as usize];
-        }
-        fp
-    }
-
     fn sample_event(outcome: Result<StatusReport, CheckFailure>) -> PaymentStatusEvent {
         let mut req = StatusCheckRequest::new(
             TransactionId::parse("tx-9").unwrap(),
@@ -669,30 +649,16 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_matches_an_independent_crc64_avro() {
-        let s = Schemas::get();
-        let canonical = s.event.canonical_form();
-        assert_eq!(s.event_fingerprint, spec_crc64_avro(canonical.as_bytes()));
-        assert_eq!(
-            s.request_fingerprint,
-            spec_crc64_avro(s.request.canonical_form().as_bytes())
-        );
-        // A published vector: the spec's empty-input value, and a primitive schema.
-        assert_eq!(spec_crc64_avro(b""), 0xc15d_213a_a4d7_a795);
-        let int_schema = Schema::parse_str("\"int\"").unwrap();
-        assert_eq!(fingerprint(&int_schema), spec_crc64_avro(b"\"int\""));
-    }
-
-    #[test]
     fn single_object_framing_is_exact() {
         let bytes = EventEncoder::new(WireFormat::SingleObject)
             .encode(&sample_event(Ok(charged_report())))
             .unwrap();
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);
-        let fp = u64::from_le_bytes(bytes[2..10].try_into().unwrap());
+        // The fingerprint fastavro and Java compute from the schema file
+        // (tests/fixtures/avro/vectors.json), in wire order.
         assert_eq!(
-            fp,
-            spec_crc64_avro(Schemas::get().event.canonical_form().as_bytes())
+            &bytes[2..10],
+            &[0x45, 0x32, 0x46, 0x2d, 0xa8, 0x91, 0x19, 0xe3]
         );
         // The body is exactly the Avro binary datum of the schema.
         let datum = apache_avro::to_avro_datum(
@@ -921,6 +887,71 @@ mod tests {
         let json = avro_to_json(decode_event_value(&bytes, Some(&reader)).unwrap()).unwrap();
         assert_eq!(json["future_field"], serde_json::Value::Null);
         assert_eq!(json["connector_status"], "OPEN");
+    }
+
+    /// Every released version of each schema (`schemas/released/v<N>/`), oldest first.
+    fn released(file: &str) -> Vec<(String, Schema)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/released");
+        let mut versions: Vec<(u32, String)> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                Some((name.strip_prefix('v')?.parse().ok()?, name))
+            })
+            .collect();
+        versions.sort();
+        versions
+            .into_iter()
+            .filter_map(|(_, v)| {
+                let text = std::fs::read_to_string(format!("{dir}/{v}/{file}")).ok()?;
+                Some((v, Schema::parse_str(&text).unwrap()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_schemas_stay_compatible_with_every_released_version_both_ways() {
+        use apache_avro::schema_compatibility::SchemaCompatibility;
+        let s = Schemas::get();
+        for (file, live) in [
+            ("payment_status_event.avsc", &s.event),
+            ("status_check_request.avsc", &s.request),
+        ] {
+            let versions = released(file);
+            assert!(!versions.is_empty(), "no released copy of {file}");
+            for (version, old) in versions {
+                // Old readers read new data (forward), new readers read old data (backward).
+                if let Err(e) = SchemaCompatibility::can_read(live, &old) {
+                    panic!("{file}: readers of released {version} cannot read the live schema's data: {e}");
+                }
+                if let Err(e) = SchemaCompatibility::can_read(&old, live) {
+                    panic!("{file}: the live schema cannot read data written with released {version}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_guard_catches_incompatible_changes() {
+        use apache_avro::schema_compatibility::SchemaCompatibility;
+        let s = Schemas::get();
+        // A required field added without a default: new readers cannot read old data.
+        let mut added: serde_json::Value = serde_json::from_str(EVENT_SCHEMA_JSON).unwrap();
+        added["fields"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "required_new", "type": "string"}));
+        let added = Schema::parse_str(&added.to_string()).unwrap();
+        assert!(SchemaCompatibility::can_read(&s.event, &added).is_err());
+        // A field's type changed: old readers cannot read new data.
+        let mut changed: serde_json::Value = serde_json::from_str(EVENT_SCHEMA_JSON).unwrap();
+        for f in changed["fields"].as_array_mut().unwrap() {
+            if f["name"] == "attempts" {
+                f["type"] = serde_json::json!("string");
+            }
+        }
+        let changed = Schema::parse_str(&changed.to_string()).unwrap();
+        assert!(SchemaCompatibility::can_read(&changed, &s.event).is_err());
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //! wire format). Pure functions; no I/O.
 
 pub mod avro;
+pub mod canonical;
 pub mod request;
 
 pub use avro::{EventEncoder, Schemas, WireFormat};
-pub use request::{decode_request, DecodeOptions, RejectCode, Rejection, SourcePosition};
+pub use request::{
+    decode_request, AcceptedSchemaIds, DecodeOptions, RawHeader, RejectCode, Rejection,
+    SourcePosition,
+};

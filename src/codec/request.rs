@@ -6,6 +6,10 @@
 //! with the request schema and then validated exactly like JSON, so both formats
 //! share one set of rules.
 
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::{Arc, RwLock};
+
 use serde_json::{Map, Value};
 
 use super::avro::{self, Schemas};
@@ -108,6 +112,39 @@ pub struct SourcePosition<'a> {
     pub offset: i64,
 }
 
+/// A Kafka header as received: name and value are bytes (other clients can write
+/// names that are not UTF-8), and the value may be null.
+pub type RawHeader<'a> = (&'a [u8], Option<&'a [u8]>);
+
+/// The Confluent schema ids whose values are decoded as requests: those listed in
+/// `processing.accepted_schema_ids` plus, with a registry, the ids registered under
+/// the input topic's subject (refreshed in the background). Shared and cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct AcceptedSchemaIds(Arc<RwLock<HashSet<u32>>>);
+
+impl AcceptedSchemaIds {
+    /// A set holding `ids`.
+    pub fn new(ids: impl IntoIterator<Item = u32>) -> Self {
+        AcceptedSchemaIds(Arc::new(RwLock::new(ids.into_iter().collect())))
+    }
+
+    /// True when values framed with `id` are accepted.
+    pub fn contains(&self, id: u32) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    /// Adds ids (a registry refresh); ids are never removed while running.
+    pub fn extend(&self, ids: impl IntoIterator<Item = u32>) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
+    }
+}
+
 /// Settings the decoder needs.
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
@@ -117,6 +154,8 @@ pub struct DecodeOptions {
     pub default_merchant: String,
     /// Largest accepted value in bytes.
     pub max_request_bytes: usize,
+    /// Confluent schema ids accepted for Avro input.
+    pub accepted_schema_ids: AcceptedSchemaIds,
 }
 
 impl Default for DecodeOptions {
@@ -125,14 +164,15 @@ impl Default for DecodeOptions {
             default_connector: "cm".into(),
             default_merchant: "default".into(),
             max_request_bytes: 64 * 1024,
+            accepted_schema_ids: AcceptedSchemaIds::default(),
         }
     }
 }
 
-/// Decodes one message. `headers` are the Kafka headers (name, value).
+/// Decodes one message. `headers` are the Kafka headers (name, value), as bytes.
 pub fn decode_request(
     value: Option<&[u8]>,
-    headers: &[(&str, Option<&[u8]>)],
+    headers: &[RawHeader<'_>],
     position: SourcePosition<'_>,
     options: &DecodeOptions,
 ) -> Result<StatusCheckRequest, Rejection> {
@@ -149,7 +189,7 @@ pub fn decode_request(
         ));
     }
     let object = if avro::looks_like_avro(bytes) {
-        avro_object(bytes)?
+        avro_object(bytes, &options.accepted_schema_ids)?
     } else {
         json_object(bytes)?
     };
@@ -171,16 +211,65 @@ fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, Rejection> {
     }
 }
 
-fn avro_object(bytes: &[u8]) -> Result<Map<String, Value>, Rejection> {
+/// A reader over a datum that notices when the decoder asked for bytes past the
+/// end: apache-avro reads a union index at end of input as branch 0 (null), so a
+/// truncated datum would otherwise decode with its remaining optional fields null.
+struct ExactReader<'a> {
+    rest: &'a [u8],
+    ran_out: bool,
+}
+
+impl Read for ExactReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !buf.is_empty() && self.rest.is_empty() {
+            self.ran_out = true;
+        }
+        self.rest.read(buf)
+    }
+}
+
+fn avro_object(
+    bytes: &[u8],
+    accepted_ids: &AcceptedSchemaIds,
+) -> Result<Map<String, Value>, Rejection> {
     let schemas = Schemas::get();
-    let (_, mut datum) = avro::unframe(bytes, schemas.request_fingerprint)
+    let (format, datum) = avro::unframe(bytes, schemas.request_fingerprint)
         .map_err(|e| Rejection::new(RejectCode::InvalidAvro, e.to_string()))?;
-    let value = apache_avro::from_avro_datum(&schemas.request, &mut datum, None).map_err(|e| {
+    if let avro::WireFormat::Confluent { schema_id } = format {
+        if !accepted_ids.contains(schema_id) {
+            return Err(Rejection::new(
+                RejectCode::InvalidAvro,
+                format!(
+                    "schema id {schema_id} is neither registered for the input topic nor listed in processing.accepted_schema_ids"
+                ),
+            ));
+        }
+    }
+    let mut reader = ExactReader {
+        rest: datum,
+        ran_out: false,
+    };
+    let value = apache_avro::from_avro_datum(&schemas.request, &mut reader, None).map_err(|e| {
         Rejection::new(
             RejectCode::InvalidAvro,
             format!("not a StatusCheckRequest datum: {e}"),
         )
     })?;
+    if reader.ran_out {
+        return Err(Rejection::new(
+            RejectCode::InvalidAvro,
+            "the StatusCheckRequest datum is truncated",
+        ));
+    }
+    if !reader.rest.is_empty() {
+        return Err(Rejection::new(
+            RejectCode::InvalidAvro,
+            format!(
+                "{} bytes follow the StatusCheckRequest datum",
+                reader.rest.len()
+            ),
+        ));
+    }
     match avro::avro_to_json(value) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(Rejection::new(
@@ -279,15 +368,12 @@ fn opt_money(obj: &Map<String, Value>) -> Result<Option<Money>, Rejection> {
     }))
 }
 
-fn header<'a>(
-    headers: &[(&str, Option<&'a [u8]>)],
-    name: &str,
-) -> Result<Option<&'a str>, Rejection> {
+fn header<'a>(headers: &[RawHeader<'a>], name: &str) -> Result<Option<&'a str>, Rejection> {
     // The last occurrence wins, as with HTTP-style repeated headers.
     match headers
         .iter()
         .rev()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
     {
         None | Some((_, None)) => Ok(None),
         Some((_, Some(bytes))) => std::str::from_utf8(bytes).map(Some).map_err(|_| {
@@ -303,7 +389,7 @@ fn header<'a>(
 fn routed(
     obj: &Map<String, Value>,
     field: &str,
-    headers: &[(&str, Option<&[u8]>)],
+    headers: &[RawHeader<'_>],
     header_name: &str,
 ) -> Result<Option<String>, Rejection> {
     if let Some(v) = opt_routing(obj, field)? {
@@ -325,7 +411,7 @@ fn routed(
 
 fn from_object(
     obj: &Map<String, Value>,
-    headers: &[(&str, Option<&[u8]>)],
+    headers: &[RawHeader<'_>],
     position: SourcePosition<'_>,
     options: &DecodeOptions,
 ) -> Result<StatusCheckRequest, Rejection> {
@@ -399,11 +485,12 @@ mod tests {
         offset: 99,
     };
 
-    fn decode(
-        v: &[u8],
-        headers: &[(&str, Option<&[u8]>)],
-    ) -> Result<StatusCheckRequest, Rejection> {
-        decode_request(Some(v), headers, POS, &DecodeOptions::default())
+    fn decode(v: &[u8], headers: &[RawHeader<'_>]) -> Result<StatusCheckRequest, Rejection> {
+        let options = DecodeOptions {
+            accepted_schema_ids: AcceptedSchemaIds::new([7]),
+            ..DecodeOptions::default()
+        };
+        decode_request(Some(v), headers, POS, &options)
     }
 
     fn code_of(v: serde_json::Value) -> RejectCode {
@@ -471,10 +558,11 @@ mod tests {
 
     #[test]
     fn headers_route_when_fields_are_absent_and_fields_win() {
-        let headers: &[(&str, Option<&[u8]>)] = &[
-            ("x-connector", Some(b"other")),
-            ("x-merchant-id", Some(b"shop-2")),
-            ("x-request-id", Some(b"req-h")),
+        let headers: &[RawHeader<'_>] = &[
+            (b"x-connector", Some(b"other")),
+            (b"X-Merchant-Id", Some(b"shop-2")),
+            (b"\xff\xfe", Some(b"a header whose name is not UTF-8")),
+            (b"x-request-id", Some(b"req-h")),
         ];
         let r = decode(br#"{"connector_transaction_id":"tx"}"#, headers).unwrap();
         assert_eq!(
@@ -582,13 +670,17 @@ mod tests {
 
     #[test]
     fn bad_header_is_rejected() {
-        let headers: &[(&str, Option<&[u8]>)] = &[("x-merchant-id", Some(&[0xff, 0xff]))];
+        let headers: &[RawHeader<'_>] = &[(b"x-merchant-id", Some(&[0xff, 0xff]))];
         assert_eq!(
             decode(br#"{"connector_transaction_id":"tx"}"#, headers)
                 .unwrap_err()
                 .code,
             RejectCode::InvalidHeader
         );
+        // A null routing header counts as absent.
+        let headers: &[RawHeader<'_>] = &[(b"x-merchant-id", None)];
+        let r = decode(br#"{"connector_transaction_id":"tx"}"#, headers).unwrap();
+        assert_eq!(r.merchant_id, "default");
     }
 
     #[test]
@@ -649,8 +741,65 @@ mod tests {
             RejectCode::InvalidAvro
         );
         assert_eq!(
-            decode(&[0, 0, 0, 0, 1, 0x80], &[]).unwrap_err().code,
+            decode(&[0, 0, 0, 0, 7, 0x80], &[]).unwrap_err().code,
             RejectCode::InvalidAvro
+        );
+    }
+
+    #[test]
+    fn a_truncated_or_padded_avro_datum_is_invalid() {
+        // The issue's example: a string "abcd" and nothing for the 17 optional
+        // fields. apache-avro alone decodes it with every optional field null.
+        let truncated = [0, 0, 0, 0, 7, 0x08, b'a', b'b', b'c', b'd'];
+        let err = decode(&truncated, &[]).unwrap_err();
+        assert_eq!(err.code, RejectCode::InvalidAvro);
+        assert!(err.message.contains("truncated"), "{}", err.message);
+
+        let schemas = Schemas::get();
+        let mut rec = apache_avro::types::Record::new(&schemas.request).unwrap();
+        rec.put("connector_transaction_id", "tx-exact");
+        let datum = apache_avro::to_avro_datum(&schemas.request, rec).unwrap();
+        let mut framed = vec![0, 0, 0, 0, 7];
+        framed.extend_from_slice(&datum);
+        assert!(decode(&framed, &[]).is_ok(), "the exact datum decodes");
+        // Every shorter prefix is rejected, never accepted with fields missing.
+        for cut in 5..framed.len() {
+            assert_eq!(
+                decode(&framed[..cut], &[]).map(|_| ()).unwrap_err().code,
+                RejectCode::InvalidAvro,
+                "prefix of {cut} bytes"
+            );
+        }
+        framed.push(0);
+        let err = decode(&framed, &[]).unwrap_err();
+        assert_eq!(err.code, RejectCode::InvalidAvro);
+        assert!(err.message.contains("1 bytes follow"), "{}", err.message);
+    }
+
+    #[test]
+    fn confluent_schema_ids_must_be_accepted() {
+        let schemas = Schemas::get();
+        let mut rec = apache_avro::types::Record::new(&schemas.request).unwrap();
+        rec.put("connector_transaction_id", "tx-id");
+        let datum = apache_avro::to_avro_datum(&schemas.request, rec).unwrap();
+        let mut framed = vec![0, 0, 0, 0, 9];
+        framed.extend_from_slice(&datum);
+        let err = decode(&framed, &[]).unwrap_err();
+        assert_eq!(err.code, RejectCode::InvalidAvro);
+        assert!(err.message.contains("schema id 9"), "{}", err.message);
+        let options = DecodeOptions::default();
+        options.accepted_schema_ids.extend([9]);
+        assert!(decode_request(Some(&framed), &[], POS, &options).is_ok());
+    }
+
+    #[test]
+    fn single_object_requests_carry_the_spec_fingerprint() {
+        // The request schema's fingerprint as fastavro and Java compute it
+        // (tests/fixtures/avro/vectors.json), in wire order.
+        let schemas = Schemas::get();
+        assert_eq!(
+            schemas.request_fingerprint.to_le_bytes(),
+            [0xd5, 0xf7, 0x80, 0x69, 0xbe, 0x35, 0xea, 0xa8]
         );
     }
 }

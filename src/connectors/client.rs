@@ -16,7 +16,7 @@ use super::{classify_error_status, AccessToken, CallError, Connector, HttpReques
 use crate::codec::{RejectCode, Rejection};
 use crate::config::{ConnectorSettings, RateLimit};
 use crate::domain::event::{CheckFailure, FailureCode};
-use crate::domain::{PaymentStatus, StatusCheckRequest, StatusReport};
+use crate::domain::{PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport};
 use crate::telemetry::Metrics;
 
 /// The result of one `call_once`: the outcome and how many status calls it took.
@@ -165,13 +165,22 @@ impl ConnectorClient {
                     other => Err(other),
                 }
             }
-            status => Err(CallError::Permanent(CheckFailure {
-                code: FailureCode::AuthenticationFailed,
-                message: format!("token endpoint refused the credentials ({status})"),
-                status_code: Some(status),
-                connector_code: Some(status.to_string()),
-                connector_message: None,
-            })),
+            status => {
+                self.metrics.token_refused(self.name(), merchant_id);
+                tracing::warn!(
+                    connector = self.name(),
+                    account = merchant_id,
+                    status,
+                    "token endpoint refused the credentials; asking again after a backoff"
+                );
+                Err(CallError::Permanent(CheckFailure {
+                    code: FailureCode::AuthenticationFailed,
+                    message: format!("token endpoint refused the credentials ({status})"),
+                    status_code: Some(status),
+                    connector_code: Some(status.to_string()),
+                    connector_message: None,
+                }))
+            }
         }
     }
 
@@ -236,11 +245,21 @@ impl ConnectorClient {
                 }
             };
             if (200..300).contains(&response.status) {
-                let outcome = self
+                let mut outcome = self
                     .connector
                     .parse_status(request, &response)
                     .map_err(CallError::Permanent);
-                if let Ok(report) = &outcome {
+                if let Ok(report) = &mut outcome {
+                    if let Some(RedirectForm::Uri { uri }) = &report.redirection_data {
+                        if !super::is_safe_redirect(uri) {
+                            self.metrics.redirect_dropped(self.name());
+                            tracing::warn!(
+                                connector = self.name(),
+                                "redirect URL is not http(s); not published"
+                            );
+                            report.redirection_data = None;
+                        }
+                    }
                     if report.status == PaymentStatus::UNRESOLVED {
                         self.metrics.unknown_status(self.name());
                         tracing::warn!(

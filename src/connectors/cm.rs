@@ -287,7 +287,7 @@ impl Connector for CmConnector {
         }
 
         let mut report = StatusReport::new(status, response.status);
-        report.connector_status = Some(sanitize(&raw_status));
+        report.connector_status = Some(super::raw_status(&raw_status));
         report.response_headers = super::published_headers(response);
         report.created_at = wire.created_at.as_deref().and_then(rfc3339_to_unix);
         report.merchant_order_id = wire.reference;

@@ -275,6 +275,21 @@ pub fn sanitize(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
+/// The most characters of a connector's own status string kept on an event.
+pub const CONNECTOR_STATUS_MAX_CHARS: usize = 256;
+
+/// A connector's status string exactly as received (control characters and all),
+/// cut to [`CONNECTOR_STATUS_MAX_CHARS`] characters.
+pub fn raw_status(text: &str) -> String {
+    text.chars().take(CONNECTOR_STATUS_MAX_CHARS).collect()
+}
+
+/// True for a redirect URL a customer may safely be sent to: absolute `http` or
+/// `https`. Anything else (`javascript:`, `data:`, relative) is never published.
+pub fn is_safe_redirect(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+}
+
 /// Response headers published on events: an allow-list of non-sensitive names.
 pub const PUBLISHED_HEADERS: &[&str] = &[
     "content-type",
@@ -359,6 +374,29 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn redirects_must_be_http_or_https() {
+        for ok in ["https://3ds.example/c?x=1", "http://localhost:8080/x"] {
+            assert!(is_safe_redirect(ok), "{ok}");
+        }
+        for bad in [
+            "javascript:alert(1)",
+            "JAVASCRIPT:alert(1)",
+            "data:text/html,<script>",
+            "/relative/path",
+            "ftp://x.example/",
+            "",
+        ] {
+            assert!(!is_safe_redirect(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn raw_status_keeps_the_bytes_and_bounds_the_length() {
+        assert_eq!(raw_status("SUCCESS\n"), "SUCCESS\n");
+        assert_eq!(raw_status(&"é".repeat(1000)).chars().count(), 256);
     }
 
     #[test]

@@ -13,6 +13,9 @@ use tokio::sync::Mutex;
 
 use super::{AccessToken, CallError};
 
+/// The longest a token is trusted, whatever lifetime the token endpoint claims.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// A source of monotonic time (injected so that expiry is testable).
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
@@ -35,6 +38,26 @@ struct Slot {
     token: Option<(AccessToken, Instant, u64)>,
     /// The last failed fetch: its epoch and error.
     failure: Option<(u64, CallError)>,
+    /// The token endpoint refused the credentials: no new token request before
+    /// `until`; callers meanwhile get the refusal at once.
+    refusal: Option<Refusal>,
+}
+
+struct Refusal {
+    until: Instant,
+    backoff: Duration,
+    error: CallError,
+}
+
+/// The first wait after the token endpoint refuses an account's credentials; it
+/// doubles with every further refusal up to [`MAX_REFUSAL_BACKOFF`].
+pub const FIRST_REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between token requests of an account whose credentials are refused.
+pub const MAX_REFUSAL_BACKOFF: Duration = Duration::from_secs(300);
+
+/// True when the token endpoint refused the credentials (as opposed to being down).
+fn is_refusal(e: &CallError) -> bool {
+    matches!(e, CallError::Permanent(f) if f.code == crate::domain::event::FailureCode::AuthenticationFailed)
 }
 
 struct Account {
@@ -76,10 +99,13 @@ impl TokenCache {
     }
 
     /// When a token with this lifetime should be replaced: `margin` before expiry,
-    /// but never later than half its life (short-lived tokens).
+    /// but never later than half its life (short-lived tokens). The lifetime comes
+    /// from the token endpoint's answer, so it is clamped to [`MAX_TOKEN_LIFETIME`]
+    /// (an `expires_in` of 2^64-1 seconds would overflow `Instant`).
     fn refresh_at(&self, obtained: Instant, expires_in: Duration) -> Instant {
+        let expires_in = expires_in.min(MAX_TOKEN_LIFETIME);
         let lead = self.margin.min(expires_in / 2);
-        obtained + (expires_in - lead)
+        obtained.checked_add(expires_in - lead).unwrap_or(obtained)
     }
 
     /// A valid token for `account`, fetching one with `fetch` when there is none or
@@ -113,6 +139,12 @@ impl TokenCache {
                 return Err(err.clone());
             }
         }
+        // Credentials refused recently: do not ask the token endpoint again yet.
+        if let Some(refusal) = &slot.refusal {
+            if (self.clock)() < refusal.until {
+                return Err(refusal.error.clone());
+            }
+        }
         let result = fetch().await;
         let epoch = acc.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         match result {
@@ -120,12 +152,24 @@ impl TokenCache {
                 let refresh_at = self.refresh_at((self.clock)(), token.expires_in);
                 slot.token = Some((token.clone(), refresh_at, epoch));
                 slot.failure = None;
+                slot.refusal = None;
                 Ok(Lease {
                     token,
                     generation: epoch,
                 })
             }
             Err(err) => {
+                if is_refusal(&err) {
+                    let backoff = slot.refusal.as_ref().map_or(FIRST_REFUSAL_BACKOFF, |r| {
+                        (r.backoff * 2).min(MAX_REFUSAL_BACKOFF)
+                    });
+                    let now = (self.clock)();
+                    slot.refusal = Some(Refusal {
+                        until: now.checked_add(backoff).unwrap_or(now),
+                        backoff,
+                        error: err.clone(),
+                    });
+                }
                 slot.failure = Some((epoch, err.clone()));
                 Err(err)
             }
@@ -211,6 +255,80 @@ mod tests {
         *now.lock().unwrap() += Duration::from_secs(2);
         cache.get("a", fetch).await.unwrap();
         assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn absurd_lifetimes_are_clamped_not_a_panic() {
+        // Issue c: `expires_in` of u64::MAX seconds overflowed `Instant` and the job
+        // panicked; the partition's commits froze without a word.
+        let (clock, now) = manual_clock();
+        let names = vec!["a".to_string()];
+        let cache = TokenCache::new(&names, Duration::from_secs(60), clock);
+        let fetches = AtomicUsize::new(0);
+        let fetch = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(AccessToken {
+                token: SecretString::from("t".to_owned()),
+                expires_in: Duration::from_secs(u64::MAX),
+            })
+        };
+        cache.get("a", fetch).await.unwrap();
+        *now.lock().unwrap() += MAX_TOKEN_LIFETIME - Duration::from_secs(61);
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "trusted for up to a day");
+        *now.lock().unwrap() += Duration::from_secs(2);
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 2, "refreshed within a day");
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_are_asked_again_only_after_a_doubling_backoff() {
+        use crate::domain::event::{CheckFailure, FailureCode};
+        let (clock, now) = manual_clock();
+        let names = vec!["a".to_string()];
+        let cache = TokenCache::new(&names, Duration::from_secs(60), clock);
+        let fetches = AtomicUsize::new(0);
+        let refuse = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            Err(CallError::Permanent(CheckFailure::new(
+                FailureCode::AuthenticationFailed,
+                "token endpoint refused the credentials (401)",
+            )))
+        };
+        let advance = |d: Duration| *now.lock().unwrap() += d;
+        let mut expected_fetches = 0;
+        for backoff_secs in [1u64, 2, 4, 8] {
+            let err = cache.get("a", refuse).await.unwrap_err();
+            expected_fetches += 1;
+            assert_eq!(err.failure().code, FailureCode::AuthenticationFailed);
+            // Callers during the backoff fail at once, without a token request.
+            for _ in 0..5 {
+                assert!(cache.get("a", refuse).await.is_err());
+            }
+            assert_eq!(fetches.load(Ordering::SeqCst), expected_fetches);
+            advance(Duration::from_secs(backoff_secs) - Duration::from_millis(1));
+            assert!(cache.get("a", refuse).await.is_err());
+            assert_eq!(
+                fetches.load(Ordering::SeqCst),
+                expected_fetches,
+                "still backing off"
+            );
+            advance(Duration::from_millis(1));
+        }
+        // The cap.
+        for _ in 0..20 {
+            cache.get("a", refuse).await.unwrap_err();
+            advance(MAX_REFUSAL_BACKOFF);
+        }
+        let before = fetches.load(Ordering::SeqCst);
+        advance(MAX_REFUSAL_BACKOFF);
+        cache.get("a", refuse).await.unwrap_err();
+        assert_eq!(fetches.load(Ordering::SeqCst), before + 1);
+        // Credentials fixed: a success clears the backoff.
+        advance(MAX_REFUSAL_BACKOFF);
+        let ok = || async { Ok(token("t", 3600)) };
+        cache.get("a", ok).await.unwrap();
+        cache.invalidate("a", 0).await;
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use rdkafka::consumer::{
     base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance,
 };
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
@@ -311,13 +311,10 @@ impl Drop for JobGuard {
 }
 
 fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Incoming {
+    // As bytes: rdkafka's own reader panics on a header name that is not UTF-8.
     let headers = message
         .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
+        .map(super::headers::read)
         .unwrap_or_default();
     Incoming {
         topic: topic.clone(),

@@ -1,10 +1,11 @@
 //! Everything that talks to Kafka (the only module that uses rdkafka): client
 //! configuration, the [`engine`] (consumer loop, partition queues, commits,
-//! rebalances), the [`producer`] for events and dead letters, and [`admin`]
-//! helpers for topics.
+//! rebalances), the [`producer`] for events and dead letters, [`headers`] as
+//! bytes, and [`admin`] helpers for topics.
 
 pub mod admin;
 pub mod engine;
+pub mod headers;
 pub mod producer;
 pub mod tools;
 

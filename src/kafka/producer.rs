@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
@@ -74,13 +73,11 @@ impl Publisher {
             if !ledger.begin_publish(partition, epoch) {
                 return Delivery::Abandoned;
             }
-            let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
-            for (k, v) in &out.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
+            let headers = super::headers::build(
+                out.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_deref())),
+            );
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
             if let Some(k) = &out.key {
                 record = record.key(k);

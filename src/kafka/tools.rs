@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -66,17 +66,17 @@ pub struct RawRecord {
     pub key: Option<Vec<u8>>,
     /// Value.
     pub value: Option<Vec<u8>>,
-    /// Headers.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Headers as bytes (names may not be UTF-8, values may be null).
+    pub headers: Vec<super::headers::OwnedHeader>,
 }
 
 impl RawRecord {
-    /// The first header with this name, as UTF-8.
+    /// The first header with this name, as (lossy) UTF-8; a null value reads as "".
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
     }
 }
 
@@ -106,13 +106,24 @@ impl RawProducer {
         value: Option<&[u8]>,
         headers: &[(&str, &[u8])],
     ) -> Result<(i32, i64), String> {
-        let mut h = OwnedHeaders::new();
-        for (k, v) in headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(*v),
-            });
-        }
+        let raw: Vec<(&[u8], Option<&[u8]>)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), Some(*v)))
+            .collect();
+        self.send_raw(topic, partition, key, value, &raw).await
+    }
+
+    /// Sends one record with headers given as bytes (names that are not UTF-8,
+    /// null values), as other clients can write them.
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&[u8], Option<&[u8]>)],
+    ) -> Result<(i32, i64), String> {
+        let h = super::headers::build(headers.iter().copied());
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(h);
         if let Some(p) = partition {
             record = record.partition(p);
@@ -207,19 +218,7 @@ impl TopicReader {
                 continue;
             };
             let Ok(m) = result else { continue };
-            let headers = m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let headers = m.headers().map(super::headers::read).unwrap_or_default();
             self.seen
                 .insert((m.topic().to_owned(), m.partition()), m.offset());
             out.push(RawRecord {

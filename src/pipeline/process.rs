@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::codec::{
-    decode_request, DecodeOptions, EventEncoder, RejectCode, Rejection, SourcePosition,
+    decode_request, DecodeOptions, EventEncoder, RawHeader, RejectCode, Rejection, SourcePosition,
 };
 use crate::connectors::client::ConnectorClient;
 use crate::connectors::retry::RetryPolicy;
@@ -33,11 +33,14 @@ pub struct Incoming {
     pub key: Option<Vec<u8>>,
     /// Kafka value.
     pub value: Option<Vec<u8>>,
-    /// Kafka headers in order.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Kafka headers in order, as bytes (names may not be UTF-8, values may be null).
+    pub headers: Vec<RecordHeader>,
     /// When it was consumed.
     pub received: Instant,
 }
+
+/// A Kafka header as bytes: name, and value (null when the producer sent none).
+pub type RecordHeader = (Vec<u8>, Option<Vec<u8>>);
 
 /// A connector ready for use: client plus retry policy.
 pub struct ConnectorRuntime {
@@ -101,8 +104,8 @@ pub struct Outgoing {
     pub key: Option<Vec<u8>>,
     /// Value.
     pub value: Option<Vec<u8>>,
-    /// Headers.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Headers, written byte for byte.
+    pub headers: Vec<RecordHeader>,
     /// Bounded label: the status or the dead-letter reason.
     pub label: &'static str,
     /// Request outcome for metrics.
@@ -143,10 +146,10 @@ impl Processor {
 
     /// Decodes and routes a message (no I/O).
     pub fn prepare(&self, incoming: Incoming, epoch: Epoch) -> PipelineJob {
-        let headers: Vec<(&str, Option<&[u8]>)> = incoming
+        let headers: Vec<RawHeader<'_>> = incoming
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .map(|(k, v)| (k.as_slice(), v.as_deref()))
             .collect();
         let position = SourcePosition {
             topic: &incoming.topic,
@@ -227,16 +230,10 @@ impl Processor {
                         key: Some(event.connector_transaction_id.clone().into_bytes()),
                         value: Some(bytes),
                         headers: vec![
-                            ("x-request-id".into(), event.request_id.clone().into_bytes()),
-                            ("x-connector".into(), event.connector.clone().into_bytes()),
-                            (
-                                "x-merchant-id".into(),
-                                event.merchant_id.clone().into_bytes(),
-                            ),
-                            (
-                                "content-type".into(),
-                                EVENT_CONTENT_TYPE.as_bytes().to_vec(),
-                            ),
+                            header("x-request-id", &event.request_id),
+                            header("x-connector", &event.connector),
+                            header("x-merchant-id", &event.merchant_id),
+                            header("content-type", EVENT_CONTENT_TYPE),
                         ],
                         label: event.status.as_str(),
                         outcome,
@@ -252,6 +249,10 @@ impl Processor {
             }
         }
     }
+}
+
+fn header(name: &str, value: &str) -> RecordHeader {
+    (name.as_bytes().to_vec(), Some(value.as_bytes().to_vec()))
 }
 
 fn status_summary(event: &PaymentStatusEvent) -> String {
@@ -283,26 +284,19 @@ fn rfc3339_now() -> String {
 /// The dead letter for a message: original key, value and headers, plus the
 /// `paysync-*` headers of PRODUCT.md §2.
 pub fn dead_letter(incoming: &Incoming, code: &'static str, message: &str) -> Outgoing {
-    let mut headers: Vec<(String, Vec<u8>)> = incoming
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
-        .collect();
-    headers.push(("paysync-error-code".into(), code.as_bytes().to_vec()));
-    headers.push(("paysync-error-message".into(), message.as_bytes().to_vec()));
-    headers.push((
-        "paysync-source-topic".into(),
-        incoming.topic.as_bytes().to_vec(),
+    let mut headers: Vec<RecordHeader> = incoming.headers.clone();
+    headers.push(header("paysync-error-code", code));
+    headers.push(header("paysync-error-message", message));
+    headers.push(header("paysync-source-topic", &incoming.topic));
+    headers.push(header(
+        "paysync-source-partition",
+        &incoming.partition.to_string(),
     ));
-    headers.push((
-        "paysync-source-partition".into(),
-        incoming.partition.to_string().into_bytes(),
+    headers.push(header(
+        "paysync-source-offset",
+        &incoming.offset.to_string(),
     ));
-    headers.push((
-        "paysync-source-offset".into(),
-        incoming.offset.to_string().into_bytes(),
-    ));
-    headers.push(("paysync-failed-at".into(), rfc3339_now().into_bytes()));
+    headers.push(header("paysync-failed-at", &rfc3339_now()));
     Outgoing {
         destination: Destination::DeadLetters,
         key: incoming.key.clone(),
@@ -326,19 +320,33 @@ mod tests {
             offset: 17,
             key: Some(b"k".to_vec()),
             value: Some(b"\xff not json".to_vec()),
-            headers: vec![("trace".into(), Some(b"abc".to_vec()))],
+            headers: vec![
+                (b"trace".to_vec(), Some(b"abc".to_vec())),
+                (b"\xff\xfe".to_vec(), None),
+            ],
             received: Instant::now(),
         };
         let out = dead_letter(&incoming, "invalid_json", "value is not JSON");
         assert_eq!(out.destination, Destination::DeadLetters);
         assert_eq!(out.key.as_deref(), Some(&b"k"[..]));
         assert_eq!(out.value.as_deref(), Some(&b"\xff not json"[..]));
+        assert_eq!(
+            &out.headers[..2],
+            &incoming.headers[..],
+            "original headers first, byte for byte, null kept"
+        );
         let h: HashMap<_, _> = out
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v).into_owned()))
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned(),
+                )
+            })
             .collect();
         assert_eq!(h["trace"], "abc");
+        assert_eq!(h.get("\u{fffd}\u{fffd}").map(String::as_str), Some(""));
         assert_eq!(h["paysync-error-code"], "invalid_json");
         assert_eq!(h["paysync-source-topic"], "in");
         assert_eq!(h["paysync-source-partition"], "2");

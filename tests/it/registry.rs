@@ -89,6 +89,29 @@ async fn looks_up_without_registering_when_auto_register_is_off() {
 }
 
 #[tokio::test]
+async fn request_schema_ids_are_listed_from_the_input_subject() {
+    let registry = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/subjects/in-value/versions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!([1, 2])))
+        .mount(&registry)
+        .await;
+    for (version, id) in [(1, 31), (2, 47)] {
+        Mock::given(method("GET"))
+            .and(path(format!("/subjects/in-value/versions/{version}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(
+                serde_json::json!({"subject": "in-value", "version": version, "id": id, "schema": "{}"}),
+            ))
+            .mount(&registry)
+            .await;
+    }
+    let client = RegistryClient::new(registry_settings(&registry.uri(), true)).unwrap();
+    assert_eq!(client.subject_ids("in-value").await.unwrap(), vec![31, 47]);
+    // A subject that does not exist (404) has no ids; it is not an error.
+    assert!(client.subject_ids("other-value").await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn an_incompatible_schema_is_a_clear_error() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -206,9 +229,9 @@ async fn avro_requests_in_both_framings_flow_through_the_pipeline() {
     let broker = Broker::new();
     let t = broker.topics("avro-in", 1).await;
     let sim = simulator(SimOptions::default()).await;
-    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), ""))
-        .await
-        .unwrap();
+    let mut s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
+    s.processing.accepted_schema_ids = vec![9];
+    let app = paysync::app::start(s).await.unwrap();
     let schemas = Schemas::get();
     let datum = |id: &str| {
         let mut rec = Record::new(&schemas.request).unwrap();
