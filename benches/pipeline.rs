@@ -535,6 +535,7 @@ async fn baseline(
         paysync::codec::EventEncoder::new(paysync::codec::WireFormat::SingleObject),
         settings.secret_fields(),
         metrics,
+        settings.kafka.max_record_bytes,
     );
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -570,7 +571,7 @@ async fn baseline(
         };
         let epoch = ledger.epoch(m.partition());
         let job = processor.prepare(incoming, epoch);
-        let out = processor.run(&job).await;
+        let out = processor.process(&job).await;
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&t.output);
         if let Some(k) = &out.key {
             record = record.key(k);

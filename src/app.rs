@@ -25,7 +25,7 @@ use crate::kafka::{admin, consumer_config, producer_config};
 use crate::pipeline::ledger::Ledger;
 use crate::pipeline::process::{ConnectorRuntime, Processor};
 use crate::registry::RegistryClient;
-use crate::server::{self, HttpState};
+use crate::server::{self, HttpState, Probe};
 use crate::telemetry::Metrics;
 
 /// A start-up failure (exit code 1; configuration errors are caught earlier).
@@ -44,7 +44,7 @@ pub struct RunningApp {
     consumer: Arc<EngineConsumer>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
-    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ready: Probe,
 }
 
 impl RunningApp {
@@ -58,16 +58,24 @@ impl RunningApp {
         self.http_addr
     }
 
-    /// True once the consumer joined its group and the topics were found.
+    /// True once the consumer joined its group and the topics were found, while
+    /// no partition is stalled or stuck.
     pub fn is_ready(&self) -> bool {
-        (self.ready)()
+        (self.ready)().is_ok()
+    }
+
+    /// Stops the consumer loop as a crash would (tests of `/healthz`).
+    #[doc(hidden)]
+    pub fn abort_consumer_loop(&self) {
+        self.engine.abort();
     }
 
     /// Stops fetching, drains, commits, flushes and leaves the group.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        if let Err(e) = self.engine.await {
-            tracing::error!(error = %e, "engine task failed");
+        match self.engine.await {
+            Err(e) if e.is_panic() => tracing::error!(error = %e, "the consumer loop panicked"),
+            _ => {}
         }
         self.topic_check.abort();
         if let Some(task) = &self.registry_refresh {
@@ -144,6 +152,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         EventEncoder::new(format),
         settings.secret_fields(),
         metrics.clone(),
+        settings.kafka.max_record_bytes,
     ));
     let k = &settings.kafka;
     let publisher = Arc::new(
@@ -180,11 +189,35 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         .map_err(|e| StartupError(e.to_string()))?;
 
     let topics_ok = Arc::new(AtomicBool::new(false));
-    let ready: Arc<dyn Fn() -> bool + Send + Sync> = {
+    let loop_alive = Arc::new(AtomicBool::new(true));
+    let alive: Probe = {
+        let loop_alive = loop_alive.clone();
+        let publisher = publisher.clone();
+        Arc::new(move || {
+            if !loop_alive.load(Ordering::Acquire) {
+                return Err("the consumer loop has stopped".into());
+            }
+            if !publisher.is_healthy() {
+                return Err("the producer hit a fatal error".into());
+            }
+            Ok(())
+        })
+    };
+    let ready: Probe = {
         let consumer = consumer.clone();
         let topics_ok = topics_ok.clone();
+        let ledger = ledger.clone();
+        let stuck_after = settings.processing.stuck_after;
+        let alive = alive.clone();
         Arc::new(move || {
-            topics_ok.load(Ordering::Acquire) && crate::kafka::engine::has_joined(&consumer)
+            alive()?;
+            if !topics_ok.load(Ordering::Acquire) {
+                return Err("waiting for the topics to exist".into());
+            }
+            if !crate::kafka::engine::has_joined(&consumer) {
+                return Err("waiting to join the consumer group".into());
+            }
+            readiness(&ledger.health(std::time::Instant::now()), stuck_after)
         })
     };
     let topic_check = tokio::spawn(check_topics(
@@ -201,6 +234,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         listener,
         HttpState {
             metrics: metrics.clone(),
+            alive,
             ready: ready.clone(),
         },
         shutdown.clone(),
@@ -213,7 +247,14 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         metrics.clone(),
         engine_settings,
     );
-    let engine = tokio::spawn(engine.run(shutdown.clone()));
+    let engine = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            // Flips liveness off however the loop ends: returned, panicked or aborted.
+            let _alive = AliveGuard(loop_alive);
+            engine.run(shutdown).await;
+        })
+    };
     tracing::info!(
         brokers = %k.brokers,
         group_id = %k.group_id,
@@ -235,6 +276,37 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         http_addr,
         ready,
     })
+}
+
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Readiness from partition health: no partition stalled by a refused dead
+/// letter, and no commit watermark stuck for `stuck_after` while work is pending.
+pub fn readiness(
+    health: &[crate::pipeline::ledger::PartitionHealth],
+    stuck_after: Duration,
+) -> Result<(), String> {
+    if let Some(h) = health.iter().find(|h| h.stalled.is_some()) {
+        return Err(format!(
+            "partition {} is stalled: {}",
+            h.partition,
+            h.stalled.as_deref().unwrap_or_default()
+        ));
+    }
+    if let Some(h) = health.iter().find(|h| h.stuck_for >= stuck_after) {
+        return Err(format!(
+            "partition {}'s commit watermark has not moved for {}s with work pending",
+            h.partition,
+            h.stuck_for.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 /// Keeps the accepted Confluent schema ids of Avro requests up to date with the

@@ -202,6 +202,8 @@ struct RawProcessing {
     default_merchant: String,
     #[serde(deserialize_with = "lenient_string")]
     shutdown_timeout: String,
+    #[serde(deserialize_with = "lenient_string")]
+    stuck_after: String,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -378,6 +380,7 @@ max_request_bytes = 65536
 default_connector = "cm"
 default_merchant = "default"
 shutdown_timeout = "30s"
+stuck_after = "5m"
 
 [http]
 listen = "0.0.0.0:9464"
@@ -487,6 +490,61 @@ pub struct KafkaSettings {
     pub consumer: KafkaProperties,
     /// librdkafka properties for the producer only.
     pub producer: KafkaProperties,
+    /// The producer's `message.max.bytes` (librdkafka's default 1,000,000): dead
+    /// letters are cut to fit it.
+    pub max_record_bytes: usize,
+}
+
+/// Room kept in a dead letter for its key and headers: `processing.max_request_bytes`
+/// plus this must fit the producer's `message.max.bytes`, so that any value paysync
+/// accepts can be dead-lettered whole.
+pub const DEAD_LETTER_RESERVE: usize = 16 * 1024;
+
+/// The producer settings that at-least-once delivery depends on: a value that
+/// voids it is refused at start-up (exit 2), naming where it was set.
+fn check_producer_guarantees(kafka: &KafkaSettings) -> Result<usize, ConfigError> {
+    // The producer section wins over the common one, as when the clients are built.
+    let find = |name: &str| {
+        kafka
+            .producer
+            .0
+            .get(name)
+            .map(|v| (format!("kafka.producer.\"{name}\""), v))
+            .or_else(|| {
+                kafka
+                    .common
+                    .0
+                    .get(name)
+                    .map(|v| (format!("kafka.common.\"{name}\""), v))
+            })
+    };
+    for name in ["acks", "request.required.acks", "topic.request.required.acks"] {
+        if let Some((key, v)) = find(name) {
+            if !matches!(v.trim().to_ascii_lowercase().as_str(), "all" | "-1") {
+                return Err(ConfigError::new(
+                    key,
+                    format!("`{v}` voids at-least-once delivery: an input offset is committed once its event is acknowledged, which means something only with acks=all (or -1)"),
+                ));
+            }
+        }
+    }
+    if let Some((key, v)) = find("enable.idempotence") {
+        if !matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1") {
+            return Err(ConfigError::new(
+                key,
+                format!("`{v}`: the idempotent producer is required (without it a retried publish can duplicate or reorder events)"),
+            ));
+        }
+    }
+    match find("message.max.bytes") {
+        None => Ok(1_000_000),
+        Some((key, v)) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1000..=1_000_000_000).contains(n))
+            .ok_or_else(|| ConfigError::new(key, format!("`{v}` is not a size between 1000 and 1000000000 bytes"))),
+    }
 }
 
 /// Schema Registry settings.
@@ -524,6 +582,10 @@ pub struct ProcessingSettings {
     /// How long shutdown waits for in-flight work.
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_timeout: Duration,
+    /// `/readyz` fails when a partition's commit watermark has not moved for this
+    /// long while work is pending.
+    #[serde(serialize_with = "ser_duration")]
+    pub stuck_after: Duration,
 }
 
 /// HTTP server settings.
@@ -896,7 +958,10 @@ impl RawSettings {
             common: KafkaProperties(k.common),
             consumer: KafkaProperties(k.consumer),
             producer: KafkaProperties(k.producer),
+            max_record_bytes: 0,
         };
+        let mut kafka = kafka;
+        kafka.max_record_bytes = check_producer_guarantees(&kafka)?;
         if kafka.output_topic == kafka.input_topic || kafka.dead_letter_topic == kafka.input_topic {
             return Err(ConfigError::new(
                 "kafka.output_topic",
@@ -949,7 +1014,17 @@ impl RawSettings {
             default_connector: non_empty("processing.default_connector", &p.default_connector)?,
             default_merchant: non_empty("processing.default_merchant", &p.default_merchant)?,
             shutdown_timeout: duration("processing.shutdown_timeout", &p.shutdown_timeout)?,
+            stuck_after: duration("processing.stuck_after", &p.stuck_after)?,
         };
+        if processing.max_request_bytes + DEAD_LETTER_RESERVE > kafka.max_record_bytes {
+            return Err(ConfigError::new(
+                "processing.max_request_bytes",
+                format!(
+                    "{} bytes plus {DEAD_LETTER_RESERVE} for a dead letter's key and headers exceed the producer's message.max.bytes ({}): a rejected request could not be dead-lettered whole",
+                    processing.max_request_bytes, kafka.max_record_bytes
+                ),
+            ));
+        }
         let http = HttpSettings {
             listen: self.http.listen.parse().map_err(|_| {
                 ConfigError::new(

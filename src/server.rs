@@ -1,5 +1,7 @@
 //! The HTTP endpoints: `GET /metrics` (Prometheus text format), `GET /healthz`
-//! (the process is alive) and `GET /readyz` (connected and consuming).
+//! (the consumer loop and producer are alive) and `GET /readyz` (connected,
+//! consuming, no partition stalled or stuck). A failing probe answers 503 with
+//! the reason in the body.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,13 +16,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
 
+/// A probe: `Ok`, or what is wrong (shown in the response body).
+pub type Probe = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// What the endpoints read.
 #[derive(Clone)]
 pub struct HttpState {
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
-    /// Readiness probe.
-    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Liveness: fails when the consumer loop or the producer is dead, so that an
+    /// orchestrator restarts the process.
+    pub alive: Probe,
+    /// Readiness: connected, consuming, and no partition stalled or stuck.
+    pub ready: Probe,
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -33,16 +41,19 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, "ok\n")
+fn probe(result: Result<(), String>, ok: &str) -> (StatusCode, String) {
+    match result {
+        Ok(()) => (StatusCode::OK, format!("{ok}\n")),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    probe((state.alive)(), "ok")
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if (state.ready)() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
+    probe((state.ready)(), "ready")
 }
 
 /// Binds the listener (start-up fails on a bad or busy address).

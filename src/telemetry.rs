@@ -31,6 +31,7 @@ pub struct Metrics {
     committed_offset: IntGaugeVec,
     commit_gap: IntGaugeVec,
     publish_retries: IntCounterVec,
+    publish_refusals: IntCounterVec,
     circuit_open: IntGaugeVec,
     rate_limit_wait: HistogramVec,
     redirects_dropped: IntCounterVec,
@@ -214,6 +215,12 @@ impl Metrics {
                 "Event or dead-letter publishes retried after a delivery error.",
                 &["topic"],
             ),
+            publish_refusals: counter(
+                r,
+                "paysync_publish_refusals_total",
+                "Publishes the broker refused permanently (too large, unknown topic, not authorized, invalid).",
+                &["topic"],
+            ),
             circuit_open: gauge_vec(r, "paysync_circuit_open", "1 while the connector's circuit is open.", &["connector"]),
             rate_limit_wait,
             redirects_dropped: counter(
@@ -335,6 +342,11 @@ impl Metrics {
     /// A publish is retried.
     pub fn publish_retry(&self, topic_role: &str) {
         self.publish_retries.with_label_values(&[topic_role]).inc();
+    }
+
+    /// A publish was refused permanently.
+    pub fn publish_refused(&self, topic_role: &str) {
+        self.publish_refusals.with_label_values(&[topic_role]).inc();
     }
 
     /// Circuit state of a connector.

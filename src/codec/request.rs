@@ -44,6 +44,12 @@ pub enum RejectCode {
     Oversize,
     /// A message without a value (a tombstone).
     EmptyValue,
+    /// Processing panicked or the event could not be encoded (a bug); the request
+    /// is kept rather than lost.
+    InternalError,
+    /// The broker refused the event permanently (too large, unknown topic, not
+    /// authorized); the request is kept here instead.
+    PublishRefused,
 }
 
 impl RejectCode {
@@ -60,6 +66,8 @@ impl RejectCode {
         RejectCode::UnsupportedPaymentMethod,
         RejectCode::Oversize,
         RejectCode::EmptyValue,
+        RejectCode::InternalError,
+        RejectCode::PublishRefused,
     ];
 
     /// The stable code.
@@ -76,6 +84,8 @@ impl RejectCode {
             RejectCode::UnsupportedPaymentMethod => "unsupported_payment_method",
             RejectCode::Oversize => "oversize",
             RejectCode::EmptyValue => "empty_value",
+            RejectCode::InternalError => "internal_error",
+            RejectCode::PublishRefused => "publish_refused",
         }
     }
 }

@@ -29,11 +29,13 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::producer::{Delivery, Publisher};
-use crate::pipeline::ledger::{Arrival, Epoch, Ledger, Position};
+use crate::codec::RejectCode;
+use crate::pipeline::ledger::{Arrival, Epoch, Ledger, Position, Ticket};
 use crate::pipeline::process::{Incoming, PipelineJob, Processor, Work};
 use crate::pipeline::scheduler::{Admission, Scheduler};
 use crate::telemetry::Metrics;
@@ -353,6 +355,12 @@ pub struct Engine {
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     topic: Arc<str>,
+    /// Per-message tasks: reaped as they finish, awaited on shutdown and aborted
+    /// after the drain deadline.
+    tasks: JoinSet<()>,
+    /// Offsets one partition may hold in memory (unfinished, or finished behind an
+    /// unfinished one) before the engine stops reading it.
+    max_held: usize,
 }
 
 impl Engine {
@@ -366,6 +374,7 @@ impl Engine {
         settings: EngineSettings,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let max_held = settings.max_in_flight.saturating_mul(10).max(10_000);
         Engine {
             scheduler: Scheduler::new(settings.max_in_flight, settings.max_queued_per_key),
             topic: Arc::from(settings.input_topic.as_str()),
@@ -380,6 +389,8 @@ impl Engine {
             gap_seeks: std::collections::HashMap::new(),
             done_tx,
             done_rx,
+            tasks: JoinSet::new(),
+            max_held,
         }
     }
 
@@ -398,6 +409,7 @@ impl Engine {
             if context.main_ready.swap(false, Ordering::AcqRel) {
                 self.serve_consumer_queue();
             }
+            self.reap();
             let more = self.read_partitions();
             self.metrics.set_in_flight(self.scheduler.in_flight());
             tokio::select! {
@@ -418,12 +430,36 @@ impl Engine {
                         source.ready.store(true, Ordering::Release);
                     }
                     self.commit(CommitMode::Async);
+                    self.report_health();
                 }
                 () = context.wake.notified() => {}
                 () = tokio::task::yield_now(), if more => {}
             }
         }
         self.drain().await;
+    }
+
+    /// Collects finished tasks. A task whose job panicked outside the processor's
+    /// own containment is logged; its guard already released its accounting.
+    fn reap(&mut self) {
+        while let Some(result) = self.tasks.try_join_next() {
+            if let Err(e) = result {
+                if e.is_panic() {
+                    self.metrics.internal_error();
+                    tracing::error!(error = %e, "a message task panicked; its offset stays uncommitted");
+                }
+            }
+        }
+    }
+
+    /// Publishes per-partition health: stalled partitions and stuck watermarks.
+    fn report_health(&self) {
+        let health = self.ledger.health(Instant::now());
+        self.metrics
+            .set_stalled_partitions(health.iter().filter(|h| h.stalled.is_some()).count());
+        for h in &health {
+            self.metrics.set_watermark_stuck(h.partition, h.stuck_for);
+        }
     }
 
     /// Serves the consumer queue until it is empty: rebalance callbacks, commit
@@ -462,9 +498,10 @@ impl Engine {
         let mut more = false;
         for i in (0..count).map(|i| (first + i) % count) {
             let p = self.sources[i].partition;
-            if self.scheduler.parked_in(p) > 0
-                || !self.sources[i].ready.swap(false, Ordering::AcqRel)
-            {
+            if self.scheduler.parked_in(p) > 0 || self.held_back(p) {
+                continue;
+            }
+            if !self.sources[i].ready.swap(false, Ordering::AcqRel) {
                 continue;
             }
             let mut taken = 0;
@@ -495,6 +532,14 @@ impl Engine {
             }
         }
         more
+    }
+
+    /// A partition stopped by a refused dead letter is not read (it resumes by
+    /// itself once the dead letter is accepted), nor is one that already holds
+    /// `max_held` offsets in memory: memory stays bounded behind a slow offset.
+    /// Their queues stay marked ready, and the commit tick looks again.
+    fn held_back(&self, partition: i32) -> bool {
+        self.ledger.held_back(partition, self.max_held)
     }
 
     fn apply_notes(&mut self) {
@@ -642,7 +687,6 @@ impl Engine {
         };
         let processor = self.processor.clone();
         let publisher = self.publisher.clone();
-        let ledger = self.ledger.clone();
         let metrics = self.metrics.clone();
         let span = match &job.work {
             Work::Check { request, .. } => tracing::info_span!(
@@ -657,11 +701,27 @@ impl Engine {
                 tracing::info_span!("message", partition, offset = job.incoming.offset)
             }
         };
-        tokio::spawn(
+        let ticket = Ticket {
+            ledger: self.ledger.clone(),
+            partition,
+            epoch: job.epoch,
+        };
+        self.tasks.spawn(
             async move {
                 let mut guard = guard;
-                let out = processor.run(&job).await;
-                match publisher.publish(&out, &ledger, partition, job.epoch).await {
+                let mut out = processor.process(&job).await;
+                let mut delivery = publisher.publish(&out, &ticket).await;
+                if let Delivery::Refused(reason) = &delivery {
+                    // The broker will never take this event: keep the request.
+                    tracing::warn!(%reason, "the broker refuses the event; dead-lettering the request");
+                    out = processor.dead_letter(
+                        &job.incoming,
+                        RejectCode::PublishRefused,
+                        &format!("the event could not be published: {reason}"),
+                    );
+                    delivery = publisher.publish(&out, &ticket).await;
+                }
+                match delivery {
                     Delivery::Published => {
                         guard.published = true;
                         match out.destination {
@@ -676,6 +736,9 @@ impl Engine {
                         tracing::info!(result = %out.summary, "processed");
                     }
                     Delivery::Abandoned => tracing::info!("abandoned: partition no longer owned"),
+                    Delivery::Refused(reason) => {
+                        tracing::error!(%reason, "a dead letter was refused; the offset stays uncommitted")
+                    }
                 }
             }
             .instrument(span),
@@ -722,10 +785,14 @@ impl Engine {
                 abandoned = self.scheduler.in_flight(),
                 "shutdown deadline passed; unfinished requests will be redone after restart"
             );
-            self.ledger.revoke_all()
+            let positions = self.ledger.revoke_all();
+            // Nothing may publish any more; stop the tasks that are still running.
+            self.tasks.abort_all();
+            positions
         } else {
             self.ledger.positions()
         };
+        while self.tasks.join_next().await.is_some() {}
         let committed = commit_positions(
             self.consumer.as_ref(),
             &self.settings.input_topic,

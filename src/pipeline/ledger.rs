@@ -21,6 +21,10 @@ struct Part {
     publishing: usize,
     revoked: bool,
     committed: Option<i64>,
+    /// Why the partition is stopped (a dead letter the broker refuses), if it is.
+    stalled: Option<String>,
+    /// When the watermark last moved, or work arrived at an idle partition.
+    moved_at: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +45,8 @@ impl Inner {
                 publishing: 0,
                 revoked: false,
                 committed: None,
+                stalled: None,
+                moved_at: Instant::now(),
             };
             *next_epoch += 1;
             part
@@ -81,6 +87,44 @@ pub struct Position {
     pub committed: Option<i64>,
 }
 
+/// Whether a partition is making progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionHealth {
+    /// Partition.
+    pub partition: i32,
+    /// Why it is stopped, if it is.
+    pub stalled: Option<String>,
+    /// How long its watermark has not moved while work is pending.
+    pub stuck_for: Duration,
+}
+
+/// The right to publish for one partition ownership: a job's handle on the
+/// ledger. The producer sees only this (see `PublishGate`).
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// The ledger.
+    pub ledger: std::sync::Arc<Ledger>,
+    /// Partition.
+    pub partition: i32,
+    /// Ownership epoch.
+    pub epoch: Epoch,
+}
+
+impl super::PublishGate for Ticket {
+    fn begin(&self) -> bool {
+        self.ledger.begin_publish(self.partition, self.epoch)
+    }
+    fn end(&self) {
+        self.ledger.end_publish(self.partition, self.epoch);
+    }
+    fn stalled(&self, reason: Option<String>) {
+        self.ledger.set_stalled(self.partition, self.epoch, reason);
+    }
+    fn partition(&self) -> i32 {
+        self.partition
+    }
+}
+
 /// The shared per-partition state.
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -115,9 +159,15 @@ impl Ledger {
         if part.revoked {
             return Arrival::Skip;
         }
+        let idle = part.tracker.pending() == 0;
         match part.tracker.next() {
             Some(expected) if offset > expected => Arrival::Gap { epoch, expected },
-            _ if part.tracker.push(offset) => Arrival::Accepted(epoch),
+            _ if part.tracker.push(offset) => {
+                if idle {
+                    part.moved_at = Instant::now();
+                }
+                Arrival::Accepted(epoch)
+            }
             _ => Arrival::Skip,
         }
     }
@@ -127,7 +177,14 @@ impl Ledger {
     pub fn accept(&self, partition: i32, epoch: Epoch, offset: i64) -> bool {
         let mut inner = self.lock();
         match inner.parts.get_mut(&partition) {
-            Some(p) if p.epoch == epoch.0 && !p.revoked => p.tracker.push(offset),
+            Some(p) if p.epoch == epoch.0 && !p.revoked => {
+                let idle = p.tracker.pending() == 0;
+                let pushed = p.tracker.push(offset);
+                if pushed && idle {
+                    p.moved_at = Instant::now();
+                }
+                pushed
+            }
             _ => false,
         }
     }
@@ -177,12 +234,74 @@ impl Ledger {
             if p.epoch == epoch.0 {
                 p.running = p.running.saturating_sub(1);
                 if published {
+                    let before = p.tracker.watermark();
                     p.tracker.complete(offset);
+                    if p.tracker.watermark() != before {
+                        p.moved_at = Instant::now();
+                    }
                 }
             }
         }
         drop(inner);
         self.changed.notify_all();
+    }
+
+    /// Marks a partition stopped (`Some(reason)`) or running again (`None`), for
+    /// the job that owns it under `epoch`.
+    pub fn set_stalled(&self, partition: i32, epoch: Epoch, reason: Option<String>) {
+        let mut inner = self.lock();
+        if let Some(p) = inner.parts.get_mut(&partition) {
+            if p.epoch == epoch.0 {
+                p.stalled = reason;
+            }
+        }
+    }
+
+    /// True while a partition is stopped by a refused dead letter.
+    pub fn is_stalled(&self, partition: i32) -> bool {
+        self.lock()
+            .parts
+            .get(&partition)
+            .is_some_and(|p| p.stalled.is_some())
+    }
+
+    /// Offsets a partition holds in memory (see [`OffsetTracker::held`]).
+    pub fn held(&self, partition: i32) -> usize {
+        self.lock()
+            .parts
+            .get(&partition)
+            .map_or(0, |p| p.tracker.held())
+    }
+
+    /// True when the engine should not read more of a partition: it is stalled,
+    /// or holds `max_held` offsets already (one lock for both questions).
+    pub fn held_back(&self, partition: i32, max_held: usize) -> bool {
+        self.lock()
+            .parts
+            .get(&partition)
+            .is_some_and(|p| p.stalled.is_some() || p.tracker.held() >= max_held)
+    }
+
+    /// The health of every owned partition at `now`: stalled ones with their
+    /// reason, and how long each watermark has been stuck with work pending.
+    pub fn health(&self, now: Instant) -> Vec<PartitionHealth> {
+        let inner = self.lock();
+        let mut v: Vec<PartitionHealth> = inner
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.revoked)
+            .map(|(partition, p)| PartitionHealth {
+                partition: *partition,
+                stalled: p.stalled.clone(),
+                stuck_for: if p.tracker.pending() > 0 {
+                    now.saturating_duration_since(p.moved_at)
+                } else {
+                    Duration::ZERO
+                },
+            })
+            .collect();
+        v.sort_by_key(|h| h.partition);
+        v
     }
 
     /// Marks every partition revoked without waiting (shutdown after its deadline),
@@ -383,6 +502,32 @@ mod tests {
         assert_eq!(positions.len(), 1);
         assert_eq!(positions[0].watermark, 2);
         assert!(l.positions().is_empty());
+    }
+
+    #[test]
+    fn the_stuck_clock_runs_only_while_work_is_pending() {
+        let l = Ledger::new();
+        let e = l.epoch(0);
+        let later = |d| Instant::now() + Duration::from_secs(d);
+        assert_eq!(l.health(later(100))[0].stuck_for, Duration::ZERO, "idle");
+        l.accept(0, e, 1);
+        l.accept(0, e, 2);
+        l.start(0, e);
+        assert!(l.health(later(100))[0].stuck_for >= Duration::from_secs(99));
+        l.finish(0, e, 2, true); // not the watermark's offset: still stuck
+        assert!(l.health(later(100))[0].stuck_for >= Duration::from_secs(99));
+        l.finish(0, e, 1, true);
+        assert_eq!(l.health(later(100))[0].stuck_for, Duration::ZERO);
+        l.set_stalled(0, e, Some("dead letter refused".into()));
+        assert!(l.is_stalled(0));
+        assert_eq!(
+            l.health(Instant::now())[0].stalled.as_deref(),
+            Some("dead letter refused")
+        );
+        l.set_stalled(0, Epoch(e.0 + 99), None);
+        assert!(l.is_stalled(0), "only the owning epoch clears it");
+        l.set_stalled(0, e, None);
+        assert!(!l.is_stalled(0));
     }
 
     #[test]

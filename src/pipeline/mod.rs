@@ -8,3 +8,17 @@ pub mod ledger;
 pub mod process;
 pub mod scheduler;
 pub mod tracker;
+
+/// What the producer needs from the engine to publish for one partition: whether
+/// the partition is still owned (so nothing is published after a handover), and
+/// a place to say that the partition is stopped. The Kafka module sees only this.
+pub trait PublishGate: Send + Sync {
+    /// A publish is starting; false when the partition is no longer owned.
+    fn begin(&self) -> bool;
+    /// The publish `begin` allowed has ended.
+    fn end(&self);
+    /// The partition is stopped (`Some(reason)`) or running again (`None`).
+    fn stalled(&self, reason: Option<String>);
+    /// The partition (for logs).
+    fn partition(&self) -> i32;
+}

@@ -5,7 +5,10 @@
 //! original key, value and headers and adds the `paysync-*` headers.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt;
 use std::time::{Instant, SystemTime};
 
 use crate::codec::{
@@ -124,16 +127,19 @@ pub struct Processor {
     encoder: EventEncoder,
     secrets: SecretFields,
     metrics: Arc<Metrics>,
+    max_record_bytes: usize,
 }
 
 impl Processor {
-    /// A processor over these connectors.
+    /// A processor over these connectors. Dead letters are cut to
+    /// `max_record_bytes` (the producer's `message.max.bytes`).
     pub fn new(
         connectors: HashMap<String, Arc<ConnectorRuntime>>,
         decode: DecodeOptions,
         encoder: EventEncoder,
         secrets: SecretFields,
         metrics: Arc<Metrics>,
+        max_record_bytes: usize,
     ) -> Self {
         Processor {
             connectors,
@@ -141,11 +147,35 @@ impl Processor {
             encoder,
             secrets,
             metrics,
+            max_record_bytes,
         }
     }
 
-    /// Decodes and routes a message (no I/O).
+    /// Decodes and routes a message (no I/O). A panic while decoding (a bug) is
+    /// contained: the message becomes an `internal_error` dead letter.
     pub fn prepare(&self, incoming: Incoming, epoch: Epoch) -> PipelineJob {
+        let routed = std::panic::catch_unwind(AssertUnwindSafe(|| self.route(&incoming)));
+        let (key, work) = routed.unwrap_or_else(|panic| {
+            let message = panic_message(panic.as_ref());
+            self.metrics.internal_error();
+            tracing::error!(panic = %message, "decoding a request panicked (a bug); it is dead-lettered as internal_error");
+            (
+                None,
+                Work::Reject(Rejection::new(
+                    RejectCode::InternalError,
+                    format!("decoding failed: {message}"),
+                )),
+            )
+        });
+        PipelineJob {
+            incoming,
+            epoch,
+            key,
+            work,
+        }
+    }
+
+    fn route(&self, incoming: &Incoming) -> (Option<String>, Work) {
         let headers: Vec<RawHeader<'_>> = incoming
             .headers
             .iter()
@@ -167,7 +197,7 @@ impl Processor {
                 let http = connector.client.prepare(&request)?;
                 Ok((request, http, connector.clone()))
             });
-        let (key, work) = match routed {
+        match routed {
             Ok((request, http, connector)) => (
                 Some(format!(
                     "{}/{}",
@@ -180,20 +210,37 @@ impl Processor {
                 },
             ),
             Err(rejection) => (None, Work::Reject(rejection)),
-        };
-        PipelineJob {
-            incoming,
-            epoch,
-            key,
-            work,
         }
     }
 
-    /// Runs a job to the record it publishes.
-    pub async fn run(&self, job: &PipelineJob) -> Outgoing {
+    /// Runs a job to the record it publishes. A panic while checking (a bug) is
+    /// contained: the record becomes an `internal_error` dead letter with the
+    /// original bytes, and the partition moves on.
+    pub async fn process(&self, job: &PipelineJob) -> Outgoing {
+        match AssertUnwindSafe(self.run(job)).catch_unwind().await {
+            Ok(out) => out,
+            Err(panic) => {
+                let message = panic_message(panic.as_ref());
+                self.metrics.internal_error();
+                tracing::error!(panic = %message, "processing panicked (a bug); the record is dead-lettered as internal_error");
+                self.dead_letter(
+                    &job.incoming,
+                    RejectCode::InternalError,
+                    &format!("processing failed: {message}"),
+                )
+            }
+        }
+    }
+
+    /// The dead letter for a message, cut to fit the producer's record limit.
+    pub fn dead_letter(&self, incoming: &Incoming, code: RejectCode, message: &str) -> Outgoing {
+        dead_letter(incoming, code.as_str(), message, self.max_record_bytes)
+    }
+
+    async fn run(&self, job: &PipelineJob) -> Outgoing {
         match &job.work {
             Work::Reject(rejection) => {
-                dead_letter(&job.incoming, rejection.code.as_str(), &rejection.message)
+                self.dead_letter(&job.incoming, rejection.code, &rejection.message)
             }
             Work::Check {
                 request,
@@ -240,9 +287,9 @@ impl Processor {
                         summary: status_summary(&event),
                     },
                     // A schema/value mismatch is a bug; keep the request rather than lose it.
-                    Err(e) => dead_letter(
+                    Err(e) => self.dead_letter(
                         &job.incoming,
-                        "internal_error",
+                        RejectCode::InternalError,
                         &format!("event could not be encoded: {e}"),
                     ),
                 }
@@ -281,31 +328,101 @@ fn rfc3339_now() -> String {
         .unwrap_or_default()
 }
 
+/// Bytes a record costs against the producer's `message.max.bytes`, with a
+/// margin for the framing librdkafka adds (varints, attributes, timestamps).
+pub fn record_size(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[RecordHeader]) -> usize {
+    const RECORD_OVERHEAD: usize = 128;
+    const HEADER_OVERHEAD: usize = 16;
+    RECORD_OVERHEAD
+        + key.map_or(0, <[u8]>::len)
+        + value.map_or(0, <[u8]>::len)
+        + headers
+            .iter()
+            .map(|(k, v)| HEADER_OVERHEAD + k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+}
+
 /// The dead letter for a message: original key, value and headers, plus the
-/// `paysync-*` headers of PRODUCT.md §2.
-pub fn dead_letter(incoming: &Incoming, code: &'static str, message: &str) -> Outgoing {
-    let mut headers: Vec<RecordHeader> = incoming.headers.clone();
-    headers.push(header("paysync-error-code", code));
-    headers.push(header("paysync-error-message", message));
-    headers.push(header("paysync-source-topic", &incoming.topic));
-    headers.push(header(
-        "paysync-source-partition",
-        &incoming.partition.to_string(),
-    ));
-    headers.push(header(
-        "paysync-source-offset",
-        &incoming.offset.to_string(),
-    ));
-    headers.push(header("paysync-failed-at", &rfc3339_now()));
+/// `paysync-*` headers of PRODUCT.md §2, cut to at most `max_record_bytes`. A
+/// value that does not fit is truncated (`paysync-value-truncated: true`,
+/// `paysync-original-size`); the source headers point at the full original.
+/// Should the original key and headers alone not fit (a record no producer of
+/// this configuration could write), the original headers are dropped
+/// (`paysync-headers-dropped: <count>`) and then the key is truncated
+/// (`paysync-key-truncated: true`).
+pub fn dead_letter(
+    incoming: &Incoming,
+    code: &'static str,
+    message: &str,
+    max_record_bytes: usize,
+) -> Outgoing {
+    let mut paysync = vec![
+        header("paysync-error-code", code),
+        header("paysync-error-message", message),
+        header("paysync-source-topic", &incoming.topic),
+        header(
+            "paysync-source-partition",
+            &incoming.partition.to_string(),
+        ),
+        header("paysync-source-offset", &incoming.offset.to_string()),
+        header("paysync-failed-at", &rfc3339_now()),
+    ];
+    let mut originals = incoming.headers.clone();
+    let mut key = incoming.key.clone();
+    let mut value = incoming.value.clone();
+    let headers_size = |originals: &[RecordHeader], paysync: &[RecordHeader]| {
+        record_size(None, None, originals) + record_size(None, None, paysync)
+    };
+    let without_value =
+        |originals: &[RecordHeader], paysync: &[RecordHeader], key: &Option<Vec<u8>>| {
+            headers_size(originals, paysync) + key.as_ref().map_or(0, Vec::len)
+        };
+    let value_len = value.as_ref().map_or(0, Vec::len);
+    if without_value(&originals, &paysync, &key) + value_len > max_record_bytes {
+        if let Some(v) = &value {
+            paysync.push(header("paysync-value-truncated", "true"));
+            paysync.push(header("paysync-original-size", &v.len().to_string()));
+        }
+        if without_value(&originals, &paysync, &key) > max_record_bytes {
+            paysync.push(header(
+                "paysync-headers-dropped",
+                &originals.len().to_string(),
+            ));
+            originals.clear();
+        }
+        let rest = without_value(&originals, &paysync, &key);
+        if rest > max_record_bytes {
+            paysync.push(header("paysync-key-truncated", "true"));
+            let over = without_value(&originals, &paysync, &key) - max_record_bytes;
+            if let Some(k) = &mut key {
+                k.truncate(k.len().saturating_sub(over));
+            }
+        }
+        let room = max_record_bytes.saturating_sub(without_value(&originals, &paysync, &key));
+        if let Some(v) = &mut value {
+            v.truncate(room);
+        }
+    }
+    originals.extend(paysync);
     Outgoing {
         destination: Destination::DeadLetters,
-        key: incoming.key.clone(),
-        value: incoming.value.clone(),
-        headers,
+        key,
+        value,
+        headers: originals,
         label: code,
         outcome: Outcome::Invalid,
         summary: format!("{code}: {message}"),
     }
+}
+
+/// The text of a panic payload (bounded, without control characters).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic without a message".to_owned());
+    crate::connectors::sanitize(&text)
 }
 
 #[cfg(test)]
@@ -326,7 +443,7 @@ mod tests {
             ],
             received: Instant::now(),
         };
-        let out = dead_letter(&incoming, "invalid_json", "value is not JSON");
+        let out = dead_letter(&incoming, "invalid_json", "value is not JSON", 1_000_000);
         assert_eq!(out.destination, Destination::DeadLetters);
         assert_eq!(out.key.as_deref(), Some(&b"k"[..]));
         assert_eq!(out.value.as_deref(), Some(&b"\xff not json"[..]));
@@ -356,5 +473,62 @@ mod tests {
             &time::format_description::well_known::Rfc3339
         )
         .is_ok());
+        assert!(h.get("paysync-value-truncated").is_none());
+    }
+
+    fn incoming(key: usize, value: usize, headers: usize) -> Incoming {
+        Incoming {
+            topic: Arc::from("in"),
+            partition: 0,
+            offset: 5,
+            key: Some(vec![b'k'; key]),
+            value: Some(vec![b'v'; value]),
+            headers: (0..headers)
+                .map(|i| (format!("h{i}").into_bytes(), Some(vec![b'x'; 100])))
+                .collect(),
+            received: Instant::now(),
+        }
+    }
+
+    fn header_of(out: &Outgoing, name: &str) -> Option<String> {
+        out.headers
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
+    }
+
+    #[test]
+    fn an_oversize_dead_letter_is_truncated_to_fit_and_says_so() {
+        // Issue b: a 1,000,000-byte value plus paysync headers exceeded the
+        // producer's 1,000,000-byte record limit and was retried forever.
+        let limit = 1_000_000;
+        let out = dead_letter(&incoming(10, 1_000_000, 3), "oversize", "too big", limit);
+        let size = record_size(out.key.as_deref(), out.value.as_deref(), &out.headers);
+        assert!(size <= limit, "{size} > {limit}");
+        assert!(size > limit - 1000, "uses the room it has: {size}");
+        assert_eq!(header_of(&out, "paysync-value-truncated").as_deref(), Some("true"));
+        assert_eq!(header_of(&out, "paysync-original-size").as_deref(), Some("1000000"));
+        assert_eq!(header_of(&out, "h2").map(|v| v.len()), Some(100), "original headers kept");
+        assert_eq!(out.key.as_deref(), Some(&[b'k'; 10][..]));
+        let value = out.value.unwrap();
+        assert!(value.iter().all(|b| *b == b'v'), "a prefix of the original");
+    }
+
+    #[test]
+    fn dead_letters_fit_whatever_the_shape() {
+        let limit = 64 * 1024;
+        for (key, value, headers) in [
+            (0, 0, 0),
+            (10, 70_000, 0),
+            (10, 1000, 1000),
+            (100_000, 10, 0),
+            (100_000, 100_000, 1000),
+        ] {
+            let out = dead_letter(&incoming(key, value, headers), "oversize", "m", limit);
+            let size = record_size(out.key.as_deref(), out.value.as_deref(), &out.headers);
+            assert!(size <= limit, "{key}/{value}/{headers}: {size}");
+            assert_eq!(header_of(&out, "paysync-error-code").as_deref(), Some("oversize"));
+            assert_eq!(header_of(&out, "paysync-source-offset").as_deref(), Some("5"));
+        }
     }
 }

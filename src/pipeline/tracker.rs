@@ -14,6 +14,8 @@ pub struct OffsetTracker {
     next: Option<i64>,
     /// The highest finished offset.
     highest_done: Option<i64>,
+    /// Entries not finished yet.
+    unfinished: usize,
 }
 
 impl OffsetTracker {
@@ -29,7 +31,8 @@ impl OffsetTracker {
             return false;
         }
         self.entries.push_back((offset, false));
-        self.next = Some(offset + 1);
+        self.unfinished += 1;
+        self.next = Some(offset.saturating_add(1));
         true
     }
 
@@ -43,7 +46,11 @@ impl OffsetTracker {
         let Ok(i) = self.entries.binary_search_by_key(&offset, |(o, _)| *o) else {
             return false;
         };
+        if self.entries[i].1 {
+            return true;
+        }
         self.entries[i].1 = true;
+        self.unfinished -= 1;
         self.highest_done = Some(self.highest_done.map_or(offset, |h| h.max(offset)));
         while self.entries.front().is_some_and(|(_, done)| *done) {
             self.entries.pop_front();
@@ -63,14 +70,20 @@ impl OffsetTracker {
 
     /// Offsets accepted and not finished.
     pub fn pending(&self) -> usize {
-        self.entries.iter().filter(|(_, d)| !d).count()
+        self.unfinished
+    }
+
+    /// Offsets held (unfinished, or finished behind an unfinished one): the
+    /// tracker's memory, which the engine bounds per partition.
+    pub fn held(&self) -> usize {
+        self.entries.len()
     }
 
     /// Highest finished offset + 1 minus the watermark: work that is done but
     /// waits for an earlier offset before it can be committed.
     pub fn gap(&self) -> i64 {
         match (self.highest_done, self.watermark()) {
-            (Some(h), Some(w)) => (h + 1 - w).max(0),
+            (Some(h), Some(w)) => h.saturating_add(1).saturating_sub(w).max(0),
             _ => 0,
         }
     }
@@ -94,12 +107,16 @@ mod tests {
             assert_eq!(t.watermark(), Some(10), "never past unfinished 10");
         }
         assert_eq!(t.gap(), 5);
+        assert!(t.complete(11), "finishing twice is harmless");
+        assert_eq!(t.pending(), 2, "10 and 13");
+        assert_eq!(t.held(), 5);
         t.complete(10);
         assert_eq!(t.watermark(), Some(13));
         assert_eq!(t.gap(), 2);
         t.complete(13);
         assert_eq!(t.watermark(), Some(15));
         assert_eq!(t.pending(), 0);
+        assert_eq!(t.held(), 0);
         assert_eq!(t.gap(), 0);
     }
 
