@@ -518,7 +518,11 @@ fn check_producer_guarantees(kafka: &KafkaSettings) -> Result<usize, ConfigError
                     .map(|v| (format!("kafka.common.\"{name}\""), v))
             })
     };
-    for name in ["acks", "request.required.acks", "topic.request.required.acks"] {
+    for name in [
+        "acks",
+        "request.required.acks",
+        "topic.request.required.acks",
+    ] {
         if let Some((key, v)) = find(name) {
             if !matches!(v.trim().to_ascii_lowercase().as_str(), "all" | "-1") {
                 return Err(ConfigError::new(
@@ -543,7 +547,12 @@ fn check_producer_guarantees(kafka: &KafkaSettings) -> Result<usize, ConfigError
             .parse::<usize>()
             .ok()
             .filter(|n| (1000..=1_000_000_000).contains(n))
-            .ok_or_else(|| ConfigError::new(key, format!("`{v}` is not a size between 1000 and 1000000000 bytes"))),
+            .ok_or_else(|| {
+                ConfigError::new(
+                    key,
+                    format!("`{v}` is not a size between 1000 and 1000000000 bytes"),
+                )
+            }),
     }
 }
 
@@ -1335,6 +1344,42 @@ client_secret = {{ file = "{}" }}
                 "[schema_registry]\nurl = \"not a url\"\n",
                 "schema_registry.url",
             ),
+            (
+                "[kafka.producer]\nacks = \"0\"\n",
+                "kafka.producer.\"acks\"",
+            ),
+            (
+                "[kafka.producer]\n\"request.required.acks\" = \"1\"\n",
+                "kafka.producer.\"request.required.acks\"",
+            ),
+            (
+                "[kafka.common]\nacks = \"1\"\n",
+                "kafka.common.\"acks\"",
+            ),
+            (
+                "[kafka.producer]\n\"enable.idempotence\" = \"false\"\n",
+                "kafka.producer.\"enable.idempotence\"",
+            ),
+            (
+                "[kafka.producer]\n\"message.max.bytes\" = \"lots\"\n",
+                "kafka.producer.\"message.max.bytes\"",
+            ),
+            (
+                "[kafka.producer]\n\"message.max.bytes\" = \"70000\"\n",
+                "processing.max_request_bytes",
+            ),
+            (
+                "[processing]\nmax_request_bytes = 990000\n",
+                "processing.max_request_bytes",
+            ),
+            (
+                "[processing]\nshutdown_timeout = \"30d\"\n",
+                "processing.shutdown_timeout",
+            ),
+            (
+                "[processing]\naccepted_schema_ids = [-1]\n",
+                "processing.accepted_schema_ids",
+            ),
         ];
         for (extra, key) in cases {
             let err = load(&format!("{MINIMAL}\n{extra}"), &[]).unwrap_err();
@@ -1347,6 +1392,13 @@ client_secret = {{ file = "{}" }}
         }
         let err = load("", &[]).unwrap_err();
         assert_eq!(err.key, "connectors.cm.accounts");
+        // The producer section wins over the common one; all and -1 are fine.
+        let ok = load(
+            &format!("{MINIMAL}\n[kafka.common]\nacks = \"1\"\n[kafka.producer]\nacks = \"-1\"\n\"message.max.bytes\" = \"2000000\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.kafka.max_record_bytes, 2_000_000);
         let err = load(MINIMAL, &[("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "-5")]).unwrap_err();
         assert_eq!(err.key, "processing.max_in_flight");
     }

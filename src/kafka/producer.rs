@@ -171,7 +171,8 @@ impl Publisher {
                 match out.destination {
                     Destination::Events => return Delivery::Refused(error.to_string()),
                     Destination::DeadLetters => {
-                        let reason = format!("dead-letter topic `{topic}` refuses the record: {error}");
+                        let reason =
+                            format!("dead-letter topic `{topic}` refuses the record: {error}");
                         tracing::error!(
                             partition = gate.partition(),
                             reason = %reason,

@@ -47,6 +47,27 @@ impl MockBroker {
         self.cluster.broker_up(1).map_err(|e| e.to_string())
     }
 
+    /// Makes the broker answer metadata for `topic` with `error` (for example
+    /// `TopicAuthorizationFailed`), until cleared with `NoError`.
+    pub fn topic_error(
+        &self,
+        topic: &str,
+        error: rdkafka::types::RDKafkaRespErr,
+    ) -> Result<(), String> {
+        self.cluster
+            .topic_error(topic, error)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Makes the next requests of `api` fail with `errors`, one error per request.
+    pub fn request_errors(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: &[rdkafka::types::RDKafkaRespErr],
+    ) {
+        self.cluster.request_errors(api, errors);
+    }
+
     /// The bootstrap servers.
     pub fn bootstrap(&self) -> String {
         self.cluster.bootstrap_servers()
@@ -88,12 +109,21 @@ pub struct RawProducer {
 impl RawProducer {
     /// Connects to `brokers`.
     pub fn new(brokers: &str) -> Result<Self, String> {
-        let producer = ClientConfig::new()
+        Self::with(brokers, &[])
+    }
+
+    /// Connects to `brokers` with extra librdkafka properties (for example a larger
+    /// `message.max.bytes`, as another client might use).
+    pub fn with(brokers: &str, properties: &[(&str, &str)]) -> Result<Self, String> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .map_err(|e| format!("producer: {e}"))?;
+            .set("message.timeout.ms", "30000");
+        for (k, v) in properties {
+            config.set(*k, *v);
+        }
+        let producer = config.create().map_err(|e| format!("producer: {e}"))?;
         Ok(RawProducer { producer })
     }
 

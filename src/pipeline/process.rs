@@ -360,10 +360,7 @@ pub fn dead_letter(
         header("paysync-error-code", code),
         header("paysync-error-message", message),
         header("paysync-source-topic", &incoming.topic),
-        header(
-            "paysync-source-partition",
-            &incoming.partition.to_string(),
-        ),
+        header("paysync-source-partition", &incoming.partition.to_string()),
         header("paysync-source-offset", &incoming.offset.to_string()),
         header("paysync-failed-at", &rfc3339_now()),
     ];
@@ -473,7 +470,7 @@ mod tests {
             &time::format_description::well_known::Rfc3339
         )
         .is_ok());
-        assert!(h.get("paysync-value-truncated").is_none());
+        assert!(!h.contains_key("paysync-value-truncated"));
     }
 
     fn incoming(key: usize, value: usize, headers: usize) -> Incoming {
@@ -506,9 +503,19 @@ mod tests {
         let size = record_size(out.key.as_deref(), out.value.as_deref(), &out.headers);
         assert!(size <= limit, "{size} > {limit}");
         assert!(size > limit - 1000, "uses the room it has: {size}");
-        assert_eq!(header_of(&out, "paysync-value-truncated").as_deref(), Some("true"));
-        assert_eq!(header_of(&out, "paysync-original-size").as_deref(), Some("1000000"));
-        assert_eq!(header_of(&out, "h2").map(|v| v.len()), Some(100), "original headers kept");
+        assert_eq!(
+            header_of(&out, "paysync-value-truncated").as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            header_of(&out, "paysync-original-size").as_deref(),
+            Some("1000000")
+        );
+        assert_eq!(
+            header_of(&out, "h2").map(|v| v.len()),
+            Some(100),
+            "original headers kept"
+        );
         assert_eq!(out.key.as_deref(), Some(&[b'k'; 10][..]));
         let value = out.value.unwrap();
         assert!(value.iter().all(|b| *b == b'v'), "a prefix of the original");
@@ -527,8 +534,14 @@ mod tests {
             let out = dead_letter(&incoming(key, value, headers), "oversize", "m", limit);
             let size = record_size(out.key.as_deref(), out.value.as_deref(), &out.headers);
             assert!(size <= limit, "{key}/{value}/{headers}: {size}");
-            assert_eq!(header_of(&out, "paysync-error-code").as_deref(), Some("oversize"));
-            assert_eq!(header_of(&out, "paysync-source-offset").as_deref(), Some("5"));
+            assert_eq!(
+                header_of(&out, "paysync-error-code").as_deref(),
+                Some("oversize")
+            );
+            assert_eq!(
+                header_of(&out, "paysync-source-offset").as_deref(),
+                Some("5")
+            );
         }
     }
 }

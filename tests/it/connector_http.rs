@@ -452,3 +452,113 @@ async fn retry_policy_rides_out_transient_errors_and_reports_exhaustion() {
     assert_eq!(result.attempts, 4, "max_attempts");
     assert_eq!(failure.status_code, Some(502));
 }
+
+#[tokio::test]
+async fn an_absurd_token_lifetime_is_clamped_not_a_panic() {
+    // Issue c: `expires_in` 2^64-1 overflowed `Instant` in the token cache.
+    let f = fixture().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string(r#"{"access_token":"tok-X","expires_in":18446744073709551615}"#),
+        )
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .mount(&f.server)
+        .await;
+    assert_eq!(
+        f.call(&request()).await.outcome.unwrap().status,
+        PaymentStatus::CHARGED
+    );
+    f.call(&request()).await.outcome.unwrap();
+    assert_eq!(requests_to(&f.server, TOKEN_PATH).await, 1);
+    // Trusted for at most a day, not forever.
+    f.clock.advance(Duration::from_secs(24 * 3600));
+    f.call(&request()).await.outcome.unwrap();
+    assert_eq!(requests_to(&f.server, TOKEN_PATH).await, 2);
+}
+
+#[tokio::test]
+async fn connector_status_is_kept_as_received_and_unsafe_redirects_are_dropped() {
+    // Issue f: "SUCCESS\n" was published as connector_status "SUCCESS" (cleaned),
+    // and a `javascript:` redirect was published as redirection_data.
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"id": "tx-1", "amount": 1200, "currency": "EUR", "status": "SUCCESS\n"}),
+        ))
+        .mount(&f.server)
+        .await;
+    let report = f.call(&request()).await.outcome.unwrap();
+    assert_eq!(report.status, PaymentStatus::UNRESOLVED);
+    assert_eq!(report.connector_status.as_deref(), Some("SUCCESS\n"));
+
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "id": "tx-1", "amount": 1200, "currency": "EUR", "status": "OPEN",
+            "action": {"redirect": {"url": "javascript:alert(1)"}}
+        })))
+        .mount(&f.server)
+        .await;
+    let report = f.call(&request()).await.outcome.unwrap();
+    assert_eq!(report.status, PaymentStatus::AUTHENTICATION_PENDING);
+    assert_eq!(report.redirection_data, None, "not published");
+    assert_eq!(
+        paysync::telemetry::sum_metric(
+            &f.metrics.render(),
+            "paysync_redirects_dropped_total",
+            &[("connector", "cm")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn refused_credentials_are_not_asked_again_during_the_backoff() {
+    let f = fixture().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_json(serde_json::json!({"error": "invalid_client"})),
+        )
+        .mount(&f.server)
+        .await;
+    for _ in 0..20 {
+        let record = f.call(&request()).await;
+        match record.outcome {
+            Err(CallError::Permanent(failure)) => {
+                assert_eq!(failure.code, FailureCode::AuthenticationFailed)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        requests_to(&f.server, TOKEN_PATH).await,
+        1,
+        "one token request per backoff interval"
+    );
+    // After the first backoff (1 s) the endpoint is asked once more.
+    f.clock.advance(Duration::from_millis(1001));
+    for _ in 0..5 {
+        f.call(&request()).await.outcome.unwrap_err();
+    }
+    assert_eq!(requests_to(&f.server, TOKEN_PATH).await, 2);
+    assert_eq!(
+        paysync::telemetry::sum_metric(
+            &f.metrics.render(),
+            "paysync_token_refusals_total",
+            &[("connector", "cm"), ("account", "default")]
+        ),
+        2.0
+    );
+}

@@ -5,6 +5,7 @@ mod connector_http;
 mod e2e;
 mod engine;
 mod logs;
+mod poison;
 mod registry;
 mod resilience;
 mod support;
