@@ -202,6 +202,46 @@ impl RawProducer {
         }
     }
 
+    /// Queues a record with headers as bytes and an optional partition, waiting for
+    /// queue space when the local queue is full; call [`RawProducer::flush`] after.
+    pub fn enqueue_raw(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&[u8], Option<&[u8]>)],
+    ) -> Result<(), String> {
+        loop {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                .headers(super::headers::build(headers.iter().copied()));
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    drop(delivery);
+                    return Ok(());
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+    }
+
     /// Waits for all queued records.
     pub fn flush(&self, timeout: Duration) -> Result<(), String> {
         self.producer.flush(timeout).map_err(|e| e.to_string())

@@ -1,0 +1,399 @@
+//! The chaos run: the real `paysync` binary against librdkafka's mock cluster,
+//! hosted by this test process (so killing paysync leaves the broker up), with
+//! broker errors injected (produce, fetch and commit errors, the broker going down
+//! and up), a connector that answers 5xx, 429, slowly and with garbage at random,
+//! poison records mixed into the input, and one kill -9 and restart mid-run.
+//!
+//! Afterwards: every input offset has exactly one event or dead letter (more than
+//! one only for offsets re-delivered after the kill, all with the same
+//! `event_id`), no FAILURE the connector did not send, and every partition
+//! committed to its end.
+//!
+//! Not part of CI's time budget:
+//! `PAYSYNC_CHAOS_REQUESTS=100000 cargo test --release --test chaos -- --ignored --nocapture`
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use paysync::codec::avro::decode_event_json;
+use paysync::kafka::tools::{committed_offsets, MockBroker, RawProducer, TopicReader};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+const PARTITIONS: i32 = 16;
+const STATUSES: &[(&str, &str)] = &[
+    ("success", "SUCCESS"),
+    ("open", "OPEN"),
+    ("authorized", "AUTHORIZED"),
+    ("cancelled", "CANCELLED"),
+    ("expired", "EXPIRED"),
+    ("failure", "FAILURE"),
+];
+
+/// A CM.com that misbehaves at random: 8% 503, 4% 429 with Retry-After, 2% slower
+/// than the request timeout, 2% a 200 with a body that is not JSON.
+struct Chaotic {
+    calls: AtomicU64,
+}
+
+impl Respond for Chaotic {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let path = request.url.path();
+        if path.ends_with("/token") {
+            return ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"access_token": "t", "expires_in": 3600}));
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let id = path.rsplit('/').next().unwrap_or_default();
+        let status = STATUSES
+            .iter()
+            .find(|(prefix, _)| id.starts_with(prefix))
+            .map_or("SUCCESS", |(_, s)| *s);
+        let roll = fastrand::u32(0..100);
+        match roll {
+            0..=7 => ResponseTemplate::new(503).set_body_string("busy"),
+            8..=11 => ResponseTemplate::new(429).insert_header("retry-after", "1"),
+            12..=13 => ResponseTemplate::new(200)
+                .set_delay(Duration::from_millis(1500))
+                .set_body_json(serde_json::json!({"status": status, "amount": 1200, "currency": "EUR"})),
+            14..=15 => ResponseTemplate::new(200).set_body_string("<html>gateway</html>"),
+            _ => ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"status": status, "amount": 1200, "currency": "EUR"})),
+        }
+    }
+}
+
+fn spawn_paysync(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_paysync"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("PAYSYNC_LOG__FORMAT", "json")
+        .env("PAYSYNC_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap()
+}
+
+/// What one input offset produced.
+#[derive(Default, Debug)]
+struct Outputs {
+    event_ids: Vec<String>,
+    statuses: Vec<String>,
+    dead: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "chaos run, minutes long: PAYSYNC_CHAOS_REQUESTS=100000 cargo test --release --test chaos -- --ignored --nocapture"]
+async fn chaos_loses_nothing_and_invents_no_failure() {
+    let n: usize = std::env::var("PAYSYNC_CHAOS_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let started = Instant::now();
+    let broker = MockBroker::start(&[
+        ("chaos.requests", PARTITIONS),
+        ("chaos.events", PARTITIONS),
+        ("chaos.requests.dlq", 1),
+    ])
+    .unwrap();
+    let bootstrap = broker.bootstrap();
+    let connector = Arc::new(Chaotic {
+        calls: AtomicU64::new(0),
+    });
+    let cm = MockServer::builder()
+        .disable_request_recording()
+        .start()
+        .await;
+    struct Shared(Arc<Chaotic>);
+    impl Respond for Shared {
+        fn respond(&self, r: &Request) -> ResponseTemplate {
+            self.0.respond(r)
+        }
+    }
+    Mock::given(wiremock::matchers::any())
+        .respond_with(Shared(connector.clone()))
+        .mount(&cm)
+        .await;
+
+    // Inputs: ~97% status checks, ~3% poison of every kind.
+    let producer = RawProducer::new(&bootstrap).unwrap();
+    let mut poison = 0usize;
+    let schemas = paysync::codec::avro::Schemas::get();
+    let mut single_object_cut = vec![0xC3, 0x01];
+    single_object_cut.extend_from_slice(&schemas.request_fingerprint.to_le_bytes());
+    single_object_cut.push(0x80);
+    for i in 0..n {
+        let valid;
+        let (value, headers): (Option<&[u8]>, Vec<(&[u8], Option<&[u8]>)>) =
+            match (i % 100, i % 1000) {
+                (0, _) => (Some(b"not json"), vec![]),
+                (2, _) => (Some(&[0, 0, 0, 0, 1, 0x08, b'a', b'b', b'c', b'd']), vec![]),
+                (_, 3) => (None, vec![(&b"why"[..], None)]),
+                (_, 4) => (Some(&[b' '; 70_000]), vec![]),
+                (_, 5) => (Some(&single_object_cut), vec![]),
+                (_, 6) => (Some(br#"{"connector_transaction_id":"../x"}"#), vec![]),
+                (1, _) => (
+                    // A valid request whose header name is not UTF-8.
+                    Some(br#"{"connector_transaction_id":"success-h"}"#),
+                    vec![(&b"\xff\xfe"[..], Some(&b"x"[..]))],
+                ),
+                _ => {
+                    let (prefix, _) = STATUSES[i % STATUSES.len()];
+                    valid = format!(r#"{{"connector_transaction_id":"{prefix}-c{i}"}}"#);
+                    (Some(valid.as_bytes()), vec![])
+                }
+            };
+        let is_poison = matches!(i % 100, 0 | 2) || (i % 100 != 1 && matches!(i % 1000, 3..=6));
+        poison += usize::from(is_poison);
+        let key = format!("k{i}");
+        producer
+            .enqueue_raw(
+                "chaos.requests",
+                Some((i % PARTITIONS as usize) as i32),
+                Some(key.as_bytes()),
+                value,
+                &headers,
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    eprintln!("chaos: produced {n} requests ({poison} poison) in {:?}", started.elapsed());
+    let ends: Vec<i64> = {
+        let mut e = vec![0i64; PARTITIONS as usize];
+        for i in 0..n {
+            e[i % PARTITIONS as usize] += 1;
+        }
+        e
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("paysync.toml");
+    let log = dir.path().join("paysync.log");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{bootstrap}"
+group_id = "chaos"
+input_topic = "chaos.requests"
+output_topic = "chaos.events"
+dead_letter_topic = "chaos.requests.dlq"
+commit_interval = "500ms"
+[kafka.consumer]
+"session.timeout.ms" = "10000"
+"heartbeat.interval.ms" = "1000"
+[http]
+listen = "127.0.0.1:0"
+[processing]
+max_in_flight = 256
+shutdown_timeout = "10s"
+[connectors.cm]
+base_url = "{cm}"
+request_timeout = "1s"
+[connectors.cm.retry]
+max_attempts = 6
+initial_backoff = "20ms"
+max_backoff = "500ms"
+max_elapsed = "20s"
+max_retry_after = "2s"
+[connectors.cm.circuit]
+failure_threshold = 6
+cooldown = "500ms"
+max_cooldown = "2s"
+[connectors.cm.accounts.default]
+client_id = "c"
+client_secret = "s"
+"#,
+            cm = cm.uri()
+        ),
+    )
+    .unwrap();
+
+    // A reader that collects every output as it arrives.
+    let outputs: Arc<Mutex<BTreeMap<(i32, i64), Outputs>>> = Arc::default();
+    let total_outputs = Arc::new(AtomicU64::new(0));
+    let stop_reader = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (outputs, total, stop, bootstrap) = (
+            outputs.clone(),
+            total_outputs.clone(),
+            stop_reader.clone(),
+            bootstrap.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut reader = TopicReader::new(
+                &bootstrap,
+                &[("chaos.events", PARTITIONS), ("chaos.requests.dlq", 1)],
+            )
+            .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                for r in reader.read(usize::MAX, Duration::from_millis(500)) {
+                    total.fetch_add(1, Ordering::Relaxed);
+                    let mut map = outputs.lock().unwrap();
+                    if r.topic == "chaos.events" {
+                        let json = decode_event_json(r.value.as_deref().unwrap()).unwrap();
+                        let rid = json["request_id"].as_str().unwrap().to_owned();
+                        let mut parts = rid.rsplitn(3, ':');
+                        let o: i64 = parts.next().unwrap().parse().unwrap();
+                        let p: i32 = parts.next().unwrap().parse().unwrap();
+                        let out = map.entry((p, o)).or_default();
+                        out.event_ids.push(json["event_id"].as_str().unwrap().to_owned());
+                        let status = json["status"].as_str().unwrap().to_owned();
+                        if status == "FAILURE" {
+                            let tx = json["connector_transaction_id"].as_str().unwrap();
+                            assert!(
+                                tx.starts_with("failure-"),
+                                "FAILURE published for {tx}, which the connector never failed"
+                            );
+                        }
+                        out.statuses.push(status);
+                    } else {
+                        let p: i32 = r.header("paysync-source-partition").unwrap().parse().unwrap();
+                        let o: i64 = r.header("paysync-source-offset").unwrap().parse().unwrap();
+                        map.entry((p, o))
+                            .or_default()
+                            .dead
+                            .push(r.header("paysync-error-code").unwrap());
+                    }
+                }
+            }
+        })
+    };
+
+    let mut child = spawn_paysync(&config, &log);
+    let progress = |target: usize| {
+        let outputs = outputs.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(900);
+            while outputs.lock().unwrap().len() < target {
+                assert!(Instant::now() < deadline, "no progress");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+
+    // Broker faults while the backlog drains.
+    progress(n / 10).await;
+    broker.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20],
+    );
+    broker.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20],
+    );
+    broker.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 5],
+    );
+    eprintln!("chaos: produce, fetch and commit errors injected at {:?}", started.elapsed());
+    progress(n / 4).await;
+    broker.broker_down().unwrap();
+    eprintln!("chaos: broker down at {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.broker_up().unwrap();
+    eprintln!("chaos: broker up at {:?}", started.elapsed());
+    broker.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
+    );
+
+    // kill -9 mid-run, then restart.
+    progress(n / 2).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (b, killed_at) = (bootstrap.clone(), started.elapsed());
+    let committed_at_kill = tokio::task::spawn_blocking(move || {
+        committed_offsets(&b, "chaos", "chaos.requests", PARTITIONS).unwrap()
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "chaos: kill -9 at {killed_at:?} with {} inputs answered; committed {committed_at_kill:?}",
+        outputs.lock().unwrap().len()
+    );
+    let mut child = spawn_paysync(&config, &log);
+
+    // Until every offset is answered and committed.
+    progress(n).await;
+    let b = bootstrap.clone();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let b = b.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            committed_offsets(&b, "chaos", "chaos.requests", PARTITIONS).unwrap()
+        })
+        .await
+        .unwrap();
+        if committed == ends {
+            break;
+        }
+        assert!(Instant::now() < deadline, "committed {committed:?}, ends {ends:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let elapsed = started.elapsed();
+    // Stop, and give a late duplicate the chance to show up.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_reader.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+
+    let outputs = outputs.lock().unwrap();
+    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
+    let mut repeated = 0usize;
+    let mut repeated_outputs = 0usize;
+    for p in 0..PARTITIONS {
+        for o in 0..ends[p as usize] {
+            let out = outputs
+                .get(&(p, o))
+                .unwrap_or_else(|| panic!("input {p}:{o} has no output"));
+            let count = out.event_ids.len() + out.dead.len();
+            assert!(
+                out.event_ids.is_empty() || out.dead.is_empty(),
+                "{p}:{o} has both an event and a dead letter: {out:?}"
+            );
+            if count > 1 {
+                repeated += 1;
+                repeated_outputs += count - 1;
+                assert!(
+                    o >= committed_at_kill[p as usize].max(0),
+                    "{p}:{o} was repeated but was committed before the kill: {out:?}"
+                );
+                assert!(
+                    out.event_ids.windows(2).all(|w| w[0] == w[1]),
+                    "{p}:{o} repeated with different event ids: {out:?}"
+                );
+            }
+            if let Some(s) = out.statuses.first() {
+                *by_status.entry(s.clone()).or_default() += 1;
+            }
+            if let Some(d) = out.dead.first() {
+                *by_reason.entry(d.clone()).or_default() += 1;
+            }
+        }
+    }
+    let total = total_outputs.load(Ordering::Relaxed);
+    eprintln!("chaos: {n} requests in {elapsed:?} ({:.0}/s); paysync exit after SIGTERM: {status}", n as f64 / elapsed.as_secs_f64());
+    eprintln!("chaos: connector calls {} (with retries)", connector.calls.load(Ordering::Relaxed));
+    eprintln!("chaos: events by status {by_status:?}");
+    eprintln!("chaos: dead letters by reason {by_reason:?}");
+    eprintln!("chaos: {total} outputs; {repeated} inputs answered more than once ({repeated_outputs} extra outputs), all re-delivered after the kill with the same event_id");
+    assert!(status.success(), "SIGTERM exit: {status}");
+    assert_eq!(by_reason.values().sum::<usize>() + by_status.values().sum::<usize>(), n);
+    assert!(by_reason.values().sum::<usize>() >= poison, "every poison record dead-lettered");
+}

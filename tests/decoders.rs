@@ -1,0 +1,366 @@
+//! Property tests over every decoder of outside bytes: request values (JSON and
+//! both Avro framings) with arbitrary Kafka headers, CM.com transaction and token
+//! bodies, and `Retry-After` values. Each decoder gets arbitrary input and
+//! structure-aware input (valid documents mutated field by field, Avro datums cut,
+//! extended and bit-flipped). The property: no panic, and every outcome is a value
+//! that satisfies the type's invariants or a typed rejection.
+//!
+//! Cases per decoder: `PAYSYNC_FUZZ_CASES` (default 2,000, CI's short run). The
+//! dedicated run: `PAYSYNC_FUZZ_CASES=100000 cargo test --release --test decoders`.
+
+use std::time::{Duration, SystemTime};
+
+use paysync::codec::avro::Schemas;
+use paysync::codec::{decode_request, AcceptedSchemaIds, DecodeOptions, RejectCode, SourcePosition};
+use paysync::connectors::cm::CmConnector;
+use paysync::connectors::{parse_retry_after, Connector, HttpResponse};
+use paysync::domain::{StatusCheckRequest, TransactionId};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{json, Value};
+
+fn cases() -> u32 {
+    std::env::var("PAYSYNC_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
+
+fn runner() -> TestRunner {
+    TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
+const POS: SourcePosition<'static> = SourcePosition {
+    topic: "in",
+    partition: 0,
+    offset: 1,
+};
+
+fn options() -> DecodeOptions {
+    DecodeOptions {
+        accepted_schema_ids: AcceptedSchemaIds::new([1, 7]),
+        max_request_bytes: 4096,
+        ..DecodeOptions::default()
+    }
+}
+
+/// The decoder's contract: a request whose invariants hold, or a known code.
+fn check_request(value: Option<&[u8]>, headers: &[(Vec<u8>, Option<Vec<u8>>)]) {
+    let hs: Vec<(&[u8], Option<&[u8]>)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_deref()))
+        .collect();
+    match decode_request(value, &hs, POS, &options()) {
+        Ok(r) => {
+            assert!(TransactionId::parse(r.connector_transaction_id.as_str()).is_ok());
+            assert!(!r.connector.is_empty() && r.connector.len() <= 256);
+            assert!(!r.merchant_id.is_empty() && r.merchant_id.len() <= 256);
+            assert!(!r.request_id.chars().any(char::is_control));
+        }
+        Err(rejection) => {
+            assert!(RejectCode::ALL.contains(&rejection.code));
+            assert!(!rejection.message.is_empty());
+        }
+    }
+}
+
+fn header() -> impl Strategy<Value = (Vec<u8>, Option<Vec<u8>>)> {
+    let name = prop_oneof![
+        Just(b"x-connector".to_vec()),
+        Just(b"x-merchant-id".to_vec()),
+        Just(b"X-Request-Id".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..12),
+    ];
+    let value = proptest::option::of(prop_oneof![
+        Just(b"cm".to_vec()),
+        Just(b"default".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..300),
+    ]);
+    (name, value)
+}
+
+fn headers() -> impl Strategy<Value = Vec<(Vec<u8>, Option<Vec<u8>>)>> {
+    proptest::collection::vec(header(), 0..5)
+}
+
+/// Any JSON value, a few levels deep.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ".{0,40}".prop_map(Value::String),
+        Just(json!("tx-1")),
+        Just(json!("MANUAL")),
+        Just(json!("EUR")),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(".{0,12}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+const REQUEST_FIELDS: &[&str] = &[
+    "connector_transaction_id",
+    "connector",
+    "merchant_id",
+    "request_id",
+    "payment_method_type",
+    "merchant_transaction_id",
+    "encoded_data",
+    "capture_method",
+    "amount",
+    "setup_future_usage",
+    "state",
+    "metadata",
+    "connector_feature_data",
+    "sync_type",
+    "connector_order_reference_id",
+    "test_mode",
+    "payment_experience",
+    "merchant_request_id",
+];
+
+/// A valid request with some fields replaced by arbitrary JSON.
+fn mutated_request() -> impl Strategy<Value = Value> {
+    let mutations = proptest::collection::vec(
+        (proptest::sample::select(REQUEST_FIELDS), json_value()),
+        0..4,
+    );
+    mutations.prop_map(|m| {
+        let mut v = json!({
+            "connector_transaction_id": "tx-1",
+            "amount": {"minor_amount": 1200, "currency": "EUR"},
+            "capture_method": "MANUAL",
+            "state": {"connector_customer_id": "c"},
+        });
+        for (field, value) in m {
+            v[field] = value;
+        }
+        v
+    })
+}
+
+#[test]
+fn request_values_of_arbitrary_bytes() {
+    runner()
+        .run(
+            &(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..600)), headers()),
+            |(value, headers)| {
+                check_request(value.as_deref(), &headers);
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn json_requests_mutated_field_by_field() {
+    runner()
+        .run(&(mutated_request(), headers()), |(v, headers)| {
+            check_request(Some(v.to_string().as_bytes()), &headers);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A request datum with random optional fields, then framed and damaged.
+fn avro_request() -> impl Strategy<Value = Vec<u8>> {
+    use apache_avro::types::{Record, Value as AV};
+    let fields = (
+        "[A-Za-z0-9._-]{0,70}",
+        proptest::option::of(".{0,20}"),
+        proptest::option::of((any::<i64>(), "[A-Z]{3}")),
+        proptest::option::of(any::<bool>()),
+    );
+    let framing = prop_oneof![Just(0u8), Just(1u8), Just(2u8)];
+    let damage = prop_oneof![
+        Just(None),
+        (any::<usize>(), any::<u8>()).prop_map(Some),
+    ];
+    let cut = proptest::option::of(any::<usize>());
+    let tail = proptest::collection::vec(any::<u8>(), 0..3);
+    (fields, framing, damage, cut, tail).prop_map(|((id, merchant, amount, test_mode), framing, damage, cut, tail)| {
+        let schemas = Schemas::get();
+        let mut rec = Record::new(&schemas.request).unwrap();
+        rec.put("connector_transaction_id", id);
+        if let Some(m) = merchant {
+            rec.put("merchant_id", AV::Union(1, Box::new(AV::String(m))));
+        }
+        if let Some((minor, currency)) = amount {
+            rec.put(
+                "amount",
+                AV::Union(
+                    1,
+                    Box::new(AV::Record(vec![
+                        ("minor_amount".into(), AV::Long(minor)),
+                        ("currency".into(), AV::String(currency)),
+                    ])),
+                ),
+            );
+        }
+        if let Some(b) = test_mode {
+            rec.put("test_mode", AV::Union(1, Box::new(AV::Boolean(b))));
+        }
+        let datum = apache_avro::to_avro_datum(&schemas.request, rec).unwrap();
+        let mut framed = match framing {
+            0 => {
+                let mut f = vec![0xC3, 0x01];
+                f.extend_from_slice(&schemas.request_fingerprint.to_le_bytes());
+                f
+            }
+            1 => vec![0, 0, 0, 0, 7],
+            _ => vec![0, 0, 0, 0, 99],
+        };
+        framed.extend_from_slice(&datum);
+        if let Some((at, byte)) = damage {
+            let at = at % framed.len();
+            framed[at] ^= byte;
+        }
+        if let Some(c) = cut {
+            framed.truncate(c % (framed.len() + 1));
+        }
+        framed.extend_from_slice(&tail);
+        framed
+    })
+}
+
+#[test]
+fn avro_requests_cut_extended_and_flipped() {
+    runner()
+        .run(&(avro_request(), headers()), |(v, headers)| {
+            check_request(Some(&v), &headers);
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn response(status: u16, body: Vec<u8>) -> HttpResponse {
+    HttpResponse {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body,
+    }
+}
+
+fn cm_request() -> StatusCheckRequest {
+    let mut r = StatusCheckRequest::new(TransactionId::parse("tx-1").unwrap(), "cm", "default", "r");
+    r.amount = Some(paysync::domain::Money {
+        minor_amount: 1200,
+        currency: "EUR".into(),
+    });
+    r
+}
+
+const CM_FIELDS: &[&str] = &[
+    "status", "amount", "currency", "reference", "createdAt", "action", "refunds", "id", "details",
+];
+
+fn cm_body() -> impl Strategy<Value = Value> {
+    let status = prop_oneof![
+        Just(json!("OPEN")),
+        Just(json!("SUCCESS")),
+        Just(json!("FAILURE")),
+        Just(json!("EXPIRED")),
+        Just(json!("CANCELLED")),
+        Just(json!("AUTHORIZED")),
+        json_value(),
+    ];
+    let mutations =
+        proptest::collection::vec((proptest::sample::select(CM_FIELDS), json_value()), 0..3);
+    (status, mutations).prop_map(|(status, m)| {
+        let mut v = json!({
+            "id": "tx-1", "status": status, "amount": 1200, "currency": "EUR",
+            "createdAt": "2026-11-21T10:00:00Z",
+            "action": {"redirect": {"url": "https://3ds.example/x"}},
+            "refunds": {"refundedAmount": 0, "refundedPendingAmount": 0}
+        });
+        for (field, value) in m {
+            v[field] = value;
+        }
+        v
+    })
+}
+
+fn check_cm_body(body: Vec<u8>) {
+    match CmConnector.parse_status(&cm_request(), &response(200, body.clone())) {
+        Ok(report) => {
+            // A FAILURE is only ever what the connector said.
+            if report.status == paysync::domain::PaymentStatus::FAILURE {
+                assert_eq!(report.connector_status.as_deref(), Some("FAILURE"));
+            }
+            assert!(report.connector_status.as_ref().is_none_or(|s| s.chars().count() <= 256));
+        }
+        Err(failure) => {
+            assert!(!failure.message.is_empty());
+            assert_ne!(failure.code.as_str(), "");
+        }
+    }
+    let _ = CmConnector.error_message(&body);
+    match CmConnector.parse_token(&response(200, body)) {
+        Ok(token) => assert!(token.expires_in > Duration::ZERO),
+        Err(failure) => assert!(!failure.message.is_empty()),
+    }
+}
+
+#[test]
+fn cm_bodies_of_arbitrary_bytes() {
+    runner()
+        .run(&proptest::collection::vec(any::<u8>(), 0..400), |body| {
+            check_cm_body(body);
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn cm_bodies_mutated_field_by_field() {
+    runner()
+        .run(&cm_body(), |v| {
+            check_cm_body(v.to_string().into_bytes());
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn cm_token_bodies() {
+    let token = (json_value(), json_value()).prop_map(|(t, e)| json!({"access_token": t, "expires_in": e}));
+    runner()
+        .run(&token, |v| {
+            check_cm_body(v.to_string().into_bytes());
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn retry_after_values() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let value = prop_oneof![
+        ".{0,40}",
+        "[0-9]{1,30}",
+        " ?-?[0-9]{1,6} ?",
+        any::<u64>().prop_map(|s| {
+            httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(s % 253_402_300_799))
+        }),
+        "(Mon|Tue|Sun), [0-9]{2} (Jan|Feb|Dec) [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT",
+    ];
+    runner()
+        .run(&value, |v| {
+            if let Some(d) = parse_retry_after(&v, now) {
+                // Whatever the server says, it is a finite wait the policy then caps.
+                assert!(d.as_secs() < u64::MAX);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
