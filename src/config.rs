@@ -808,6 +808,15 @@ impl Settings {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
     }
 
+    /// Every topic this configuration reads or writes (paysync creates none).
+    pub fn topics(&self) -> Vec<String> {
+        vec![
+            self.kafka.input_topic.clone(),
+            self.kafka.output_topic.clone(),
+            self.kafka.dead_letter_topic.clone(),
+        ]
+    }
+
     /// Which secret fields events carry.
     pub fn secret_fields(&self) -> crate::domain::event::SecretFields {
         crate::domain::event::SecretFields {

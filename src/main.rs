@@ -43,12 +43,31 @@ enum Command {
         /// TOML settings file.
         #[arg(long, env = "PAYSYNC_CONFIG")]
         config: Option<PathBuf>,
+        /// Print only the topics this configuration needs, one per line.
+        #[arg(long)]
+        topics: bool,
     },
     /// Print the Avro schemas (event, then request) with their single-object fingerprints.
     Schema {
         /// Print only this schema, exactly as committed (for other tools).
         #[arg(long, value_enum)]
         only: Option<WhichSchema>,
+    },
+    /// Ask a running paysync whether it is healthy: GET /healthz (or /readyz with
+    /// --ready) and exit 0 on 200, 1 otherwise (container health checks).
+    Healthcheck {
+        /// The URL to ask; default: /healthz (or /readyz) on the configured `http.listen`.
+        #[arg(long)]
+        url: Option<url::Url>,
+        /// Ask /readyz instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+        /// TOML settings file (for `http.listen`).
+        #[arg(long, env = "PAYSYNC_CONFIG")]
+        config: Option<PathBuf>,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Serve the CM.com simulator (token endpoint and Get Transaction) for local stacks and load tests.
     SimulateCm {
@@ -160,9 +179,19 @@ fn main() -> ExitCode {
             print_schemas(only);
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { config } => match load(config) {
+        Command::CheckConfig { config, topics } => match load(config) {
+            Ok(settings) if topics => {
+                for topic in settings.topics() {
+                    println!("{topic}");
+                }
+                ExitCode::SUCCESS
+            }
             Ok(settings) => {
                 print!("{}", settings.to_masked_toml());
+                println!("\n# topics this configuration needs (paysync does not create them):");
+                for topic in settings.topics() {
+                    println!("#   {topic}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -202,6 +231,40 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("paysync demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Healthcheck {
+            url,
+            ready,
+            config,
+            timeout,
+        } => {
+            let url = match url {
+                Some(u) => u,
+                None => match load(config) {
+                    Ok(settings) => paysync::server::probe_url(settings.http.listen, ready),
+                    Err(code) => return code,
+                },
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("paysync: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(paysync::server::probe(&url, timeout)) {
+                Ok(body) => {
+                    println!("{url}: {body}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("{url}: {why}");
                     ExitCode::FAILURE
                 }
             }

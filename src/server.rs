@@ -41,7 +41,7 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-fn probe(result: Result<(), String>, ok: &str) -> (StatusCode, String) {
+fn answer(result: Result<(), String>, ok: &str) -> (StatusCode, String) {
     match result {
         Ok(()) => (StatusCode::OK, format!("{ok}\n")),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
@@ -49,11 +49,51 @@ fn probe(result: Result<(), String>, ok: &str) -> (StatusCode, String) {
 }
 
 async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
-    probe((state.alive)(), "ok")
+    answer((state.alive)(), "ok")
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    probe((state.ready)(), "ready")
+    answer((state.ready)(), "ready")
+}
+
+/// The probe URL on a listen address: an unspecified address (`0.0.0.0`, `::`)
+/// is asked on loopback.
+pub fn probe_url(listen: SocketAddr, ready: bool) -> url::Url {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        }
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        }
+        ip => ip,
+    };
+    let path = if ready { "readyz" } else { "healthz" };
+    let text = format!("http://{}/{path}", SocketAddr::new(ip, listen.port()));
+    #[allow(clippy::expect_used)]
+    url::Url::parse(&text).expect("an address and a fixed path form a URL")
+}
+
+/// Asks a probe endpoint: `Ok(body)` on 200, `Err(reason)` otherwise (another
+/// status with its body, a refused connection, a timeout).
+pub async fn probe(url: &url::Url, timeout: std::time::Duration) -> Result<String, String> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let response = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| format!("no answer: {}", e.without_url()))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let body = body.trim().to_owned();
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!("{status}: {body}"))
+    }
 }
 
 /// Binds the listener (start-up fails on a bad or busy address).

@@ -58,10 +58,13 @@ impl Respond for Chaotic {
             8..=11 => ResponseTemplate::new(429).insert_header("retry-after", "1"),
             12..=13 => ResponseTemplate::new(200)
                 .set_delay(Duration::from_millis(1500))
-                .set_body_json(serde_json::json!({"status": status, "amount": 1200, "currency": "EUR"})),
+                .set_body_json(
+                    serde_json::json!({"status": status, "amount": 1200, "currency": "EUR"}),
+                ),
             14..=15 => ResponseTemplate::new(200).set_body_string("<html>gateway</html>"),
-            _ => ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({"status": status, "amount": 1200, "currency": "EUR"})),
+            _ => ResponseTemplate::new(200).set_body_json(
+                serde_json::json!({"status": status, "amount": 1200, "currency": "EUR"}),
+            ),
         }
     }
 }
@@ -134,25 +137,25 @@ async fn chaos_loses_nothing_and_invents_no_failure() {
     single_object_cut.push(0x80);
     for i in 0..n {
         let valid;
-        let (value, headers): (Option<&[u8]>, Vec<(&[u8], Option<&[u8]>)>) =
-            match (i % 100, i % 1000) {
-                (0, _) => (Some(b"not json"), vec![]),
-                (2, _) => (Some(&[0, 0, 0, 0, 1, 0x08, b'a', b'b', b'c', b'd']), vec![]),
-                (_, 3) => (None, vec![(&b"why"[..], None)]),
-                (_, 4) => (Some(&[b' '; 70_000]), vec![]),
-                (_, 5) => (Some(&single_object_cut), vec![]),
-                (_, 6) => (Some(br#"{"connector_transaction_id":"../x"}"#), vec![]),
-                (1, _) => (
-                    // A valid request whose header name is not UTF-8.
-                    Some(br#"{"connector_transaction_id":"success-h"}"#),
-                    vec![(&b"\xff\xfe"[..], Some(&b"x"[..]))],
-                ),
-                _ => {
-                    let (prefix, _) = STATUSES[i % STATUSES.len()];
-                    valid = format!(r#"{{"connector_transaction_id":"{prefix}-c{i}"}}"#);
-                    (Some(valid.as_bytes()), vec![])
-                }
-            };
+        type Headers<'a> = Vec<(&'a [u8], Option<&'a [u8]>)>;
+        let (value, headers): (Option<&[u8]>, Headers) = match (i % 100, i % 1000) {
+            (0, _) => (Some(b"not json"), vec![]),
+            (2, _) => (Some(&[0, 0, 0, 0, 1, 0x08, b'a', b'b', b'c', b'd']), vec![]),
+            (_, 3) => (None, vec![(&b"why"[..], None)]),
+            (_, 4) => (Some(&[b' '; 70_000]), vec![]),
+            (_, 5) => (Some(&single_object_cut), vec![]),
+            (_, 6) => (Some(br#"{"connector_transaction_id":"../x"}"#), vec![]),
+            (1, _) => (
+                // A valid request whose header name is not UTF-8.
+                Some(br#"{"connector_transaction_id":"success-h"}"#),
+                vec![(&b"\xff\xfe"[..], Some(&b"x"[..]))],
+            ),
+            _ => {
+                let (prefix, _) = STATUSES[i % STATUSES.len()];
+                valid = format!(r#"{{"connector_transaction_id":"{prefix}-c{i}"}}"#);
+                (Some(valid.as_bytes()), vec![])
+            }
+        };
         let is_poison = matches!(i % 100, 0 | 2) || (i % 100 != 1 && matches!(i % 1000, 3..=6));
         poison += usize::from(is_poison);
         let key = format!("k{i}");
@@ -167,7 +170,10 @@ async fn chaos_loses_nothing_and_invents_no_failure() {
             .unwrap();
     }
     producer.flush(Duration::from_secs(60)).unwrap();
-    eprintln!("chaos: produced {n} requests ({poison} poison) in {:?}", started.elapsed());
+    eprintln!(
+        "chaos: produced {n} requests ({poison} poison) in {:?}",
+        started.elapsed()
+    );
     let ends: Vec<i64> = {
         let mut e = vec![0i64; PARTITIONS as usize];
         for i in 0..n {
@@ -248,7 +254,8 @@ client_secret = "s"
                         let o: i64 = parts.next().unwrap().parse().unwrap();
                         let p: i32 = parts.next().unwrap().parse().unwrap();
                         let out = map.entry((p, o)).or_default();
-                        out.event_ids.push(json["event_id"].as_str().unwrap().to_owned());
+                        out.event_ids
+                            .push(json["event_id"].as_str().unwrap().to_owned());
                         let status = json["status"].as_str().unwrap().to_owned();
                         if status == "FAILURE" {
                             let tx = json["connector_transaction_id"].as_str().unwrap();
@@ -259,7 +266,11 @@ client_secret = "s"
                         }
                         out.statuses.push(status);
                     } else {
-                        let p: i32 = r.header("paysync-source-partition").unwrap().parse().unwrap();
+                        let p: i32 = r
+                            .header("paysync-source-partition")
+                            .unwrap()
+                            .parse()
+                            .unwrap();
                         let o: i64 = r.header("paysync-source-offset").unwrap().parse().unwrap();
                         map.entry((p, o))
                             .or_default()
@@ -297,7 +308,10 @@ client_secret = "s"
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 5],
     );
-    eprintln!("chaos: produce, fetch and commit errors injected at {:?}", started.elapsed());
+    eprintln!(
+        "chaos: produce, fetch and commit errors injected at {:?}",
+        started.elapsed()
+    );
     progress(n / 4).await;
     broker.broker_down().unwrap();
     eprintln!("chaos: broker down at {:?}", started.elapsed());
@@ -339,7 +353,10 @@ client_secret = "s"
         if committed == ends {
             break;
         }
-        assert!(Instant::now() < deadline, "committed {committed:?}, ends {ends:?}");
+        assert!(
+            Instant::now() < deadline,
+            "committed {committed:?}, ends {ends:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = started.elapsed();
@@ -388,12 +405,24 @@ client_secret = "s"
         }
     }
     let total = total_outputs.load(Ordering::Relaxed);
-    eprintln!("chaos: {n} requests in {elapsed:?} ({:.0}/s); paysync exit after SIGTERM: {status}", n as f64 / elapsed.as_secs_f64());
-    eprintln!("chaos: connector calls {} (with retries)", connector.calls.load(Ordering::Relaxed));
+    eprintln!(
+        "chaos: {n} requests in {elapsed:?} ({:.0}/s); paysync exit after SIGTERM: {status}",
+        n as f64 / elapsed.as_secs_f64()
+    );
+    eprintln!(
+        "chaos: connector calls {} (with retries)",
+        connector.calls.load(Ordering::Relaxed)
+    );
     eprintln!("chaos: events by status {by_status:?}");
     eprintln!("chaos: dead letters by reason {by_reason:?}");
     eprintln!("chaos: {total} outputs; {repeated} inputs answered more than once ({repeated_outputs} extra outputs), all re-delivered after the kill with the same event_id");
     assert!(status.success(), "SIGTERM exit: {status}");
-    assert_eq!(by_reason.values().sum::<usize>() + by_status.values().sum::<usize>(), n);
-    assert!(by_reason.values().sum::<usize>() >= poison, "every poison record dead-lettered");
+    assert_eq!(
+        by_reason.values().sum::<usize>() + by_status.values().sum::<usize>(),
+        n
+    );
+    assert!(
+        by_reason.values().sum::<usize>() >= poison,
+        "every poison record dead-lettered"
+    );
 }

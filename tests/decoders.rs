@@ -11,7 +11,9 @@
 use std::time::{Duration, SystemTime};
 
 use paysync::codec::avro::Schemas;
-use paysync::codec::{decode_request, AcceptedSchemaIds, DecodeOptions, RejectCode, SourcePosition};
+use paysync::codec::{
+    decode_request, AcceptedSchemaIds, DecodeOptions, RejectCode, SourcePosition,
+};
 use paysync::connectors::cm::CmConnector;
 use paysync::connectors::{parse_retry_after, Connector, HttpResponse};
 use paysync::domain::{StatusCheckRequest, TransactionId};
@@ -93,7 +95,8 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         ".{0,40}".prop_map(Value::String),
         Just(json!("tx-1")),
         Just(json!("MANUAL")),
@@ -153,7 +156,10 @@ fn mutated_request() -> impl Strategy<Value = Value> {
 fn request_values_of_arbitrary_bytes() {
     runner()
         .run(
-            &(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..600)), headers()),
+            &(
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..600)),
+                headers(),
+            ),
             |(value, headers)| {
                 check_request(value.as_deref(), &headers);
                 Ok(())
@@ -182,55 +188,54 @@ fn avro_request() -> impl Strategy<Value = Vec<u8>> {
         proptest::option::of(any::<bool>()),
     );
     let framing = prop_oneof![Just(0u8), Just(1u8), Just(2u8)];
-    let damage = prop_oneof![
-        Just(None),
-        (any::<usize>(), any::<u8>()).prop_map(Some),
-    ];
+    let damage = prop_oneof![Just(None), (any::<usize>(), any::<u8>()).prop_map(Some),];
     let cut = proptest::option::of(any::<usize>());
     let tail = proptest::collection::vec(any::<u8>(), 0..3);
-    (fields, framing, damage, cut, tail).prop_map(|((id, merchant, amount, test_mode), framing, damage, cut, tail)| {
-        let schemas = Schemas::get();
-        let mut rec = Record::new(&schemas.request).unwrap();
-        rec.put("connector_transaction_id", id);
-        if let Some(m) = merchant {
-            rec.put("merchant_id", AV::Union(1, Box::new(AV::String(m))));
-        }
-        if let Some((minor, currency)) = amount {
-            rec.put(
-                "amount",
-                AV::Union(
-                    1,
-                    Box::new(AV::Record(vec![
-                        ("minor_amount".into(), AV::Long(minor)),
-                        ("currency".into(), AV::String(currency)),
-                    ])),
-                ),
-            );
-        }
-        if let Some(b) = test_mode {
-            rec.put("test_mode", AV::Union(1, Box::new(AV::Boolean(b))));
-        }
-        let datum = apache_avro::to_avro_datum(&schemas.request, rec).unwrap();
-        let mut framed = match framing {
-            0 => {
-                let mut f = vec![0xC3, 0x01];
-                f.extend_from_slice(&schemas.request_fingerprint.to_le_bytes());
-                f
+    (fields, framing, damage, cut, tail).prop_map(
+        |((id, merchant, amount, test_mode), framing, damage, cut, tail)| {
+            let schemas = Schemas::get();
+            let mut rec = Record::new(&schemas.request).unwrap();
+            rec.put("connector_transaction_id", id);
+            if let Some(m) = merchant {
+                rec.put("merchant_id", AV::Union(1, Box::new(AV::String(m))));
             }
-            1 => vec![0, 0, 0, 0, 7],
-            _ => vec![0, 0, 0, 0, 99],
-        };
-        framed.extend_from_slice(&datum);
-        if let Some((at, byte)) = damage {
-            let at = at % framed.len();
-            framed[at] ^= byte;
-        }
-        if let Some(c) = cut {
-            framed.truncate(c % (framed.len() + 1));
-        }
-        framed.extend_from_slice(&tail);
-        framed
-    })
+            if let Some((minor, currency)) = amount {
+                rec.put(
+                    "amount",
+                    AV::Union(
+                        1,
+                        Box::new(AV::Record(vec![
+                            ("minor_amount".into(), AV::Long(minor)),
+                            ("currency".into(), AV::String(currency)),
+                        ])),
+                    ),
+                );
+            }
+            if let Some(b) = test_mode {
+                rec.put("test_mode", AV::Union(1, Box::new(AV::Boolean(b))));
+            }
+            let datum = apache_avro::to_avro_datum(&schemas.request, rec).unwrap();
+            let mut framed = match framing {
+                0 => {
+                    let mut f = vec![0xC3, 0x01];
+                    f.extend_from_slice(&schemas.request_fingerprint.to_le_bytes());
+                    f
+                }
+                1 => vec![0, 0, 0, 0, 7],
+                _ => vec![0, 0, 0, 0, 99],
+            };
+            framed.extend_from_slice(&datum);
+            if let Some((at, byte)) = damage {
+                let at = at % framed.len();
+                framed[at] ^= byte;
+            }
+            if let Some(c) = cut {
+                framed.truncate(c % (framed.len() + 1));
+            }
+            framed.extend_from_slice(&tail);
+            framed
+        },
+    )
 }
 
 #[test]
@@ -252,7 +257,8 @@ fn response(status: u16, body: Vec<u8>) -> HttpResponse {
 }
 
 fn cm_request() -> StatusCheckRequest {
-    let mut r = StatusCheckRequest::new(TransactionId::parse("tx-1").unwrap(), "cm", "default", "r");
+    let mut r =
+        StatusCheckRequest::new(TransactionId::parse("tx-1").unwrap(), "cm", "default", "r");
     r.amount = Some(paysync::domain::Money {
         minor_amount: 1200,
         currency: "EUR".into(),
@@ -261,7 +267,15 @@ fn cm_request() -> StatusCheckRequest {
 }
 
 const CM_FIELDS: &[&str] = &[
-    "status", "amount", "currency", "reference", "createdAt", "action", "refunds", "id", "details",
+    "status",
+    "amount",
+    "currency",
+    "reference",
+    "createdAt",
+    "action",
+    "refunds",
+    "id",
+    "details",
 ];
 
 fn cm_body() -> impl Strategy<Value = Value> {
@@ -297,7 +311,10 @@ fn check_cm_body(body: Vec<u8>) {
             if report.status == paysync::domain::PaymentStatus::FAILURE {
                 assert_eq!(report.connector_status.as_deref(), Some("FAILURE"));
             }
-            assert!(report.connector_status.as_ref().is_none_or(|s| s.chars().count() <= 256));
+            assert!(report
+                .connector_status
+                .as_ref()
+                .is_none_or(|s| s.chars().count() <= 256));
         }
         Err(failure) => {
             assert!(!failure.message.is_empty());
@@ -333,7 +350,8 @@ fn cm_bodies_mutated_field_by_field() {
 
 #[test]
 fn cm_token_bodies() {
-    let token = (json_value(), json_value()).prop_map(|(t, e)| json!({"access_token": t, "expires_in": e}));
+    let token =
+        (json_value(), json_value()).prop_map(|(t, e)| json!({"access_token": t, "expires_in": e}));
     runner()
         .run(&token, |v| {
             check_cm_body(v.to_string().into_bytes());
@@ -350,7 +368,9 @@ fn retry_after_values() {
         "[0-9]{1,30}",
         " ?-?[0-9]{1,6} ?",
         any::<u64>().prop_map(|s| {
-            httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(s % 253_402_300_799))
+            httpdate::fmt_http_date(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(s % 253_402_300_799),
+            )
         }),
         "(Mon|Tue|Sun), [0-9]{2} (Jan|Feb|Dec) [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT",
     ];

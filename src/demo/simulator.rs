@@ -166,6 +166,7 @@ impl Simulator {
             next_token: AtomicU64::new(1),
         });
         let app = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
             .route("/api/v1/authorization/oauth2/token", post(token))
             .route(
                 "/api/v1/paymentmethods/{method}/v1/transactions/{id}",

@@ -213,8 +213,8 @@ impl RawProducer {
         headers: &[(&[u8], Option<&[u8]>)],
     ) -> Result<(), String> {
         loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-                .headers(super::headers::build(headers.iter().copied()));
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).headers(super::headers::build(headers.iter().copied()));
             if let Some(p) = partition {
                 record = record.partition(p);
             }

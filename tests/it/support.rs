@@ -304,6 +304,11 @@ impl Process {
         }
     }
 
+    /// The settings file the process runs with.
+    pub fn config(&self) -> std::path::PathBuf {
+        self._dir.path().join("paysync.toml")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("paysync.log")).unwrap_or_default()
     }
