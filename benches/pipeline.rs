@@ -11,11 +11,12 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use paysync::demo::simulator::{Latency, SimOptions, Simulator, SIM_CLIENT_ID, SIM_CLIENT_SECRET};
+use paysync::demo::stack::{free_addr, PaysyncProcess, StackSettings, TansuProcess, Topics};
 use paysync::kafka::admin::create_topics;
 use paysync::kafka::tools::RawProducer;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -99,8 +100,9 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
 
 // ---- broker -------------------------------------------------------------------------
 
+/// The broker: `PAYSYNC_BENCH_BROKERS`, or a tansu started for the run.
 struct Broker {
-    child: Option<Child>,
+    _tansu: Option<TansuProcess>,
     bootstrap: String,
 }
 
@@ -108,52 +110,16 @@ impl Broker {
     fn start() -> Broker {
         if let Ok(b) = std::env::var("PAYSYNC_BENCH_BROKERS") {
             return Broker {
-                child: None,
+                _tansu: None,
                 bootstrap: b,
             };
         }
-        let port = free_addr().port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu is on PATH (bench/run.sh installs it)");
-        let bootstrap = format!("127.0.0.1:{port}");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(&bootstrap).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let tansu = TansuProcess::start().expect("tansu is on PATH (bench/run.sh installs it)");
         Broker {
-            child: Some(child),
-            bootstrap,
+            bootstrap: tansu.bootstrap().to_owned(),
+            _tansu: Some(tansu),
         }
     }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 // ---- load -------------------------------------------------------------------------
@@ -218,32 +184,14 @@ fn load_backlog(brokers: &str, topic: &str, n: usize, keys: Keys) {
 
 // ---- paysync process ----------------------------------------------------------------
 
-struct Paysync {
-    child: Child,
-    http: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-struct Topics {
-    input: String,
-    output: String,
-    dlq: String,
-    group: String,
-}
-
 fn topics(name: &str) -> Topics {
-    let tag = format!("bench-{name}-{}", fastrand::u32(..));
-    Topics {
-        input: format!("{tag}.requests"),
-        output: format!("{tag}.events"),
-        dlq: format!("{tag}.dlq"),
-        group: format!("{tag}.group"),
-    }
+    Topics::unique(&format!("bench-{name}"), PARTITIONS)
 }
 
 const PARTITIONS: i32 = 8;
 const MOCK_PARTITIONS: i32 = 32;
 
+/// The local-stack settings with the bench's engine bounds and JSON logs.
 fn config(
     brokers: &str,
     t: &Topics,
@@ -251,102 +199,45 @@ fn config(
     http: SocketAddr,
     max_in_flight: usize,
 ) -> String {
-    format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-input_topic = "{input}"
-output_topic = "{output}"
-dead_letter_topic = "{dlq}"
-[kafka.consumer]
-"session.timeout.ms" = "6000"
-[http]
-listen = "{http}"
-[log]
-level = "warn"
-format = "json"
-[processing]
-max_in_flight = {max_in_flight}
-max_queued_per_key = 64
-[connectors.cm]
-base_url = "{base_url}"
-request_timeout = "5s"
-[connectors.cm.retry]
-initial_backoff = "50ms"
-max_backoff = "1s"
-[connectors.cm.accounts.default]
-client_id = "{SIM_CLIENT_ID}"
-client_secret = "{SIM_CLIENT_SECRET}"
-"#,
-        group = t.group,
-        input = t.input,
-        output = t.output,
-        dlq = t.dlq,
-    )
+    let extra = format!("[processing]\nmax_in_flight = {max_in_flight}\nmax_queued_per_key = 64\n");
+    // The shared settings already have [processing] (shutdown_timeout): merge by
+    // appending keys to that table instead of repeating it.
+    let toml = StackSettings {
+        brokers,
+        topics: t,
+        simulator: base_url,
+        listen: http,
+        extra: "",
+    }
+    .toml();
+    toml.replacen("[processing]\n", &extra, 1)
 }
+
+struct Paysync(PaysyncProcess);
 
 impl Paysync {
     fn spawn(brokers: &str, t: &Topics, base_url: &str, max_in_flight: usize) -> Paysync {
-        let dir = tempfile::tempdir().unwrap();
         let http = free_addr();
-        let path = dir.path().join("paysync.toml");
-        std::fs::write(&path, config(brokers, t, base_url, http, max_in_flight)).unwrap();
-        let log = std::fs::File::create(dir.path().join("paysync.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_paysync"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Paysync {
-            child,
-            http,
-            _dir: dir,
-        }
+        let toml = config(brokers, t, base_url, http, max_in_flight);
+        Paysync(
+            PaysyncProcess::spawn(
+                env!("CARGO_BIN_EXE_paysync").as_ref(),
+                &toml,
+                http,
+                &[("PAYSYNC_LOG__LEVEL", "warn")],
+            )
+            .unwrap(),
+        )
     }
 
     /// (peak RSS in MiB, CPU seconds) from /proc.
     fn usage(&self) -> (f64, f64) {
-        let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm_kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(") ")
-            .map(|(_, r)| r.split(' ').collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 (1-based); after the comm field they are 11 and 12 (0-based).
-        let hz = 100.0;
-        (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / hz)
+        self.0.usage()
     }
 
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.signal("TERM");
+        self.0.wait_exit(Duration::from_secs(60));
     }
 }
 
@@ -530,8 +421,8 @@ async fn baseline(
     .unwrap();
     let metrics = Arc::new(paysync::telemetry::Metrics::new());
     let processor = paysync::pipeline::process::Processor::new(
-        paysync::app::connectors(&settings, &metrics).unwrap(),
-        paysync::codec::DecodeOptions::default(),
+        paysync::app::gateways(&settings, &metrics).unwrap(),
+        paysync::codec::DecodeOptions::new("cm", "default"),
         paysync::codec::EventEncoder::new(paysync::codec::WireFormat::SingleObject),
         settings.secret_fields(),
         metrics,
@@ -739,7 +630,7 @@ async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResul
                 "499",
                 "-g",
                 "-p",
-                &paysync.child.id().to_string(),
+                &paysync.0.child.id().to_string(),
                 "-o",
             ])
             .arg(PathBuf::from(dir).join(format!("{}.perf.data", s.name)))
@@ -794,7 +685,7 @@ async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResul
         .unwrap();
         let paysync = Paysync::spawn(brokers, &t, &base_url, s.max_in_flight);
         let lat = paced_latencies(brokers, &t, rate, count).await;
-        if let Ok(text) = reqwest::get(format!("http://{}/metrics", paysync.http)).await {
+        if let Ok(text) = reqwest::get(format!("http://{}/metrics", paysync.0.http)).await {
             if let Ok(text) = text.text().await {
                 let sum = paysync::telemetry::sum_metric(
                     &text,

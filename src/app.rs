@@ -14,24 +14,67 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{AcceptedSchemaIds, DecodeOptions, EventEncoder, WireFormat};
-use crate::config::Settings;
-use crate::connectors::client::ConnectorClient;
+use crate::config::{ConfigError, Settings};
+use crate::connectors::gateway::{Gateway, GatewayError};
 use crate::connectors::registry;
-use crate::connectors::retry::RetryPolicy;
 use crate::connectors::token::system_clock;
 use crate::kafka::engine::{create_consumer, Engine, EngineConsumer, EngineSettings};
 use crate::kafka::producer::Publisher;
 use crate::kafka::{admin, consumer_config, producer_config};
 use crate::pipeline::ledger::Ledger;
-use crate::pipeline::process::{ConnectorRuntime, Processor};
-use crate::registry::RegistryClient;
+use crate::pipeline::process::Processor;
+use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
 use crate::telemetry::Metrics;
 
-/// A start-up failure (exit code 1; configuration errors are caught earlier).
+/// Why paysync could not start. `main` maps the kind to the exit code: 2 for a
+/// configuration that cannot work, 1 for everything else.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartupError(pub String);
+pub enum StartupError {
+    /// The configuration is invalid (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A connector's gateway could not be built.
+    #[error("connector `{name}`: {source}")]
+    Connector {
+        /// The connector.
+        name: String,
+        /// Why.
+        #[source]
+        source: GatewayError,
+    },
+    /// The Schema Registry refused or could not be reached.
+    #[error(transparent)]
+    SchemaRegistry(#[from] RegistryError),
+    /// A Kafka client could not be created.
+    #[error("cannot create the Kafka {client}: {source}")]
+    Kafka {
+        /// `producer` or `consumer`.
+        client: &'static str,
+        /// Why.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The HTTP server could not listen.
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StartupError {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartupError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
 
 /// A running paysync instance.
 pub struct RunningApp {
@@ -94,19 +137,26 @@ impl RunningApp {
     }
 }
 
-/// Builds one runtime per configured connector.
-pub fn connectors(
+/// Builds the gateway of every configured connector.
+pub fn gateways(
     settings: &Settings,
     metrics: &Arc<Metrics>,
-) -> Result<HashMap<String, Arc<ConnectorRuntime>>, StartupError> {
+) -> Result<HashMap<String, Arc<Gateway>>, StartupError> {
     let mut out = HashMap::new();
     for (name, cs) in &settings.connectors {
         let connector = registry::get(name)
-            .ok_or_else(|| StartupError(format!("unknown connector `{name}`")))?;
-        let client = ConnectorClient::new(connector, cs.clone(), metrics.clone(), system_clock())
-            .map_err(|e| StartupError(format!("connector `{name}`: {e}")))?;
-        let policy = RetryPolicy::new(client.name(), cs.retry.clone(), &cs.circuit);
-        out.insert(name.clone(), Arc::new(ConnectorRuntime { client, policy }));
+            .ok_or_else(|| ConfigError::new(format!("connectors.{name}"), "unknown connector"))?;
+        let gateway = Gateway::new(
+            connector,
+            cs.gateway.clone(),
+            metrics.clone(),
+            system_clock(),
+        )
+        .map_err(|source| StartupError::Connector {
+            name: name.clone(),
+            source,
+        })?;
+        out.insert(name.clone(), Arc::new(gateway));
     }
     Ok(out)
 }
@@ -120,11 +170,10 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
     let format = match &settings.schema_registry {
         None => WireFormat::SingleObject,
         Some(r) => {
-            let client = RegistryClient::new(r.clone()).map_err(StartupError)?;
+            let client = RegistryClient::new(r.clone())?;
             let id = client
                 .schema_id_with_retries(&r.subject, crate::codec::avro::EVENT_SCHEMA_JSON, 5)
-                .await
-                .map_err(|e| StartupError(e.to_string()))?;
+                .await?;
             let request_subject = format!("{}-value", settings.kafka.input_topic);
             match client.subject_ids(&request_subject).await {
                 Ok(ids) => accepted_schema_ids.extend(ids),
@@ -142,7 +191,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         }
     };
     let processor = Arc::new(Processor::new(
-        connectors(&settings, &metrics)?,
+        gateways(&settings, &metrics)?,
         DecodeOptions {
             default_connector: settings.processing.default_connector.clone(),
             default_merchant: settings.processing.default_merchant.clone(),
@@ -162,7 +211,10 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
             &k.dead_letter_topic,
             metrics.clone(),
         )
-        .map_err(StartupError)?,
+        .map_err(|source| StartupError::Kafka {
+            client: "producer",
+            source,
+        })?,
     );
     let ledger = Arc::new(Ledger::new());
     let engine_settings = EngineSettings {
@@ -179,14 +231,18 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
             ledger.clone(),
             metrics.clone(),
         )
-        .map_err(StartupError)?,
+        .map_err(|source| StartupError::Kafka {
+            client: "consumer",
+            source,
+        })?,
     );
-    let listener = server::bind(settings.http.listen)
+    let addr = settings.http.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(StartupError)?;
+        .map_err(|source| StartupError::Listen { addr, source })?;
     let http_addr = listener
         .local_addr()
-        .map_err(|e| StartupError(e.to_string()))?;
+        .map_err(|source| StartupError::Listen { addr, source })?;
 
     let topics_ok = Arc::new(AtomicBool::new(false));
     let loop_alive = Arc::new(AtomicBool::new(true));

@@ -1,6 +1,6 @@
 //! paysync: a Kafka-driven payment status synchronizer.
 //!
-//! It consumes status-check requests, asks the payment connector (first: CM.com)
+//! It consumes status-check requests, asks the payment connector (CM.com first)
 //! for each payment's current state, normalizes the answer into the UCS
 //! `PaymentStatus` model and publishes an Avro `PaymentStatusEvent`.
 //!
@@ -12,12 +12,12 @@
 //! |---|---|---|
 //! | [`domain`] | `PaymentStatus`, `StatusCheckRequest`, `PaymentStatusEvent` | none |
 //! | [`codec`] | request decoding (JSON/Avro + headers), Avro event encoding | none |
-//! | [`connectors`] | the `Connector` trait and registry, CM.com translation; `http.rs` is the only HTTP code | HTTP |
+//! | [`connectors`] | pure translators (`Connector`, one file each) and their registry; the one `Gateway` that does their I/O (auth schemes, retries, circuit breaker, rate limits; `http.rs` is the only HTTP client code) | HTTP |
 //! | [`config`] | settings from TOML + environment, validation, secrets | reads files/env at start-up |
 //! | [`telemetry`] | Prometheus metrics, tracing | none |
 //! | [`pipeline`] | offset watermarks, per-key scheduling, the partition ledger, message processing | connector calls |
 //! | [`kafka`] | the engine (consumer loop, partition queues, commits, rebalances), producer, topics; the only rdkafka code | Kafka |
-//! | [`registry`] | Confluent Schema Registry client (event schema id at start-up) | HTTP |
+//! | [`schema_registry`] | Confluent Schema Registry client (event schema id at start-up, accepted request schema ids) | HTTP |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
 //! | [`demo`] | `paysync demo` and the CM.com simulator | in-process |
@@ -34,6 +34,6 @@ pub mod demo;
 pub mod domain;
 pub mod kafka;
 pub mod pipeline;
-pub mod registry;
+pub mod schema_registry;
 pub mod server;
 pub mod telemetry;

@@ -69,8 +69,9 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Serve the CM.com simulator (token endpoint and Get Transaction) for local stacks and load tests.
-    SimulateCm {
+    /// Serve the connector simulator (every simulated connector's API on one port) for local stacks and load tests.
+    #[command(alias = "simulate-cm")]
+    Simulate {
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
@@ -211,7 +212,7 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "start-up failed");
                     eprintln!("paysync: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_code())
                 }
             }
         }
@@ -269,7 +270,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::SimulateCm {
+        Command::Simulate {
             listen,
             latency_ms,
             error_rate,
@@ -292,7 +293,7 @@ fn main() -> ExitCode {
                 };
                 match paysync::demo::simulator::Simulator::start(listen, options).await {
                     Ok(sim) => {
-                        tracing::info!(url = %sim.base_url(), "CM.com simulator listening");
+                        tracing::info!(url = %sim.base_url(), "connector simulator listening");
                         termination().await;
                         sim.stop().await;
                         ExitCode::SUCCESS

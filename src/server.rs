@@ -96,13 +96,6 @@ pub async fn probe(url: &url::Url, timeout: std::time::Duration) -> Result<Strin
     }
 }
 
-/// Binds the listener (start-up fails on a bad or busy address).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr} (http.listen): {e}"))
-}
-
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
     let app = Router::new()

@@ -1,8 +1,9 @@
 //! Property tests over every decoder of outside bytes: request values (JSON and
-//! both Avro framings) with arbitrary Kafka headers, CM.com transaction and token
-//! bodies, and `Retry-After` values. Each decoder gets arbitrary input and
-//! structure-aware input (valid documents mutated field by field, Avro datums cut,
-//! extended and bit-flipped). The property: no panic, and every outcome is a value
+//! both Avro framings) with arbitrary Kafka headers, every registered connector's
+//! status, error and token bodies, and `Retry-After` values. Each decoder gets
+//! arbitrary input and structure-aware input (valid documents, the connectors'
+//! recorded fixtures among them, mutated field by field; Avro datums cut, extended
+//! and bit-flipped). The property: no panic, and every outcome is a value
 //! that satisfies the type's invariants or a typed rejection.
 //!
 //! Cases per decoder: `PAYSYNC_FUZZ_CASES` (default 2,000, CI's short run). The
@@ -14,8 +15,7 @@ use paysync::codec::avro::Schemas;
 use paysync::codec::{
     decode_request, AcceptedSchemaIds, DecodeOptions, RejectCode, SourcePosition,
 };
-use paysync::connectors::cm::CmConnector;
-use paysync::connectors::{parse_retry_after, Connector, HttpResponse};
+use paysync::connectors::{parse_retry_after, registry, AuthScheme, Connector, HttpResponse};
 use paysync::domain::{StatusCheckRequest, TransactionId};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -46,7 +46,7 @@ fn options() -> DecodeOptions {
     DecodeOptions {
         accepted_schema_ids: AcceptedSchemaIds::new([1, 7]),
         max_request_bytes: 4096,
-        ..DecodeOptions::default()
+        ..DecodeOptions::new("cm", "default")
     }
 }
 
@@ -256,9 +256,13 @@ fn response(status: u16, body: Vec<u8>) -> HttpResponse {
     }
 }
 
-fn cm_request() -> StatusCheckRequest {
-    let mut r =
-        StatusCheckRequest::new(TransactionId::parse("tx-1").unwrap(), "cm", "default", "r");
+fn request_for(connector: &str) -> StatusCheckRequest {
+    let mut r = StatusCheckRequest::new(
+        TransactionId::parse("tx-1").unwrap(),
+        connector,
+        "default",
+        "r",
+    );
     r.amount = Some(paysync::domain::Money {
         minor_amount: 1200,
         currency: "EUR".into(),
@@ -266,50 +270,47 @@ fn cm_request() -> StatusCheckRequest {
     r
 }
 
-const CM_FIELDS: &[&str] = &[
-    "status",
-    "amount",
-    "currency",
-    "reference",
-    "createdAt",
-    "action",
-    "refunds",
-    "id",
-    "details",
-];
-
-fn cm_body() -> impl Strategy<Value = Value> {
-    let status = prop_oneof![
-        Just(json!("OPEN")),
-        Just(json!("SUCCESS")),
-        Just(json!("FAILURE")),
-        Just(json!("EXPIRED")),
-        Just(json!("CANCELLED")),
-        Just(json!("AUTHORIZED")),
-        json_value(),
-    ];
-    let mutations =
-        proptest::collection::vec((proptest::sample::select(CM_FIELDS), json_value()), 0..3);
-    (status, mutations).prop_map(|(status, m)| {
-        let mut v = json!({
-            "id": "tx-1", "status": status, "amount": 1200, "currency": "EUR",
-            "createdAt": "2026-11-21T10:00:00Z",
-            "action": {"redirect": {"url": "https://3ds.example/x"}},
-            "refunds": {"refundedAmount": 0, "refundedPendingAmount": 0}
-        });
-        for (field, value) in m {
-            v[field] = value;
-        }
-        v
-    })
+/// Each connector's conformance table (`tests/fixtures/<name>/cases.json`).
+fn conformance(connector: &str) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/{connector}/cases.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-fn check_cm_body(body: Vec<u8>) {
-    match CmConnector.parse_status(&cm_request(), &response(200, body.clone())) {
+/// The 2xx status bodies among a connector's fixtures, parsed.
+fn fixture_bodies(connector: &str) -> Vec<Value> {
+    conformance(connector)["status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let path = format!(
+                "{}/tests/fixtures/{connector}/{}",
+                env!("CARGO_MANIFEST_DIR"),
+                c["fixture"].as_str().unwrap()
+            );
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+/// What every connector's decoders must hold to, for any body: a report whose
+/// FAILURE is one the connector stated, or a failure with a message; error-body
+/// and token parsing never panic.
+fn check_body(connector: &dyn Connector, body: Vec<u8>) {
+    let failure_statuses: Vec<String> = conformance(connector.name())["failure_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    match connector.parse_status(&request_for(connector.name()), &response(200, body.clone())) {
         Ok(report) => {
-            // A FAILURE is only ever what the connector said.
             if report.status == paysync::domain::PaymentStatus::FAILURE {
-                assert_eq!(report.connector_status.as_deref(), Some("FAILURE"));
+                let said = report.connector_status.clone().unwrap_or_default();
+                assert!(failure_statuses.contains(&said), "FAILURE from {said:?}");
             }
             assert!(report
                 .connector_status
@@ -321,43 +322,101 @@ fn check_cm_body(body: Vec<u8>) {
             assert_ne!(failure.code.as_str(), "");
         }
     }
-    let _ = CmConnector.error_message(&body);
-    match CmConnector.parse_token(&response(200, body)) {
-        Ok(token) => assert!(token.expires_in > Duration::ZERO),
-        Err(failure) => assert!(!failure.message.is_empty()),
+    let _ = connector.parse_error(&body);
+    if let AuthScheme::OAuth2ClientCredentials(endpoint) = connector.auth() {
+        match endpoint.parse_token(&response(200, body)) {
+            Ok(token) => assert!(token.expires_in > Duration::ZERO),
+            Err(failure) => assert!(!failure.message.is_empty()),
+        }
+    }
+}
+
+fn connectors() -> Vec<std::sync::Arc<dyn Connector>> {
+    registry::names()
+        .into_iter()
+        .map(|n| registry::get(n).unwrap())
+        .collect()
+}
+
+#[test]
+fn connector_bodies_of_arbitrary_bytes() {
+    for connector in connectors() {
+        runner()
+            .run(&proptest::collection::vec(any::<u8>(), 0..400), |body| {
+                check_body(connector.as_ref(), body);
+                Ok(())
+            })
+            .unwrap();
+    }
+}
+
+/// A connector's recorded bodies with up to three fields (top level or one
+/// level down) replaced by arbitrary JSON, or removed.
+fn mutated(bodies: Vec<Value>) -> impl Strategy<Value = Value> {
+    let paths: Vec<(String, Option<String>)> = bodies
+        .iter()
+        .flat_map(|b| b.as_object().into_iter().flatten())
+        .flat_map(|(k, v)| {
+            let mut p = vec![(k.clone(), None)];
+            if let Some(inner) = v.as_object() {
+                p.extend(inner.keys().map(|i| (k.clone(), Some(i.clone()))));
+            }
+            p
+        })
+        .collect();
+    let mutation = (
+        proptest::sample::select(paths),
+        proptest::option::of(json_value()),
+    );
+    (
+        proptest::sample::select(bodies),
+        proptest::collection::vec(mutation, 0..4),
+    )
+        .prop_map(|(mut body, mutations)| {
+            for ((outer, inner), value) in mutations {
+                let slot = match inner {
+                    None => body.as_object_mut(),
+                    Some(_) => body.get_mut(&outer).and_then(Value::as_object_mut),
+                };
+                let Some(map) = slot else { continue };
+                let key = inner.unwrap_or(outer);
+                match value {
+                    Some(v) => {
+                        map.insert(key, v);
+                    }
+                    None => {
+                        map.remove(&key);
+                    }
+                }
+            }
+            body
+        })
+}
+
+#[test]
+fn connector_bodies_mutated_field_by_field() {
+    for connector in connectors() {
+        runner()
+            .run(&mutated(fixture_bodies(connector.name())), |v| {
+                check_body(connector.as_ref(), v.to_string().into_bytes());
+                Ok(())
+            })
+            .unwrap();
     }
 }
 
 #[test]
-fn cm_bodies_of_arbitrary_bytes() {
-    runner()
-        .run(&proptest::collection::vec(any::<u8>(), 0..400), |body| {
-            check_cm_body(body);
-            Ok(())
-        })
-        .unwrap();
-}
-
-#[test]
-fn cm_bodies_mutated_field_by_field() {
-    runner()
-        .run(&cm_body(), |v| {
-            check_cm_body(v.to_string().into_bytes());
-            Ok(())
-        })
-        .unwrap();
-}
-
-#[test]
-fn cm_token_bodies() {
+fn token_bodies() {
     let token =
         (json_value(), json_value()).prop_map(|(t, e)| json!({"access_token": t, "expires_in": e}));
-    runner()
-        .run(&token, |v| {
-            check_cm_body(v.to_string().into_bytes());
-            Ok(())
-        })
-        .unwrap();
+    for connector in connectors() {
+        runner()
+            .run(&token, |v| {
+                check_body(connector.as_ref(), v.to_string().into_bytes());
+                Ok(())
+            })
+            .unwrap();
+    }
 }
 
 #[test]

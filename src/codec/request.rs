@@ -168,11 +168,12 @@ pub struct DecodeOptions {
     pub accepted_schema_ids: AcceptedSchemaIds,
 }
 
-impl Default for DecodeOptions {
-    fn default() -> Self {
+impl DecodeOptions {
+    /// Options with these defaults, a 64 KiB value limit and no accepted Confluent ids.
+    pub fn new(default_connector: &str, default_merchant: &str) -> Self {
         DecodeOptions {
-            default_connector: "cm".into(),
-            default_merchant: "default".into(),
+            default_connector: default_connector.to_owned(),
+            default_merchant: default_merchant.to_owned(),
             max_request_bytes: 64 * 1024,
             accepted_schema_ids: AcceptedSchemaIds::default(),
         }
@@ -452,13 +453,13 @@ fn from_object(
         )
     });
     let payment_method_type = match opt_string(obj, "payment_method_type")? {
-        None => PaymentMethodType::default_method(),
-        Some(s) => PaymentMethodType::parse(&s).ok_or_else(|| {
+        None => None,
+        Some(s) => Some(PaymentMethodType::parse(&s).ok_or_else(|| {
             invalid(
                 "payment_method_type",
                 "a PaymentMethodType symbol such as GOOGLE_PAY",
             )
-        })?,
+        })?),
     };
     let connector_customer_id = match present(obj, "state") {
         None => None,
@@ -498,7 +499,7 @@ mod tests {
     fn decode(v: &[u8], headers: &[RawHeader<'_>]) -> Result<StatusCheckRequest, Rejection> {
         let options = DecodeOptions {
             accepted_schema_ids: AcceptedSchemaIds::new([7]),
-            ..DecodeOptions::default()
+            ..DecodeOptions::new("cm", "default")
         };
         decode_request(Some(v), headers, POS, &options)
     }
@@ -514,7 +515,10 @@ mod tests {
         assert_eq!(r.connector, "cm");
         assert_eq!(r.merchant_id, "default");
         assert_eq!(r.request_id, "in:3:99");
-        assert_eq!(r.payment_method_type.as_str(), "GOOGLE_PAY");
+        assert_eq!(
+            r.payment_method_type, None,
+            "the connector picks its default"
+        );
     }
 
     #[test]
@@ -563,7 +567,7 @@ mod tests {
             Some(PaymentExperience::REDIRECT_TO_URL)
         );
         assert_eq!(r.merchant_request_id.as_deref(), Some("idem-1"));
-        assert_eq!(r.payment_method_type.as_str(), "IDEAL");
+        assert_eq!(r.payment_method_type.unwrap().as_str(), "IDEAL");
     }
 
     #[test]
@@ -670,7 +674,7 @@ mod tests {
     fn oversize_and_tombstones_are_rejected_before_parsing() {
         let opts = DecodeOptions {
             max_request_bytes: 16,
-            ..Default::default()
+            ..DecodeOptions::new("cm", "default")
         };
         let err = decode_request(Some(&[b' '; 17]), &[], POS, &opts).unwrap_err();
         assert_eq!(err.code, RejectCode::Oversize);
@@ -797,7 +801,7 @@ mod tests {
         let err = decode(&framed, &[]).unwrap_err();
         assert_eq!(err.code, RejectCode::InvalidAvro);
         assert!(err.message.contains("schema id 9"), "{}", err.message);
-        let options = DecodeOptions::default();
+        let options = DecodeOptions::new("cm", "default");
         options.accepted_schema_ids.extend([9]);
         assert!(decode_request(Some(&framed), &[], POS, &options).is_ok());
     }

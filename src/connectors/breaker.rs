@@ -15,14 +15,16 @@ use tokio::time::Instant;
 
 use crate::telemetry::Metrics;
 
-/// Breaker settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Breaker settings (`connectors.<name>.circuit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BreakerSettings {
-    /// Consecutive retryable failures that open the circuit.
+    /// Consecutive retryable failures that open the circuit (at most `retry.max_attempts`).
     pub failure_threshold: u32,
     /// First wait before a probe.
+    #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
     /// Longest wait before a probe.
+    #[serde(with = "humantime_serde")]
     pub max_cooldown: Duration,
 }
 

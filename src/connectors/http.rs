@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::{AccessToken, HttpRequest, HttpResponse, Method};
+use super::auth::Authorization;
+use super::{HttpRequest, HttpResponse, Method};
 
 /// A call that produced no HTTP response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +46,7 @@ impl HttpExecutor {
         connect_timeout: Duration,
         request_timeout: Duration,
         max_response_bytes: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .use_rustls_tls()
             .connect_timeout(connect_timeout)
@@ -54,19 +55,18 @@ impl HttpExecutor {
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("paysync/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+            .build()?;
         Ok(HttpExecutor {
             client,
             max_response_bytes,
         })
     }
 
-    /// Sends `request`, with `Authorization: Bearer` when a token is given.
+    /// Sends `request`, with the `Authorization` header when one is given.
     pub async fn send(
         &self,
         request: &HttpRequest,
-        token: Option<&AccessToken>,
+        authorization: Option<&Authorization>,
     ) -> Result<HttpResponse, TransportError> {
         let method = match request.method {
             Method::Get => reqwest::Method::GET,
@@ -76,8 +76,13 @@ impl HttpExecutor {
         for (name, value) in &request.headers {
             builder = builder.header(*name, value);
         }
-        if let Some(token) = token {
-            builder = builder.header(reqwest::header::AUTHORIZATION, token.bearer());
+        if let Some(authorization) = authorization {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(authorization.value()).map_err(|_| {
+                    TransportError::Connect("credentials are not a valid header value".into())
+                })?;
+            value.set_sensitive(true);
+            builder = builder.header(reqwest::header::AUTHORIZATION, value);
         }
         if let Some(body) = &request.body {
             builder = builder

@@ -1,15 +1,25 @@
 //! Connectors: translators between a [`StatusCheckRequest`] and one payment
-//! processor's API. A connector only *describes* HTTP requests and *parses*
-//! responses ([`Connector`]); [`http`] is the one module that performs HTTP, and
-//! [`client::ConnectorClient`] adds credentials, token caching and the classified
-//! outcome of a call. [`retry`] turns classified outcomes into a bounded retry.
+//! processor's API, and the one gateway that does their I/O.
+//!
+//! A connector ([`Connector`]) is pure: it declares its auth scheme ([`AuthScheme`];
+//! the scheme defines the credential type an account configures), its default base
+//! URL and payment method, builds the status request (and the token request when
+//! its scheme has one), parses answers and error bodies, maps its status enum
+//! exhaustively, and says which statuses are final. It never sees credentials
+//! beyond what its token request needs, and never performs I/O.
+//!
+//! The [`gateway::Gateway`] does everything else for every connector: the HTTP
+//! executor ([`http`], the only HTTP client code), the auth schemes ([`auth`]: the
+//! OAuth2 token cache with single flight and one refresh on 401, or a static key),
+//! retries ([`retry`]), the circuit breaker ([`breaker`]) and rate limits.
 //!
 //! Adding a connector: one file beside `cm.rs` implementing [`Connector`], and one
 //! line in [`registry`].
 
+pub mod auth;
 pub mod breaker;
-pub mod client;
 pub mod cm;
+pub mod gateway;
 pub mod http;
 pub mod registry;
 pub mod retry;
@@ -19,13 +29,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use url::Url;
 
 use crate::codec::Rejection;
-use crate::config::Account;
 use crate::domain::event::{CheckFailure, FailureCode};
-use crate::domain::{StatusCheckRequest, StatusReport};
+use crate::domain::{PaymentStatus, StatusCheckRequest, StatusReport};
+
+pub use auth::{AuthScheme, ClientCredentials, TokenEndpoint};
 
 /// HTTP method of a described request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,13 +122,6 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-impl AccessToken {
-    /// The `Authorization` header value.
-    pub fn bearer(&self) -> String {
-        format!("Bearer {}", self.token.expose_secret())
-    }
-}
-
 /// Why a retryable call failed (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetryReason {
@@ -175,19 +179,34 @@ impl CallError {
     }
 }
 
+/// What a connector's error body says, when it has a known shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The connector's error code or title.
+    pub code: Option<String>,
+    /// Its message.
+    pub message: Option<String>,
+    /// Its reason (for example the field it objects to).
+    pub reason: Option<String>,
+}
+
 /// A payment connector: a pure translator between paysync and one API.
 pub trait Connector: Send + Sync + 'static {
     /// The connector's name, as used in requests and configuration.
     fn name(&self) -> &'static str;
 
-    /// The request that obtains an access token for `account`.
-    fn token_request(&self, base_url: &Url, account: &Account) -> HttpRequest;
+    /// The API base URL used when the configuration names none.
+    fn default_base_url(&self) -> &'static str;
 
-    /// Parses a 2xx token response.
-    fn parse_token(&self, response: &HttpResponse) -> Result<AccessToken, CheckFailure>;
+    /// How requests are authenticated; the scheme defines what an account configures.
+    fn auth(&self) -> AuthScheme;
+
+    /// The UCS `PaymentMethodType` used when a request names none.
+    fn default_payment_method(&self) -> &'static str;
 
     /// The status request for `request`; a rejection when the request cannot be
-    /// served by this connector (for example an unsupported payment method).
+    /// served by this connector (for example an unsupported payment method). The
+    /// gateway adds the credentials.
     fn status_request(
         &self,
         base_url: &Url,
@@ -201,8 +220,26 @@ pub trait Connector: Send + Sync + 'static {
         response: &HttpResponse,
     ) -> Result<StatusReport, CheckFailure>;
 
-    /// The connector's error message from an error body, if it has a known shape.
-    fn error_message(&self, body: &[u8]) -> Option<String>;
+    /// What an error body says, if it has a known shape.
+    fn parse_error(&self, body: &[u8]) -> ErrorBody;
+
+    /// True when `status` will not change any more for this connector (follow mode
+    /// stops there).
+    fn is_final(&self, status: PaymentStatus) -> bool;
+}
+
+/// `base` with `segments` appended, each percent-encoded as one path segment.
+pub fn url_with_segments(base: &Url, segments: &[&str]) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
+}
+
+/// A report's error-free parse failure: a 2xx body that cannot be understood.
+pub fn deserialization_failure(status: u16, message: impl Into<String>) -> CheckFailure {
+    CheckFailure::new(FailureCode::ResponseDeserializationFailed, message).with_status(status)
 }
 
 /// Parses `Retry-After` (delay-seconds or HTTP-date) relative to `now`.
@@ -215,11 +252,11 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Classifies a non-2xx answer of the status endpoint. `message` is the
-/// connector's own (sanitized) message, if any.
+/// Classifies a non-2xx answer of the status endpoint. `body` is what the
+/// connector's error body says (sanitized by the caller).
 pub fn classify_error_status(
     response: &HttpResponse,
-    message: Option<String>,
+    body: ErrorBody,
     now: SystemTime,
 ) -> CallError {
     let status = response.status;
@@ -227,8 +264,9 @@ pub fn classify_error_status(
         code,
         message: text,
         status_code: Some(status),
-        connector_code: Some(status.to_string()),
-        connector_message: message.clone(),
+        connector_code: Some(body.code.clone().unwrap_or_else(|| status.to_string())),
+        connector_message: body.message.clone(),
+        connector_reason: body.reason.clone(),
     };
     let retryable = |reason: RetryReason, text: String| CallError::Retryable {
         failure: failure(FailureCode::ConnectorErrorResponse, text),
@@ -356,14 +394,18 @@ mod tests {
             (599, "retry:5xx"),
         ];
         for (status, want) in cases {
-            let got = match classify_error_status(&resp(*status, &[]), None, now) {
+            let got = match classify_error_status(&resp(*status, &[]), ErrorBody::default(), now) {
                 CallError::Permanent(f) => format!("permanent:{}", f.code.as_str()),
                 CallError::Unauthorized(_) => "unauthorized".into(),
                 CallError::Retryable { reason, .. } => format!("retry:{}", reason.label()),
             };
             assert_eq!(&got, want, "status {status}");
         }
-        match classify_error_status(&resp(429, &[("retry-after", "3")]), None, now) {
+        match classify_error_status(
+            &resp(429, &[("retry-after", "3")]),
+            ErrorBody::default(),
+            now,
+        ) {
             CallError::Retryable {
                 retry_after,
                 failure,

@@ -8,12 +8,29 @@
 use std::time::{Duration, Instant};
 
 use super::breaker::{BreakerSettings, CircuitBreaker, Verdict};
-use super::client::ConnectorClient;
+use super::gateway::Gateway;
 use super::{CallError, HttpRequest};
-use crate::config::{CircuitSettings, RetrySettings};
 use crate::domain::event::CheckFailure;
 use crate::domain::{StatusCheckRequest, StatusReport};
-use crate::telemetry::Metrics;
+
+/// Retry settings of one connector (`connectors.<name>.retry`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RetrySettings {
+    /// Connector calls per request, at most (the first call included).
+    pub max_attempts: u32,
+    /// Backoff before the first retry (full jitter up to this).
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Upper bound of one backoff.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Total time a request may spend retrying.
+    #[serde(with = "humantime_serde")]
+    pub max_elapsed: Duration,
+    /// Upper bound honoured for a server's `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
 
 /// How a status check ended after retries.
 #[derive(Debug)]
@@ -32,16 +49,11 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// A policy from settings, with a breaker for the connector `name`.
-    pub fn new(name: &'static str, settings: RetrySettings, circuit: &CircuitSettings) -> Self {
-        let breaker = CircuitBreaker::new(
-            name,
-            BreakerSettings {
-                failure_threshold: circuit.failure_threshold,
-                cooldown: circuit.cooldown,
-                max_cooldown: circuit.max_cooldown,
-            },
-        );
-        RetryPolicy { settings, breaker }
+    pub fn new(name: &'static str, settings: RetrySettings, circuit: BreakerSettings) -> Self {
+        RetryPolicy {
+            settings,
+            breaker: CircuitBreaker::new(name, circuit),
+        }
     }
 
     /// The connector's breaker.
@@ -68,14 +80,14 @@ impl RetryPolicy {
         }
     }
 
-    /// Runs a status check with retries.
+    /// Runs a status check through `client` with retries.
     pub async fn run(
         &self,
-        client: &ConnectorClient,
-        metrics: &Metrics,
+        client: &Gateway,
         request: &StatusCheckRequest,
         http_request: &HttpRequest,
     ) -> CheckResult {
+        let metrics = client.metrics();
         let mut started = Instant::now();
         let mut attempts = 0;
         // Retries in the current budget (reset after waiting out an open circuit).
@@ -162,7 +174,7 @@ mod tests {
                 max_elapsed: Duration::from_secs(30),
                 max_retry_after: Duration::from_secs(10),
             },
-            &CircuitSettings {
+            BreakerSettings {
                 failure_threshold: 5,
                 cooldown: Duration::from_secs(1),
                 max_cooldown: Duration::from_secs(5),

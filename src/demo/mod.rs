@@ -1,11 +1,12 @@
 //! `paysync demo`: the whole pipeline in one process with no outside services.
-//! librdkafka's in-process mock cluster is the broker and [`simulator`] plays
-//! CM.com; paysync itself runs through [`crate::app::start`], exactly as
+//! librdkafka's in-process mock cluster is the broker and [`simulator`] plays the
+//! connectors; paysync itself runs through [`crate::app::start`], exactly as
 //! `paysync run` does. Sample requests cover every status, a retried 5xx, an
 //! honoured 429, failed checks and invalid requests. Each event is printed as one
 //! JSON line, each dead letter with its reason, then a summary table.
 
 pub mod simulator;
+pub mod stack;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,7 +17,7 @@ use crate::codec::avro::decode_event_json;
 use crate::config::Settings;
 use crate::kafka::tools::{MockBroker, RawProducer, RawRecord, TopicReader};
 use crate::telemetry::sum_metric;
-use simulator::{SimOptions, Simulator, SIM_CLIENT_ID, SIM_CLIENT_SECRET};
+use simulator::{SimOptions, Simulator};
 
 const INPUT: &str = "payment-status-requests";
 const OUTPUT: &str = "payment-status-events";
@@ -130,36 +131,29 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
 }
 
-/// The settings the demo runs with: defaults, plus the mock broker and simulator.
+/// The settings the demo runs with: the local stack's, on the demo's topics.
 pub fn demo_settings(
     brokers: &str,
     base_url: &str,
     listen: SocketAddr,
 ) -> Result<Settings, String> {
-    Settings::from_toml(&format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "paysync-demo"
-commit_interval = "200ms"
-[kafka.consumer]
-"session.timeout.ms" = "6000"
-[processing]
-shutdown_timeout = "10s"
-[http]
-listen = "{listen}"
-[log]
-level = "warn"
-[connectors.cm]
-base_url = "{base_url}"
-request_timeout = "2s"
-[connectors.cm.retry]
-initial_backoff = "100ms"
-[connectors.cm.accounts.default]
-client_id = "{SIM_CLIENT_ID}"
-client_secret = "{SIM_CLIENT_SECRET}"
-"#
-    ))
+    let topics = stack::Topics {
+        input: INPUT.into(),
+        output: OUTPUT.into(),
+        dlq: DLQ.into(),
+        group: "paysync-demo".into(),
+        partitions: 3,
+    };
+    Settings::from_toml(
+        &stack::StackSettings {
+            brokers,
+            topics: &topics,
+            simulator: base_url,
+            listen,
+            extra: "",
+        }
+        .toml(),
+    )
     .map_err(|e| e.to_string())
 }
 

@@ -147,6 +147,8 @@ pub struct StatusReport {
     pub refunded_amount: Option<i64>,
     /// Refunds pending, minor units (extension).
     pub refund_pending_amount: Option<i64>,
+    /// The UCS payment method the connector reports or used.
+    pub payment_method_type: Option<String>,
     /// The raw response body (only published when configured).
     pub raw_response: Option<String>,
 }
@@ -177,6 +179,7 @@ impl StatusReport {
             incremental_authorization_allowed: None,
             refunded_amount: None,
             refund_pending_amount: None,
+            payment_method_type: None,
             raw_response: None,
         }
     }
@@ -230,6 +233,8 @@ pub struct CheckFailure {
     pub connector_code: Option<String>,
     /// The connector's own error message, sanitized and bounded.
     pub connector_message: Option<String>,
+    /// The connector's reason (for example the field it objects to), sanitized and bounded.
+    pub connector_reason: Option<String>,
 }
 
 impl CheckFailure {
@@ -241,8 +246,43 @@ impl CheckFailure {
             status_code: None,
             connector_code: None,
             connector_message: None,
+            connector_reason: None,
         }
     }
+
+    /// The same failure with the connector's HTTP status.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status_code = Some(status);
+        self
+    }
+}
+
+/// The integrity check of the UCS `Get` request, the same for every connector: when
+/// the request carries an `amount`, the connector's amount and currency must be
+/// exactly that. A mismatch is a failed check (`INTEGRITY_CHECK_FAILED`), never a
+/// payment status.
+pub fn check_integrity(
+    request: &StatusCheckRequest,
+    report: &StatusReport,
+) -> Result<(), CheckFailure> {
+    let Some(expected) = &request.amount else {
+        return Ok(());
+    };
+    if report.amount.as_ref() == Some(expected) {
+        return Ok(());
+    }
+    let got = report.amount.as_ref().map_or_else(
+        || "no amount".to_owned(),
+        |m| format!("{} {}", m.minor_amount, m.currency),
+    );
+    Err(CheckFailure::new(
+        FailureCode::IntegrityCheckFailed,
+        format!(
+            "connector reports {got}, request expected {} {}",
+            expected.minor_amount, expected.currency
+        ),
+    )
+    .with_status(report.status_code))
 }
 
 /// Which secret-bearing fields an event may carry (all off by default).
@@ -356,7 +396,10 @@ impl PaymentStatusEvent {
             network_transaction_id: None,
             amount: request.amount.clone(),
             captured_amount: None,
-            payment_method_type: Some(request.payment_method_type.as_str().to_owned()),
+            payment_method_type: request
+                .payment_method_type
+                .as_ref()
+                .map(|m| m.as_str().to_owned()),
             capture_method: request.capture_method,
             auth_type: None,
             created_at: None,
@@ -388,6 +431,8 @@ impl PaymentStatusEvent {
                 event.network_transaction_id = report.network_transaction_id;
                 event.amount = report.amount.or(event.amount);
                 event.captured_amount = report.captured_amount;
+                event.payment_method_type =
+                    report.payment_method_type.or(event.payment_method_type);
                 event.auth_type = report.auth_type;
                 event.created_at = report.created_at;
                 event.updated_at = report.updated_at;
@@ -416,11 +461,12 @@ impl PaymentStatusEvent {
                     }),
                     issuer_details: None,
                     connector_details: (failure.connector_code.is_some()
-                        || failure.connector_message.is_some())
+                        || failure.connector_message.is_some()
+                        || failure.connector_reason.is_some())
                     .then(|| ConnectorErrorDetails {
                         code: failure.connector_code,
                         message: failure.connector_message,
-                        reason: None,
+                        reason: failure.connector_reason,
                         connector_transaction_id: Some(
                             request.connector_transaction_id.as_str().to_owned(),
                         ),

@@ -3,6 +3,7 @@
 //! or Avro; the codecs and connectors translate to and from these types.
 
 pub mod event;
+pub mod money;
 pub mod request;
 pub mod status;
 
@@ -10,6 +11,7 @@ pub use event::{
     ConnectorErrorDetails, ErrorInfo, PaymentStatusEvent, RedirectForm, StatusReport,
     UnifiedErrorDetails,
 };
+pub use money::{currency_exponent, AmountError};
 pub use request::{
     AuthenticationType, CaptureMethod, FutureUsage, Money, PaymentExperience, PaymentMethodType,
     StatusCheckRequest, SyncType, TransactionId, TransactionIdError,

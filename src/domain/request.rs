@@ -179,16 +179,11 @@ proto_enum!(
 
 /// A UCS `PaymentMethodType` name (for example `GOOGLE_PAY`). The UCS enum is long
 /// and grows; the domain keeps the validated name and each connector decides which
-/// names it supports.
+/// names it supports, and which it uses when a request names none.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PaymentMethodType(String);
 
 impl PaymentMethodType {
-    /// The method used when a request names none.
-    pub fn default_method() -> Self {
-        PaymentMethodType("GOOGLE_PAY".to_owned())
-    }
-
     /// Accepts 1 to 64 characters of `[A-Z0-9_]`, the shape of a proto enum symbol.
     pub fn parse(raw: &str) -> Option<Self> {
         let ok = !raw.is_empty()
@@ -220,8 +215,8 @@ pub struct StatusCheckRequest {
     pub merchant_id: String,
     /// Correlation id echoed on the event.
     pub request_id: String,
-    /// Payment method, which selects the connector endpoint.
-    pub payment_method_type: PaymentMethodType,
+    /// Payment method, when the request names one (the connector's default otherwise).
+    pub payment_method_type: Option<PaymentMethodType>,
     /// Caller's own transaction id.
     pub merchant_transaction_id: Option<String>,
     /// Opaque encoded data.
@@ -278,7 +273,7 @@ impl StatusCheckRequest {
             connector: connector.to_owned(),
             merchant_id: merchant_id.to_owned(),
             request_id: request_id.to_owned(),
-            payment_method_type: PaymentMethodType::default_method(),
+            payment_method_type: None,
             merchant_transaction_id: None,
             encoded_data: None,
             capture_method: None,

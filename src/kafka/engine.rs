@@ -35,14 +35,10 @@ use tracing::Instrument;
 
 use super::producer::{Delivery, Publisher};
 use crate::codec::RejectCode;
-use crate::pipeline::ledger::{Arrival, Epoch, Ledger, Position, Ticket};
+use crate::pipeline::ledger::{Arrival, Epoch, GapDecision, GapPolicy, Ledger, Position, Ticket};
 use crate::pipeline::process::{Incoming, PipelineJob, Processor, Work};
 use crate::pipeline::scheduler::{Admission, Scheduler};
 use crate::telemetry::Metrics;
-
-/// Seeks back to the same expected offset before a gap is taken as a real hole
-/// in the log (compaction, transaction markers) rather than a client skip.
-pub const GAP_SEEKS: u32 = 3;
 
 /// Messages read from one partition's queue before the next partition's turn.
 const READ_BATCH: usize = 64;
@@ -259,7 +255,7 @@ pub fn create_consumer(
     settings: &EngineSettings,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
-) -> Result<EngineConsumer, String> {
+) -> Result<EngineConsumer, rdkafka::error::KafkaError> {
     let context = EngineContext {
         input_topic: settings.input_topic.clone(),
         ledger,
@@ -274,16 +270,12 @@ pub fn create_consumer(
     };
     let wake = context.wake.clone();
     let main_ready = context.main_ready.clone();
-    let mut consumer: EngineConsumer = config
-        .create_with_context(context)
-        .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
+    let mut consumer: EngineConsumer = config.create_with_context(context)?;
     consumer.set_nonempty_callback(move || {
         main_ready.store(true, Ordering::Release);
         wake.notify_one();
     });
-    consumer
-        .subscribe(&[&settings.input_topic])
-        .map_err(|e| format!("cannot subscribe: {e}"))?;
+    consumer.subscribe(&[&settings.input_topic])?;
     Ok(consumer)
 }
 
@@ -351,7 +343,7 @@ pub struct Engine {
     /// Round-robin start for reading partitions, so none is always first.
     rotate: usize,
     /// Partitions sought back after a gap: (expected offset, seeks so far).
-    gap_seeks: std::collections::HashMap<i32, (i64, u32)>,
+    gaps: GapPolicy,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     topic: Arc<str>,
@@ -386,7 +378,7 @@ impl Engine {
             settings,
             sources: Vec::new(),
             rotate: 0,
-            gap_seeks: std::collections::HashMap::new(),
+            gaps: GapPolicy::default(),
             done_tx,
             done_rx,
             tasks: JoinSet::new(),
@@ -555,7 +547,7 @@ impl Engine {
             match note {
                 Note::Revoked(partitions) => {
                     for p in partitions {
-                        self.gap_seeks.remove(&p);
+                        self.gaps.clear(p);
                         self.sources.retain(|s| s.partition != p);
                         let dropped = self.scheduler.drop_partition(p);
                         if dropped > 0 {
@@ -612,39 +604,32 @@ impl Engine {
                 tracing::debug!(partition, offset, "skipping a message already in flight");
                 return;
             }
-            // Offsets must arrive contiguously: a jump would let the watermark pass
-            // offsets that were never processed. Seek back; only a gap that is still
-            // there after GAP_SEEKS seeks is a real hole in the log (compaction,
-            // transaction markers).
-            Arrival::Gap { epoch, expected } => {
-                let tries = self.gap_seeks.entry(partition).or_insert((expected, 0));
-                if tries.0 != expected {
-                    *tries = (expected, 0);
-                }
-                if tries.1 < GAP_SEEKS {
-                    tries.1 += 1;
+            Arrival::Gap { epoch, expected } => match self.gaps.on_gap(partition, expected) {
+                GapDecision::Seek(to) => {
                     tracing::warn!(
                         partition,
                         offset,
                         expected,
                         "offsets arrived with a gap; seeking back to refetch them"
                     );
-                    self.seek(partition, expected);
+                    self.seek(partition, to);
                     return;
                 }
-                tracing::warn!(
-                    partition,
-                    offset,
-                    expected,
-                    "offsets absent from the log (compaction, transaction markers, or deleted by retention before they were consumed)"
-                );
-                if !self.ledger.accept(partition, epoch, offset) {
-                    return;
+                GapDecision::Accept => {
+                    tracing::warn!(
+                        partition,
+                        offset,
+                        expected,
+                        "offsets absent from the log (compaction, transaction markers, or deleted by retention before they were consumed)"
+                    );
+                    if !self.ledger.accept(partition, epoch, offset) {
+                        return;
+                    }
+                    epoch
                 }
-                epoch
-            }
+            },
         };
-        self.gap_seeks.remove(&partition);
+        self.gaps.clear(partition);
         let job = self.processor.prepare(incoming, epoch);
         if let Admission::Start(job) = self.scheduler.offer(job) {
             self.start(job);

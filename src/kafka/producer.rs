@@ -91,10 +91,8 @@ impl Publisher {
         events_topic: &str,
         dead_letter_topic: &str,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
-        let producer: FutureProducer = config
-            .create()
-            .map_err(|e| format!("cannot create Kafka producer: {e}"))?;
+    ) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = config.create()?;
         Ok(Publisher {
             producer,
             events_topic: events_topic.to_owned(),

@@ -87,6 +87,50 @@ pub struct Position {
     pub committed: Option<i64>,
 }
 
+/// Seeks back to the same expected offset before a gap is taken as a real hole in
+/// the log (compaction, transaction markers, retention) rather than a client skip.
+pub const GAP_SEEKS: u32 = 3;
+
+/// What to do when offsets arrive past the one expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapDecision {
+    /// Seek the partition back to this offset and refetch.
+    Seek(i64),
+    /// Take the gap as a real hole in the log and accept the offset.
+    Accept,
+}
+
+/// The gap policy, per partition. Offsets must arrive contiguously: a jump would
+/// let the watermark pass offsets that were never processed, so the engine seeks
+/// back; only a gap still there after [`GAP_SEEKS`] seeks to the same offset is
+/// accepted. Pure: the engine performs the seek.
+#[derive(Debug, Default)]
+pub struct GapPolicy {
+    /// Partition -> (expected offset, seeks so far).
+    seeks: HashMap<i32, (i64, u32)>,
+}
+
+impl GapPolicy {
+    /// Offsets arrived past `expected` on `partition`.
+    pub fn on_gap(&mut self, partition: i32, expected: i64) -> GapDecision {
+        let tries = self.seeks.entry(partition).or_insert((expected, 0));
+        if tries.0 != expected {
+            *tries = (expected, 0);
+        }
+        if tries.1 < GAP_SEEKS {
+            tries.1 += 1;
+            GapDecision::Seek(expected)
+        } else {
+            GapDecision::Accept
+        }
+    }
+
+    /// The partition is contiguous again (or gone): forget its seeks.
+    pub fn clear(&mut self, partition: i32) {
+        self.seeks.remove(&partition);
+    }
+}
+
 /// Whether a partition is making progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionHealth {
@@ -502,6 +546,21 @@ mod tests {
         assert_eq!(positions.len(), 1);
         assert_eq!(positions[0].watermark, 2);
         assert!(l.positions().is_empty());
+    }
+
+    #[test]
+    fn a_gap_is_refetched_three_times_before_it_is_accepted() {
+        let mut g = GapPolicy::default();
+        for _ in 0..GAP_SEEKS {
+            assert_eq!(g.on_gap(0, 10), GapDecision::Seek(10));
+        }
+        assert_eq!(g.on_gap(0, 10), GapDecision::Accept);
+        assert_eq!(g.on_gap(0, 10), GapDecision::Accept, "until cleared");
+        // Another partition, and another expected offset, start over.
+        assert_eq!(g.on_gap(1, 10), GapDecision::Seek(10));
+        assert_eq!(g.on_gap(0, 20), GapDecision::Seek(20));
+        g.clear(0);
+        assert_eq!(g.on_gap(0, 20), GapDecision::Seek(20));
     }
 
     #[test]

@@ -14,10 +14,10 @@ use std::time::{Instant, SystemTime};
 use crate::codec::{
     decode_request, DecodeOptions, EventEncoder, RawHeader, RejectCode, Rejection, SourcePosition,
 };
-use crate::connectors::client::ConnectorClient;
-use crate::connectors::retry::RetryPolicy;
+use crate::connectors::gateway::Gateway;
+use crate::connectors::retry::CheckResult;
 use crate::connectors::HttpRequest;
-use crate::domain::event::{event_id, Envelope, SecretFields};
+use crate::domain::event::{check_integrity, event_id, Envelope, SecretFields};
 use crate::domain::{PaymentStatus, PaymentStatusEvent, StatusCheckRequest};
 use crate::pipeline::ledger::Epoch;
 use crate::pipeline::scheduler::Job;
@@ -45,14 +45,6 @@ pub struct Incoming {
 /// A Kafka header as bytes: name, and value (null when the producer sent none).
 pub type RecordHeader = (Vec<u8>, Option<Vec<u8>>);
 
-/// A connector ready for use: client plus retry policy.
-pub struct ConnectorRuntime {
-    /// The client.
-    pub client: ConnectorClient,
-    /// Its retry policy.
-    pub policy: RetryPolicy,
-}
-
 /// What a job does.
 pub enum Work {
     /// Check the status of a payment.
@@ -61,8 +53,8 @@ pub enum Work {
         request: Box<StatusCheckRequest>,
         /// The prepared connector request.
         http: Box<HttpRequest>,
-        /// The connector.
-        connector: Arc<ConnectorRuntime>,
+        /// The connector's gateway.
+        connector: Arc<Gateway>,
     },
     /// Dead-letter the message.
     Reject(Rejection),
@@ -122,7 +114,7 @@ pub const EVENT_CONTENT_TYPE: &str = "application/avro";
 
 /// Turns messages into records.
 pub struct Processor {
-    connectors: HashMap<String, Arc<ConnectorRuntime>>,
+    connectors: HashMap<String, Arc<Gateway>>,
     decode: DecodeOptions,
     encoder: EventEncoder,
     secrets: SecretFields,
@@ -134,7 +126,7 @@ impl Processor {
     /// A processor over these connectors. Dead letters are cut to
     /// `max_record_bytes` (the producer's `message.max.bytes`).
     pub fn new(
-        connectors: HashMap<String, Arc<ConnectorRuntime>>,
+        connectors: HashMap<String, Arc<Gateway>>,
         decode: DecodeOptions,
         encoder: EventEncoder,
         secrets: SecretFields,
@@ -194,7 +186,7 @@ impl Processor {
                         format!("connector `{}` is not configured", request.connector),
                     )
                 })?;
-                let http = connector.client.prepare(&request)?;
+                let http = connector.prepare(&request)?;
                 Ok((request, http, connector.clone()))
             });
         match routed {
@@ -247,10 +239,7 @@ impl Processor {
                 http,
                 connector,
             } => {
-                let result = connector
-                    .policy
-                    .run(&connector.client, &self.metrics, request, http)
-                    .await;
+                let result = check(connector, request, http).await;
                 let outcome = if result.outcome.is_ok() {
                     Outcome::Synced
                 } else {
@@ -296,6 +285,23 @@ impl Processor {
             }
         }
     }
+}
+
+/// A status check through a connector's gateway (retries, circuit breaker, rate
+/// limits), then the integrity check of the request's amount, the same for every
+/// connector. Used by the engine and by `paysync check`.
+pub async fn check(
+    gateway: &Gateway,
+    request: &StatusCheckRequest,
+    http: &HttpRequest,
+) -> CheckResult {
+    let mut result = gateway.check(request, http).await;
+    if let Ok(report) = &result.outcome {
+        if let Err(failure) = check_integrity(request, report) {
+            result.outcome = Err(failure);
+        }
+    }
+    result
 }
 
 fn header(name: &str, value: &str) -> RecordHeader {

@@ -2,6 +2,7 @@
 //! server, and the pipeline end to end against a Kafka-protocol broker.
 
 mod connector_http;
+mod connectors;
 mod container;
 mod e2e;
 mod engine;

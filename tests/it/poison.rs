@@ -7,20 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use paysync::codec::avro::decode_event_json;
-use paysync::connectors::client::ConnectorClient;
 use paysync::connectors::cm::CmConnector;
-use paysync::connectors::retry::RetryPolicy;
+use paysync::connectors::gateway::Gateway;
 use paysync::connectors::token::system_clock;
-use paysync::connectors::{Connector, HttpRequest, HttpResponse};
+use paysync::connectors::{AuthScheme, Connector, ErrorBody, HttpRequest, HttpResponse};
 use paysync::demo::simulator::{Latency, SimOptions};
 use paysync::domain::event::CheckFailure;
-use paysync::domain::{StatusCheckRequest, StatusReport};
+use paysync::domain::{PaymentStatus, StatusCheckRequest, StatusReport};
 use paysync::kafka::engine::{create_consumer, Engine, EngineSettings};
 use paysync::kafka::producer::Publisher;
 use paysync::kafka::tools::{committed_offsets, RawProducer, RawRecord};
 use paysync::kafka::{consumer_config, producer_config};
 use paysync::pipeline::ledger::Ledger;
-use paysync::pipeline::process::{record_size, ConnectorRuntime, Processor};
+use paysync::pipeline::process::{record_size, Processor};
 use paysync::telemetry::{sum_metric, Metrics};
 use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path, path_regex};
@@ -207,18 +206,14 @@ impl Connector for PanickyCm {
     fn name(&self) -> &'static str {
         "cm"
     }
-    fn token_request(
-        &self,
-        base_url: &url::Url,
-        account: &paysync::config::Account,
-    ) -> HttpRequest {
-        CmConnector.token_request(base_url, account)
+    fn default_base_url(&self) -> &'static str {
+        CmConnector.default_base_url()
     }
-    fn parse_token(
-        &self,
-        response: &HttpResponse,
-    ) -> Result<paysync::connectors::AccessToken, CheckFailure> {
-        CmConnector.parse_token(response)
+    fn auth(&self) -> AuthScheme {
+        CmConnector.auth()
+    }
+    fn default_payment_method(&self) -> &'static str {
+        CmConnector.default_payment_method()
     }
     fn status_request(
         &self,
@@ -241,8 +236,11 @@ impl Connector for PanickyCm {
         }
         CmConnector.parse_status(request, response)
     }
-    fn error_message(&self, body: &[u8]) -> Option<String> {
-        CmConnector.error_message(body)
+    fn parse_error(&self, body: &[u8]) -> ErrorBody {
+        CmConnector.parse_error(body)
+    }
+    fn is_final(&self, status: PaymentStatus) -> bool {
+        CmConnector.is_final(status)
     }
 }
 
@@ -254,23 +252,18 @@ async fn a_check_that_panics_is_dead_lettered_as_internal_error_and_the_partitio
     let s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
     // The engine wired by hand, as `app::start` does, with the panicking translator.
     let metrics = Arc::new(Metrics::new());
-    let cs = s.connectors["cm"].clone();
-    let client = ConnectorClient::new(
+    let gateway = Gateway::new(
         Arc::new(PanickyCm),
-        cs.clone(),
+        s.connectors["cm"].gateway.clone(),
         metrics.clone(),
         system_clock(),
     )
     .unwrap();
-    let policy = RetryPolicy::new("cm", cs.retry.clone(), &cs.circuit);
     let mut connectors = std::collections::HashMap::new();
-    connectors.insert(
-        "cm".to_owned(),
-        Arc::new(ConnectorRuntime { client, policy }),
-    );
+    connectors.insert("cm".to_owned(), Arc::new(gateway));
     let processor = Arc::new(Processor::new(
         connectors,
-        paysync::codec::DecodeOptions::default(),
+        paysync::codec::DecodeOptions::new("cm", "default"),
         paysync::codec::EventEncoder::new(paysync::codec::WireFormat::SingleObject),
         s.secret_fields(),
         metrics.clone(),
@@ -384,7 +377,11 @@ async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
         .await;
     let extra = "[events]\ninclude_raw_connector = true\n";
     let mut s = settings(broker.bootstrap(), &t, &cm.uri(), extra);
-    s.connectors.get_mut("cm").unwrap().max_response_bytes = 4 * 1024 * 1024;
+    s.connectors
+        .get_mut("cm")
+        .unwrap()
+        .gateway
+        .max_response_bytes = 4 * 1024 * 1024;
     let app = paysync::app::start(s).await.unwrap();
     let producer = RawProducer::new(broker.bootstrap()).unwrap();
     for id in ["huge-1", "small-2"] {
@@ -535,7 +532,7 @@ async fn readyz_fails_while_a_commit_watermark_is_stuck() {
     .await;
     let mut s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
     s.processing.stuck_after = Duration::from_secs(1);
-    s.connectors.get_mut("cm").unwrap().request_timeout = Duration::from_secs(10);
+    s.connectors.get_mut("cm").unwrap().gateway.request_timeout = Duration::from_secs(10);
     let app = paysync::app::start(s).await.unwrap();
     let addr = app.http_addr();
     eventually(WAIT, "ready", || async {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use paysync::config::RegistrySettings;
 use paysync::demo::simulator::SimOptions;
 use paysync::kafka::tools::RawProducer;
-use paysync::registry::{RegistryClient, RegistryError};
+use paysync::schema_registry::{RegistryClient, RegistryError};
 use secrecy::SecretString;
 use wiremock::matchers::{body_string_contains, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use paysync::config::{ConnectorSettings, RateLimit};
-use paysync::connectors::client::ConnectorClient;
-use paysync::connectors::retry::{CheckResult, RetryPolicy};
+use paysync::connectors::gateway::Gateway;
+use paysync::connectors::gateway::{GatewaySettings, RateLimit};
+use paysync::connectors::retry::CheckResult;
 use paysync::domain::{PaymentStatus, StatusCheckRequest, TransactionId};
 use paysync::telemetry::{sum_metric, Metrics};
 use wiremock::matchers::{method, path, path_regex};
@@ -94,13 +94,12 @@ impl Respond for TokenCounter {
 struct Rig {
     server: MockServer,
     metrics: Arc<Metrics>,
-    client: Arc<ConnectorClient>,
-    policy: Arc<RetryPolicy>,
+    client: Arc<Gateway>,
     tokens: Arc<TokenCounter>,
     clock: ManualClock,
 }
 
-async fn rig(script: Arc<Script>, tune: impl FnOnce(&mut ConnectorSettings)) -> Rig {
+async fn rig(script: Arc<Script>, tune: impl FnOnce(&mut GatewaySettings)) -> Rig {
     let server = MockServer::start().await;
     let tokens = Arc::new(TokenCounter(AtomicU64::new(0)));
     Mock::given(method("POST"))
@@ -115,23 +114,17 @@ async fn rig(script: Arc<Script>, tune: impl FnOnce(&mut ConnectorSettings)) -> 
         .respond_with(Shared(script))
         .mount(&server)
         .await;
-    let mut settings = connector_settings(&server.uri());
+    let mut settings = gateway_settings("cm", &server.uri());
     settings.retry.max_attempts = 5;
     settings.circuit.failure_threshold = 5;
     tune(&mut settings);
     let metrics = Arc::new(Metrics::new());
     let clock = ManualClock::new();
-    let policy = Arc::new(RetryPolicy::new(
-        "cm",
-        settings.retry.clone(),
-        &settings.circuit,
-    ));
     let client = Arc::new(cm_client(settings, metrics.clone(), clock.clock()));
     Rig {
         server,
         metrics,
         client,
-        policy,
         tokens,
         clock,
     }
@@ -149,16 +142,12 @@ impl Rig {
     /// Runs one check per id, all concurrently.
     async fn check_all(&self, ids: &[String]) -> Vec<CheckResult> {
         let futures = ids.iter().map(|id| {
-            let (client, policy, metrics) = (
-                self.client.clone(),
-                self.policy.clone(),
-                self.metrics.clone(),
-            );
+            let client = self.client.clone();
             let req =
                 StatusCheckRequest::new(TransactionId::parse(id).unwrap(), "cm", "default", id);
             async move {
                 let http = client.prepare(&req).unwrap();
-                policy.run(&client, &metrics, &req, &http).await
+                client.check(&req, &http).await
             }
         });
         futures::future::join_all(futures).await
@@ -321,13 +310,8 @@ async fn a_revoked_token_with_many_calls_in_flight_is_refreshed_once() {
         .respond_with(Auth(flag))
         .mount(&server)
         .await;
-    let settings = connector_settings(&server.uri());
+    let settings = gateway_settings("cm", &server.uri());
     let metrics = Arc::new(Metrics::new());
-    let policy = Arc::new(RetryPolicy::new(
-        "cm",
-        settings.retry.clone(),
-        &settings.circuit,
-    ));
     let client = Arc::new(cm_client(
         settings,
         metrics.clone(),
@@ -337,7 +321,6 @@ async fn a_revoked_token_with_many_calls_in_flight_is_refreshed_once() {
         server,
         metrics,
         client,
-        policy,
         tokens,
         clock: ManualClock::new(),
     };
@@ -394,7 +377,7 @@ async fn an_outage_longer_than_the_retry_budget_produces_no_error_results() {
     );
     assert_all_charged(&results, 30);
     assert!(watch.await.unwrap(), "the circuit opened during the outage");
-    assert!(!r.policy.breaker().is_open(), "and closed after it");
+    assert!(!r.client.breaker().is_open(), "and closed after it");
     // While open, calls were held back: far fewer than 30 requests retrying freely.
     let during = script.total() - 30;
     assert!(

@@ -4,23 +4,31 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use paysync::config::{Account, CircuitSettings, ConnectorSettings, RetrySettings};
-use paysync::connectors::client::ConnectorClient;
+use paysync::connectors::auth::Account;
+use paysync::connectors::breaker::BreakerSettings;
+use paysync::connectors::gateway::{Gateway, GatewaySettings};
 use paysync::connectors::registry;
+use paysync::connectors::retry::RetrySettings;
 use paysync::connectors::token::Clock;
 use paysync::telemetry::Metrics;
 use url::Url;
 
 pub const CLIENT_ID: &str = "shop-client";
 pub const CLIENT_SECRET: &str = "cs_live_DO_NOT_LEAK_42";
+pub const API_KEY: &str = "live_DO_NOT_LEAK_api_key_42";
 
-pub fn connector_settings(base: &str) -> ConnectorSettings {
+/// Gateway settings for a connector at `base` with one `default` account of its
+/// scheme, short timeouts and quick retries.
+pub fn gateway_settings(connector: &str, base: &str) -> GatewaySettings {
     let mut accounts = BTreeMap::new();
-    accounts.insert(
-        "default".to_string(),
-        Account::new(CLIENT_ID, CLIENT_SECRET),
-    );
-    ConnectorSettings {
+    let account = match registry::get(connector).unwrap().auth() {
+        paysync::connectors::AuthScheme::OAuth2ClientCredentials(_) => {
+            Account::client_credentials(CLIENT_ID, CLIENT_SECRET)
+        }
+        paysync::connectors::AuthScheme::BearerApiKey => Account::api_key(API_KEY),
+    };
+    accounts.insert("default".to_string(), account);
+    GatewaySettings {
         base_url: Url::parse(base).unwrap(),
         connect_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_millis(500),
@@ -33,7 +41,7 @@ pub fn connector_settings(base: &str) -> ConnectorSettings {
             max_elapsed: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(2),
         },
-        circuit: CircuitSettings {
+        circuit: BreakerSettings {
             failure_threshold: 4,
             cooldown: Duration::from_millis(100),
             max_cooldown: Duration::from_millis(400),
@@ -60,21 +68,18 @@ impl ManualClock {
     }
 }
 
-pub fn cm_client(
-    settings: ConnectorSettings,
-    metrics: Arc<Metrics>,
-    clock: Clock,
-) -> ConnectorClient {
-    ConnectorClient::new(registry::get("cm").unwrap(), settings, metrics, clock).unwrap()
+pub fn cm_client(settings: GatewaySettings, metrics: Arc<Metrics>, clock: Clock) -> Gateway {
+    Gateway::new(registry::get("cm").unwrap(), settings, metrics, clock).unwrap()
 }
 
 // ---- end-to-end harness ------------------------------------------------------------
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 
 use paysync::config::Settings;
-use paysync::demo::simulator::{SimOptions, Simulator, SIM_CLIENT_ID, SIM_CLIENT_SECRET};
+use paysync::demo::simulator::{SimOptions, Simulator};
+pub use paysync::demo::stack::{free_addr, Topics};
+use paysync::demo::stack::{PaysyncProcess, StackSettings};
 use paysync::kafka::admin::create_topics;
 use paysync::kafka::tools::{MockBroker, RawRecord, TopicReader};
 
@@ -85,16 +90,6 @@ pub struct Broker {
     mock: Option<MockBroker>,
 }
 
-/// Topic names unique to one test.
-#[derive(Clone, Debug)]
-pub struct Topics {
-    pub input: String,
-    pub output: String,
-    pub dlq: String,
-    pub group: String,
-    pub partitions: i32,
-}
-
 impl Broker {
     pub fn new() -> Broker {
         match std::env::var("PAYSYNC_TEST_BROKERS") {
@@ -102,13 +97,7 @@ impl Broker {
                 bootstrap: b,
                 mock: None,
             },
-            _ => {
-                let mock = MockBroker::start(&[]).unwrap();
-                Broker {
-                    bootstrap: mock.bootstrap(),
-                    mock: Some(mock),
-                }
-            }
+            _ => Broker::mock(),
         }
     }
 
@@ -135,27 +124,16 @@ impl Broker {
         &self.bootstrap
     }
 
+    /// Unique topics for one test, created on the broker.
     pub async fn topics(&self, test: &str, partitions: i32) -> Topics {
-        let tag = format!("{test}-{}", fastrand::u32(..));
-        let t = Topics {
-            input: format!("{tag}.requests"),
-            output: format!("{tag}.events"),
-            dlq: format!("{tag}.requests.dlq"),
-            group: format!("{tag}.group"),
-            partitions,
-        };
-        let list = [
-            (t.input.as_str(), partitions),
-            (t.output.as_str(), partitions),
-            (t.dlq.as_str(), 1),
-        ];
+        let t = Topics::unique(test, partitions);
         match &self.mock {
             Some(m) => {
-                for (name, p) in list {
+                for (name, p) in t.specs() {
                     m.create_topic(name, p).unwrap();
                 }
             }
-            None => create_topics(&self.bootstrap, &list).await.unwrap(),
+            None => create_topics(&self.bootstrap, &t.specs()).await.unwrap(),
         }
         t
     }
@@ -167,12 +145,7 @@ pub async fn simulator(options: SimOptions) -> Simulator {
         .unwrap()
 }
 
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// Settings TOML for a test instance.
+/// Settings TOML for a test instance (the shared local-stack settings).
 pub fn settings_toml(
     brokers: &str,
     t: &Topics,
@@ -180,40 +153,14 @@ pub fn settings_toml(
     listen: SocketAddr,
     extra: &str,
 ) -> String {
-    format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-input_topic = "{input}"
-output_topic = "{output}"
-dead_letter_topic = "{dlq}"
-commit_interval = "200ms"
-[kafka.consumer]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
-[http]
-listen = "{listen}"
-[log]
-level = "warn"
-[processing]
-shutdown_timeout = "10s"
-[connectors.cm]
-base_url = "{base_url}"
-request_timeout = "2s"
-[connectors.cm.retry]
-initial_backoff = "20ms"
-max_backoff = "200ms"
-[connectors.cm.accounts.default]
-client_id = "{SIM_CLIENT_ID}"
-client_secret = "{SIM_CLIENT_SECRET}"
-{extra}
-"#,
-        group = t.group,
-        input = t.input,
-        output = t.output,
-        dlq = t.dlq,
-    )
+    StackSettings {
+        brokers,
+        topics: t,
+        simulator: base_url,
+        listen,
+        extra,
+    }
+    .toml()
 }
 
 pub fn settings(brokers: &str, t: &Topics, base_url: &str, extra: &str) -> Settings {
@@ -258,11 +205,20 @@ pub async fn read_outputs_settled(
     .unwrap()
 }
 
-/// The paysync binary as a child process.
-pub struct Process {
-    pub child: Child,
-    pub http: SocketAddr,
-    _dir: tempfile::TempDir,
+/// The paysync binary as a child process (the shared [`PaysyncProcess`]).
+pub struct Process(PaysyncProcess);
+
+impl std::ops::Deref for Process {
+    type Target = PaysyncProcess;
+    fn deref(&self) -> &PaysyncProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut PaysyncProcess {
+        &mut self.0
+    }
 }
 
 impl Process {
@@ -281,36 +237,12 @@ impl Process {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Process {
-        let dir = tempfile::tempdir().unwrap();
         let http = free_addr();
-        let path = dir.path().join("paysync.toml");
-        std::fs::write(&path, settings_toml(brokers, t, base_url, http, extra)).unwrap();
-        let log = std::fs::File::create(dir.path().join("paysync.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_paysync"))
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .env("PAYSYNC_LOG__FORMAT", "json")
-            .env("PAYSYNC_LOG__LEVEL", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Process {
-            child,
-            http,
-            _dir: dir,
-        }
-    }
-
-    /// The settings file the process runs with.
-    pub fn config(&self) -> std::path::PathBuf {
-        self._dir.path().join("paysync.toml")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("paysync.log")).unwrap_or_default()
+        let toml = settings_toml(brokers, t, base_url, http, extra);
+        Process(
+            PaysyncProcess::spawn(env!("CARGO_BIN_EXE_paysync").as_ref(), &toml, http, env)
+                .unwrap(),
+        )
     }
 
     pub async fn wait_ready(&self, timeout: Duration) {
@@ -337,35 +269,18 @@ impl Process {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        assert!(self.0.signal(signal), "kill -{signal} failed");
     }
 
     /// Waits for the exit status (blocking, bounded).
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        match self.0.wait_exit(timeout) {
+            Some(status) => status,
+            None => panic!(
                 "paysync did not exit within {timeout:?}; log:\n{}",
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            ),
         }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -39,6 +39,9 @@ pub enum RegistryError {
         /// Message.
         message: String,
     },
+    /// The HTTP client could not be built (TLS backend).
+    #[error("cannot build the schema registry client: {0}")]
+    Client(String),
     /// Not reachable (after retries).
     #[error("schema registry at {url} is unreachable: {message}")]
     Unreachable {
@@ -79,13 +82,13 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     /// A client for these settings.
-    pub fn new(settings: RegistrySettings) -> Result<Self, String> {
+    pub fn new(settings: RegistrySettings) -> Result<Self, RegistryError> {
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| format!("cannot build registry client: {e}"))?;
+            .map_err(|e| RegistryError::Client(e.to_string()))?;
         Ok(RegistryClient { http, settings })
     }
 

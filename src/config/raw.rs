@@ -1,0 +1,327 @@
+//! The settings as written: one struct per TOML section, every field optional in
+//! the file, and **every default in one place**: the `Default` impls below (the
+//! README's configuration table lists the same values). `deny_unknown_fields`
+//! everywhere, so a typo is an error, not a silently ignored key. Durations are
+//! deserialized directly (`"10s"`, `"250ms"`); bounds are checked in `validate.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The connector used when a request names none.
+pub const DEFAULT_CONNECTOR: &str = "cm";
+
+/// Accepts strings, numbers and booleans as a string: environment overrides are
+/// parsed like TOML, so `PAYSYNC_KAFKA__GROUP_ID=123` arrives as a number.
+pub(super) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+fn lenient_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    struct V(#[serde(deserialize_with = "lenient_string")] String);
+    let m = BTreeMap::<String, V>::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, V(v))| (k, v)).collect())
+}
+
+fn opt_lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    lenient_string(d).map(Some)
+}
+
+/// A secret as written in the file: inline, `{ env = "VAR" }` or `{ file = "/path" }`.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum SecretSource {
+    /// Read from an environment variable at start-up.
+    Env {
+        /// Variable name.
+        env: String,
+    },
+    /// Read from a file at start-up (trailing newline trimmed).
+    File {
+        /// File path.
+        file: PathBuf,
+    },
+    /// Written inline (or given as an environment override).
+    Inline(#[serde(deserialize_with = "lenient_string")] String),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Env { env } => write!(f, "Env({env})"),
+            SecretSource::File { file } => write!(f, "File({})", file.display()),
+            SecretSource::Inline(_) => f.write_str("********"),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawSettings {
+    pub kafka: RawKafka,
+    pub schema_registry: Option<RawRegistry>,
+    pub processing: RawProcessing,
+    pub http: RawHttp,
+    pub events: RawEvents,
+    pub log: RawLog,
+    pub connectors: BTreeMap<String, RawConnector>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawKafka {
+    #[serde(deserialize_with = "lenient_string")]
+    pub brokers: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub group_id: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub input_topic: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub output_topic: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub dead_letter_topic: String,
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    #[serde(deserialize_with = "lenient_map")]
+    pub common: BTreeMap<String, String>,
+    #[serde(deserialize_with = "lenient_map")]
+    pub consumer: BTreeMap<String, String>,
+    #[serde(deserialize_with = "lenient_map")]
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for RawKafka {
+    fn default() -> Self {
+        RawKafka {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "paysync".into(),
+            input_topic: "payment-status-requests".into(),
+            output_topic: "payment-status-events".into(),
+            dead_letter_topic: "payment-status-requests.dlq".into(),
+            commit_interval: Duration::from_secs(1),
+            common: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRegistry {
+    #[serde(deserialize_with = "lenient_string")]
+    pub url: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    #[serde(default = "yes")]
+    pub auto_register: bool,
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawProcessing {
+    pub max_in_flight: i64,
+    pub max_queued_per_key: i64,
+    pub max_request_bytes: i64,
+    pub accepted_schema_ids: Vec<i64>,
+    #[serde(deserialize_with = "lenient_string")]
+    pub default_connector: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub default_merchant: String,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
+}
+
+impl Default for RawProcessing {
+    fn default() -> Self {
+        RawProcessing {
+            max_in_flight: 256,
+            max_queued_per_key: 16,
+            max_request_bytes: 64 * 1024,
+            accepted_schema_ids: Vec::new(),
+            default_connector: DEFAULT_CONNECTOR.into(),
+            default_merchant: "default".into(),
+            shutdown_timeout: Duration::from_secs(30),
+            stuck_after: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHttp {
+    #[serde(deserialize_with = "lenient_string")]
+    pub listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawEvents {
+    pub include_metadata: bool,
+    pub include_raw_connector: bool,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLog {
+    #[serde(deserialize_with = "lenient_string")]
+    pub format: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "auto".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// One `[connectors.<name>]` table. Its accounts are parsed by the connector's
+/// auth scheme (see `validate.rs`), so they stay untyped here.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConnector {
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub base_url: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub token_refresh_margin: Duration,
+    pub max_response_bytes: i64,
+    pub retry: RawRetry,
+    pub circuit: RawCircuit,
+    pub rate_limit: Option<RawRateLimit>,
+    pub accounts: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for RawConnector {
+    fn default() -> Self {
+        RawConnector {
+            base_url: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            token_refresh_margin: Duration::from_secs(60),
+            max_response_bytes: 1024 * 1024,
+            retry: RawRetry::default(),
+            circuit: RawCircuit::default(),
+            rate_limit: None,
+            accounts: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRetry {
+    pub max_attempts: i64,
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_elapsed: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            max_elapsed: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCircuit {
+    pub failure_threshold: i64,
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for RawCircuit {
+    fn default() -> Self {
+        RawCircuit {
+            failure_threshold: 5,
+            cooldown: Duration::from_secs(5),
+            max_cooldown: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    pub requests_per_second: i64,
+    #[serde(default)]
+    pub burst: Option<i64>,
+}
+
+/// An account of an OAuth2 client-credentials connector.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClientCredentialsAccount {
+    #[serde(deserialize_with = "lenient_string")]
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    #[serde(default)]
+    pub requests_per_second: Option<i64>,
+}
+
+/// An account of a static-API-key connector.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApiKeyAccount {
+    pub api_key: SecretSource,
+    #[serde(default)]
+    pub requests_per_second: Option<i64>,
+}

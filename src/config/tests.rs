@@ -1,0 +1,252 @@
+//! Loading and validation: defaults, overrides, secrets, and errors that name the key.
+
+use super::*;
+use crate::connectors::auth::Credentials;
+
+/// The client credentials of a configured account.
+fn cc<'a>(
+    s: &'a Settings,
+    connector: &str,
+    account: &str,
+) -> &'a crate::connectors::ClientCredentials {
+    match &s.connectors[connector].gateway.accounts[account].credentials {
+        Credentials::ClientCredentials(c) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
+const MINIMAL: &str = r#"
+[connectors.cm.accounts.default]
+client_id = "shop"
+client_secret = "s3cr3t-inline"
+"#;
+
+fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("paysync.toml");
+    std::fs::write(&path, toml).unwrap();
+    Settings::load(&Sources {
+        file: Some(path),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+}
+
+#[test]
+fn defaults_apply() {
+    let s = load(MINIMAL, &[]).unwrap();
+    assert_eq!(s.kafka.input_topic, "payment-status-requests");
+    assert_eq!(s.kafka.output_topic, "payment-status-events");
+    assert_eq!(s.kafka.dead_letter_topic, "payment-status-requests.dlq");
+    assert_eq!(s.processing.max_in_flight, 256);
+    assert_eq!(s.http.listen.port(), 9464);
+    let cm = &s.connectors["cm"].gateway;
+    assert_eq!(cm.base_url.as_str(), "https://api.pay.cm.com/");
+    assert_eq!(cm.request_timeout, Duration::from_secs(10));
+    assert_eq!(cc(&s, "cm", "default").client_id, "shop");
+    assert_eq!(s.processing.stuck_after, Duration::from_secs(300));
+    assert_eq!(s.kafka.max_record_bytes, 1_000_000);
+    assert!(s.schema_registry.is_none());
+}
+
+#[test]
+fn env_overrides_win_and_nest() {
+    let s = load(
+        MINIMAL,
+        &[
+            ("PAYSYNC_KAFKA__BROKERS", "b1:9092,b2:9092"),
+            ("PAYSYNC_KAFKA__GROUP_ID", "123"),
+            ("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "1000"),
+            ("PAYSYNC_CONNECTORS__CM__REQUEST_TIMEOUT", "250ms"),
+            ("PAYSYNC_CONNECTORS__CM__ACCOUNTS__SHOP2__CLIENT_ID", "id2"),
+            (
+                "PAYSYNC_CONNECTORS__CM__ACCOUNTS__SHOP2__CLIENT_SECRET",
+                "sec2",
+            ),
+            ("PAYSYNC_KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
+            ("PAYSYNC_CONFIG", "/ignored"),
+            ("OTHER__VAR", "x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.kafka.brokers, "b1:9092,b2:9092");
+    assert_eq!(s.kafka.group_id, "123");
+    assert_eq!(s.processing.max_in_flight, 1000);
+    assert_eq!(
+        s.connectors["cm"].gateway.request_timeout,
+        Duration::from_millis(250)
+    );
+    assert_eq!(cc(&s, "cm", "shop2").secret(), "sec2");
+    assert_eq!(s.kafka.consumer.0["session.timeout.ms"], "6000");
+}
+
+#[test]
+fn secrets_from_env_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "from-file\n").unwrap();
+    // The variable is set for this process only; its name is unique to this test.
+    std::env::set_var("PAYSYNC_TEST_SECRET_FROM_ENV", "from-env");
+    let toml = format!(
+        r#"
+[connectors.cm.accounts.a]
+client_id = "a"
+client_secret = {{ env = "PAYSYNC_TEST_SECRET_FROM_ENV" }}
+[connectors.cm.accounts.b]
+client_id = "b"
+client_secret = {{ file = "{}" }}
+"#,
+        secret_file.display()
+    );
+    let s = Settings::from_toml(&toml).unwrap();
+    assert_eq!(cc(&s, "cm", "a").secret(), "from-env");
+    assert_eq!(cc(&s, "cm", "b").secret(), "from-file");
+    let missing = Settings::from_toml(
+        "[connectors.cm.accounts.a]\nclient_id = \"a\"\nclient_secret = { env = \"PAYSYNC_TEST_SURELY_UNSET_VAR\" }\n",
+    )
+    .unwrap_err();
+    assert_eq!(missing.key, "connectors.cm.accounts.a.client_secret");
+}
+
+#[test]
+fn errors_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[processing]\nmax_in_flight = 0\n",
+            "processing.max_in_flight",
+        ),
+        (
+            "[processing]\nmax_in_flight = \"many\"\n",
+            "processing.max_in_flight",
+        ),
+        (
+            "[kafka]\ncommit_interval = \"soon\"\n",
+            "kafka.commit_interval",
+        ),
+        (
+            "[kafka]\noutput_topic = \"bad topic\"\n",
+            "kafka.output_topic",
+        ),
+        ("[kafka]\nbrokrs = \"x\"\n", "kafka"),
+        ("[http]\nlisten = \"nowhere\"\n", "http.listen"),
+        (
+            "[connectors.cm]\nbase_url = \"ftp://x\"\n",
+            "connectors.cm.base_url",
+        ),
+        (
+            "[connectors.cm]\nbase_url = \"https://user:pw@x\"\n",
+            "connectors.cm.base_url",
+        ),
+        (
+            "[connectors.cm]\nrequest_timeout = \"0s\"\n",
+            "connectors.cm.request_timeout",
+        ),
+        (
+            "[connectors.cm.circuit]\nfailure_threshold = 6\n",
+            "connectors.cm.circuit.failure_threshold",
+        ),
+        (
+            "[connectors.cm.rate_limit]\nrequests_per_second = 0\n",
+            "connectors.cm.rate_limit.requests_per_second",
+        ),
+        (
+            "[connectors.cm.accounts.x]\nclient_id = \"a\"\nclient_secret = \"b\"\nrequests_per_second = -1\n",
+            "connectors.cm.accounts.x.requests_per_second",
+        ),
+        (
+            "[connectors.nope]\nbase_url = \"https://x\"\n",
+            "connectors.nope",
+        ),
+        ("[log]\nformat = \"xml\"\n", "log.format"),
+        (
+            "[schema_registry]\nurl = \"not a url\"\n",
+            "schema_registry.url",
+        ),
+        (
+            "[kafka.producer]\nacks = \"0\"\n",
+            "kafka.producer.\"acks\"",
+        ),
+        (
+            "[kafka.producer]\n\"request.required.acks\" = \"1\"\n",
+            "kafka.producer.\"request.required.acks\"",
+        ),
+        (
+            "[kafka.common]\nacks = \"1\"\n",
+            "kafka.common.\"acks\"",
+        ),
+        (
+            "[kafka.producer]\n\"enable.idempotence\" = \"false\"\n",
+            "kafka.producer.\"enable.idempotence\"",
+        ),
+        (
+            "[kafka.producer]\n\"message.max.bytes\" = \"lots\"\n",
+            "kafka.producer.\"message.max.bytes\"",
+        ),
+        (
+            "[kafka.producer]\n\"message.max.bytes\" = \"70000\"\n",
+            "processing.max_request_bytes",
+        ),
+        (
+            "[processing]\nmax_request_bytes = 990000\n",
+            "processing.max_request_bytes",
+        ),
+        (
+            "[processing]\nshutdown_timeout = \"30d\"\n",
+            "processing.shutdown_timeout",
+        ),
+        (
+            "[processing]\naccepted_schema_ids = [-1]\n",
+            "processing.accepted_schema_ids",
+        ),
+    ];
+    for (extra, key) in cases {
+        let err = load(&format!("{MINIMAL}\n{extra}"), &[]).unwrap_err();
+        assert!(
+            err.key.starts_with(key),
+            "{extra:?}: got key {:?} ({})",
+            err.key,
+            err.message
+        );
+    }
+    let err = load("", &[]).unwrap_err();
+    assert_eq!(err.key, "connectors.cm");
+    let err = load("[connectors.cm]\nrequest_timeout = \"1s\"\n", &[]).unwrap_err();
+    assert_eq!(err.key, "connectors.cm.accounts");
+    let err = load("[connectors.cm.accounts.default]\napi_key = \"k\"\n", &[]).unwrap_err();
+    assert_eq!(err.key, "connectors.cm.accounts.default");
+    assert!(
+        err.message.contains("client_id, client_secret"),
+        "{}",
+        err.message
+    );
+    // The producer section wins over the common one; all and -1 are fine.
+    let ok = load(
+        &format!("{MINIMAL}\n[kafka.common]\nacks = \"1\"\n[kafka.producer]\nacks = \"-1\"\n\"message.max.bytes\" = \"2000000\"\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(ok.kafka.max_record_bytes, 2_000_000);
+    let err = load(MINIMAL, &[("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "-5")]).unwrap_err();
+    assert_eq!(err.key, "processing.max_in_flight");
+}
+
+#[test]
+fn secrets_never_print() {
+    let s = load(
+        &format!(
+            "{MINIMAL}\n[kafka.common]\n\"sasl.password\" = \"kafka-pw\"\n[schema_registry]\nurl = \"http://r:8081\"\nusername = \"u\"\npassword = \"reg-pw\"\n"
+        ),
+        &[],
+    )
+    .unwrap();
+    let shown = format!("{s:?}\n{}", s.to_masked_toml());
+    for secret in ["s3cr3t-inline", "kafka-pw", "reg-pw"] {
+        assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
+    }
+    assert!(s.to_masked_toml().contains("client_secret = \"********\""));
+    assert!(s
+        .to_masked_toml()
+        .contains("\"sasl.password\" = \"********\""));
+}

@@ -1,0 +1,457 @@
+//! From the file as written to typed, checked settings, section by section. Every
+//! error names its key.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+use super::raw::{
+    RawApiKeyAccount, RawClientCredentialsAccount, RawConnector, RawKafka, RawProcessing,
+    RawRegistry, RawSettings, SecretSource,
+};
+use super::{
+    ConfigError, ConnectorSettings, EventSettings, HttpSettings, KafkaProperties, KafkaSettings,
+    LogFormat, LogSettings, ProcessingSettings, RegistrySettings, Settings, DEAD_LETTER_RESERVE,
+};
+use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credentials};
+use crate::connectors::breaker::BreakerSettings;
+use crate::connectors::gateway::{GatewaySettings, RateLimit};
+use crate::connectors::registry;
+use crate::connectors::retry::RetrySettings;
+
+/// The longest duration any setting accepts: durations are added to `Instant`s,
+/// and a bound keeps that arithmetic far from overflow whatever a file says.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+type Env<'a> = &'a [(String, String)];
+
+fn duration(key: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::new(key, "must be greater than zero"));
+    }
+    if d > MAX_DURATION {
+        return Err(ConfigError::new(key, "must be at most 7 days"));
+    }
+    Ok(d)
+}
+
+fn bounded(key: &str, v: i64, min: i64, max: i64) -> Result<usize, ConfigError> {
+    if v < min || v > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be between {min} and {max}, got {v}"),
+        ));
+    }
+    usize::try_from(v).map_err(|_| ConfigError::new(key, "out of range"))
+}
+
+fn bounded_u32(key: &str, v: i64, min: u32, max: u32) -> Result<u32, ConfigError> {
+    bounded(key, v, i64::from(min), i64::from(max)).map(|n| n as u32)
+}
+
+fn topic(key: &str, name: &str) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(ConfigError::new(
+            key,
+            format!("`{name}` is not a valid Kafka topic name"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn non_empty(key: &str, v: &str) -> Result<String, ConfigError> {
+    if v.trim().is_empty() {
+        return Err(ConfigError::new(key, "must not be empty"));
+    }
+    Ok(v.to_owned())
+}
+
+fn http_url(key: &str, raw: &str) -> Result<Url, ConfigError> {
+    let url =
+        Url::parse(raw).map_err(|e| ConfigError::new(key, format!("`{raw}` is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::new(key, "must be an http or https URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            key,
+            "must not contain credentials; use the account settings",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::new(key, "must not have a query or fragment"));
+    }
+    Ok(url)
+}
+
+fn secret(key: &str, source: &SecretSource, env: Env<'_>) -> Result<SecretString, ConfigError> {
+    let value = match source {
+        SecretSource::Inline(s) => s.clone(),
+        SecretSource::Env { env: var } => env
+            .iter()
+            .find(|(k, _)| k == var)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| {
+                ConfigError::new(key, format!("environment variable `{var}` is not set"))
+            })?,
+        SecretSource::File { file } => std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(key, format!("cannot read `{}`: {e}", file.display())))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+    };
+    if value.is_empty() {
+        return Err(ConfigError::new(key, "is empty"));
+    }
+    Ok(SecretString::from(value))
+}
+
+/// The producer settings at-least-once delivery depends on: a value that voids
+/// it is refused, naming where it was set. Returns the record size limit.
+fn producer_guarantees(kafka: &KafkaSettings) -> Result<usize, ConfigError> {
+    // The producer section wins over the common one, as when the clients are built.
+    let find = |name: &str| {
+        kafka
+            .producer
+            .0
+            .get(name)
+            .map(|v| (format!("kafka.producer.\"{name}\""), v))
+            .or_else(|| {
+                kafka
+                    .common
+                    .0
+                    .get(name)
+                    .map(|v| (format!("kafka.common.\"{name}\""), v))
+            })
+    };
+    for name in [
+        "acks",
+        "request.required.acks",
+        "topic.request.required.acks",
+    ] {
+        if let Some((key, v)) = find(name) {
+            if !matches!(v.trim().to_ascii_lowercase().as_str(), "all" | "-1") {
+                return Err(ConfigError::new(
+                    key,
+                    format!("`{v}` voids at-least-once delivery: an input offset is committed once its event is acknowledged, which means something only with acks=all (or -1)"),
+                ));
+            }
+        }
+    }
+    if let Some((key, v)) = find("enable.idempotence") {
+        if !matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1") {
+            return Err(ConfigError::new(
+                key,
+                format!("`{v}`: the idempotent producer is required (without it a retried publish can duplicate or reorder events)"),
+            ));
+        }
+    }
+    match find("message.max.bytes") {
+        None => Ok(1_000_000),
+        Some((key, v)) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1000..=1_000_000_000).contains(n))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    key,
+                    format!("`{v}` is not a size between 1000 and 1000000000 bytes"),
+                )
+            }),
+    }
+}
+
+fn kafka(k: RawKafka) -> Result<KafkaSettings, ConfigError> {
+    let mut kafka = KafkaSettings {
+        brokers: non_empty("kafka.brokers", &k.brokers)?,
+        group_id: non_empty("kafka.group_id", &k.group_id)?,
+        input_topic: topic("kafka.input_topic", &k.input_topic)?,
+        output_topic: topic("kafka.output_topic", &k.output_topic)?,
+        dead_letter_topic: topic("kafka.dead_letter_topic", &k.dead_letter_topic)?,
+        commit_interval: duration("kafka.commit_interval", k.commit_interval)?,
+        common: KafkaProperties(k.common),
+        consumer: KafkaProperties(k.consumer),
+        producer: KafkaProperties(k.producer),
+        max_record_bytes: 0,
+    };
+    if kafka.output_topic == kafka.input_topic || kafka.dead_letter_topic == kafka.input_topic {
+        return Err(ConfigError::new(
+            "kafka.output_topic",
+            "the output and dead-letter topics must differ from the input topic",
+        ));
+    }
+    kafka.max_record_bytes = producer_guarantees(&kafka)?;
+    Ok(kafka)
+}
+
+fn schema_registry(
+    r: RawRegistry,
+    output_topic: &str,
+    env: Env<'_>,
+) -> Result<RegistrySettings, ConfigError> {
+    Ok(RegistrySettings {
+        url: http_url("schema_registry.url", &r.url)?,
+        username: r.username,
+        password: r
+            .password
+            .map(|p| secret("schema_registry.password", &p, env))
+            .transpose()?,
+        auto_register: r.auto_register,
+        subject: r.subject.unwrap_or_else(|| format!("{output_topic}-value")),
+    })
+}
+
+fn processing(p: RawProcessing, kafka: &KafkaSettings) -> Result<ProcessingSettings, ConfigError> {
+    let processing = ProcessingSettings {
+        max_in_flight: bounded("processing.max_in_flight", p.max_in_flight, 1, 100_000)?,
+        max_queued_per_key: bounded(
+            "processing.max_queued_per_key",
+            p.max_queued_per_key,
+            1,
+            100_000,
+        )?,
+        max_request_bytes: bounded(
+            "processing.max_request_bytes",
+            p.max_request_bytes,
+            64,
+            16 * 1024 * 1024,
+        )?,
+        accepted_schema_ids: p
+            .accepted_schema_ids
+            .iter()
+            .map(|id| bounded_u32("processing.accepted_schema_ids", *id, 0, i32::MAX as u32))
+            .collect::<Result<_, _>>()?,
+        default_connector: non_empty("processing.default_connector", &p.default_connector)?,
+        default_merchant: non_empty("processing.default_merchant", &p.default_merchant)?,
+        shutdown_timeout: duration("processing.shutdown_timeout", p.shutdown_timeout)?,
+        stuck_after: duration("processing.stuck_after", p.stuck_after)?,
+    };
+    if processing.max_request_bytes + DEAD_LETTER_RESERVE > kafka.max_record_bytes {
+        return Err(ConfigError::new(
+            "processing.max_request_bytes",
+            format!(
+                "{} bytes plus {DEAD_LETTER_RESERVE} for a dead letter's key and headers exceed the producer's message.max.bytes ({}): a rejected request could not be dead-lettered whole",
+                processing.max_request_bytes, kafka.max_record_bytes
+            ),
+        ));
+    }
+    Ok(processing)
+}
+
+/// One account, parsed by the credential shape of the connector's auth scheme.
+fn account(
+    key: &str,
+    scheme: AuthScheme,
+    raw: serde_json::Value,
+    env: Env<'_>,
+) -> Result<Account, ConfigError> {
+    let shape = |e: serde_json::Error| {
+        ConfigError::new(
+            key,
+            format!(
+                "{e} (this connector's accounts take {})",
+                scheme.account_fields().join(", ")
+            ),
+        )
+    };
+    let rps = |v: Option<i64>| {
+        v.map(|r| bounded_u32(&format!("{key}.requests_per_second"), r, 1, 1_000_000))
+            .transpose()
+    };
+    match scheme {
+        AuthScheme::OAuth2ClientCredentials(_) => {
+            let a: RawClientCredentialsAccount = serde_json::from_value(raw).map_err(shape)?;
+            Ok(Account {
+                credentials: Credentials::ClientCredentials(ClientCredentials {
+                    client_id: non_empty(&format!("{key}.client_id"), &a.client_id)?,
+                    client_secret: secret(&format!("{key}.client_secret"), &a.client_secret, env)?,
+                }),
+                requests_per_second: rps(a.requests_per_second)?,
+            })
+        }
+        AuthScheme::BearerApiKey => {
+            let a: RawApiKeyAccount = serde_json::from_value(raw).map_err(shape)?;
+            Ok(Account {
+                credentials: Credentials::ApiKey {
+                    api_key: secret(&format!("{key}.api_key"), &a.api_key, env)?,
+                },
+                requests_per_second: rps(a.requests_per_second)?,
+            })
+        }
+    }
+}
+
+fn connector(name: &str, c: RawConnector, env: Env<'_>) -> Result<ConnectorSettings, ConfigError> {
+    let key = |k: &str| format!("connectors.{name}.{k}");
+    let Some(translator) = registry::get(name) else {
+        return Err(ConfigError::new(
+            format!("connectors.{name}"),
+            format!("unknown connector; known: {}", registry::names().join(", ")),
+        ));
+    };
+    let base_url = http_url(
+        &key("base_url"),
+        c.base_url
+            .as_deref()
+            .unwrap_or(translator.default_base_url()),
+    )?;
+    let scheme = translator.auth();
+    let mut accounts = BTreeMap::new();
+    for (merchant, raw) in c.accounts {
+        let a = account(&key(&format!("accounts.{merchant}")), scheme, raw, env)?;
+        accounts.insert(merchant, a);
+    }
+    if accounts.is_empty() {
+        return Err(ConfigError::new(
+            key("accounts"),
+            format!(
+                "at least one account is required, e.g. [connectors.{name}.accounts.default] with {}",
+                scheme.account_fields().join(" and ")
+            ),
+        ));
+    }
+    let r = c.retry;
+    let retry = RetrySettings {
+        max_attempts: bounded_u32(&key("retry.max_attempts"), r.max_attempts, 1, 100)?,
+        initial_backoff: duration(&key("retry.initial_backoff"), r.initial_backoff)?,
+        max_backoff: duration(&key("retry.max_backoff"), r.max_backoff)?,
+        max_elapsed: duration(&key("retry.max_elapsed"), r.max_elapsed)?,
+        max_retry_after: duration(&key("retry.max_retry_after"), r.max_retry_after)?,
+    };
+    let circuit = BreakerSettings {
+        failure_threshold: bounded_u32(
+            &key("circuit.failure_threshold"),
+            c.circuit.failure_threshold,
+            1,
+            1000,
+        )?,
+        cooldown: duration(&key("circuit.cooldown"), c.circuit.cooldown)?,
+        max_cooldown: duration(&key("circuit.max_cooldown"), c.circuit.max_cooldown)?,
+    };
+    if circuit.failure_threshold > retry.max_attempts {
+        return Err(ConfigError::new(
+            key("circuit.failure_threshold"),
+            format!(
+                "must be at most retry.max_attempts ({}): otherwise a lone request could exhaust its retries during an outage before the circuit opens, and publish an error event",
+                retry.max_attempts
+            ),
+        ));
+    }
+    let rate_limit = match c.rate_limit {
+        None => None,
+        Some(r) => {
+            let rps = bounded_u32(
+                &key("rate_limit.requests_per_second"),
+                r.requests_per_second,
+                1,
+                1_000_000,
+            )?;
+            let burst = bounded_u32(
+                &key("rate_limit.burst"),
+                r.burst.unwrap_or(i64::from(rps)),
+                1,
+                1_000_000,
+            )?;
+            Some(RateLimit {
+                requests_per_second: rps,
+                burst,
+            })
+        }
+    };
+    Ok(ConnectorSettings {
+        gateway: GatewaySettings {
+            base_url,
+            connect_timeout: duration(&key("connect_timeout"), c.connect_timeout)?,
+            request_timeout: duration(&key("request_timeout"), c.request_timeout)?,
+            token_refresh_margin: duration(&key("token_refresh_margin"), c.token_refresh_margin)?,
+            max_response_bytes: bounded(
+                &key("max_response_bytes"),
+                c.max_response_bytes,
+                1024,
+                64 * 1024 * 1024,
+            )?,
+            retry,
+            circuit,
+            rate_limit,
+            accounts,
+        },
+    })
+}
+
+impl RawSettings {
+    pub(super) fn validate(self, env: Env<'_>) -> Result<Settings, ConfigError> {
+        let kafka = kafka(self.kafka)?;
+        let schema_registry = self
+            .schema_registry
+            .map(|r| schema_registry(r, &kafka.output_topic, env))
+            .transpose()?;
+        let processing = processing(self.processing, &kafka)?;
+        let http = HttpSettings {
+            listen: self.http.listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "http.listen",
+                    format!("`{}` is not an address like 0.0.0.0:9464", self.http.listen),
+                )
+            })?,
+        };
+        let log = LogSettings {
+            format: match self.log.format.as_str() {
+                "auto" => LogFormat::Auto,
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError::new(
+                        "log.format",
+                        format!("`{other}` is not one of auto, text, json"),
+                    ))
+                }
+            },
+            level: {
+                tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+                    ConfigError::new("log.level", format!("`{}`: {e}", self.log.level))
+                })?;
+                self.log.level
+            },
+        };
+        let mut connectors = BTreeMap::new();
+        for (name, c) in self.connectors {
+            let settings = connector(&name, c, env)?;
+            connectors.insert(name, settings);
+        }
+        if !connectors.contains_key(&processing.default_connector) {
+            let name = &processing.default_connector;
+            return Err(if connectors.is_empty() {
+                ConfigError::new(
+                    format!("connectors.{name}"),
+                    format!("no connector is configured; add [connectors.{name}] with at least one account (or another connector and processing.default_connector)"),
+                )
+            } else {
+                ConfigError::new(
+                    "processing.default_connector",
+                    format!("`{name}` has no [connectors.{name}] table; configure it or name one of: {}", connectors.keys().cloned().collect::<Vec<_>>().join(", ")),
+                )
+            });
+        }
+        Ok(Settings {
+            kafka,
+            schema_registry,
+            processing,
+            http,
+            events: EventSettings {
+                include_metadata: self.events.include_metadata,
+                include_raw_connector: self.events.include_raw_connector,
+            },
+            log,
+            connectors,
+        })
+    }
+}

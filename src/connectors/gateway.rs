@@ -1,0 +1,454 @@
+//! The [`Gateway`]: one per configured connector, and the only place that does a
+//! connector's I/O. It applies the connector's auth scheme (an OAuth2 token from
+//! the cache, fetched by one caller at a time and refreshed once on a 401; or a
+//! static key), the client-side rate limits, the HTTP call, the classification of
+//! the answer, and the retry policy with its circuit breaker. The connector it
+//! wraps only builds requests and parses answers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+use url::Url;
+
+use super::auth::{Account, AuthScheme, Authorization, ClientCredentials, Credentials};
+use super::breaker::{BreakerSettings, CircuitBreaker};
+use super::http::{HttpExecutor, TransportError};
+use super::retry::{CheckResult, RetryPolicy, RetrySettings};
+use super::token::{Clock, TokenCache};
+use super::{
+    classify_error_status, sanitize, AccessToken, CallError, Connector, ErrorBody, HttpRequest,
+    RetryReason,
+};
+use crate::codec::{RejectCode, Rejection};
+use crate::domain::event::{CheckFailure, FailureCode};
+use crate::domain::{PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport};
+use crate::telemetry::Metrics;
+
+/// A token-bucket rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimit {
+    /// Sustained calls per second.
+    pub requests_per_second: u32,
+    /// Calls allowed at once after a quiet period.
+    pub burst: u32,
+}
+
+/// Everything the gateway needs for one connector (`[connectors.<name>]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewaySettings {
+    /// API base URL (from configuration only, never from a message).
+    pub base_url: Url,
+    /// TCP/TLS connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout (one call).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// OAuth2 tokens are refreshed this long before they expire.
+    #[serde(with = "humantime_serde")]
+    pub token_refresh_margin: Duration,
+    /// Response bodies larger than this are refused.
+    pub max_response_bytes: usize,
+    /// Retry policy.
+    pub retry: RetrySettings,
+    /// Circuit breaker.
+    pub circuit: BreakerSettings,
+    /// Client-side rate limit for the whole connector.
+    pub rate_limit: Option<RateLimit>,
+    /// Merchant accounts by `merchant_id`.
+    pub accounts: BTreeMap<String, Account>,
+}
+
+/// Why a gateway cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The HTTP client could not be built (TLS backend).
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+    /// An account's credentials are not of the connector's scheme.
+    #[error("account `{account}` has credentials of another scheme than {scheme:?}")]
+    WrongCredentials {
+        /// The merchant account.
+        account: String,
+        /// The connector's scheme.
+        scheme: AuthScheme,
+    },
+}
+
+/// The result of one `call_once`: the outcome and how many status calls it took.
+#[derive(Debug)]
+pub struct CallRecord {
+    /// Outcome of the last call.
+    pub outcome: Result<StatusReport, CallError>,
+    /// Status calls made: 1, or 2 after a 401 refresh.
+    pub calls: u32,
+}
+
+/// A connector ready to call.
+pub struct Gateway {
+    connector: Arc<dyn Connector>,
+    settings: GatewaySettings,
+    http: HttpExecutor,
+    /// The OAuth2 token cache (`None` for static-key schemes).
+    tokens: Option<TokenCache>,
+    metrics: Arc<Metrics>,
+    limiter: Option<DefaultDirectRateLimiter>,
+    account_limiters: HashMap<String, DefaultDirectRateLimiter>,
+    policy: RetryPolicy,
+}
+
+fn token_bucket(rate: RateLimit) -> DefaultDirectRateLimiter {
+    let per_second = NonZeroU32::new(rate.requests_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(rate.burst).unwrap_or(per_second);
+    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
+}
+
+impl Gateway {
+    /// Builds the gateway of `connector` with its settings.
+    pub fn new(
+        connector: Arc<dyn Connector>,
+        settings: GatewaySettings,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Result<Self, GatewayError> {
+        let scheme = connector.auth();
+        for (name, account) in &settings.accounts {
+            let fits = matches!(
+                (scheme, &account.credentials),
+                (
+                    AuthScheme::OAuth2ClientCredentials(_),
+                    Credentials::ClientCredentials(_)
+                ) | (AuthScheme::BearerApiKey, Credentials::ApiKey { .. })
+            );
+            if !fits {
+                return Err(GatewayError::WrongCredentials {
+                    account: name.clone(),
+                    scheme,
+                });
+            }
+        }
+        let http = HttpExecutor::new(
+            settings.connect_timeout,
+            settings.request_timeout,
+            settings.max_response_bytes,
+        )
+        .map_err(GatewayError::Http)?;
+        let tokens = matches!(scheme, AuthScheme::OAuth2ClientCredentials(_)).then(|| {
+            TokenCache::new(
+                settings.accounts.keys(),
+                settings.token_refresh_margin,
+                clock,
+            )
+        });
+        metrics.register_connector(connector.name());
+        let limiter = settings.rate_limit.map(token_bucket);
+        let account_limiters = settings
+            .accounts
+            .iter()
+            .filter_map(|(name, a)| {
+                a.requests_per_second.map(|rps| {
+                    (
+                        name.clone(),
+                        token_bucket(RateLimit {
+                            requests_per_second: rps,
+                            burst: rps,
+                        }),
+                    )
+                })
+            })
+            .collect();
+        let policy = RetryPolicy::new(connector.name(), settings.retry.clone(), settings.circuit);
+        Ok(Gateway {
+            connector,
+            settings,
+            http,
+            tokens,
+            metrics,
+            limiter,
+            account_limiters,
+            policy,
+        })
+    }
+
+    /// The connector's name.
+    pub fn name(&self) -> &'static str {
+        self.connector.name()
+    }
+
+    /// The connector this gateway calls.
+    pub fn connector(&self) -> &dyn Connector {
+        self.connector.as_ref()
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &GatewaySettings {
+        &self.settings
+    }
+
+    /// The metrics this gateway reports to.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The connector's circuit breaker.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        self.policy.breaker()
+    }
+
+    /// Checks that this gateway can serve `request` (account known, method
+    /// supported) and returns the status request to send.
+    pub fn prepare(&self, request: &StatusCheckRequest) -> Result<HttpRequest, Rejection> {
+        if !self.settings.accounts.contains_key(&request.merchant_id) {
+            return Err(Rejection::new(
+                RejectCode::UnknownMerchant,
+                format!(
+                    "merchant account `{}` is not configured for connector `{}`",
+                    request.merchant_id,
+                    self.name()
+                ),
+            ));
+        }
+        self.connector
+            .status_request(&self.settings.base_url, request)
+    }
+
+    /// A status check with retries, the circuit breaker and rate limits: the
+    /// connector's report, or the failure to publish.
+    pub async fn check(&self, request: &StatusCheckRequest, http: &HttpRequest) -> CheckResult {
+        self.policy.run(self, request, http).await
+    }
+
+    async fn fetch_token(
+        &self,
+        merchant_id: &str,
+        endpoint: &dyn super::TokenEndpoint,
+        credentials: &ClientCredentials,
+    ) -> Result<AccessToken, CallError> {
+        let request = endpoint.token_request(&self.settings.base_url, credentials);
+        self.metrics.token_refresh(self.name());
+        let started = Instant::now();
+        let response = self.http.send(&request, None).await;
+        let code = response
+            .as_ref()
+            .map_or_else(|e| e.label().to_owned(), |r| r.status.to_string());
+        self.metrics
+            .connector_call(self.name(), &code, started.elapsed());
+        let response = response.map_err(|e| transport_failure(&e, "token request"))?;
+        match response.status {
+            200..=299 => endpoint
+                .parse_token(&response)
+                .map_err(CallError::Permanent),
+            status @ (408 | 429 | 500..=599) => {
+                // The token endpoint is down or busy: retry like the API, never a status.
+                match classify_error_status(&response, ErrorBody::default(), SystemTime::now()) {
+                    CallError::Retryable {
+                        reason,
+                        retry_after,
+                        ..
+                    } => Err(CallError::Retryable {
+                        failure: CheckFailure {
+                            code: FailureCode::ConnectorErrorResponse,
+                            message: format!("token endpoint answered {status}"),
+                            status_code: Some(status),
+                            connector_code: Some(status.to_string()),
+                            connector_message: None,
+                            connector_reason: None,
+                        },
+                        reason,
+                        retry_after,
+                    }),
+                    other => Err(other),
+                }
+            }
+            status => {
+                self.metrics.token_refused(self.name(), merchant_id);
+                tracing::warn!(
+                    connector = self.name(),
+                    account = merchant_id,
+                    status,
+                    "token endpoint refused the credentials; asking again after a backoff"
+                );
+                Err(CallError::Permanent(CheckFailure {
+                    code: FailureCode::AuthenticationFailed,
+                    message: format!("token endpoint refused the credentials ({status})"),
+                    status_code: Some(status),
+                    connector_code: Some(status.to_string()),
+                    connector_message: None,
+                    connector_reason: None,
+                }))
+            }
+        }
+    }
+
+    /// The `Authorization` for an account's call, and the token generation it came
+    /// from (to invalidate it after a 401).
+    async fn authorization(&self, merchant_id: &str) -> Result<(Authorization, u64), CallError> {
+        let no_account = || {
+            CallError::Permanent(CheckFailure::new(
+                FailureCode::AuthenticationFailed,
+                "no credentials for this merchant account",
+            ))
+        };
+        let account = self
+            .settings
+            .accounts
+            .get(merchant_id)
+            .ok_or_else(no_account)?;
+        match (self.connector.auth(), &account.credentials, &self.tokens) {
+            (
+                AuthScheme::OAuth2ClientCredentials(endpoint),
+                Credentials::ClientCredentials(cc),
+                Some(tokens),
+            ) => {
+                let lease = tokens
+                    .get(merchant_id, || self.fetch_token(merchant_id, endpoint, cc))
+                    .await?;
+                Ok((Authorization::bearer(&lease.token.token), lease.generation))
+            }
+            (AuthScheme::BearerApiKey, Credentials::ApiKey { api_key }, _) => {
+                Ok((Authorization::bearer(api_key), 0))
+            }
+            _ => Err(no_account()),
+        }
+    }
+
+    /// Waits for the connector's and the account's rate-limit permits. Waiting is
+    /// not an error; it is measured in `paysync_rate_limit_wait_seconds`.
+    async fn wait_for_permit(&self, merchant_id: &str) {
+        if self.limiter.is_none() && self.account_limiters.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        if let Some(l) = &self.limiter {
+            l.until_ready().await;
+        }
+        if let Some(l) = self.account_limiters.get(merchant_id) {
+            l.until_ready().await;
+        }
+        self.metrics
+            .rate_limit_waited(self.name(), started.elapsed());
+    }
+
+    /// One status check for a prepared request: authenticates, calls, and for an
+    /// OAuth2 scheme refreshes the token once after a 401 and calls once more.
+    pub async fn call_once(
+        &self,
+        request: &StatusCheckRequest,
+        http_request: &HttpRequest,
+    ) -> CallRecord {
+        let mut calls = 0;
+        let mut refreshed = false;
+        loop {
+            let (authorization, generation) = match self.authorization(&request.merchant_id).await {
+                Ok(a) => a,
+                Err(e) => {
+                    return CallRecord {
+                        outcome: Err(e),
+                        calls,
+                    }
+                }
+            };
+            self.wait_for_permit(&request.merchant_id).await;
+            calls += 1;
+            let started = Instant::now();
+            let response = self.http.send(http_request, Some(&authorization)).await;
+            let code = response
+                .as_ref()
+                .map_or_else(|e| e.label().to_owned(), |r| r.status.to_string());
+            self.metrics
+                .connector_call(self.name(), &code, started.elapsed());
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    return CallRecord {
+                        outcome: Err(transport_failure(&e, "status request")),
+                        calls,
+                    }
+                }
+            };
+            if (200..300).contains(&response.status) {
+                let outcome = self
+                    .connector
+                    .parse_status(request, &response)
+                    .map(|report| self.vet(report))
+                    .map_err(CallError::Permanent);
+                return CallRecord { outcome, calls };
+            }
+            let body = self.connector.parse_error(&response.body);
+            let body = ErrorBody {
+                code: body.code.map(|c| sanitize(&c)),
+                message: body.message.map(|m| sanitize(&m)),
+                reason: body.reason.map(|r| sanitize(&r)),
+            };
+            match classify_error_status(&response, body, SystemTime::now()) {
+                CallError::Unauthorized(failure) => {
+                    let Some(tokens) = self.tokens.as_ref().filter(|_| !refreshed) else {
+                        // A static key gets no second chance, nor does a fresh token.
+                        return CallRecord {
+                            outcome: Err(CallError::Permanent(failure)),
+                            calls,
+                        };
+                    };
+                    refreshed = true;
+                    tokens.invalidate(&request.merchant_id, generation).await;
+                }
+                other => {
+                    return CallRecord {
+                        outcome: Err(other),
+                        calls,
+                    }
+                }
+            }
+        }
+    }
+
+    /// What every connector's report goes through: undocumented statuses are
+    /// counted and logged, redirect URLs that are not http(s) are dropped.
+    fn vet(&self, mut report: StatusReport) -> StatusReport {
+        if report.status == PaymentStatus::UNRESOLVED {
+            self.metrics.unknown_status(self.name());
+            tracing::warn!(
+                connector = self.name(),
+                connector_status = report.connector_status.as_deref().unwrap_or(""),
+                "undocumented connector status; published as UNRESOLVED"
+            );
+        }
+        if let Some(RedirectForm::Uri { uri }) = &report.redirection_data {
+            if !super::is_safe_redirect(uri) {
+                self.metrics.redirect_dropped(self.name());
+                tracing::warn!(
+                    connector = self.name(),
+                    "redirect URL is not http(s); not published"
+                );
+                report.redirection_data = None;
+            }
+        }
+        report
+    }
+}
+
+fn transport_failure(e: &TransportError, what: &str) -> CallError {
+    match e {
+        TransportError::Timeout => CallError::Retryable {
+            failure: CheckFailure::new(FailureCode::ConnectorTimeout, format!("{what} timed out")),
+            reason: RetryReason::Timeout,
+            retry_after: None,
+        },
+        TransportError::Connect(text) => CallError::Retryable {
+            failure: CheckFailure::new(
+                FailureCode::ConnectorUnreachable,
+                format!("{what} failed: {text}"),
+            ),
+            reason: RetryReason::Transport,
+            retry_after: None,
+        },
+        TransportError::TooLarge(limit) => CallError::Permanent(CheckFailure::new(
+            FailureCode::ResponseDeserializationFailed,
+            format!("{what}: response body larger than {limit} bytes"),
+        )),
+    }
+}

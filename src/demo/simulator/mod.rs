@@ -1,0 +1,358 @@
+//! A simulator of the connectors' APIs on one HTTP server, used by the demo, the
+//! tests, the benchmark and `paysync simulate`: each simulated connector is one
+//! file here ([`cm`]) with its routes, and one line in [`SIMULATED`]. Every
+//! connector answers by transaction-id prefix, the same scenarios for all:
+//!
+//! | id prefix | answer |
+//! |---|---|
+//! | `open-3ds-` | open, with a redirect URL for the customer |
+//! | `open-` | open |
+//! | `pending-` | pending (where the connector has that status) |
+//! | `authorized-` | authorized |
+//! | `success-` | paid, with a partial refund |
+//! | `cancelled-`, `expired-`, `failure-` | that status |
+//! | `unknown-` | an undocumented status |
+//! | `notfound-` | 404 |
+//! | `flaky-` | 500 on the first call for that id, then paid |
+//! | `ratelimited-` | 429 with `Retry-After: 1` on the first call, then paid |
+//! | `malformed-` | 200 with a truncated body |
+//! | anything else | paid |
+//!
+//! Every transaction is 12.00 EUR. Optional latency (fixed, or normal, or long
+//! tail) and a random 5xx rate make it a load target.
+
+pub mod cm;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The OAuth2 client id the simulator accepts.
+pub const SIM_CLIENT_ID: &str = "demo-client";
+/// The OAuth2 client secret the simulator accepts.
+pub const SIM_CLIENT_SECRET: &str = "demo-secret";
+
+/// A connector the simulator serves.
+pub struct SimulatedConnector {
+    /// The connector's name (`[connectors.<name>]`).
+    pub name: &'static str,
+    /// The account table the simulator accepts (TOML, for `[connectors.<name>.accounts.<id>]`).
+    pub account: &'static str,
+    /// Its routes.
+    pub routes: fn() -> Router<Arc<SimState>>,
+}
+
+/// Every connector the simulator serves, on the same server and base URL.
+pub const SIMULATED: &[SimulatedConnector] = &[SimulatedConnector {
+    name: "cm",
+    account: cm::ACCOUNT,
+    routes: cm::routes,
+}];
+
+/// Response latency model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Latency {
+    /// Answer at once.
+    None,
+    /// Always this long.
+    Fixed(Duration),
+    /// Normal around a mean with a standard deviation (never negative).
+    Normal {
+        /// Mean.
+        mean: Duration,
+        /// Standard deviation.
+        stddev: Duration,
+    },
+    /// Mostly `base`, with a fraction `tail_ratio` of answers taking `tail`.
+    LongTail {
+        /// Typical latency.
+        base: Duration,
+        /// Tail latency.
+        tail: Duration,
+        /// Fraction of answers in the tail, 0..1.
+        tail_ratio: f64,
+    },
+}
+
+impl Latency {
+    fn sample(&self) -> Duration {
+        match *self {
+            Latency::None => Duration::ZERO,
+            Latency::Fixed(d) => d,
+            Latency::Normal { mean, stddev } => {
+                // Box-Muller.
+                let (u1, u2) = (fastrand::f64().max(1e-12), fastrand::f64());
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                Duration::from_secs_f64((mean.as_secs_f64() + z * stddev.as_secs_f64()).max(0.0))
+            }
+            Latency::LongTail {
+                base,
+                tail,
+                tail_ratio,
+            } => {
+                if fastrand::f64() < tail_ratio {
+                    tail
+                } else {
+                    base
+                }
+            }
+        }
+    }
+}
+
+/// Simulator behaviour.
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions {
+    /// Latency of Get Transaction.
+    pub latency: Latency,
+    /// Fraction of Get Transaction calls answered with 503 (0..1).
+    pub error_rate: f64,
+    /// Lifetime of issued tokens, seconds.
+    pub token_ttl_secs: u64,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            latency: Latency::None,
+            error_rate: 0.0,
+            token_ttl_secs: 3600,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    token_requests: AtomicU64,
+    status_requests: AtomicU64,
+    /// Get Transaction calls being served right now, and the most ever seen.
+    concurrent: AtomicU64,
+    max_concurrent: AtomicU64,
+}
+
+/// Counts a call as concurrent for as long as it lives.
+struct Concurrent<'a>(&'a Counters);
+
+impl<'a> Concurrent<'a> {
+    fn enter(c: &'a Counters) -> Self {
+        let now = c.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_concurrent.fetch_max(now, Ordering::SeqCst);
+        Concurrent(c)
+    }
+}
+
+impl Drop for Concurrent<'_> {
+    fn drop(&mut self) {
+        self.0.concurrent.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the simulated connectors share: options, counters, per-id call counts.
+pub struct SimState {
+    options: SimOptions,
+    counters: Counters,
+    /// Calls per id, only for the prefixes whose answer depends on it.
+    calls: Mutex<HashMap<String, u32>>,
+    next_token: AtomicU64,
+}
+
+/// A transaction-id scenario (see the table above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Open with a customer redirect.
+    OpenWithRedirect,
+    /// Open.
+    Open,
+    /// Pending.
+    Pending,
+    /// Authorized.
+    Authorized,
+    /// Paid.
+    Paid,
+    /// Cancelled.
+    Cancelled,
+    /// Expired.
+    Expired,
+    /// Failed.
+    Failed,
+    /// An undocumented status.
+    Unknown,
+    /// 404.
+    NotFound,
+    /// 500 first, then paid.
+    Flaky,
+    /// 429 first, then paid.
+    RateLimited,
+    /// A truncated 200 body.
+    Malformed,
+}
+
+impl Scenario {
+    /// The scenario of a transaction id.
+    pub fn of(id: &str) -> Scenario {
+        const PREFIXES: &[(&str, Scenario)] = &[
+            ("open-3ds-", Scenario::OpenWithRedirect),
+            ("open-", Scenario::Open),
+            ("pending-", Scenario::Pending),
+            ("authorized-", Scenario::Authorized),
+            ("success-", Scenario::Paid),
+            ("cancelled-", Scenario::Cancelled),
+            ("expired-", Scenario::Expired),
+            ("failure-", Scenario::Failed),
+            ("unknown-", Scenario::Unknown),
+            ("notfound-", Scenario::NotFound),
+            ("flaky-", Scenario::Flaky),
+            ("ratelimited-", Scenario::RateLimited),
+            ("malformed-", Scenario::Malformed),
+        ];
+        PREFIXES
+            .iter()
+            .find(|(p, _)| id.starts_with(p))
+            .map_or(Scenario::Paid, |(_, s)| *s)
+    }
+}
+
+/// What a status call answers before its connector-specific body.
+pub enum Answer {
+    /// This scenario's body.
+    Body(Scenario),
+    /// A ready response (an injected error, a first-call failure).
+    Response(Response),
+}
+
+impl SimState {
+    /// Counts a status call, applies latency and the random error rate, and
+    /// resolves first-call scenarios. Connectors then render `Answer::Body`.
+    pub async fn answer(&self, id: &str) -> Answer {
+        self.counters
+            .status_requests
+            .fetch_add(1, Ordering::Relaxed);
+        let _concurrent = Concurrent::enter(&self.counters);
+        let delay = self.options.latency.sample();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if self.options.error_rate > 0.0 && fastrand::f64() < self.options.error_rate {
+            return Answer::Response((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response());
+        }
+        let scenario = Scenario::of(id);
+        match scenario {
+            Scenario::Flaky if self.first_call(id) => Answer::Response(
+                (StatusCode::INTERNAL_SERVER_ERROR, "temporary failure").into_response(),
+            ),
+            Scenario::RateLimited if self.first_call(id) => Answer::Response(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "1")],
+                    "slow down",
+                )
+                    .into_response(),
+            ),
+            Scenario::Flaky | Scenario::RateLimited => Answer::Body(Scenario::Paid),
+            other => Answer::Body(other),
+        }
+    }
+
+    fn first_call(&self, id: &str) -> bool {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let n = calls.entry(id.to_owned()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// Counts a token request and issues the next token.
+    pub fn issue_token(&self) -> String {
+        self.counters.token_requests.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "sim-token-{}",
+            self.next_token.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Counts a refused token request.
+    pub fn refuse_token(&self) {
+        self.counters.token_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Lifetime of issued tokens, seconds.
+    pub fn token_ttl_secs(&self) -> u64 {
+        self.options.token_ttl_secs
+    }
+}
+
+/// A running simulator.
+pub struct Simulator {
+    addr: SocketAddr,
+    state: Arc<SimState>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Simulator {
+    /// Starts on `addr` (port 0 for any free port).
+    pub async fn start(addr: SocketAddr, options: SimOptions) -> Result<Simulator, String> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("simulator cannot listen on {addr}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let state = Arc::new(SimState {
+            options,
+            counters: Counters::default(),
+            calls: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+        });
+        let mut app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        for connector in SIMULATED {
+            app = app.merge((connector.routes)());
+        }
+        let app = app.with_state(state.clone());
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+        Ok(Simulator {
+            addr,
+            state,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Base URL, for `connectors.<name>.base_url` of every simulated connector.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Token requests served.
+    pub fn token_requests(&self) -> u64 {
+        self.state.counters.token_requests.load(Ordering::Relaxed)
+    }
+
+    /// Get Transaction requests served.
+    pub fn status_requests(&self) -> u64 {
+        self.state.counters.status_requests.load(Ordering::Relaxed)
+    }
+
+    /// The most Get Transaction calls ever served at the same time.
+    pub fn max_concurrency(&self) -> u64 {
+        self.state.counters.max_concurrent.load(Ordering::SeqCst)
+    }
+
+    /// Stops the server.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}

@@ -1,0 +1,454 @@
+//! The same table-driven tests for every registered connector: its conformance
+//! table (`tests/fixtures/<name>/cases.json`: recorded bodies and the report they
+//! must give, error answers and the failure they must give, unreadable bodies),
+//! and the same HTTP behaviour through the gateway against a local mock server
+//! (auth header, 404, 401, 429 with `Retry-After`, the integrity check). A new
+//! connector brings its fixtures and passes these unchanged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use paysync::connectors::gateway::Gateway;
+use paysync::connectors::{
+    classify_error_status, registry, AuthScheme, CallError, Connector, HttpResponse,
+};
+use paysync::domain::event::FailureCode;
+use paysync::domain::{
+    Money, PaymentMethodType, PaymentStatus, RedirectForm, StatusCheckRequest, TransactionId,
+};
+use paysync::telemetry::Metrics;
+use serde_json::Value;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::*;
+
+fn fixtures_dir(connector: &str) -> String {
+    format!("{}/tests/fixtures/{connector}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cases(connector: &str) -> Value {
+    let text = std::fs::read_to_string(format!("{}/cases.json", fixtures_dir(connector)))
+        .unwrap_or_else(|e| panic!("{connector} has no conformance table: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn fixture(connector: &str, name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/{name}", fixtures_dir(connector))).unwrap()
+}
+
+fn request(connector: &str, spec: &Value) -> StatusCheckRequest {
+    let mut r = StatusCheckRequest::new(
+        TransactionId::parse("tx-conf-1").unwrap(),
+        connector,
+        "default",
+        "r",
+    );
+    r.payment_method_type = spec["payment_method_type"]
+        .as_str()
+        .map(|m| PaymentMethodType::parse(m).unwrap());
+    r
+}
+
+fn ok(body: Vec<u8>) -> HttpResponse {
+    HttpResponse {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body,
+    }
+}
+
+fn connectors() -> Vec<Arc<dyn Connector>> {
+    registry::names()
+        .into_iter()
+        .map(|n| registry::get(n).unwrap())
+        .collect()
+}
+
+/// Checks `expect[field]` when present: null means "must be empty".
+fn check<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    expect: &Value,
+    field: &str,
+    got: Option<T>,
+    want: impl Fn(&Value) -> T,
+) {
+    match expect.get(field) {
+        None => {}
+        Some(Value::Null) => assert_eq!(got, None, "{what}: {field} must be empty"),
+        Some(v) => assert_eq!(got, Some(want(v)), "{what}: {field}"),
+    }
+}
+
+#[test]
+fn every_connector_passes_its_conformance_table() {
+    let mut checked = BTreeMap::new();
+    for connector in connectors() {
+        let name = connector.name();
+        let table = cases(name);
+        let mut n = 0;
+        for case in table["status"].as_array().unwrap() {
+            let file = case["fixture"].as_str().unwrap();
+            let what = format!("{name}/{file}");
+            let report = connector
+                .parse_status(&request(name, &case["request"]), &ok(fixture(name, file)))
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            let e = &case["expect"];
+            assert_eq!(
+                report.status.as_str(),
+                e["status"].as_str().unwrap(),
+                "{what}"
+            );
+            assert_eq!(report.status_code, 200, "{what}");
+            check(
+                &what,
+                e,
+                "connector_status",
+                report.connector_status.clone(),
+                |v| v.as_str().unwrap().to_owned(),
+            );
+            let redirect = match &report.redirection_data {
+                Some(RedirectForm::Uri { uri }) => Some(uri.clone()),
+                _ => None,
+            };
+            check(&what, e, "redirect", redirect, |v| {
+                v.as_str().unwrap().to_owned()
+            });
+            check(&what, e, "amount", report.amount.clone(), |v| Money {
+                minor_amount: v[0].as_i64().unwrap(),
+                currency: v[1].as_str().unwrap().to_owned(),
+            });
+            check(&what, e, "captured_amount", report.captured_amount, |v| {
+                v.as_i64().unwrap()
+            });
+            check(&what, e, "refunded_amount", report.refunded_amount, |v| {
+                v.as_i64().unwrap()
+            });
+            check(
+                &what,
+                e,
+                "refund_pending_amount",
+                report.refund_pending_amount,
+                |v| v.as_i64().unwrap(),
+            );
+            check(&what, e, "created_at", report.created_at, |v| {
+                v.as_i64().unwrap()
+            });
+            check(&what, e, "authorized_at", report.authorized_at, |v| {
+                v.as_i64().unwrap()
+            });
+            check(&what, e, "captured_at", report.captured_at, |v| {
+                v.as_i64().unwrap()
+            });
+            check(
+                &what,
+                e,
+                "merchant_order_id",
+                report.merchant_order_id.clone(),
+                |v| v.as_str().unwrap().to_owned(),
+            );
+            check(
+                &what,
+                e,
+                "payment_method_type",
+                report.payment_method_type.clone(),
+                |v| v.as_str().unwrap().to_owned(),
+            );
+            let details = report
+                .error
+                .as_ref()
+                .and_then(|err| err.connector_details.clone());
+            check(
+                &what,
+                e,
+                "connector_error_code",
+                details.as_ref().and_then(|d| d.code.clone()),
+                |v| v.as_str().unwrap().to_owned(),
+            );
+            check(
+                &what,
+                e,
+                "connector_error_reason",
+                details.as_ref().and_then(|d| d.reason.clone()),
+                |v| v.as_str().unwrap().to_owned(),
+            );
+            if let Some(f) = e.get("final") {
+                assert_eq!(
+                    connector.is_final(report.status),
+                    f.as_bool().unwrap(),
+                    "{what}: final"
+                );
+            }
+            // A FAILURE only when the connector said so.
+            if report.status == PaymentStatus::FAILURE {
+                let said = report.connector_status.clone().unwrap();
+                assert!(
+                    table["failure_status"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|s| s == &Value::String(said.clone())),
+                    "{what}"
+                );
+            }
+            n += 1;
+        }
+        for case in table["errors"].as_array().unwrap() {
+            let status = case["http_status"].as_u64().unwrap() as u16;
+            let body = match (case["fixture"].as_str(), case["body"].as_str()) {
+                (Some(f), _) => fixture(name, f),
+                (None, Some(b)) => b.as_bytes().to_vec(),
+                _ => Vec::new(),
+            };
+            let headers = case["headers"]
+                .as_object()
+                .map(|h| {
+                    h.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let response = HttpResponse {
+                status,
+                headers,
+                body: body.clone(),
+            };
+            let what = format!("{name}/{status}");
+            let e = &case["expect"];
+            match classify_error_status(&response, connector.parse_error(&body), SystemTime::now())
+            {
+                CallError::Permanent(f) => {
+                    assert_eq!(Some(f.code.as_str()), e["failure"].as_str(), "{what}");
+                    check(
+                        &what,
+                        e,
+                        "connector_message",
+                        f.connector_message.clone(),
+                        |v| v.as_str().unwrap().to_owned(),
+                    );
+                    check(
+                        &what,
+                        e,
+                        "connector_error_code",
+                        f.connector_code.clone(),
+                        |v| v.as_str().unwrap().to_owned(),
+                    );
+                    check(
+                        &what,
+                        e,
+                        "connector_error_reason",
+                        f.connector_reason.clone(),
+                        |v| v.as_str().unwrap().to_owned(),
+                    );
+                }
+                CallError::Unauthorized(_) => assert_eq!(e["unauthorized"], true, "{what}"),
+                CallError::Retryable {
+                    reason,
+                    retry_after,
+                    ..
+                } => {
+                    assert_eq!(Some(reason.label()), e["retry"].as_str(), "{what}");
+                    check(&what, e, "retry_after_s", retry_after, |v| {
+                        Duration::from_secs(v.as_u64().unwrap())
+                    });
+                }
+            }
+            n += 1;
+        }
+        for file in table["unreadable"].as_array().unwrap() {
+            let file = file.as_str().unwrap();
+            let err = connector
+                .parse_status(&request(name, &Value::Null), &ok(fixture(name, file)))
+                .unwrap_err();
+            assert_eq!(
+                err.code,
+                FailureCode::ResponseDeserializationFailed,
+                "{name}/{file}"
+            );
+            assert_eq!(err.status_code, Some(200));
+            n += 1;
+        }
+        // Every recorded fixture is in the table (a fixture nobody checks proves nothing).
+        let listed = serde_json::to_string(&table).unwrap();
+        for entry in std::fs::read_dir(fixtures_dir(name)).unwrap() {
+            let file = entry.unwrap().file_name().into_string().unwrap();
+            if file != "cases.json" && !file.starts_with("token") {
+                assert!(
+                    listed.contains(&format!("\"{file}\"")),
+                    "{name}/{file} is not in cases.json"
+                );
+            }
+        }
+        checked.insert(name, n);
+    }
+    assert!(checked.values().all(|n| *n >= 10), "{checked:?}");
+}
+
+/// The gateway of `connector` against a mock server whose status endpoint is
+/// answered by `respond` (the token endpoint, when the scheme has one, answers a
+/// fixed token).
+async fn gateway_for(
+    connector: &Arc<dyn Connector>,
+    server: &MockServer,
+) -> (Gateway, Arc<Metrics>, String) {
+    let metrics = Arc::new(Metrics::new());
+    let gateway = Gateway::new(
+        connector.clone(),
+        gateway_settings(connector.name(), &server.uri()),
+        metrics.clone(),
+        ManualClock::new().clock(),
+    )
+    .unwrap();
+    let authorization = match connector.auth() {
+        AuthScheme::OAuth2ClientCredentials(endpoint) => {
+            let token_path = endpoint
+                .token_request(
+                    &url::Url::parse(&server.uri()).unwrap(),
+                    &paysync::connectors::ClientCredentials {
+                        client_id: CLIENT_ID.into(),
+                        client_secret: CLIENT_SECRET.to_owned().into(),
+                    },
+                )
+                .url
+                .path()
+                .to_owned();
+            Mock::given(method("POST"))
+                .and(path(token_path))
+                .respond_with(ResponseTemplate::new(200).set_body_json(
+                    serde_json::json!({"access_token": "tok-conf", "expires_in": 3600}),
+                ))
+                .mount(server)
+                .await;
+            "Bearer tok-conf".to_owned()
+        }
+        AuthScheme::BearerApiKey => format!("Bearer {API_KEY}"),
+    };
+    (gateway, metrics, authorization)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connector_behaves_the_same_over_http() {
+    for connector in connectors() {
+        let name = connector.name();
+        let table = cases(name);
+        let charged = table["status"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["expect"]["status"] == "CHARGED" && c["expect"].get("amount").is_some())
+            .unwrap_or_else(|| panic!("{name}: a CHARGED fixture with an amount"));
+        let body = fixture(name, charged["fixture"].as_str().unwrap());
+        let amount = &charged["expect"]["amount"];
+        let server = MockServer::start().await;
+        let (gateway, metrics, authorization) = gateway_for(&connector, &server).await;
+        let req = request(name, &charged["request"]);
+        let http = gateway.prepare(&req).unwrap();
+        let status_path = http.url.path().to_owned();
+
+        // 1. The connector's credentials on the call, the answer normalized.
+        Mock::given(method("GET"))
+            .and(path(status_path.clone()))
+            .and(wiremock::matchers::header(
+                "authorization",
+                authorization.as_str(),
+            ))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(body.clone(), "application/json"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        let result = gateway.check(&req, &http).await;
+        assert_eq!(
+            result.outcome.as_ref().unwrap().status,
+            PaymentStatus::CHARGED,
+            "{name}"
+        );
+        assert_eq!(result.attempts, 1, "{name}");
+
+        // 2. The integrity check, once in the pipeline, the same for every connector.
+        Mock::given(method("GET"))
+            .and(path(status_path.clone()))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(body.clone(), "application/json"))
+            .up_to_n_times(2)
+            .mount(&server)
+            .await;
+        let mut exact = req.clone();
+        exact.amount = Some(Money {
+            minor_amount: amount[0].as_i64().unwrap(),
+            currency: amount[1].as_str().unwrap().to_owned(),
+        });
+        let result = paysync::pipeline::process::check(&gateway, &exact, &http).await;
+        assert!(result.outcome.is_ok(), "{name}: {:?}", result.outcome);
+        let mut wrong = exact.clone();
+        wrong.amount.as_mut().unwrap().minor_amount += 1;
+        let result = paysync::pipeline::process::check(&gateway, &wrong, &http).await;
+        assert_eq!(
+            result.outcome.unwrap_err().code,
+            FailureCode::IntegrityCheckFailed,
+            "{name}"
+        );
+
+        // 3. 429 with Retry-After: waited for, then answered.
+        Mock::given(method("GET"))
+            .and(path(status_path.clone()))
+            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(status_path.clone()))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(body.clone(), "application/json"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        let started = Instant::now();
+        let result = gateway.check(&req, &http).await;
+        assert_eq!(
+            result.outcome.unwrap().status,
+            PaymentStatus::CHARGED,
+            "{name}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(990),
+            "{name}: Retry-After honoured"
+        );
+        assert_eq!(result.attempts, 2);
+
+        // 4. 404: the transaction is unknown, not failed.
+        Mock::given(method("GET"))
+            .and(path(status_path.clone()))
+            .respond_with(ResponseTemplate::new(404))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        let result = gateway.check(&req, &http).await;
+        assert_eq!(
+            result.outcome.unwrap_err().code,
+            FailureCode::TransactionNotFound,
+            "{name}"
+        );
+
+        // 5. 401: an OAuth2 scheme refreshes once and calls once more; a static key
+        // gets no second call. Either way the check fails as AUTHENTICATION_FAILED.
+        Mock::given(method("GET"))
+            .and(path(status_path.clone()))
+            .respond_with(ResponseTemplate::new(401))
+            .mount(&server)
+            .await;
+        let result = gateway.check(&req, &http).await;
+        assert_eq!(
+            result.outcome.unwrap_err().code,
+            FailureCode::AuthenticationFailed,
+            "{name}"
+        );
+        let expected_calls = match connector.auth() {
+            AuthScheme::OAuth2ClientCredentials(_) => 2,
+            AuthScheme::BearerApiKey => 1,
+        };
+        assert_eq!(result.attempts, expected_calls, "{name}");
+        assert!(
+            !metrics.render().contains(CLIENT_SECRET) && !metrics.render().contains(API_KEY),
+            "{name}: no secret in metrics"
+        );
+    }
+}
