@@ -124,6 +124,44 @@ const SAMPLES: &[Sample] = &[
     },
 ];
 
+/// Scenarios shown for every simulated connector besides the default one.
+const OTHER_CONNECTOR_SCENARIOS: &[&str] = &[
+    "open-3ds-",
+    "pending-",
+    "authorized-",
+    "success-",
+    "cancelled-",
+    "expired-",
+    "failure-",
+    "notfound-",
+];
+
+/// Every sample: the hand-written ones (default connector, and the rejections),
+/// then a request per scenario for every other simulated connector.
+fn samples() -> Vec<(String, Vec<(&'static str, &'static str)>)> {
+    let mut out: Vec<(String, Vec<(&'static str, &'static str)>)> = SAMPLES
+        .iter()
+        .map(|s| (s.value.to_owned(), s.headers.to_vec()))
+        .collect();
+    for connector in simulator::SIMULATED {
+        if connector.name == crate::config::DEFAULT_CONNECTOR {
+            continue;
+        }
+        for (i, prefix) in OTHER_CONNECTOR_SCENARIOS.iter().enumerate() {
+            out.push((
+                format!(
+                    r#"{{"connector_transaction_id":"{prefix}{}-{}","connector":"{}"}}"#,
+                    connector.name,
+                    2001 + i,
+                    connector.name
+                ),
+                Vec::new(),
+            ));
+        }
+    }
+    out
+}
+
 /// Demo options.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -185,25 +223,26 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
     );
 
     let producer = RawProducer::new(&broker.bootstrap())?;
-    for (i, s) in SAMPLES.iter().enumerate() {
-        let headers: Vec<(&str, &[u8])> =
-            s.headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    let samples = samples();
+    for (i, (value, headers)) in samples.iter().enumerate() {
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
         let key = format!("sample-{i}");
         producer
             .send(
                 INPUT,
                 None,
                 Some(key.as_bytes()),
-                Some(s.value.as_bytes()),
+                Some(value.as_bytes()),
                 &headers,
             )
             .await?;
     }
+    let total = samples.len();
 
     let brokers = broker.bootstrap();
     let records = tokio::task::spawn_blocking(move || -> Result<Vec<RawRecord>, String> {
         let mut reader = TopicReader::new(&brokers, &[(OUTPUT, 3), (DLQ, 1)])?;
-        Ok(reader.read(SAMPLES.len(), Duration::from_secs(60)))
+        Ok(reader.read(total, Duration::from_secs(60)))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -216,12 +255,16 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
             let json = decode_event_json(r.value.as_deref().unwrap_or_default())
                 .map_err(|e| e.to_string())?;
             let status = json["status"].as_str().unwrap_or("?").to_owned();
-            let label = match json["error"]["unified_details"]["code"].as_str() {
+            let mut label = match json["error"]["unified_details"]["code"].as_str() {
                 Some(code) if status == "PAYMENT_STATUS_UNSPECIFIED" => {
                     format!("{status} ({code})")
                 }
                 _ => status,
             };
+            let connector = json["connector"].as_str().unwrap_or_default();
+            if connector != crate::config::DEFAULT_CONNECTOR {
+                label = format!("{connector}: {label}");
+            }
             *by_status.entry(label).or_default() += 1;
             println!("{json}");
         } else {
@@ -246,7 +289,7 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
     let dead: usize = by_reason.values().sum();
     let mut out = String::new();
     let _ = writeln!(out, "\npaysync demo summary");
-    let _ = writeln!(out, "  {:<62} {:>5}", "requests", SAMPLES.len());
+    let _ = writeln!(out, "  {:<62} {:>5}", "requests", total);
     let _ = writeln!(out, "  {:<62} {:>5}", "events", events);
     for (k, v) in &by_status {
         let _ = writeln!(out, "    {k:<60} {v:>5}");
@@ -294,10 +337,10 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
         "time taken",
         processing_time.as_secs_f64()
     );
-    if events + dead != SAMPLES.len() {
+    if events + dead != total {
         return Err(format!(
             "{out}\nexpected {} records, got {}",
-            SAMPLES.len(),
+            total,
             events + dead
         ));
     }
