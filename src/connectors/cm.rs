@@ -9,9 +9,9 @@ use serde::{Deserialize, Deserializer};
 use url::Url;
 
 use super::{
-    deserialization_failure, raw_status, url_with_segments, AccessToken, AuthScheme,
-    ClientCredentials, Connector, ErrorBody, HttpRequest, HttpResponse, Method, SecretBody,
-    TokenEndpoint,
+    deserialization_failure, raw_status, rfc3339_to_unix, url_with_segments, AccessToken,
+    AuthScheme, ClientCredentials, Connector, ErrorBody, HttpRequest, HttpResponse, Method,
+    SecretBody, TokenEndpoint,
 };
 use crate::codec::{RejectCode, Rejection};
 use crate::domain::event::{CheckFailure, ConnectorErrorDetails, ErrorInfo, FailureCode};
@@ -150,13 +150,6 @@ struct WireToken {
     access_token: String,
     #[serde(default)]
     expires_in: Option<u64>,
-}
-
-/// Unix seconds of an RFC 3339 time.
-pub fn rfc3339_to_unix(s: &str) -> Option<i64> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(|t| t.unix_timestamp())
 }
 
 /// CM.com's OAuth2 token endpoint.

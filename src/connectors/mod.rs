@@ -237,6 +237,13 @@ pub fn url_with_segments(base: &Url, segments: &[&str]) -> Url {
     url
 }
 
+/// Unix seconds of an RFC 3339 / ISO 8601 time with offset (how connectors write times).
+pub fn rfc3339_to_unix(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
 /// A report's error-free parse failure: a 2xx body that cannot be understood.
 pub fn deserialization_failure(status: u16, message: impl Into<String>) -> CheckFailure {
     CheckFailure::new(FailureCode::ResponseDeserializationFailed, message).with_status(status)
