@@ -8,7 +8,10 @@ use super::Connector;
 type Constructor = fn() -> Arc<dyn Connector>;
 
 /// Every connector paysync knows, by the name used in requests and configuration.
-const REGISTRY: &[(&str, Constructor)] = &[("cm", || Arc::new(super::cm::CmConnector))];
+#[rustfmt::skip]
+const REGISTRY: &[(&str, Constructor)] = &[
+    ("cm", || Arc::new(super::cm::CmConnector)),
+];
 
 /// The connector called `name`, if any.
 pub fn get(name: &str) -> Option<Arc<dyn Connector>> {

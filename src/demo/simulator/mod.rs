@@ -52,11 +52,10 @@ pub struct SimulatedConnector {
 }
 
 /// Every connector the simulator serves, on the same server and base URL.
-pub const SIMULATED: &[SimulatedConnector] = &[SimulatedConnector {
-    name: "cm",
-    account: cm::ACCOUNT,
-    routes: cm::routes,
-}];
+#[rustfmt::skip]
+pub const SIMULATED: &[SimulatedConnector] = &[
+    SimulatedConnector { name: "cm", account: cm::ACCOUNT, routes: cm::routes },
+];
 
 /// Response latency model.
 #[derive(Debug, Clone, Copy, PartialEq)]
