@@ -1,6 +1,6 @@
 //! paysync: a Kafka-driven payment status synchronizer.
 //!
-//! It consumes status-check requests, asks the payment connector (CM.com first)
+//! It consumes status-check requests, asks the payment connector (CM.com, Mollie)
 //! for each payment's current state, normalizes the answer into the UCS
 //! `PaymentStatus` model and publishes an Avro `PaymentStatusEvent`.
 //!
@@ -20,7 +20,7 @@
 //! | [`schema_registry`] | Confluent Schema Registry client (event schema id at start-up, accepted request schema ids) | HTTP |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
-//! | [`demo`] | `paysync demo` and the CM.com simulator | in-process |
+//! | [`demo`] | `paysync demo`, the connector simulator, the local stack for tests and the benchmark | in-process |
 // The one exception is `kafka::headers` (FFI for header names that are not UTF-8).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

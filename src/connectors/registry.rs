@@ -11,6 +11,7 @@ type Constructor = fn() -> Arc<dyn Connector>;
 #[rustfmt::skip]
 const REGISTRY: &[(&str, Constructor)] = &[
     ("cm", || Arc::new(super::cm::CmConnector)),
+    ("mollie", || Arc::new(super::mollie::MollieConnector)),
 ];
 
 /// The connector called `name`, if any.

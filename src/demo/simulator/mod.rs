@@ -22,6 +22,7 @@
 //! tail) and a random 5xx rate make it a load target.
 
 pub mod cm;
+pub mod mollie;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,6 +56,7 @@ pub struct SimulatedConnector {
 #[rustfmt::skip]
 pub const SIMULATED: &[SimulatedConnector] = &[
     SimulatedConnector { name: "cm", account: cm::ACCOUNT, routes: cm::routes },
+    SimulatedConnector { name: "mollie", account: mollie::ACCOUNT, routes: mollie::routes },
 ];
 
 /// Response latency model.
