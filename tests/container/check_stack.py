@@ -9,8 +9,9 @@
 3. docker-compose.yml parses with a compose implementation (`docker-compose config`,
    Debian's docker-compose 1.29), every image is pinned to a tag, every service
    built from this Dockerfile that does not serve paysync's /healthz overrides the
-   health check, the topics paysync is configured with are created by the init step,
-   and every `depends_on: service_healthy` target has a health check.
+   health check, paysync's environment there is a valid configuration
+   (`paysync check-config`), every topic it needs is created by the init step, and
+   every `depends_on: service_healthy` target has a health check.
 
 Usage: python tests/container/check_stack.py  (exit 1 with the reasons on failure)
 """
@@ -130,13 +131,18 @@ def check_compose():
 
 
 def needed_recheck_topics(env, input_topic):
-    """Re-check topics from `paysync check-config` when follow mode is configured."""
+    """Every topic paysync's compose environment needs, from `paysync check-config
+    --topics` run with that environment (which also proves the environment is a
+    valid configuration)."""
     binary = os.path.join(ROOT, "target", "debug", "paysync")
     if not os.path.exists(binary):
+        problem("target/debug/paysync is not built (cargo build) to check the compose environment")
         return []
-    run = subprocess.run([binary, "check-config", "--topics"], env={**os.environ, **env},
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAYSYNC_")}
+    run = subprocess.run([binary, "check-config", "--topics"], env={**clean, **{k: str(v) for k, v in env.items()}},
                          capture_output=True, text=True)
     if run.returncode != 0:
+        problem(f"paysync's compose environment is not a valid configuration: {run.stderr.strip()}")
         return []
     return [line.strip() for line in run.stdout.splitlines() if line.strip()]
 

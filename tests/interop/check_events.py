@@ -110,6 +110,9 @@ def cases(request_schema, request_fp):
     # Routing from headers, with a header value that is not UTF-8 on an unrelated name.
     event(f"success-{run}-11", "CHARGED",
           headers=[("x-request-id", b"py-req-11"), ("x-merchant-id", b"default"), ("trace", b"\xff\xfe")])
+    # The second connector, chosen by header and by field.
+    event(f"pending-{run}-14", "PENDING", headers=[("x-connector", b"mollie")])
+    event(f"failure-{run}-15", "FAILURE", extra={"connector": "mollie"})
 
     # Avro requests, encoded by fastavro: single-object with fastavro's fingerprint,
     # and Confluent framing with an accepted schema id.
@@ -174,6 +177,10 @@ base_url = "http://127.0.0.1:{sim_port}"
 [connectors.cm.accounts.default]
 client_id = "demo-client"
 client_secret = "demo-secret"
+[connectors.mollie]
+base_url = "http://127.0.0.1:{sim_port}"
+[connectors.mollie.accounts.default]
+api_key = "test_paysyncSimulatorKey00000000000"
 """)
     log = open(os.path.join(work, "paysync.log"), "w")
     paysync = subprocess.Popen([args.paysync, "run", "--config", config], stdout=subprocess.DEVNULL, stderr=log)
