@@ -164,6 +164,17 @@ pub fn gateways(
 /// Starts paysync.
 pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
     let metrics = Arc::new(Metrics::new());
+    let gateways = gateways(&settings, &metrics)?;
+    start_with(settings, metrics, gateways).await
+}
+
+/// Starts paysync with these gateways (by connector name) reporting to `metrics`:
+/// the seam for embedding paysync with a connector of one's own, and for tests.
+pub async fn start_with(
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    gateways: HashMap<String, Arc<Gateway>>,
+) -> Result<RunningApp, StartupError> {
     let accepted_schema_ids =
         AcceptedSchemaIds::new(settings.processing.accepted_schema_ids.iter().copied());
     let mut registry_refresh = None;
@@ -191,7 +202,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
         }
     };
     let processor = Arc::new(Processor::new(
-        gateways(&settings, &metrics)?,
+        gateways,
         DecodeOptions {
             default_connector: settings.processing.default_connector.clone(),
             default_merchant: settings.processing.default_merchant.clone(),

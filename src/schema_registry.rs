@@ -100,22 +100,29 @@ impl RegistryClient {
         url
     }
 
-    async fn post(&self, url: url::Url, schema: &str) -> Result<u32, (u16, ErrorAnswer)> {
-        let mut req = self
+    /// A request with the registry's accept header and basic auth when configured.
+    fn request(&self, method: reqwest::Method, url: url::Url) -> reqwest::RequestBuilder {
+        let req = self
             .http
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
-            .json(&serde_json::json!({ "schema": schema }));
-        if let Some(user) = &self.settings.username {
-            req = req.basic_auth(
+            .request(method, url)
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        match &self.settings.username {
+            Some(user) => req.basic_auth(
                 user,
                 self.settings
                     .password
                     .as_ref()
                     .map(|p| p.expose_secret().to_owned()),
-            );
+            ),
+            None => req,
         }
+    }
+
+    async fn post(&self, url: url::Url, schema: &str) -> Result<u32, (u16, ErrorAnswer)> {
+        let req = self
+            .request(reqwest::Method::POST, url)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .json(&serde_json::json!({ "schema": schema }));
         let response = req.send().await.map_err(|e| {
             (
                 0,
@@ -184,19 +191,7 @@ impl RegistryClient {
         &self,
         url: url::Url,
     ) -> Result<Option<T>, RegistryError> {
-        let mut req = self
-            .http
-            .get(url)
-            .header(reqwest::header::ACCEPT, CONTENT_TYPE);
-        if let Some(user) = &self.settings.username {
-            req = req.basic_auth(
-                user,
-                self.settings
-                    .password
-                    .as_ref()
-                    .map(|p| p.expose_secret().to_owned()),
-            );
-        }
+        let req = self.request(reqwest::Method::GET, url);
         let response = req.send().await.map_err(|e| RegistryError::Unreachable {
             url: self.settings.url.to_string(),
             message: crate::connectors::sanitize(&e.without_url().to_string()),

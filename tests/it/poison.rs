@@ -14,14 +14,9 @@ use paysync::connectors::{AuthScheme, Connector, ErrorBody, HttpRequest, HttpRes
 use paysync::demo::simulator::{Latency, SimOptions};
 use paysync::domain::event::CheckFailure;
 use paysync::domain::{PaymentStatus, StatusCheckRequest, StatusReport};
-use paysync::kafka::engine::{create_consumer, Engine, EngineSettings};
-use paysync::kafka::producer::Publisher;
 use paysync::kafka::tools::{committed_offsets, RawProducer, RawRecord};
-use paysync::kafka::{consumer_config, producer_config};
-use paysync::pipeline::ledger::Ledger;
-use paysync::pipeline::process::{record_size, Processor};
+use paysync::pipeline::process::record_size;
 use paysync::telemetry::{sum_metric, Metrics};
-use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -250,7 +245,7 @@ async fn a_check_that_panics_is_dead_lettered_as_internal_error_and_the_partitio
     let t = broker.topics("panic", 1).await;
     let sim = simulator(SimOptions::default()).await;
     let s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
-    // The engine wired by hand, as `app::start` does, with the panicking translator.
+    // paysync as `app::start` wires it, with the panicking translator as `cm`.
     let metrics = Arc::new(Metrics::new());
     let gateway = Gateway::new(
         Arc::new(PanickyCm),
@@ -259,52 +254,11 @@ async fn a_check_that_panics_is_dead_lettered_as_internal_error_and_the_partitio
         system_clock(),
     )
     .unwrap();
-    let mut connectors = std::collections::HashMap::new();
-    connectors.insert("cm".to_owned(), Arc::new(gateway));
-    let processor = Arc::new(Processor::new(
-        connectors,
-        paysync::codec::DecodeOptions::new("cm", "default"),
-        paysync::codec::EventEncoder::new(paysync::codec::WireFormat::SingleObject),
-        s.secret_fields(),
-        metrics.clone(),
-        s.kafka.max_record_bytes,
-    ));
-    let publisher = Arc::new(
-        Publisher::new(
-            &producer_config(&s.kafka),
-            &t.output,
-            &t.dlq,
-            metrics.clone(),
-        )
-        .unwrap(),
-    );
-    let ledger = Arc::new(Ledger::new());
-    let engine_settings = EngineSettings {
-        input_topic: t.input.clone(),
-        max_in_flight: 8,
-        max_queued_per_key: 4,
-        commit_interval: Duration::from_millis(200),
-        drain_timeout: Duration::from_secs(5),
-    };
-    let consumer = Arc::new(
-        create_consumer(
-            &consumer_config(&s.kafka),
-            &engine_settings,
-            ledger.clone(),
-            metrics.clone(),
-        )
-        .unwrap(),
-    );
-    let engine = Engine::new(
-        consumer.clone(),
-        processor,
-        publisher.clone(),
-        ledger,
-        metrics.clone(),
-        engine_settings,
-    );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(engine.run(stop.clone()));
+    let mut gateways = std::collections::HashMap::new();
+    gateways.insert("cm".to_owned(), Arc::new(gateway));
+    let app = paysync::app::start_with(s, metrics.clone(), gateways)
+        .await
+        .unwrap();
 
     let producer = RawProducer::new(broker.bootstrap()).unwrap();
     for id in ["success-p-1", "panic-p-2", "success-p-3"] {
@@ -341,8 +295,7 @@ async fn a_check_that_panics_is_dead_lettered_as_internal_error_and_the_partitio
         sum_metric(&metrics.render(), "paysync_internal_errors_total", &[]),
         1.0
     );
-    stop.cancel();
-    task.await.unwrap();
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
