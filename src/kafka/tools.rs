@@ -184,22 +184,7 @@ impl RawProducer {
 
     /// Queues a record, waiting for queue space when the local queue is full.
     pub fn enqueue_blocking(&self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
-        loop {
-            let record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(topic).key(key).payload(value);
-            match self.producer.send_result(record) {
-                Ok(_) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => {
-                    self.producer.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(e.to_string()),
-            }
-        }
+        self.enqueue_raw(topic, None, Some(key), Some(value), &[])
     }
 
     /// Queues a record with headers as bytes and an optional partition, waiting for
