@@ -626,20 +626,32 @@ async fn a_briefly_unreachable_broker_is_waited_out() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     mock.broker_up().unwrap();
     let all = read_outputs_settled(broker.bootstrap(), &t, n, WAIT, Duration::from_secs(2)).await;
-    let covered: HashSet<(i32, i64)> = all.iter().map(|r| source_of(r, &t.input).0).collect();
+    let mut ids: HashMap<(i32, i64), HashSet<String>> = HashMap::new();
+    for r in &all {
+        let (position, event_id) = source_of(r, &t.input);
+        ids.entry(position).or_default().insert(event_id);
+    }
+    let covered: HashSet<(i32, i64)> = ids.keys().copied().collect();
     assert_eq!(
         covered, positions,
         "every request has an event after the outage"
+    );
+    // At least once: when the outage (plus the client's reconnect backoff) outlasts
+    // the session timeout, the coordinator expels the member, and the partitions'
+    // next owner (this member, after rejoining) redoes the uncommitted work. A
+    // repeat carries the same event_id.
+    assert!(
+        ids.values().all(|ids| ids.len() == 1),
+        "repeats carry the same event_id"
     );
     let text = metrics.render();
     assert!(
         sum_metric(&text, "paysync_publish_retries_total", &[]) > 0.0,
         "publishes failed and were retried"
     );
-    assert_eq!(
-        sum_metric(&text, "paysync_requests_total", &[]) as usize,
-        n,
-        "each request finished once"
+    assert!(
+        sum_metric(&text, "paysync_requests_total", &[]) as usize >= n,
+        "every request finished at least once"
     );
     app.stop().await;
     // Commits never pass unprocessed work. They need not reach the end: when the
