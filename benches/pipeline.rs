@@ -459,18 +459,20 @@ async fn baseline(
             value: m.payload().map(<[u8]>::to_vec),
             headers: Vec::new(),
             received: Instant::now(),
+            recheck: false,
         };
         let epoch = ledger.epoch(m.partition());
         let job = processor.prepare(incoming, epoch);
-        let out = processor.process(&job).await;
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&t.output);
-        if let Some(k) = &out.key {
-            record = record.key(k);
+        for out in processor.process(&job).await {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&t.output);
+            if let Some(k) = &out.key {
+                record = record.key(k);
+            }
+            if let Some(v) = &out.value {
+                record = record.payload(v);
+            }
+            producer.send(record, Timeout::Never).await.unwrap();
         }
-        if let Some(v) = &out.value {
-            record = record.payload(v);
-        }
-        producer.send(record, Timeout::Never).await.unwrap();
         consumer.commit_message(&m, CommitMode::Sync).unwrap();
         done += 1;
     }

@@ -22,7 +22,7 @@ use crate::kafka::engine::{create_consumer, Engine, EngineConsumer, EngineSettin
 use crate::kafka::producer::Publisher;
 use crate::kafka::{admin, consumer_config, producer_config};
 use crate::pipeline::ledger::Ledger;
-use crate::pipeline::process::Processor;
+use crate::pipeline::process::{FollowPlan, Processor};
 use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
 use crate::telemetry::Metrics;
@@ -79,12 +79,13 @@ impl StartupError {
 /// A running paysync instance.
 pub struct RunningApp {
     shutdown: CancellationToken,
-    engine: JoinHandle<()>,
+    /// The input engine first, then one per re-check topic.
+    engines: Vec<JoinHandle<()>>,
     server: JoinHandle<()>,
     topic_check: JoinHandle<()>,
     registry_refresh: Option<JoinHandle<()>>,
     publisher: Arc<Publisher>,
-    consumer: Arc<EngineConsumer>,
+    consumers: Vec<Arc<EngineConsumer>>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     ready: Probe,
@@ -107,18 +108,24 @@ impl RunningApp {
         (self.ready)().is_ok()
     }
 
-    /// Stops the consumer loop as a crash would (tests of `/healthz`).
+    /// Stops the input consumer loop as a crash would (tests of `/healthz`).
     #[doc(hidden)]
     pub fn abort_consumer_loop(&self) {
-        self.engine.abort();
+        if let Some(engine) = self.engines.first() {
+            engine.abort();
+        }
     }
 
-    /// Stops fetching, drains, commits, flushes and leaves the group.
+    /// Stops fetching, drains, commits, flushes and leaves the groups.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        match self.engine.await {
-            Err(e) if e.is_panic() => tracing::error!(error = %e, "the consumer loop panicked"),
-            _ => {}
+        for engine in self.engines {
+            match engine.await {
+                Err(e) if e.is_panic() => {
+                    tracing::error!(error = %e, "a consumer loop panicked")
+                }
+                _ => {}
+            }
         }
         self.topic_check.abort();
         if let Some(task) = &self.registry_refresh {
@@ -130,8 +137,8 @@ impl RunningApp {
             Err(e) => tracing::warn!(error = %e, "producer flush task failed"),
             Ok(Ok(())) => {}
         }
-        // Dropping the last handle closes the consumer and leaves the group.
-        drop(self.consumer);
+        // Dropping the last handles closes the consumers and leaves the groups.
+        drop(self.consumers);
         let _ = self.server.await;
         tracing::info!("stopped");
     }
@@ -201,19 +208,23 @@ pub async fn start_with(
             WireFormat::Confluent { schema_id: id }
         }
     };
-    let processor = Arc::new(Processor::new(
-        gateways,
-        DecodeOptions {
-            default_connector: settings.processing.default_connector.clone(),
-            default_merchant: settings.processing.default_merchant.clone(),
-            max_request_bytes: settings.processing.max_request_bytes,
-            accepted_schema_ids,
-        },
-        EventEncoder::new(format),
-        settings.secret_fields(),
-        metrics.clone(),
-        settings.kafka.max_record_bytes,
-    ));
+    let processor = Arc::new(
+        Processor::new(
+            gateways,
+            DecodeOptions {
+                default_connector: settings.processing.default_connector.clone(),
+                default_merchant: settings.processing.default_merchant.clone(),
+                max_request_bytes: settings.processing.max_request_bytes,
+                accepted_schema_ids,
+                default_follow: settings.processing.follow,
+            },
+            EventEncoder::new(format),
+            settings.secret_fields(),
+            metrics.clone(),
+            settings.kafka.max_record_bytes,
+        )
+        .with_follow(follow_plan(&settings)),
+    );
     let k = &settings.kafka;
     let publisher = Arc::new(
         Publisher::new(
@@ -227,26 +238,39 @@ pub async fn start_with(
             source,
         })?,
     );
-    let ledger = Arc::new(Ledger::new());
-    let engine_settings = EngineSettings {
-        input_topic: k.input_topic.clone(),
-        max_in_flight: settings.processing.max_in_flight,
-        max_queued_per_key: settings.processing.max_queued_per_key,
-        commit_interval: k.commit_interval,
-        drain_timeout: settings.processing.shutdown_timeout,
-    };
-    let consumer = Arc::new(
-        create_consumer(
-            &consumer_config(k),
-            &engine_settings,
-            ledger.clone(),
-            metrics.clone(),
-        )
-        .map_err(|source| StartupError::Kafka {
-            client: "consumer",
-            source,
-        })?,
-    );
+    // One engine for the input topic, and one per re-check topic (follow mode),
+    // each with its own consumer, ledger and in-flight bound.
+    let mut topics = vec![(k.input_topic.clone(), k.group_id.clone(), false)];
+    for (delay, topic) in settings.recheck_topics() {
+        topics.push((
+            topic,
+            format!("{}.recheck.{}s", k.group_id, delay.as_secs()),
+            true,
+        ));
+    }
+    let mut engines = Vec::with_capacity(topics.len());
+    for (topic, group, recheck) in topics {
+        let ledger = Arc::new(Ledger::new());
+        let engine_settings = EngineSettings {
+            input_topic: topic,
+            recheck,
+            max_in_flight: settings.processing.max_in_flight,
+            max_queued_per_key: settings.processing.max_queued_per_key,
+            commit_interval: k.commit_interval,
+            drain_timeout: settings.processing.shutdown_timeout,
+        };
+        let mut config = consumer_config(k);
+        config.set("group.id", &group);
+        let consumer = Arc::new(
+            create_consumer(&config, &engine_settings, ledger.clone(), metrics.clone()).map_err(
+                |source| StartupError::Kafka {
+                    client: "consumer",
+                    source,
+                },
+            )?,
+        );
+        engines.push((consumer, ledger, engine_settings));
+    }
     let addr = settings.http.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -256,13 +280,16 @@ pub async fn start_with(
         .map_err(|source| StartupError::Listen { addr, source })?;
 
     let topics_ok = Arc::new(AtomicBool::new(false));
-    let loop_alive = Arc::new(AtomicBool::new(true));
+    let loops_alive: Vec<Arc<AtomicBool>> = engines
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(true)))
+        .collect();
     let alive: Probe = {
-        let loop_alive = loop_alive.clone();
+        let loops_alive = loops_alive.clone();
         let publisher = publisher.clone();
         Arc::new(move || {
-            if !loop_alive.load(Ordering::Acquire) {
-                return Err("the consumer loop has stopped".into());
+            if loops_alive.iter().any(|a| !a.load(Ordering::Acquire)) {
+                return Err("a consumer loop has stopped".into());
             }
             if !publisher.is_healthy() {
                 return Err("the producer hit a fatal error".into());
@@ -271,9 +298,12 @@ pub async fn start_with(
         })
     };
     let ready: Probe = {
-        let consumer = consumer.clone();
+        let consumers: Vec<_> = engines.iter().map(|(c, _, _)| c.clone()).collect();
+        let ledgers: Vec<_> = engines
+            .iter()
+            .map(|(_, l, s)| (l.clone(), s.input_topic.clone()))
+            .collect();
         let topics_ok = topics_ok.clone();
-        let ledger = ledger.clone();
         let stuck_after = settings.processing.stuck_after;
         let alive = alive.clone();
         Arc::new(move || {
@@ -281,19 +311,22 @@ pub async fn start_with(
             if !topics_ok.load(Ordering::Acquire) {
                 return Err("waiting for the topics to exist".into());
             }
-            if !crate::kafka::engine::has_joined(&consumer) {
-                return Err("waiting to join the consumer group".into());
+            if !consumers
+                .iter()
+                .all(|c| crate::kafka::engine::has_joined(c))
+            {
+                return Err("waiting to join the consumer groups".into());
             }
-            readiness(&ledger.health(std::time::Instant::now()), stuck_after)
+            let now = std::time::Instant::now();
+            for (ledger, topic) in &ledgers {
+                readiness(&ledger.health(now), stuck_after).map_err(|e| format!("{topic}: {e}"))?;
+            }
+            Ok(())
         })
     };
     let topic_check = tokio::spawn(check_topics(
         publisher.clone(),
-        vec![
-            k.input_topic.clone(),
-            k.output_topic.clone(),
-            k.dead_letter_topic.clone(),
-        ],
+        settings.topics(),
         topics_ok,
     ));
     let shutdown = CancellationToken::new();
@@ -306,22 +339,27 @@ pub async fn start_with(
         },
         shutdown.clone(),
     ));
-    let engine = Engine::new(
-        consumer.clone(),
-        processor,
-        publisher.clone(),
-        ledger,
-        metrics.clone(),
-        engine_settings,
-    );
-    let engine = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            // Flips liveness off however the loop ends: returned, panicked or aborted.
-            let _alive = AliveGuard(loop_alive);
-            engine.run(shutdown).await;
+    let consumers: Vec<_> = engines.iter().map(|(c, _, _)| c.clone()).collect();
+    let engines: Vec<JoinHandle<()>> = engines
+        .into_iter()
+        .zip(loops_alive)
+        .map(|((consumer, ledger, engine_settings), alive)| {
+            let engine = Engine::new(
+                consumer,
+                processor.clone(),
+                publisher.clone(),
+                ledger,
+                metrics.clone(),
+                engine_settings,
+            );
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                // Flips liveness off however the loop ends: returned, panicked or aborted.
+                let _alive = AliveGuard(alive);
+                engine.run(shutdown).await;
+            })
         })
-    };
+        .collect();
     tracing::info!(
         brokers = %k.brokers,
         group_id = %k.group_id,
@@ -333,12 +371,12 @@ pub async fn start_with(
     );
     Ok(RunningApp {
         shutdown,
-        engine,
+        engines,
         server,
         topic_check,
         registry_refresh,
         publisher,
-        consumer,
+        consumers,
         metrics,
         http_addr,
         ready,
@@ -374,6 +412,22 @@ pub fn readiness(
         ));
     }
     Ok(())
+}
+
+/// Follow mode of every connector that has it, with the re-check topics.
+pub fn follow_plan(settings: &Settings) -> FollowPlan {
+    FollowPlan {
+        by_connector: settings
+            .connectors
+            .iter()
+            .filter_map(|(name, c)| c.follow.clone().map(|f| (name.clone(), Arc::new(f))))
+            .collect(),
+        topics: settings
+            .recheck_topics()
+            .into_iter()
+            .map(|(d, t)| (d, Arc::from(t.as_str())))
+            .collect(),
+    }
 }
 
 /// Keeps the accepted Confluent schema ids of Avro requests up to date with the

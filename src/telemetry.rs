@@ -39,6 +39,11 @@ pub struct Metrics {
     stalled_partitions: IntGauge,
     watermark_stuck: IntGaugeVec,
     token_refusals: IntCounterVec,
+    follow_unavailable: IntCounterVec,
+    rechecks_scheduled: IntCounterVec,
+    chains_ended: IntCounterVec,
+    recheck_lateness: HistogramVec,
+    pending_rechecks: IntGaugeVec,
 }
 
 /// Outcome of one request (`paysync_requests_total{outcome}`).
@@ -135,6 +140,17 @@ impl Metrics {
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(in_flight.clone()))
             .unwrap_or_else(|e| panic!("{e}"));
+        let recheck_lateness = HistogramVec::new(
+            HistogramOpts::new(
+                "paysync_recheck_lateness_seconds",
+                "How long after its due time a re-check was taken, seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["topic"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(recheck_lateness.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
         let internal_errors = IntCounter::new(
             "paysync_internal_errors_total",
             "Requests whose processing panicked (a bug); each was dead-lettered as internal_error.",
@@ -190,24 +206,24 @@ impl Metrics {
             ),
             in_flight,
             processing_duration,
-            consumer_lag: gauge_vec(r, "paysync_consumer_lag", "Messages behind the high watermark.", &["partition"]),
+            consumer_lag: gauge_vec(r, "paysync_consumer_lag", "Messages behind the high watermark (for a re-check topic: pending re-checks, waiting by design).", &["topic", "partition"]),
             prefetched: gauge_vec(
                 r,
                 "paysync_consumer_prefetched_messages",
                 "Messages fetched from the broker and waiting in the client's bounded queue (from librdkafka statistics).",
-                &["partition"],
+                &["topic", "partition"],
             ),
             committed_offset: gauge_vec(
                 r,
                 "paysync_committed_offset",
-                "Last offset committed for the input topic.",
-                &["partition"],
+                "Last offset committed.",
+                &["topic", "partition"],
             ),
             commit_gap: gauge_vec(
                 r,
                 "paysync_commit_gap",
                 "Highest finished offset + 1 minus the committed offset: work done but not committable yet.",
-                &["partition"],
+                &["topic", "partition"],
             ),
             publish_retries: counter(
                 r,
@@ -234,14 +250,39 @@ impl Metrics {
             watermark_stuck: gauge_vec(
                 r,
                 "paysync_commit_watermark_stuck_seconds",
-                "Seconds the partition's commit watermark has not moved while work is pending (0 when idle or moving).",
-                &["partition"],
+                "Seconds the partition's commit watermark has not moved while work is pending (0 when idle, moving, or waiting for a re-check to be due).",
+                &["topic", "partition"],
             ),
             token_refusals: counter(
                 r,
                 "paysync_token_refusals_total",
                 "Token requests refused by the connector's token endpoint (credentials), by account.",
                 &["connector", "account"],
+            ),
+            follow_unavailable: counter(
+                r,
+                "paysync_follow_unavailable_total",
+                "Requests that asked to follow a connector without follow mode (checked once).",
+                &["connector"],
+            ),
+            rechecks_scheduled: counter(
+                r,
+                "paysync_rechecks_scheduled_total",
+                "Re-checks scheduled (re-check records acknowledged by the broker).",
+                &["connector", "delay"],
+            ),
+            chains_ended: counter(
+                r,
+                "paysync_chains_ended_total",
+                "Follow chains ended: at a final status, or with the schedule used up.",
+                &["connector", "outcome"],
+            ),
+            recheck_lateness,
+            pending_rechecks: gauge_vec(
+                r,
+                "paysync_pending_rechecks",
+                "Re-checks waiting in a re-check topic (its lag on the partitions this member owns).",
+                &["topic"],
             ),
             registry,
         };
@@ -307,36 +348,73 @@ impl Metrics {
     }
 
     /// Consumer lag of a partition.
-    pub fn set_lag(&self, partition: i32, lag: i64) {
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
         self.consumer_lag
-            .with_label_values(&[&partition.to_string()])
+            .with_label_values(&[topic, &partition.to_string()])
             .set(lag);
     }
 
     /// Messages fetched and not yet taken by the engine, for a partition.
-    pub fn set_prefetched(&self, partition: i32, messages: i64) {
+    pub fn set_prefetched(&self, topic: &str, partition: i32, messages: i64) {
         self.prefetched
-            .with_label_values(&[&partition.to_string()])
+            .with_label_values(&[topic, &partition.to_string()])
             .set(messages);
     }
 
     /// Commit progress of a partition.
-    pub fn set_commit(&self, partition: i32, committed: i64, gap: i64) {
+    pub fn set_commit(&self, topic: &str, partition: i32, committed: i64, gap: i64) {
         let p = partition.to_string();
         self.committed_offset
-            .with_label_values(&[&p])
+            .with_label_values(&[topic, &p])
             .set(committed);
-        self.commit_gap.with_label_values(&[&p]).set(gap);
+        self.commit_gap.with_label_values(&[topic, &p]).set(gap);
     }
 
     /// Drops the per-partition series of a partition this member no longer owns.
-    pub fn forget_partition(&self, partition: i32) {
+    pub fn forget_partition(&self, topic: &str, partition: i32) {
         let p = partition.to_string();
-        let _ = self.consumer_lag.remove_label_values(&[&p]);
-        let _ = self.prefetched.remove_label_values(&[&p]);
-        let _ = self.committed_offset.remove_label_values(&[&p]);
-        let _ = self.commit_gap.remove_label_values(&[&p]);
-        let _ = self.watermark_stuck.remove_label_values(&[&p]);
+        let labels = [topic, p.as_str()];
+        let _ = self.consumer_lag.remove_label_values(&labels);
+        let _ = self.prefetched.remove_label_values(&labels);
+        let _ = self.committed_offset.remove_label_values(&labels);
+        let _ = self.commit_gap.remove_label_values(&labels);
+        let _ = self.watermark_stuck.remove_label_values(&labels);
+    }
+
+    /// A request asked to follow a connector without follow mode (checked once).
+    pub fn follow_unavailable(&self, connector: &str) {
+        self.follow_unavailable
+            .with_label_values(&[connector])
+            .inc();
+    }
+
+    /// A re-check was scheduled (its record acknowledged).
+    pub fn recheck_scheduled(&self, connector: &str, delay_secs: u64) {
+        self.rechecks_scheduled
+            .with_label_values(&[connector, &format!("{delay_secs}s")])
+            .inc();
+    }
+
+    /// A follow chain ended.
+    pub fn chain_ended(&self, connector: &str, outcome: &str) {
+        self.chains_ended
+            .with_label_values(&[connector, outcome])
+            .inc();
+    }
+
+    /// A re-check was taken this long after it was due.
+    pub fn recheck_lateness(&self, topic: &str, late: Duration) {
+        self.recheck_lateness
+            .with_label_values(&[topic])
+            .observe(late.as_secs_f64());
+    }
+
+    /// Re-checks waiting in a re-check topic (the lag of the topic's partitions
+    /// this member owns).
+    pub fn set_pending_rechecks(&self, topic: &str, pending: i64) {
+        self.pending_rechecks
+            .with_label_values(&[topic])
+            .set(pending);
     }
 
     /// A publish is retried.
@@ -380,9 +458,9 @@ impl Metrics {
     }
 
     /// How long a partition's watermark has been stuck with work pending.
-    pub fn set_watermark_stuck(&self, partition: i32, stuck: Duration) {
+    pub fn set_watermark_stuck(&self, topic: &str, partition: i32, stuck: Duration) {
         self.watermark_stuck
-            .with_label_values(&[&partition.to_string()])
+            .with_label_values(&[topic, &partition.to_string()])
             .set(i64::try_from(stuck.as_secs()).unwrap_or(i64::MAX));
     }
 
@@ -474,8 +552,8 @@ mod tests {
         m.token_refresh("cm");
         m.set_in_flight(3);
         m.request_done(Outcome::Synced, std::time::Instant::now());
-        m.set_lag(0, 10);
-        m.set_commit(0, 5, 1);
+        m.set_lag("in", 0, 10);
+        m.set_commit("in", 0, 5, 1);
         let text = m.render();
         for name in [
             "paysync_requests_total",

@@ -30,6 +30,7 @@ use serde::{Serialize, Serializer};
 use url::Url;
 
 pub use crate::connectors::gateway::GatewaySettings;
+pub use crate::pipeline::follow::{FollowSettings, PublishMode};
 pub use env::ENV_PREFIX;
 pub use raw::{SecretSource, DEFAULT_CONNECTOR};
 
@@ -130,6 +131,8 @@ pub struct KafkaSettings {
     pub output_topic: String,
     /// Dead-letter topic.
     pub dead_letter_topic: String,
+    /// Re-check topics are `<prefix>.<seconds>s` (default `<input_topic>.recheck`).
+    pub recheck_topic_prefix: String,
     /// How often the commit watermark is committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -188,6 +191,8 @@ pub struct ProcessingSettings {
     /// long while work is pending.
     #[serde(with = "humantime_serde")]
     pub stuck_after: Duration,
+    /// Whether a request that says nothing about following is followed.
+    pub follow: bool,
 }
 
 /// HTTP server settings.
@@ -233,6 +238,8 @@ pub struct ConnectorSettings {
     /// What its gateway needs: base URL, timeouts, retries, circuit, accounts.
     #[serde(flatten)]
     pub gateway: GatewaySettings,
+    /// Follow mode, when `[connectors.<name>.follow]` exists.
+    pub follow: Option<FollowSettings>,
 }
 
 /// The validated settings of one paysync process.
@@ -308,11 +315,28 @@ impl Settings {
 
     /// Every topic this configuration reads or writes (paysync creates none).
     pub fn topics(&self) -> Vec<String> {
-        vec![
+        let mut topics = vec![
             self.kafka.input_topic.clone(),
             self.kafka.output_topic.clone(),
             self.kafka.dead_letter_topic.clone(),
-        ]
+        ];
+        topics.extend(self.recheck_topics().into_values());
+        topics
+    }
+
+    /// The re-check topic of every delay a connector with follow mode uses.
+    pub fn recheck_topics(&self) -> BTreeMap<Duration, String> {
+        self.connectors
+            .values()
+            .filter_map(|c| c.follow.as_ref())
+            .flat_map(|f| f.schedule.iter().map(|(d, _)| *d))
+            .map(|d| {
+                (
+                    d,
+                    crate::pipeline::follow::recheck_topic(&self.kafka.recheck_topic_prefix, d),
+                )
+            })
+            .collect()
     }
 
     /// Which secret fields events carry.

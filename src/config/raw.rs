@@ -99,6 +99,8 @@ pub(super) struct RawKafka {
     pub output_topic: String,
     #[serde(deserialize_with = "lenient_string")]
     pub dead_letter_topic: String,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub recheck_topic_prefix: Option<String>,
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     #[serde(deserialize_with = "lenient_map")]
@@ -117,6 +119,8 @@ impl Default for RawKafka {
             input_topic: "payment-status-requests".into(),
             output_topic: "payment-status-events".into(),
             dead_letter_topic: "payment-status-requests.dlq".into(),
+            // `<input_topic>.recheck` (depends on the input topic; see validate.rs).
+            recheck_topic_prefix: None,
             commit_interval: Duration::from_secs(1),
             common: BTreeMap::new(),
             consumer: BTreeMap::new(),
@@ -159,6 +163,7 @@ pub(super) struct RawProcessing {
     pub shutdown_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub stuck_after: Duration,
+    pub follow: bool,
 }
 
 impl Default for RawProcessing {
@@ -172,6 +177,7 @@ impl Default for RawProcessing {
             default_merchant: "default".into(),
             shutdown_timeout: Duration::from_secs(30),
             stuck_after: Duration::from_secs(300),
+            follow: false,
         }
     }
 }
@@ -234,6 +240,7 @@ pub(super) struct RawConnector {
     pub circuit: RawCircuit,
     pub rate_limit: Option<RawRateLimit>,
     pub accounts: BTreeMap<String, serde_json::Value>,
+    pub follow: Option<RawFollow>,
 }
 
 impl Default for RawConnector {
@@ -248,6 +255,7 @@ impl Default for RawConnector {
             circuit: RawCircuit::default(),
             rate_limit: None,
             accounts: BTreeMap::new(),
+            follow: None,
         }
     }
 }
@@ -294,6 +302,26 @@ impl Default for RawCircuit {
             failure_threshold: 5,
             cooldown: Duration::from_secs(5),
             max_cooldown: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[connectors.<name>.follow]`: follow mode is on for the connector when it exists.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawFollow {
+    /// `(delay, count)` tiers, delays in whole seconds.
+    pub schedule: Vec<(String, i64)>,
+    #[serde(deserialize_with = "lenient_string")]
+    pub publish: String,
+}
+
+impl Default for RawFollow {
+    /// Hyperswitch's default: one re-check after 60 s, then five every 300 s.
+    fn default() -> Self {
+        RawFollow {
+            schedule: vec![("60s".into(), 1), ("300s".into(), 5)],
+            publish: "changes".into(),
         }
     }
 }

@@ -250,3 +250,79 @@ fn secrets_never_print() {
         .to_masked_toml()
         .contains("\"sasl.password\" = \"********\""));
 }
+
+#[test]
+fn follow_mode_tables_and_their_topics() {
+    let s = load(
+        &format!("{MINIMAL}\n[connectors.cm.follow]\n"),
+        &[("PAYSYNC_PROCESSING__FOLLOW", "true")],
+    )
+    .unwrap();
+    let f = s.connectors["cm"].follow.as_ref().unwrap();
+    assert_eq!(
+        f.schedule,
+        vec![(Duration::from_secs(60), 1), (Duration::from_secs(300), 5)],
+        "the default schedule"
+    );
+    assert_eq!(f.publish, PublishMode::Changes);
+    assert!(s.processing.follow);
+    assert_eq!(
+        s.topics(),
+        vec![
+            "payment-status-requests",
+            "payment-status-events",
+            "payment-status-requests.dlq",
+            "payment-status-requests.recheck.60s",
+            "payment-status-requests.recheck.300s",
+        ]
+    );
+    // No table, no follow mode and no re-check topics.
+    let s = load(MINIMAL, &[]).unwrap();
+    assert!(s.connectors["cm"].follow.is_none());
+    assert_eq!(s.topics().len(), 3);
+    // A prefix, a schedule, every_check; the environment can switch it on.
+    let s = load(
+        &format!("{MINIMAL}\n[kafka]\nrecheck_topic_prefix = \"rc\"\n[connectors.cm.follow]\nschedule = [[\"2s\", 3], [\"1m\", 1]]\npublish = \"every_check\"\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        s.connectors["cm"].follow.as_ref().unwrap().publish,
+        PublishMode::EveryCheck
+    );
+    assert_eq!(
+        s.recheck_topics().into_values().collect::<Vec<_>>(),
+        vec!["rc.2s", "rc.60s"]
+    );
+    let s = load(
+        MINIMAL,
+        &[("PAYSYNC_CONNECTORS__CM__FOLLOW__PUBLISH", "changes")],
+    )
+    .unwrap();
+    assert!(s.connectors["cm"].follow.is_some());
+    for (table, key) in [
+        (
+            "schedule = [[\"500ms\", 1]]",
+            "connectors.cm.follow.schedule",
+        ),
+        (
+            "schedule = [[\"1.5s\", 1]]",
+            "connectors.cm.follow.schedule",
+        ),
+        ("schedule = [[\"10s\", 0]]", "connectors.cm.follow.schedule"),
+        ("schedule = []", "connectors.cm.follow.schedule"),
+        (
+            "schedule = [[\"soon\", 1]]",
+            "connectors.cm.follow.schedule",
+        ),
+        ("publish = \"sometimes\"", "connectors.cm.follow.publish"),
+        ("every = 1", "connectors.cm.follow"),
+    ] {
+        let err = load(
+            &format!("{MINIMAL}\n[connectors.cm.follow]\n{table}\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.key.starts_with(key), "{table}: {err}");
+    }
+}

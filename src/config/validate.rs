@@ -8,12 +8,13 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::raw::{
-    RawApiKeyAccount, RawClientCredentialsAccount, RawConnector, RawKafka, RawProcessing,
-    RawRegistry, RawSettings, SecretSource,
+    RawApiKeyAccount, RawClientCredentialsAccount, RawConnector, RawFollow, RawKafka,
+    RawProcessing, RawRegistry, RawSettings, SecretSource,
 };
 use super::{
-    ConfigError, ConnectorSettings, EventSettings, HttpSettings, KafkaProperties, KafkaSettings,
-    LogFormat, LogSettings, ProcessingSettings, RegistrySettings, Settings, DEAD_LETTER_RESERVE,
+    ConfigError, ConnectorSettings, EventSettings, FollowSettings, HttpSettings, KafkaProperties,
+    KafkaSettings, LogFormat, LogSettings, ProcessingSettings, PublishMode, RegistrySettings,
+    Settings, DEAD_LETTER_RESERVE,
 };
 use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credentials};
 use crate::connectors::breaker::BreakerSettings;
@@ -177,6 +178,11 @@ fn kafka(k: RawKafka) -> Result<KafkaSettings, ConfigError> {
         input_topic: topic("kafka.input_topic", &k.input_topic)?,
         output_topic: topic("kafka.output_topic", &k.output_topic)?,
         dead_letter_topic: topic("kafka.dead_letter_topic", &k.dead_letter_topic)?,
+        recheck_topic_prefix: topic(
+            "kafka.recheck_topic_prefix",
+            &k.recheck_topic_prefix
+                .unwrap_or_else(|| format!("{}.recheck", k.input_topic)),
+        )?,
         commit_interval: duration("kafka.commit_interval", k.commit_interval)?,
         common: KafkaProperties(k.common),
         consumer: KafkaProperties(k.consumer),
@@ -234,6 +240,7 @@ fn processing(p: RawProcessing, kafka: &KafkaSettings) -> Result<ProcessingSetti
         default_merchant: non_empty("processing.default_merchant", &p.default_merchant)?,
         shutdown_timeout: duration("processing.shutdown_timeout", p.shutdown_timeout)?,
         stuck_after: duration("processing.stuck_after", p.stuck_after)?,
+        follow: p.follow,
     };
     if processing.max_request_bytes + DEAD_LETTER_RESERVE > kafka.max_record_bytes {
         return Err(ConfigError::new(
@@ -367,7 +374,9 @@ fn connector(name: &str, c: RawConnector, env: Env<'_>) -> Result<ConnectorSetti
             })
         }
     };
+    let follow = c.follow.map(|f| follow(&key("follow"), f)).transpose()?;
     Ok(ConnectorSettings {
+        follow,
         gateway: GatewaySettings {
             base_url,
             connect_timeout: duration(&key("connect_timeout"), c.connect_timeout)?,
@@ -385,6 +394,44 @@ fn connector(name: &str, c: RawConnector, env: Env<'_>) -> Result<ConnectorSetti
             accounts,
         },
     })
+}
+
+fn follow(key: &str, f: RawFollow) -> Result<FollowSettings, ConfigError> {
+    let schedule_key = format!("{key}.schedule");
+    let mut schedule = Vec::with_capacity(f.schedule.len());
+    for (delay, count) in &f.schedule {
+        let d = humantime::parse_duration(delay.trim()).map_err(|e| {
+            ConfigError::new(
+                &schedule_key,
+                format!("`{delay}` is not a duration like 60s: {e}"),
+            )
+        })?;
+        if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
+            return Err(ConfigError::new(
+                &schedule_key,
+                format!("`{delay}`: delays are whole seconds, at least 1s"),
+            ));
+        }
+        let d = duration(&schedule_key, d)?;
+        schedule.push((d, bounded_u32(&schedule_key, *count, 1, 1000)?));
+    }
+    if schedule.is_empty() {
+        return Err(ConfigError::new(
+            &schedule_key,
+            "needs at least one (delay, count) tier",
+        ));
+    }
+    let publish = match f.publish.as_str() {
+        "changes" => PublishMode::Changes,
+        "every_check" => PublishMode::EveryCheck,
+        other => {
+            return Err(ConfigError::new(
+                format!("{key}.publish"),
+                format!("`{other}` is not one of changes, every_check"),
+            ))
+        }
+    };
+    Ok(FollowSettings { schedule, publish })
 }
 
 impl RawSettings {

@@ -299,6 +299,14 @@ pub struct SecretFields {
 pub struct Envelope {
     /// Deterministic id, see [`event_id`].
     pub event_id: String,
+    /// Which check of a follow chain this is (1 for the first and for requests
+    /// that do not follow).
+    pub check_number: u32,
+    /// The status is final for the connector.
+    pub is_final: bool,
+    /// When the chain's next check is due (ms since the epoch); `None` when the
+    /// chain ended or was never followed.
+    pub next_check_at_ms: Option<i64>,
     /// Milliseconds since the epoch when the answer was observed.
     pub observed_at_ms: i64,
     /// Connector calls made (including retries and the call after a token refresh).
@@ -311,10 +319,22 @@ pub struct Envelope {
 const EVENT_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6b1f_4a0e_93d2_4c6f_8e71_2f0c_a5d3_9b14);
 
-/// The event id for the request at `topic`/`partition`/`offset`: a UUIDv5, so a
-/// re-delivered request yields the same id.
+/// The event id for the request at `topic`/`partition`/`offset`: a UUIDv5 of
+/// `"<topic>:<partition>:<offset>"`, so a re-delivered request yields the same id.
 pub fn event_id(topic: &str, partition: i32, offset: i64) -> String {
-    let name = format!("{topic}:{partition}:{offset}");
+    check_event_id(topic, partition, offset, 1)
+}
+
+/// The event id of check `check` of the follow chain that began with the request
+/// at `topic`/`partition`/`offset`: the plain [`event_id`] for the first check,
+/// the UUIDv5 of `"<topic>:<partition>:<offset>:<check>"` after that, so a
+/// duplicated re-check record yields the same id.
+pub fn check_event_id(topic: &str, partition: i32, offset: i64, check: u32) -> String {
+    let name = if check <= 1 {
+        format!("{topic}:{partition}:{offset}")
+    } else {
+        format!("{topic}:{partition}:{offset}:{check}")
+    };
     uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes()).to_string()
 }
 
@@ -369,6 +389,9 @@ pub struct PaymentStatusEvent {
     pub refunded_amount: Option<i64>,
     pub refund_pending_amount: Option<i64>,
     pub connector_status: Option<String>,
+    pub check_number: i32,
+    pub is_final: bool,
+    pub next_check_at_ms: Option<i64>,
 }
 
 impl PaymentStatusEvent {
@@ -420,6 +443,9 @@ impl PaymentStatusEvent {
             refunded_amount: None,
             refund_pending_amount: None,
             connector_status: None,
+            check_number: i32::try_from(envelope.check_number).unwrap_or(i32::MAX),
+            is_final: envelope.is_final,
+            next_check_at_ms: envelope.next_check_at_ms,
         };
         match outcome {
             Ok(report) => {
@@ -502,10 +528,27 @@ mod tests {
     fn envelope() -> Envelope {
         Envelope {
             event_id: event_id("in", 0, 7),
+            check_number: 1,
+            is_final: false,
+            next_check_at_ms: None,
             observed_at_ms: 1_700_000_000_000,
             attempts: 2,
             raw_request: Some("GET https://api/x".into()),
         }
+    }
+
+    #[test]
+    fn check_event_ids_extend_the_first_checks() {
+        assert_eq!(check_event_id("in", 0, 7, 1), event_id("in", 0, 7));
+        assert_ne!(check_event_id("in", 0, 7, 2), event_id("in", 0, 7));
+        assert_eq!(check_event_id("in", 0, 7, 2), check_event_id("in", 0, 7, 2));
+        assert_ne!(check_event_id("in", 0, 7, 2), check_event_id("in", 0, 7, 3));
+        // UUIDv5 in paysync's namespace of "<topic>:<partition>:<offset>:<check>",
+        // as an independent consumer computes it (Python: uuid.uuid5).
+        assert_eq!(
+            check_event_id("in", 0, 7, 2),
+            uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, b"in:0:7:2").to_string()
+        );
     }
 
     #[test]

@@ -243,6 +243,8 @@ pub struct StatusCheckRequest {
     pub payment_experience: Option<PaymentExperience>,
     /// Per-request idempotency token.
     pub merchant_request_id: Option<String>,
+    /// Keep re-checking on the connector's schedule until the status is final.
+    pub follow: bool,
 }
 
 impl fmt::Debug for StatusCheckRequest {
@@ -254,6 +256,7 @@ impl fmt::Debug for StatusCheckRequest {
             .field("merchant_id", &self.merchant_id)
             .field("request_id", &self.request_id)
             .field("payment_method_type", &self.payment_method_type)
+            .field("follow", &self.follow)
             .field("amount", &self.amount)
             .field("metadata", &self.metadata.as_ref().map(|_| "[REDACTED]"))
             .field(
@@ -287,6 +290,7 @@ impl StatusCheckRequest {
             test_mode: None,
             payment_experience: None,
             merchant_request_id: None,
+            follow: false,
         }
     }
 }

@@ -14,6 +14,15 @@
 //! (rebalances, commit results, statistics, errors) is served all the time, so the
 //! member stays in its group during a long stall. Nothing is discarded and
 //! refetched, so offsets reach the engine contiguously and in order.
+//!
+//! One engine consumes one topic. paysync runs one for the input topic and, in
+//! follow mode, one per re-check topic (each in its own consumer group,
+//! `<group_id>.recheck.<seconds>s`). A re-check engine holds the head of each
+//! partition until it is due (its `paysync-follow-due` header) and reads nothing
+//! past it meanwhile: re-check records of one topic share one delay, so a
+//! partition's records come due in order. The held head is one record per
+//! partition; what waits behind it stays in the broker (or in librdkafka's bounded
+//! prefetch), so memory does not grow with the number of pending re-checks.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,8 +44,11 @@ use tracing::Instrument;
 
 use super::producer::{Delivery, Publisher};
 use crate::codec::RejectCode;
+use crate::pipeline::follow;
 use crate::pipeline::ledger::{Arrival, Epoch, GapDecision, GapPolicy, Ledger, Position, Ticket};
-use crate::pipeline::process::{Incoming, PipelineJob, Processor, Work};
+use crate::pipeline::process::{
+    now_ms, Destination, Incoming, Milestone, PipelineJob, Processor, Work,
+};
 use crate::pipeline::scheduler::{Admission, Scheduler};
 use crate::telemetry::Metrics;
 
@@ -46,8 +58,10 @@ const READ_BATCH: usize = 64;
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Input topic.
+    /// The topic this engine consumes.
     pub input_topic: String,
+    /// It is a re-check topic: hold each partition's head until it is due.
+    pub recheck: bool,
     /// In-flight bound.
     pub max_in_flight: usize,
     /// Per-key bound.
@@ -66,6 +80,7 @@ enum Note {
 /// The consumer context: rebalance callbacks, commit results, statistics.
 pub struct EngineContext {
     input_topic: String,
+    recheck: bool,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
     drain_timeout: Duration,
@@ -115,7 +130,7 @@ impl EngineContext {
         let positions = blocking(|| self.ledger.revoke(partitions, deadline, deadline));
         let committed = commit_positions(consumer, &self.input_topic, &positions, CommitMode::Sync);
         for p in partitions {
-            self.metrics.forget_partition(*p);
+            self.metrics.forget_partition(&self.input_topic, *p);
         }
         tracing::info!(?partitions, committed = ?committed, "partitions revoked");
     }
@@ -172,13 +187,21 @@ impl ClientContext for EngineContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let mut pending = 0;
         for (partition, p) in &topic.partitions {
             if assigned.contains(partition) {
                 if p.consumer_lag >= 0 {
-                    self.metrics.set_lag(*partition, p.consumer_lag);
+                    self.metrics
+                        .set_lag(&self.input_topic, *partition, p.consumer_lag);
+                    pending += p.consumer_lag;
                 }
-                self.metrics.set_prefetched(*partition, p.fetchq_cnt.max(0));
+                self.metrics
+                    .set_prefetched(&self.input_topic, *partition, p.fetchq_cnt.max(0));
             }
+        }
+        if self.recheck {
+            self.metrics
+                .set_pending_rechecks(&self.input_topic, pending);
         }
     }
 
@@ -232,8 +255,12 @@ impl ConsumerContext for EngineContext {
                     }
                 }
                 for p in self.ledger.positions() {
-                    self.metrics
-                        .set_commit(p.partition, p.committed.unwrap_or(p.watermark), p.gap);
+                    self.metrics.set_commit(
+                        &self.input_topic,
+                        p.partition,
+                        p.committed.unwrap_or(p.watermark),
+                        p.gap,
+                    );
                 }
             }
             Err(e) => tracing::warn!(error = %e, "offset commit failed"),
@@ -258,6 +285,7 @@ pub fn create_consumer(
 ) -> Result<EngineConsumer, rdkafka::error::KafkaError> {
     let context = EngineContext {
         input_topic: settings.input_topic.clone(),
+        recheck: settings.recheck,
         ledger,
         metrics,
         drain_timeout: settings.drain_timeout,
@@ -283,6 +311,81 @@ struct Done {
     key: Option<String>,
 }
 
+/// Publishes a job's records in order (an event, then the chain's re-check
+/// record; or a dead letter). True when all were acknowledged: only then is the
+/// job's offset done, so a re-check record is acknowledged before the offset that
+/// produced it can be committed. An event the broker refuses turns the job into a
+/// `publish_refused` dead letter (and its chain, if any, ends there).
+async fn publish_all(
+    processor: &Processor,
+    publisher: &Publisher,
+    metrics: &Metrics,
+    job: &PipelineJob,
+    records: Vec<crate::pipeline::process::Outgoing>,
+    ticket: &Ticket,
+) -> bool {
+    let mut records = records.into_iter();
+    let mut outcome = crate::telemetry::Outcome::Invalid;
+    let mut summary = String::new();
+    while let Some(out) = records.next() {
+        let (out, delivery) = match publisher.publish(&out, ticket).await {
+            Delivery::Refused(reason) => {
+                // The broker will never take this event: keep the request instead.
+                tracing::warn!(%reason, "the broker refuses the event; dead-lettering the request");
+                records = Vec::new().into_iter();
+                let dead = processor.dead_letter(
+                    &job.incoming,
+                    RejectCode::PublishRefused,
+                    &format!("the event could not be published: {reason}"),
+                );
+                let delivery = publisher.publish(&dead, ticket).await;
+                (dead, delivery)
+            }
+            delivery => (out, delivery),
+        };
+        match delivery {
+            Delivery::Published => {
+                match &out.destination {
+                    Destination::Events => metrics.event_published(out.label),
+                    Destination::DeadLetters => metrics.dead_lettered(out.label),
+                    Destination::Recheck(_) => {}
+                }
+                match &out.milestone {
+                    Some(Milestone::RecheckScheduled {
+                        connector,
+                        delay_secs,
+                    }) => metrics.recheck_scheduled(connector, *delay_secs),
+                    Some(Milestone::ChainEnded { connector, end }) => {
+                        metrics.chain_ended(connector, end.label())
+                    }
+                    None => {}
+                }
+                if summary.is_empty() {
+                    outcome = out.outcome;
+                    summary.clone_from(&out.summary);
+                }
+            }
+            Delivery::Abandoned => {
+                tracing::info!("abandoned: partition no longer owned");
+                return false;
+            }
+            Delivery::Refused(reason) => {
+                tracing::error!(%reason, "a dead letter was refused; the offset stays uncommitted");
+                return false;
+            }
+        }
+    }
+    metrics.request_done(outcome, job.incoming.received);
+    tracing::info!(result = %summary, "processed");
+    true
+}
+
+/// How long until `due_ms` (ms since the epoch); zero when it has passed.
+fn until(due_ms: Option<i64>) -> Duration {
+    let wait = due_ms.map_or(0, |d| d.saturating_sub(now_ms()));
+    Duration::from_millis(u64::try_from(wait).unwrap_or(0))
+}
+
 /// Releases a job's accounting however its task ends (even by panic).
 struct JobGuard {
     key: Option<String>,
@@ -304,7 +407,7 @@ impl Drop for JobGuard {
     }
 }
 
-fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Incoming {
+fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>, recheck: bool) -> Incoming {
     // As bytes: rdkafka's own reader panics on a header name that is not UTF-8.
     let headers = message
         .headers()
@@ -318,6 +421,7 @@ fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Incoming {
         value: message.payload().map(<[u8]>::to_vec),
         headers,
         received: Instant::now(),
+        recheck,
     }
 }
 
@@ -328,6 +432,9 @@ struct Source {
     /// The queue may hold messages: set by librdkafka when it becomes non-empty,
     /// and by the engine when it stops reading before the queue ran dry.
     ready: Arc<AtomicBool>,
+    /// Re-check engines: the partition's head, read but not yet due, with its due
+    /// time (ms since the epoch). Nothing past it is read until it is taken.
+    held: Option<(Incoming, i64)>,
 }
 
 /// The running engine.
@@ -353,6 +460,8 @@ pub struct Engine {
     /// Offsets one partition may hold in memory (unfinished, or finished behind an
     /// unfinished one) before the engine stops reading it.
     max_held: usize,
+    /// Re-check engines: when the earliest held head comes due (ms since the epoch).
+    next_due: Option<i64>,
 }
 
 impl Engine {
@@ -383,6 +492,7 @@ impl Engine {
             done_rx,
             tasks: JoinSet::new(),
             max_held,
+            next_due: None,
         }
     }
 
@@ -425,6 +535,7 @@ impl Engine {
                     self.report_health();
                 }
                 () = context.wake.notified() => {}
+                () = tokio::time::sleep(until(self.next_due)), if self.next_due.is_some() => {}
                 () = tokio::task::yield_now(), if more => {}
             }
         }
@@ -450,7 +561,8 @@ impl Engine {
         self.metrics
             .set_stalled_partitions(health.iter().filter(|h| h.stalled.is_some()).count());
         for h in &health {
-            self.metrics.set_watermark_stuck(h.partition, h.stuck_for);
+            self.metrics
+                .set_watermark_stuck(&self.settings.input_topic, h.partition, h.stuck_for);
         }
     }
 
@@ -464,7 +576,7 @@ impl Engine {
             let served = context.served.load(Ordering::Relaxed);
             match consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => {
-                    let incoming = incoming(&m, &self.topic);
+                    let incoming = incoming(&m, &self.topic, self.settings.recheck);
                     drop(m);
                     self.apply_notes();
                     self.on_message(incoming);
@@ -481,6 +593,7 @@ impl Engine {
     /// in-flight bound has room. Returns true when it stopped with messages left
     /// that could be taken now (batch limit), so the loop comes back at once.
     fn read_partitions(&mut self) -> bool {
+        self.next_due = None;
         if self.sources.is_empty() || self.scheduler.saturated() {
             return false;
         }
@@ -492,6 +605,18 @@ impl Engine {
             let p = self.sources[i].partition;
             if self.scheduler.parked_in(p) > 0 || self.held_back(p) {
                 continue;
+            }
+            // A re-check partition's head that is not due yet holds the partition.
+            if let Some((_, due)) = &self.sources[i].held {
+                let due = *due;
+                if due > now_ms() {
+                    self.note_due(due);
+                    continue;
+                }
+                if let Some((incoming, due)) = self.sources[i].held.take() {
+                    self.take_due(incoming, due);
+                }
+                self.sources[i].ready.store(true, Ordering::Release);
             }
             if !self.sources[i].ready.swap(false, Ordering::AcqRel) {
                 continue;
@@ -510,10 +635,20 @@ impl Engine {
                 }
                 match self.sources[i].queue.poll(Duration::ZERO) {
                     Some(Ok(m)) => {
-                        let incoming = incoming(&m, &self.topic);
+                        let incoming = incoming(&m, &self.topic, self.settings.recheck);
                         drop(m);
-                        self.on_message(incoming);
                         taken += 1;
+                        if self.settings.recheck {
+                            let due = follow::due_ms(&incoming.headers).unwrap_or(0);
+                            if due > now_ms() {
+                                self.sources[i].held = Some((incoming, due));
+                                self.note_due(due);
+                                break;
+                            }
+                            self.take_due(incoming, due);
+                        } else {
+                            self.on_message(incoming);
+                        }
                     }
                     Some(Err(e)) => tracing::warn!(partition = p, error = %e, "consume error"),
                     None => break,
@@ -524,6 +659,21 @@ impl Engine {
             }
         }
         more
+    }
+
+    /// The earliest time a held re-check comes due.
+    fn note_due(&mut self, due_ms: i64) {
+        self.next_due = Some(self.next_due.map_or(due_ms, |d| d.min(due_ms)));
+    }
+
+    /// A re-check whose due time has come: how late it is taken is measured.
+    fn take_due(&mut self, incoming: Incoming, due_ms: i64) {
+        if due_ms > 0 {
+            let late = u64::try_from(now_ms().saturating_sub(due_ms)).unwrap_or(0);
+            self.metrics
+                .recheck_lateness(&self.settings.input_topic, Duration::from_millis(late));
+        }
+        self.on_message(incoming);
     }
 
     /// A partition stopped by a refused dead letter is not read (it resumes by
@@ -592,6 +742,7 @@ impl Engine {
             partition,
             queue,
             ready,
+            held: None,
         });
     }
 
@@ -694,37 +845,9 @@ impl Engine {
         self.tasks.spawn(
             async move {
                 let mut guard = guard;
-                let mut out = processor.process(&job).await;
-                let mut delivery = publisher.publish(&out, &ticket).await;
-                if let Delivery::Refused(reason) = &delivery {
-                    // The broker will never take this event: keep the request.
-                    tracing::warn!(%reason, "the broker refuses the event; dead-lettering the request");
-                    out = processor.dead_letter(
-                        &job.incoming,
-                        RejectCode::PublishRefused,
-                        &format!("the event could not be published: {reason}"),
-                    );
-                    delivery = publisher.publish(&out, &ticket).await;
-                }
-                match delivery {
-                    Delivery::Published => {
-                        guard.published = true;
-                        match out.destination {
-                            crate::pipeline::process::Destination::Events => {
-                                metrics.event_published(out.label)
-                            }
-                            crate::pipeline::process::Destination::DeadLetters => {
-                                metrics.dead_lettered(out.label)
-                            }
-                        }
-                        metrics.request_done(out.outcome, job.incoming.received);
-                        tracing::info!(result = %out.summary, "processed");
-                    }
-                    Delivery::Abandoned => tracing::info!("abandoned: partition no longer owned"),
-                    Delivery::Refused(reason) => {
-                        tracing::error!(%reason, "a dead letter was refused; the offset stays uncommitted")
-                    }
-                }
+                let records = processor.process(&job).await;
+                guard.published =
+                    publish_all(&processor, &publisher, &metrics, &job, records, &ticket).await;
             }
             .instrument(span),
         );
@@ -745,8 +868,12 @@ impl Engine {
             }
         }
         for p in self.ledger.positions() {
-            self.metrics
-                .set_commit(p.partition, p.committed.unwrap_or(p.watermark), p.gap);
+            self.metrics.set_commit(
+                &self.settings.input_topic,
+                p.partition,
+                p.committed.unwrap_or(p.watermark),
+                p.gap,
+            );
         }
     }
 

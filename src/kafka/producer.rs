@@ -6,8 +6,8 @@
 //! so a broker outage becomes lag, never loss. A permanent one (record too large,
 //! unknown topic or partition, authorization failed, invalid record) will not go
 //! away by retrying the same record: for an event the caller dead-letters the
-//! request instead; for a dead letter there is nowhere else to put it, so the
-//! partition stops loudly (the offset stays uncommitted, the partition is marked
+//! request instead; for a dead letter or a follow chain's re-check record there is
+//! nowhere else to put it, so the partition stops loudly (the offset stays uncommitted, the partition is marked
 //! stalled, an error is logged at each slow retry) and resumes by itself once the
 //! broker accepts the record (the topic was created, the ACL granted).
 
@@ -115,9 +115,10 @@ impl Publisher {
 
     /// Publishes `out` while `gate` says its partition is owned.
     pub async fn publish(&self, out: &Outgoing, gate: &dyn PublishGate) -> Delivery {
-        let (topic, role) = match out.destination {
+        let (topic, role): (&str, &str) = match &out.destination {
             Destination::Events => (&self.events_topic, "events"),
             Destination::DeadLetters => (&self.dead_letter_topic, "dead_letters"),
+            Destination::Recheck(topic) => (topic, "rechecks"),
         };
         let mut backoff = Duration::from_millis(100);
         let mut stall_backoff = STALL_FIRST_BACKOFF;
@@ -168,14 +169,14 @@ impl Publisher {
                 self.metrics.publish_refused(role);
                 match out.destination {
                     Destination::Events => return Delivery::Refused(error.to_string()),
-                    Destination::DeadLetters => {
-                        let reason =
-                            format!("dead-letter topic `{topic}` refuses the record: {error}");
+                    // Nowhere else to put a dead letter or a chain's next check: stop.
+                    Destination::DeadLetters | Destination::Recheck(_) => {
+                        let reason = format!("topic `{topic}` refuses the {role} record: {error}");
                         tracing::error!(
                             partition = gate.partition(),
                             reason = %reason,
                             retry_in_s = stall_backoff.as_secs(),
-                            "partition stalled: a dead letter cannot be published; its offset stays uncommitted until the broker accepts it"
+                            "partition stalled: a record cannot be published; its offset stays uncommitted until the broker accepts it"
                         );
                         gate.stalled(Some(reason));
                         stalled = true;

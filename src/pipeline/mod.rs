@@ -4,6 +4,7 @@
 //! rebalance callback ([`ledger`]), and what one message turns into ([`process`]).
 //! `kafka::engine` drives these with a real consumer and producer.
 
+pub mod follow;
 pub mod ledger;
 pub mod process;
 pub mod scheduler;

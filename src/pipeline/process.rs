@@ -1,7 +1,8 @@
 //! What one consumed message becomes. [`Processor::prepare`] decodes and routes it
 //! (pure): a status check for a known connector and account, or a rejection.
-//! [`Processor::run`] performs the check (with retries) and builds the record to
-//! publish: an Avro event keyed by transaction id, or a dead letter that keeps the
+//! [`Processor::process`] performs the check (with retries) and builds the records
+//! to publish, in order: an Avro event keyed by transaction id and, in follow mode,
+//! the re-check record of the chain's next check; or a dead letter that keeps the
 //! original key, value and headers and adds the `paysync-*` headers.
 
 use std::collections::HashMap;
@@ -17,8 +18,9 @@ use crate::codec::{
 use crate::connectors::gateway::Gateway;
 use crate::connectors::retry::CheckResult;
 use crate::connectors::HttpRequest;
-use crate::domain::event::{check_integrity, event_id, Envelope, SecretFields};
+use crate::domain::event::{check_event_id, check_integrity, Envelope, SecretFields};
 use crate::domain::{PaymentStatus, PaymentStatusEvent, StatusCheckRequest};
+use crate::pipeline::follow::{self, Chain, ChainEnd, FollowSettings, Origin};
 use crate::pipeline::ledger::Epoch;
 use crate::pipeline::scheduler::Job;
 use crate::telemetry::{Metrics, Outcome};
@@ -40,6 +42,8 @@ pub struct Incoming {
     pub headers: Vec<RecordHeader>,
     /// When it was consumed.
     pub received: Instant,
+    /// It comes from a re-check topic (its chain state is in its headers).
+    pub recheck: bool,
 }
 
 /// A Kafka header as bytes: name, and value (null when the producer sent none).
@@ -55,6 +59,8 @@ pub enum Work {
         http: Box<HttpRequest>,
         /// The connector's gateway.
         connector: Arc<Gateway>,
+        /// The follow chain this check belongs to, when followed.
+        chain: Option<Chain>,
     },
     /// Dead-letter the message.
     Reject(Rejection),
@@ -82,12 +88,33 @@ impl Job for PipelineJob {
 }
 
 /// Which output a record goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
     /// The event topic.
     Events,
     /// The dead-letter topic.
     DeadLetters,
+    /// A re-check topic (follow mode): the chain's next check.
+    Recheck(Arc<str>),
+}
+
+/// What a record means once the broker has it (for metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Milestone {
+    /// A re-check was scheduled for `connector` after `delay_secs`.
+    RecheckScheduled {
+        /// Connector.
+        connector: String,
+        /// Delay in seconds.
+        delay_secs: u64,
+    },
+    /// A chain of `connector` ended.
+    ChainEnded {
+        /// Connector.
+        connector: String,
+        /// How.
+        end: ChainEnd,
+    },
 }
 
 /// A record to publish.
@@ -107,6 +134,17 @@ pub struct Outgoing {
     pub outcome: Outcome,
     /// For logs: status or reason, with the message for dead letters.
     pub summary: String,
+    /// What it means for a follow chain, if anything.
+    pub milestone: Option<Milestone>,
+}
+
+/// Follow mode for every connector that has it, and the re-check topics.
+#[derive(Debug, Clone, Default)]
+pub struct FollowPlan {
+    /// Follow settings by connector name (connectors without are absent).
+    pub by_connector: HashMap<String, Arc<FollowSettings>>,
+    /// The re-check topic of each delay.
+    pub topics: std::collections::BTreeMap<std::time::Duration, Arc<str>>,
 }
 
 /// Content type of events.
@@ -120,6 +158,7 @@ pub struct Processor {
     secrets: SecretFields,
     metrics: Arc<Metrics>,
     max_record_bytes: usize,
+    follow: FollowPlan,
 }
 
 impl Processor {
@@ -140,7 +179,14 @@ impl Processor {
             secrets,
             metrics,
             max_record_bytes,
+            follow: FollowPlan::default(),
         }
+    }
+
+    /// The same processor with follow mode for the connectors in `plan`.
+    pub fn with_follow(mut self, plan: FollowPlan) -> Self {
+        self.follow = plan;
+        self
     }
 
     /// Decodes and routes a message (no I/O). A panic while decoding (a bug) is
@@ -173,10 +219,32 @@ impl Processor {
             .iter()
             .map(|(k, v)| (k.as_slice(), v.as_deref()))
             .collect();
+        // A re-check carries its chain; its request id defaults from the chain's origin.
+        let recheck = if incoming.recheck {
+            match Chain::from_headers(&incoming.headers) {
+                Ok(chain) => Some(chain),
+                Err(e) => {
+                    return (
+                        None,
+                        Work::Reject(Rejection::new(RejectCode::InvalidHeader, e.to_string())),
+                    )
+                }
+            }
+        } else {
+            None
+        };
+        let origin = recheck.as_ref().map_or_else(
+            || Origin {
+                topic: incoming.topic.to_string(),
+                partition: incoming.partition,
+                offset: incoming.offset,
+            },
+            |c| c.origin.clone(),
+        );
         let position = SourcePosition {
-            topic: &incoming.topic,
-            partition: incoming.partition,
-            offset: incoming.offset,
+            topic: &origin.topic,
+            partition: origin.partition,
+            offset: origin.offset,
         };
         let routed = decode_request(incoming.value.as_deref(), &headers, position, &self.decode)
             .and_then(|request| {
@@ -190,36 +258,53 @@ impl Processor {
                 Ok((request, http, connector.clone()))
             });
         match routed {
-            Ok((request, http, connector)) => (
-                Some(format!(
-                    "{}/{}",
-                    request.connector, request.connector_transaction_id
-                )),
-                Work::Check {
-                    request: Box::new(request),
-                    http: Box::new(http),
-                    connector,
-                },
-            ),
+            Ok((request, http, connector)) => {
+                let chain = match recheck {
+                    Some(chain) => Some(chain),
+                    None if request.follow => {
+                        if self.follow.by_connector.contains_key(&request.connector) {
+                            Some(Chain::start(origin, now_ms()))
+                        } else {
+                            // Checked once; the event says so (next_check_at null).
+                            self.metrics.follow_unavailable(&request.connector);
+                            None
+                        }
+                    }
+                    None => None,
+                };
+                (
+                    Some(format!(
+                        "{}/{}",
+                        request.connector, request.connector_transaction_id
+                    )),
+                    Work::Check {
+                        request: Box::new(request),
+                        http: Box::new(http),
+                        connector,
+                        chain,
+                    },
+                )
+            }
             Err(rejection) => (None, Work::Reject(rejection)),
         }
     }
 
-    /// Runs a job to the record it publishes. A panic while checking (a bug) is
-    /// contained: the record becomes an `internal_error` dead letter with the
+    /// Runs a job to the records it publishes, in order (an event and/or a
+    /// re-check record, or one dead letter). A panic while checking (a bug) is
+    /// contained: the job becomes an `internal_error` dead letter with the
     /// original bytes, and the partition moves on.
-    pub async fn process(&self, job: &PipelineJob) -> Outgoing {
+    pub async fn process(&self, job: &PipelineJob) -> Vec<Outgoing> {
         match AssertUnwindSafe(self.run(job)).catch_unwind().await {
             Ok(out) => out,
             Err(panic) => {
                 let message = panic_message(panic.as_ref());
                 self.metrics.internal_error();
                 tracing::error!(panic = %message, "processing panicked (a bug); the record is dead-lettered as internal_error");
-                self.dead_letter(
+                vec![self.dead_letter(
                     &job.incoming,
                     RejectCode::InternalError,
                     &format!("processing failed: {message}"),
-                )
+                )]
             }
         }
     }
@@ -229,61 +314,141 @@ impl Processor {
         dead_letter(incoming, code.as_str(), message, self.max_record_bytes)
     }
 
-    async fn run(&self, job: &PipelineJob) -> Outgoing {
-        match &job.work {
+    async fn run(&self, job: &PipelineJob) -> Vec<Outgoing> {
+        let (request, http, connector, chain) = match &job.work {
             Work::Reject(rejection) => {
-                self.dead_letter(&job.incoming, rejection.code, &rejection.message)
+                return vec![self.dead_letter(&job.incoming, rejection.code, &rejection.message)]
             }
             Work::Check {
                 request,
                 http,
                 connector,
-            } => {
-                let result = check(connector, request, http).await;
-                let outcome = if result.outcome.is_ok() {
-                    Outcome::Synced
-                } else {
-                    Outcome::ConnectorError
-                };
-                if let Err(failure) = &result.outcome {
-                    tracing::warn!(code = failure.code.as_str(), message = %failure.message, "status check failed");
-                }
-                let envelope = Envelope {
-                    event_id: event_id(
-                        &job.incoming.topic,
-                        job.incoming.partition,
-                        job.incoming.offset,
-                    ),
-                    observed_at_ms: now_ms(),
-                    attempts: result.attempts,
-                    raw_request: Some(http.describe()),
-                };
-                let event =
-                    PaymentStatusEvent::build(request, envelope, result.outcome, self.secrets);
-                match self.encoder.encode(&event) {
-                    Ok(bytes) => Outgoing {
-                        destination: Destination::Events,
-                        key: Some(event.connector_transaction_id.clone().into_bytes()),
-                        value: Some(bytes),
-                        headers: vec![
-                            header("x-request-id", &event.request_id),
-                            header("x-connector", &event.connector),
-                            header("x-merchant-id", &event.merchant_id),
-                            header("content-type", EVENT_CONTENT_TYPE),
-                        ],
-                        label: event.status.as_str(),
-                        outcome,
-                        summary: status_summary(&event),
-                    },
-                    // A schema/value mismatch is a bug; keep the request rather than lose it.
-                    Err(e) => self.dead_letter(
+                chain,
+            } => (request, http, connector, chain),
+        };
+        let result = check(connector, request, http).await;
+        let outcome = if result.outcome.is_ok() {
+            Outcome::Synced
+        } else {
+            Outcome::ConnectorError
+        };
+        if let Err(failure) = &result.outcome {
+            tracing::warn!(code = failure.code.as_str(), message = %failure.message, "status check failed");
+        }
+        let status = result
+            .outcome
+            .as_ref()
+            .ok()
+            .map(|r| (r.status, connector.connector().is_final(r.status)));
+        let now = now_ms();
+        let origin = |c: &Chain| c.origin.clone();
+        let (origin, check_number) = match chain {
+            Some(c) => (origin(c), c.check),
+            None => (
+                Origin {
+                    topic: job.incoming.topic.to_string(),
+                    partition: job.incoming.partition,
+                    offset: job.incoming.offset,
+                },
+                1,
+            ),
+        };
+        // Follow mode decides whether this check publishes and what comes next.
+        let settings = self.follow.by_connector.get(&request.connector);
+        let decision = match (chain, settings) {
+            (Some(c), Some(s)) => Some(follow::decide(s, c, status)),
+            _ => None,
+        };
+        let publish = decision.as_ref().is_none_or(|d| d.publish);
+        let next = decision.as_ref().and_then(|d| d.next);
+        let next_due =
+            next.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+        let mut out = Vec::with_capacity(2);
+        let mut milestone = decision.as_ref().and_then(|d| {
+            d.end.map(|end| Milestone::ChainEnded {
+                connector: request.connector.clone(),
+                end,
+            })
+        });
+        if publish {
+            let envelope = Envelope {
+                event_id: check_event_id(
+                    &origin.topic,
+                    origin.partition,
+                    origin.offset,
+                    check_number,
+                ),
+                check_number,
+                is_final: status.is_some_and(|(_, f)| f),
+                next_check_at_ms: next_due,
+                observed_at_ms: now,
+                attempts: result.attempts,
+                raw_request: Some(http.describe()),
+            };
+            let event =
+                PaymentStatusEvent::build(request, envelope, result.outcome.clone(), self.secrets);
+            match self.encoder.encode(&event) {
+                Ok(bytes) => out.push(Outgoing {
+                    destination: Destination::Events,
+                    key: Some(event.connector_transaction_id.clone().into_bytes()),
+                    value: Some(bytes),
+                    headers: vec![
+                        header("x-request-id", &event.request_id),
+                        header("x-connector", &event.connector),
+                        header("x-merchant-id", &event.merchant_id),
+                        header("content-type", EVENT_CONTENT_TYPE),
+                    ],
+                    label: event.status.as_str(),
+                    outcome,
+                    summary: status_summary(&event),
+                    milestone: milestone.take(),
+                }),
+                // A schema/value mismatch is a bug; keep the request rather than lose it.
+                Err(e) => {
+                    return vec![self.dead_letter(
                         &job.incoming,
                         RejectCode::InternalError,
                         &format!("event could not be encoded: {e}"),
-                    ),
+                    )]
                 }
             }
         }
+        if let (Some(chain), Some(delay), Some(due)) = (chain, next, next_due) {
+            let last_published = match (publish, status) {
+                (true, Some((s, _))) => Some(s),
+                _ => chain.last_published,
+            };
+            let Some(topic) = self.follow.topics.get(&delay) else {
+                // The plan names a topic for every delay of every schedule.
+                return vec![self.dead_letter(
+                    &job.incoming,
+                    RejectCode::InternalError,
+                    &format!("no re-check topic for a {}s delay", delay.as_secs()),
+                )];
+            };
+            let mut headers: Vec<RecordHeader> = job
+                .incoming
+                .headers
+                .iter()
+                .filter(|(k, _)| !follow::headers::ALL.iter().any(|h| k == h.as_bytes()))
+                .cloned()
+                .collect();
+            headers.extend(chain.next_headers(due, last_published));
+            out.push(Outgoing {
+                destination: Destination::Recheck(topic.clone()),
+                key: job.incoming.key.clone(),
+                value: job.incoming.value.clone(),
+                headers,
+                label: "recheck",
+                outcome,
+                summary: format!("check {} due in {}s", chain.check + 1, delay.as_secs()),
+                milestone: Some(Milestone::RecheckScheduled {
+                    connector: request.connector.clone(),
+                    delay_secs: delay.as_secs(),
+                }),
+            });
+        }
+        out
     }
 }
 
@@ -321,7 +486,8 @@ fn status_summary(event: &PaymentStatusEvent) -> String {
     }
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -415,6 +581,7 @@ pub fn dead_letter(
         label: code,
         outcome: Outcome::Invalid,
         summary: format!("{code}: {message}"),
+        milestone: None,
     }
 }
 
@@ -445,6 +612,7 @@ mod tests {
                 (b"\xff\xfe".to_vec(), None),
             ],
             received: Instant::now(),
+            recheck: false,
         };
         let out = dead_letter(&incoming, "invalid_json", "value is not JSON", 1_000_000);
         assert_eq!(out.destination, Destination::DeadLetters);
@@ -490,6 +658,7 @@ mod tests {
                 .map(|i| (format!("h{i}").into_bytes(), Some(vec![b'x'; 100])))
                 .collect(),
             received: Instant::now(),
+            recheck: false,
         }
     }
 

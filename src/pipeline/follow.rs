@@ -1,0 +1,423 @@
+//! Follow mode: keep re-checking a payment on its connector's schedule until its
+//! status is final or the schedule is used up, with the pending re-checks held in
+//! Kafka (one re-check topic per delay, read only when a partition's head is due),
+//! never in memory or a database.
+//!
+//! Pure: the schedule, what a check decides (publish this event? schedule which
+//! re-check?), and the chain state a re-check record carries in its headers. The
+//! engine reads re-check topics and holds a partition's head until it is due;
+//! the processor applies [`decide`] after each check.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::domain::PaymentStatus;
+
+/// Which checks of a chain are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    /// The first check, every change of status, and the chain's last check.
+    Changes,
+    /// Every check.
+    EveryCheck,
+}
+
+/// A connector's follow schedule (`[connectors.<name>.follow]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FollowSettings {
+    /// `(delay, count)` tiers after the first check; each delay counts from the
+    /// previous check.
+    #[serde(serialize_with = "ser_tiers")]
+    pub schedule: Vec<(Duration, u32)>,
+    /// Which checks are published.
+    pub publish: PublishMode,
+}
+
+fn ser_tiers<S: serde::Serializer>(tiers: &[(Duration, u32)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(tiers.len()))?;
+    for (d, n) in tiers {
+        seq.serialize_element(&(format!("{}s", d.as_secs()), n))?;
+    }
+    seq.end()
+}
+
+impl FollowSettings {
+    /// The delay before check `k + 1` (checks count from 1), or `None` after the
+    /// last one.
+    pub fn delay_after(&self, check: u32) -> Option<Duration> {
+        let mut slot = check.checked_sub(1)?;
+        for (delay, count) in &self.schedule {
+            if slot < *count {
+                return Some(*delay);
+            }
+            slot -= count;
+        }
+        None
+    }
+
+    /// How many checks a chain makes at most (the first included).
+    pub fn max_checks(&self) -> u32 {
+        1 + self.schedule.iter().map(|(_, n)| *n).sum::<u32>()
+    }
+}
+
+/// The name of the re-check topic for `delay`: `<prefix>.<seconds>s`.
+pub fn recheck_topic(prefix: &str, delay: Duration) -> String {
+    format!("{prefix}.{}s", delay.as_secs())
+}
+
+/// Where a chain began (its event ids and default request id derive from this).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Topic of the request that started the chain.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+}
+
+/// The state a chain carries from check to check (in re-check record headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// Where it began.
+    pub origin: Origin,
+    /// The number of the check this record performs (1 for the first).
+    pub check: u32,
+    /// When the chain began, ms since the epoch.
+    pub first_seen_ms: i64,
+    /// When this check is due, ms since the epoch (`first_seen_ms` for the first).
+    pub due_ms: i64,
+    /// The last status the chain published, if any.
+    pub last_published: Option<PaymentStatus>,
+}
+
+/// What one check of a chain decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Publish this check's event.
+    pub publish: bool,
+    /// The chain continues: the delay until the next check.
+    pub next: Option<Duration>,
+    /// The chain ends here, and how.
+    pub end: Option<ChainEnd>,
+}
+
+/// How a chain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainEnd {
+    /// At a final status.
+    Final,
+    /// The schedule was used up.
+    Exhausted,
+}
+
+impl ChainEnd {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ChainEnd::Final => "final",
+            ChainEnd::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// What check `chain.check` decides, given its outcome: `Some(status)` when the
+/// connector answered (with whether that status is final for it), `None` for a
+/// failed check. A failed check inside a chain publishes nothing and takes the
+/// next slot; a chain that ends on a failure publishes that failure. A chain
+/// never goes on from a final status.
+pub fn decide(
+    settings: &FollowSettings,
+    chain: &Chain,
+    outcome: Option<(PaymentStatus, bool)>,
+) -> Decision {
+    let next = settings.delay_after(chain.check);
+    match outcome {
+        Some((_, true)) => Decision {
+            publish: true,
+            next: None,
+            end: Some(ChainEnd::Final),
+        },
+        Some((status, false)) => Decision {
+            publish: next.is_none()
+                || settings.publish == PublishMode::EveryCheck
+                || chain.last_published != Some(status),
+            next,
+            end: next.is_none().then_some(ChainEnd::Exhausted),
+        },
+        None => Decision {
+            publish: next.is_none(),
+            next,
+            end: next.is_none().then_some(ChainEnd::Exhausted),
+        },
+    }
+}
+
+/// Header names of a re-check record's chain state (the README documents them).
+pub mod headers {
+    /// `<topic>:<partition>:<offset>` of the request that began the chain.
+    pub const ORIGIN: &str = "paysync-follow-origin";
+    /// The number of the check this record performs.
+    pub const CHECK: &str = "paysync-follow-check";
+    /// When the chain began, ms since the epoch.
+    pub const FIRST_SEEN: &str = "paysync-follow-first-seen";
+    /// When this check is due, ms since the epoch.
+    pub const DUE: &str = "paysync-follow-due";
+    /// The last status the chain published (absent before the first).
+    pub const LAST_STATUS: &str = "paysync-follow-last-status";
+    /// Every chain header (removed before new ones are written).
+    pub const ALL: &[&str] = &[ORIGIN, CHECK, FIRST_SEEN, DUE, LAST_STATUS];
+}
+
+/// Why a re-check record's chain headers cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("re-check header `{0}` is missing or malformed")]
+pub struct ChainHeaderError(pub &'static str);
+
+fn find<'a>(hs: &'a [(Vec<u8>, Option<Vec<u8>>)], name: &str) -> Option<&'a str> {
+    hs.iter()
+        .rev()
+        .find(|(k, _)| k == name.as_bytes())
+        .and_then(|(_, v)| v.as_deref())
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// When a re-check record is due, from its headers (the engine holds the head of
+/// a re-check partition until then). `None` when the header is absent or bad: the
+/// record is then due at once and fails decoding as a chain.
+pub fn due_ms(hs: &[(Vec<u8>, Option<Vec<u8>>)]) -> Option<i64> {
+    find(hs, headers::DUE)?.parse().ok()
+}
+
+impl Chain {
+    /// The chain a new request starts (check 1).
+    pub fn start(origin: Origin, now_ms: i64) -> Chain {
+        Chain {
+            origin,
+            check: 1,
+            first_seen_ms: now_ms,
+            due_ms: now_ms,
+            last_published: None,
+        }
+    }
+
+    /// The chain state of a re-check record.
+    pub fn from_headers(hs: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<Chain, ChainHeaderError> {
+        let bad = ChainHeaderError;
+        let origin = find(hs, headers::ORIGIN).ok_or(bad(headers::ORIGIN))?;
+        let mut parts = origin.rsplitn(3, ':');
+        let offset = parts.next().and_then(|o| o.parse().ok());
+        let partition = parts.next().and_then(|p| p.parse().ok());
+        let topic = parts.next().filter(|t| !t.is_empty());
+        let (Some(offset), Some(partition), Some(topic)) = (offset, partition, topic) else {
+            return Err(bad(headers::ORIGIN));
+        };
+        let number = |name: &'static str| -> Result<i64, ChainHeaderError> {
+            find(hs, name).and_then(|v| v.parse().ok()).ok_or(bad(name))
+        };
+        let check = u32::try_from(number(headers::CHECK)?)
+            .ok()
+            .filter(|c| *c >= 2)
+            .ok_or(bad(headers::CHECK))?;
+        let last_published = match find(hs, headers::LAST_STATUS) {
+            None => None,
+            Some(s) => Some(PaymentStatus::from_symbol(s).ok_or(bad(headers::LAST_STATUS))?),
+        };
+        Ok(Chain {
+            origin: Origin {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+            },
+            check,
+            first_seen_ms: number(headers::FIRST_SEEN)?,
+            due_ms: number(headers::DUE)?,
+            last_published,
+        })
+    }
+
+    /// The headers of the re-check record for the next check, due at `due_ms`,
+    /// after a check that left `last_published` as the last published status.
+    pub fn next_headers(
+        &self,
+        due_ms: i64,
+        last_published: Option<PaymentStatus>,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let h = |k: &str, v: String| (k.as_bytes().to_vec(), Some(v.into_bytes()));
+        let o = &self.origin;
+        let mut out = vec![
+            h(
+                headers::ORIGIN,
+                format!("{}:{}:{}", o.topic, o.partition, o.offset),
+            ),
+            h(headers::CHECK, (self.check + 1).to_string()),
+            h(headers::FIRST_SEEN, self.first_seen_ms.to_string()),
+            h(headers::DUE, due_ms.to_string()),
+        ];
+        if let Some(s) = last_published {
+            out.push(h(headers::LAST_STATUS, s.as_str().to_owned()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PaymentStatus::*;
+
+    fn settings(publish: PublishMode) -> FollowSettings {
+        FollowSettings {
+            schedule: vec![(Duration::from_secs(1), 2), (Duration::from_secs(5), 1)],
+            publish,
+        }
+    }
+
+    fn chain(check: u32, last: Option<PaymentStatus>) -> Chain {
+        Chain {
+            origin: Origin {
+                topic: "in".into(),
+                partition: 2,
+                offset: 40,
+            },
+            check,
+            first_seen_ms: 1_000,
+            due_ms: 2_000,
+            last_published: last,
+        }
+    }
+
+    #[test]
+    fn the_schedule_expands_tiers_in_order() {
+        let s = settings(PublishMode::Changes);
+        let delays: Vec<_> = (1..=5).map(|k| s.delay_after(k)).collect();
+        assert_eq!(
+            delays,
+            vec![
+                Some(Duration::from_secs(1)),
+                Some(Duration::from_secs(1)),
+                Some(Duration::from_secs(5)),
+                None,
+                None
+            ]
+        );
+        assert_eq!(s.max_checks(), 4);
+        assert_eq!(s.delay_after(0), None);
+        // The default (src/config/raw.rs): Hyperswitch's 60 s once, then 300 s five times.
+        let d = FollowSettings {
+            schedule: vec![(Duration::from_secs(60), 1), (Duration::from_secs(300), 5)],
+            publish: PublishMode::Changes,
+        };
+        assert_eq!(d.delay_after(1), Some(Duration::from_secs(60)));
+        assert_eq!(d.delay_after(2), Some(Duration::from_secs(300)));
+        assert_eq!(d.delay_after(6), Some(Duration::from_secs(300)));
+        assert_eq!(d.delay_after(7), None);
+        assert_eq!(d.max_checks(), 7);
+    }
+
+    #[test]
+    fn changes_publish_the_first_each_change_and_the_last() {
+        let s = settings(PublishMode::Changes);
+        // First check: published, continues.
+        let d = decide(&s, &chain(1, None), Some((STARTED, false)));
+        assert!(d.publish);
+        assert_eq!(d.next, Some(Duration::from_secs(1)));
+        assert_eq!(d.end, None);
+        // Same status again mid-chain: silent.
+        let d = decide(&s, &chain(2, Some(STARTED)), Some((STARTED, false)));
+        assert!(!d.publish);
+        // A change: published.
+        let d = decide(&s, &chain(3, Some(STARTED)), Some((AUTHORIZED, false)));
+        assert!(d.publish);
+        assert_eq!(d.next, Some(Duration::from_secs(5)));
+        // The last slot: published even when unchanged, and the chain is exhausted.
+        let d = decide(&s, &chain(4, Some(AUTHORIZED)), Some((AUTHORIZED, false)));
+        assert!(d.publish);
+        assert_eq!(d.next, None);
+        assert_eq!(d.end, Some(ChainEnd::Exhausted));
+    }
+
+    #[test]
+    fn a_final_status_ends_the_chain_at_once() {
+        for publish in [PublishMode::Changes, PublishMode::EveryCheck] {
+            let d = decide(&settings(publish), &chain(1, None), Some((CHARGED, true)));
+            assert_eq!(
+                d,
+                Decision {
+                    publish: true,
+                    next: None,
+                    end: Some(ChainEnd::Final)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn every_check_publishes_every_check() {
+        let s = settings(PublishMode::EveryCheck);
+        let d = decide(&s, &chain(2, Some(STARTED)), Some((STARTED, false)));
+        assert!(d.publish);
+        assert!(d.next.is_some());
+    }
+
+    #[test]
+    fn failed_checks_are_silent_until_the_last_slot() {
+        let s = settings(PublishMode::EveryCheck);
+        for check in 1..=3 {
+            let d = decide(&s, &chain(check, None), None);
+            assert!(!d.publish, "check {check}");
+            assert!(d.next.is_some());
+        }
+        let d = decide(&s, &chain(4, Some(STARTED)), None);
+        assert!(d.publish, "a chain that ends on a failure publishes it");
+        assert_eq!(d.end, Some(ChainEnd::Exhausted));
+    }
+
+    #[test]
+    fn chain_headers_round_trip_and_bad_ones_are_errors() {
+        let c = chain(3, Some(AUTHORIZED));
+        let hs = c.next_headers(9_000, Some(AUTHORIZED));
+        let next = Chain::from_headers(&hs).unwrap();
+        assert_eq!(next.check, 4);
+        assert_eq!(next.origin, c.origin);
+        assert_eq!(next.first_seen_ms, 1_000);
+        assert_eq!(next.due_ms, 9_000);
+        assert_eq!(next.last_published, Some(AUTHORIZED));
+        assert_eq!(due_ms(&hs), Some(9_000));
+        // A topic name with dots and colons in the origin survives.
+        let mut odd = chain(2, None);
+        odd.origin.topic = "a.b:c".into();
+        let hs = odd.next_headers(5, None);
+        assert_eq!(Chain::from_headers(&hs).unwrap().origin.topic, "a.b:c");
+        assert_eq!(Chain::from_headers(&hs).unwrap().last_published, None);
+        for (name, value) in [
+            (headers::ORIGIN, "no-colons"),
+            (headers::ORIGIN, ":1:2"),
+            (headers::CHECK, "1"),
+            (headers::CHECK, "x"),
+            (headers::DUE, "soon"),
+            (headers::LAST_STATUS, "PAID"),
+        ] {
+            let mut hs = c.next_headers(9_000, Some(AUTHORIZED));
+            hs.push((name.as_bytes().to_vec(), Some(value.as_bytes().to_vec())));
+            assert_eq!(
+                Chain::from_headers(&hs),
+                Err(ChainHeaderError(name)),
+                "{name}={value}"
+            );
+        }
+        assert!(Chain::from_headers(&[]).is_err());
+    }
+
+    #[test]
+    fn recheck_topics_are_named_by_whole_seconds() {
+        assert_eq!(
+            recheck_topic("payment-status-requests.recheck", Duration::from_secs(300)),
+            "payment-status-requests.recheck.300s"
+        );
+    }
+}
