@@ -42,6 +42,7 @@ pub struct Metrics {
     follow_unavailable: IntCounterVec,
     rechecks_scheduled: IntCounterVec,
     chains_ended: IntCounterVec,
+    follow_checks_skipped: IntCounterVec,
     recheck_lateness: HistogramVec,
     pending_rechecks: IntGaugeVec,
 }
@@ -277,6 +278,12 @@ impl Metrics {
                 "Follow chains ended: at a final status, or with the schedule used up.",
                 &["connector", "outcome"],
             ),
+            follow_checks_skipped: counter(
+                r,
+                "paysync_follow_checks_skipped_total",
+                "Repeated checks of a chain skipped because the chain had moved past them (after a restart or a rebalance).",
+                &["connector"],
+            ),
             recheck_lateness,
             pending_rechecks: gauge_vec(
                 r,
@@ -399,6 +406,13 @@ impl Metrics {
     pub fn chain_ended(&self, connector: &str, outcome: &str) {
         self.chains_ended
             .with_label_values(&[connector, outcome])
+            .inc();
+    }
+
+    /// A repeated check of a chain was skipped (the chain had moved past it).
+    pub fn follow_check_skipped(&self, connector: &str) {
+        self.follow_checks_skipped
+            .with_label_values(&[connector])
             .inc();
     }
 

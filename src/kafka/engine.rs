@@ -375,8 +375,11 @@ async fn publish_all(
             }
         }
     }
-    metrics.request_done(outcome, job.incoming.received);
-    tracing::info!(result = %summary, "processed");
+    processor.done(job);
+    if !summary.is_empty() {
+        metrics.request_done(outcome, job.incoming.received);
+        tracing::info!(result = %summary, "processed");
+    }
     true
 }
 

@@ -70,7 +70,7 @@ pub fn recheck_topic(prefix: &str, delay: Duration) -> String {
 }
 
 /// Where a chain began (its event ids and default request id derive from this).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Origin {
     /// Topic of the request that started the chain.
     pub topic: String,
@@ -154,6 +154,116 @@ pub fn decide(
             next,
             end: next.is_none().then_some(ChainEnd::Exhausted),
         },
+    }
+}
+
+/// Where each chain lately seen by this process stands, so that a repeated check
+/// does not fork its chain.
+///
+/// A check is repeated when its offset was not committed before a crash or a
+/// rebalance, or when its predecessor was repeated and published its re-check
+/// record again. The repeat may see a newer status than the first run did (a
+/// payment that became final meanwhile) while the first run's successor is
+/// already in a re-check topic: without this both would carry the chain on and
+/// the chain would end twice. The rules, per origin:
+///
+/// - a check below the highest one claimed is skipped: that higher check exists
+///   only because this one's records were all acknowledged;
+/// - a check equal to the highest is skipped once it is done (a duplicate record),
+///   and taken again when it never finished (abandoned in a rebalance);
+/// - a check above a chain's end is skipped;
+/// - a check whose chain moved past it while it ran publishes nothing.
+///
+/// One mutex, so claims from several re-check topics are ordered. Bounded (the
+/// oldest chains are forgotten first); a forgotten chain, or one whose checks are
+/// owned by another instance, falls back to at-least-once: a repeat carries the
+/// same `event_id`.
+#[derive(Debug)]
+pub struct ChainMarks {
+    capacity: usize,
+    order: std::collections::VecDeque<Origin>,
+    marks: std::collections::HashMap<Origin, Mark>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The highest check claimed.
+    check: u32,
+    /// Its records were all acknowledged.
+    done: bool,
+    /// It ends the chain.
+    ended: bool,
+}
+
+impl ChainMarks {
+    /// Remembers up to `capacity` chains.
+    pub fn new(capacity: usize) -> Self {
+        ChainMarks {
+            capacity: capacity.max(1),
+            order: std::collections::VecDeque::new(),
+            marks: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Before check `chain.check` runs: true to run it, false to skip it.
+    pub fn claim(&mut self, chain: &Chain) -> bool {
+        let k = chain.check;
+        match self.marks.get_mut(&chain.origin) {
+            None => {
+                self.remember(chain.origin.clone(), k);
+                true
+            }
+            Some(m) if k < m.check || (k > m.check && m.ended) => false,
+            Some(m) if k == m.check => !m.done,
+            Some(m) => {
+                *m = Mark {
+                    check: k,
+                    done: false,
+                    ended: false,
+                };
+                true
+            }
+        }
+    }
+
+    /// After the check ran, before anything is published: false when a later
+    /// check of the chain was claimed meanwhile (publish nothing). `ends` marks
+    /// the chain as ended here.
+    pub fn settle(&mut self, chain: &Chain, ends: bool) -> bool {
+        match self.marks.get_mut(&chain.origin) {
+            Some(m) if m.check > chain.check => false,
+            Some(m) => {
+                m.ended |= ends;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The check's records were all acknowledged.
+    pub fn done(&mut self, chain: &Chain) {
+        if let Some(m) = self.marks.get_mut(&chain.origin) {
+            if m.check == chain.check {
+                m.done = true;
+            }
+        }
+    }
+
+    fn remember(&mut self, origin: Origin, check: u32) {
+        self.order.push_back(origin.clone());
+        self.marks.insert(
+            origin,
+            Mark {
+                check,
+                done: false,
+                ended: false,
+            },
+        );
+        if self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.marks.remove(&old);
+            }
+        }
     }
 }
 
@@ -411,6 +521,63 @@ mod tests {
             );
         }
         assert!(Chain::from_headers(&[]).is_err());
+    }
+
+    #[test]
+    fn a_repeated_check_does_not_fork_its_chain() {
+        let mut m = ChainMarks::new(10);
+        let (c2, c3, c4) = (chain(2, None), chain(3, None), chain(4, None));
+        // First run: 2 then 3, both done.
+        assert!(m.claim(&c2) && m.settle(&c2, false));
+        m.done(&c2);
+        assert!(!m.claim(&c2), "a duplicate of a done check is skipped");
+        assert!(m.claim(&c3));
+        assert!(!m.claim(&c2), "below the highest claimed");
+        assert!(m.settle(&c3, false));
+        // 3 abandoned before done (a rebalance): its repeat runs.
+        assert!(m.claim(&c3));
+        m.done(&c3);
+        // 4 ends the chain; a 5 scheduled by an earlier run is skipped.
+        assert!(m.claim(&c4) && m.settle(&c4, true));
+        assert!(!m.claim(&chain(5, None)), "above the chain's end");
+        assert!(
+            m.claim(&c4),
+            "the end, not yet acknowledged, may be repeated"
+        );
+    }
+
+    #[test]
+    fn a_check_overtaken_while_it_ran_publishes_nothing() {
+        let mut m = ChainMarks::new(10);
+        let (c4, c5) = (chain(4, None), chain(5, None));
+        // A repeat of 4 (its offset was not committed) and the 5 it had
+        // scheduled run at the same time, from two re-check topics.
+        assert!(m.claim(&c4));
+        assert!(m.claim(&c5));
+        assert!(!m.settle(&c4, true), "4 would end the chain a second time");
+        assert!(m.settle(&c5, true));
+        // Or 4 settles first and ends the chain: 5 is skipped.
+        let mut m = ChainMarks::new(10);
+        assert!(m.claim(&c4) && m.settle(&c4, true));
+        assert!(!m.claim(&c5));
+    }
+
+    #[test]
+    fn chain_marks_are_bounded() {
+        let mut m = ChainMarks::new(2);
+        let other = |offset| Chain {
+            origin: Origin {
+                topic: "in".into(),
+                partition: 0,
+                offset,
+            },
+            ..chain(2, None)
+        };
+        assert!(m.claim(&other(1)));
+        m.done(&other(1));
+        assert!(m.claim(&other(2)) && m.claim(&other(3)));
+        assert_eq!(m.marks.len(), 2);
+        assert!(m.claim(&other(1)), "forgotten: at least once again");
     }
 
     #[test]

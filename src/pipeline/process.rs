@@ -159,7 +159,13 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     max_record_bytes: usize,
     follow: FollowPlan,
+    /// Where the chains seen lately stand, so that a repeated check does not
+    /// fork its chain.
+    marks: std::sync::Mutex<follow::ChainMarks>,
 }
+
+/// How many chains each processor remembers (about 100 bytes each).
+const CHAIN_MARKS: usize = 100_000;
 
 impl Processor {
     /// A processor over these connectors. Dead letters are cut to
@@ -180,7 +186,28 @@ impl Processor {
             metrics,
             max_record_bytes,
             follow: FollowPlan::default(),
+            marks: std::sync::Mutex::new(follow::ChainMarks::new(CHAIN_MARKS)),
         }
+    }
+
+    /// A job's records were all acknowledged: its chain's check is done.
+    pub fn done(&self, job: &PipelineJob) {
+        if let Work::Check {
+            chain: Some(chain), ..
+        } = &job.work
+        {
+            self.marks().done(chain);
+        }
+    }
+
+    fn marks(&self) -> std::sync::MutexGuard<'_, follow::ChainMarks> {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn skipped(&self, request: &StatusCheckRequest, chain: &Chain, why: &str) -> Vec<Outgoing> {
+        self.metrics.follow_check_skipped(&request.connector);
+        tracing::info!(check = chain.check, "{why}; skipped");
+        Vec::new()
     }
 
     /// The same processor with follow mode for the connectors in `plan`.
@@ -326,6 +353,11 @@ impl Processor {
                 chain,
             } => (request, http, connector, chain),
         };
+        if let Some(c) = chain {
+            if !self.marks().claim(c) {
+                return self.skipped(request, c, "the chain has moved past this check");
+            }
+        }
         let result = check(connector, request, http).await;
         let outcome = if result.outcome.is_ok() {
             Outcome::Synced
@@ -359,6 +391,11 @@ impl Processor {
             (Some(c), Some(s)) => Some(follow::decide(s, c, status)),
             _ => None,
         };
+        if let (Some(c), Some(d)) = (chain, &decision) {
+            if !self.marks().settle(c, d.end.is_some()) {
+                return self.skipped(request, c, "a later check of the chain ran meanwhile");
+            }
+        }
         let publish = decision.as_ref().is_none_or(|d| d.publish);
         let next = decision.as_ref().and_then(|d| d.next);
         let next_due =

@@ -6,6 +6,7 @@ mod connectors;
 mod container;
 mod e2e;
 mod engine;
+mod follow;
 mod logs;
 mod poison;
 mod registry;

@@ -124,6 +124,18 @@ impl Broker {
         &self.bootstrap
     }
 
+    /// Creates more topics (re-check topics, say).
+    pub async fn create(&self, topics: &[(&str, i32)]) {
+        match &self.mock {
+            Some(m) => {
+                for (name, p) in topics {
+                    m.create_topic(name, *p).unwrap();
+                }
+            }
+            None => create_topics(&self.bootstrap, topics).await.unwrap(),
+        }
+    }
+
     /// Unique topics for one test, created on the broker.
     pub async fn topics(&self, test: &str, partitions: i32) -> Topics {
         let t = Topics::unique(test, partitions);

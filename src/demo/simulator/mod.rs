@@ -16,6 +16,8 @@
 //! | `flaky-` | 500 on the first call for that id, then paid |
 //! | `ratelimited-` | 429 with `Retry-After: 1` on the first call, then paid |
 //! | `malformed-` | 200 with a truncated body |
+//! | `progress-` | moves with time (from its first call): open, then authorized after one `progress_step`, then paid after two |
+//! | `notyet-` | 404 until one `progress_step` after its first call, then paid (a payment the connector does not show yet) |
 //! | anything else | paid |
 //!
 //! Every transaction is 12.00 EUR. Optional latency (fixed, or normal, or long
@@ -28,7 +30,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -119,6 +121,8 @@ pub struct SimOptions {
     pub error_rate: f64,
     /// Lifetime of issued tokens, seconds.
     pub token_ttl_secs: u64,
+    /// How fast `progress-` and `notyet-` transactions move.
+    pub progress_step: Duration,
 }
 
 impl Default for SimOptions {
@@ -127,6 +131,7 @@ impl Default for SimOptions {
             latency: Latency::None,
             error_rate: 0.0,
             token_ttl_secs: 3600,
+            progress_step: Duration::from_secs(2),
         }
     }
 }
@@ -163,6 +168,8 @@ pub struct SimState {
     counters: Counters,
     /// Calls per id, only for the prefixes whose answer depends on it.
     calls: Mutex<HashMap<String, u32>>,
+    /// When each call of a time-dependent id came (`progress-`, `notyet-`).
+    timeline: Mutex<HashMap<String, Vec<SystemTime>>>,
     next_token: AtomicU64,
 }
 
@@ -245,7 +252,10 @@ impl SimState {
         if self.options.error_rate > 0.0 && fastrand::f64() < self.options.error_rate {
             return Answer::Response((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response());
         }
-        let scenario = Scenario::of(id);
+        let scenario = match id {
+            i if i.starts_with("progress-") || i.starts_with("notyet-") => self.moving(id),
+            _ => Scenario::of(id),
+        };
         match scenario {
             Scenario::Flaky if self.first_call(id) => Answer::Response(
                 (StatusCode::INTERNAL_SERVER_ERROR, "temporary failure").into_response(),
@@ -260,6 +270,23 @@ impl SimState {
             ),
             Scenario::Flaky | Scenario::RateLimited => Answer::Body(Scenario::Paid),
             other => Answer::Body(other),
+        }
+    }
+
+    /// The scenario of a transaction whose status moves with time.
+    fn moving(&self, id: &str) -> Scenario {
+        let now = SystemTime::now();
+        let mut timeline = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        let calls = timeline.entry(id.to_owned()).or_default();
+        calls.push(now);
+        let age = now.duration_since(calls[0]).unwrap_or_default();
+        let step = self.options.progress_step;
+        match (id.starts_with("notyet-"), age) {
+            (true, a) if a < step => Scenario::NotFound,
+            (true, _) => Scenario::Paid,
+            (false, a) if a < step => Scenario::Open,
+            (false, a) if a < step * 2 => Scenario::Authorized,
+            (false, _) => Scenario::Paid,
         }
     }
 
@@ -309,6 +336,7 @@ impl Simulator {
             options,
             counters: Counters::default(),
             calls: Mutex::new(HashMap::new()),
+            timeline: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
         });
         let mut app = Router::new().route("/healthz", get(|| async { "ok\n" }));
@@ -344,6 +372,17 @@ impl Simulator {
     /// Get Transaction requests served.
     pub fn status_requests(&self) -> u64 {
         self.state.counters.status_requests.load(Ordering::Relaxed)
+    }
+
+    /// When each status call of a `progress-` or `notyet-` transaction came.
+    pub fn timeline(&self, id: &str) -> Vec<SystemTime> {
+        self.state
+            .timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The most Get Transaction calls ever served at the same time.

@@ -1,0 +1,362 @@
+//! Follow mode end to end: chains to a final status, chains that run out, failed
+//! checks inside a chain, re-checks never taken before they are due, a kill -9
+//! with re-checks pending, and memory with 100,000 pending re-checks.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use paysync::codec::avro::decode_event_json;
+use paysync::demo::simulator::SimOptions;
+use paysync::domain::event::check_event_id;
+use paysync::kafka::tools::{committed_offsets, RawProducer, RawRecord};
+use paysync::telemetry::sum_metric;
+use serde_json::Value;
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Unique topics plus the re-check topic of each delay (seconds) in `delays`.
+async fn follow_topics(broker: &Broker, test: &str, delays: &[u64]) -> Topics {
+    let t = broker.topics(test, 2).await;
+    let names: Vec<String> = delays
+        .iter()
+        .map(|d| format!("{}.recheck.{d}s", t.input))
+        .collect();
+    let specs: Vec<(&str, i32)> = names.iter().map(|n| (n.as_str(), 2)).collect();
+    broker.create(&specs).await;
+    t
+}
+
+fn follow_table(schedule: &str, publish: &str) -> String {
+    format!("[connectors.cm.follow]\nschedule = {schedule}\npublish = \"{publish}\"\n")
+}
+
+async fn send(broker: &Broker, t: &Topics, id: &str, follow: bool) -> (i32, i64) {
+    let value = format!(r#"{{"connector_transaction_id":"{id}","follow":{follow}}}"#);
+    RawProducer::new(broker.bootstrap())
+        .unwrap()
+        .send(
+            &t.input,
+            None,
+            Some(id.as_bytes()),
+            Some(value.as_bytes()),
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
+/// The events of one transaction, in the order published.
+fn events_of(records: &[RawRecord], t: &Topics, id: &str) -> Vec<Value> {
+    let mut events: Vec<Value> = records
+        .iter()
+        .filter(|r| r.topic == t.output)
+        .map(|r| decode_event_json(r.value.as_deref().unwrap()).unwrap())
+        .filter(|e| e["connector_transaction_id"] == id)
+        .collect();
+    events.sort_by_key(|e| e["check_number"].as_i64().unwrap());
+    events
+}
+
+fn summary(events: &[Value]) -> Vec<(i64, String, bool, bool)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["check_number"].as_i64().unwrap(),
+                e["status"].as_str().unwrap().to_owned(),
+                e["is_final"].as_bool().unwrap(),
+                !e["next_check_at"].is_null(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_follows_a_payment_to_its_final_status() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-final", &[1]).await;
+    let sim = simulator(SimOptions {
+        progress_step: Duration::from_millis(2500),
+        ..Default::default()
+    })
+    .await;
+    let extra = follow_table(r#"[["1s", 20]]"#, "changes");
+    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), &extra))
+        .await
+        .unwrap();
+    let (p, o) = send(&broker, &t, "progress-f1", true).await;
+    // OPEN, then AUTHORIZED after 2.5 s, then SUCCESS after 5 s: three changes.
+    let records = read_outputs(broker.bootstrap(), &t, 3, WAIT).await;
+    let events = events_of(&records, &t, "progress-f1");
+    let s = summary(&events);
+    assert_eq!(s.len(), 3, "{s:?}");
+    assert_eq!(
+        (s[0].0, s[0].1.as_str(), s[0].2, s[0].3),
+        (1, "STARTED", false, true)
+    );
+    assert_eq!(
+        (s[1].1.as_str(), s[1].2, s[1].3),
+        ("AUTHORIZED", false, true)
+    );
+    assert_eq!(
+        (s[2].1.as_str(), s[2].2, s[2].3),
+        ("CHARGED", true, false),
+        "final ends the chain"
+    );
+    assert!(s[0].0 < s[1].0 && s[1].0 < s[2].0);
+    for e in &events {
+        let k = e["check_number"].as_i64().unwrap() as u32;
+        assert_eq!(e["event_id"], check_event_id(&t.input, p, o, k).as_str());
+        assert_eq!(
+            e["request_id"],
+            format!("{}:{p}:{o}", t.input).as_str(),
+            "the chain keeps its request id"
+        );
+    }
+    // Nothing after the final status.
+    let later = read_outputs_settled(broker.bootstrap(), &t, 3, WAIT, Duration::from_secs(3)).await;
+    assert_eq!(events_of(&later, &t, "progress-f1").len(), 3);
+    let text = app.metrics().render();
+    assert_eq!(
+        sum_metric(
+            &text,
+            "paysync_chains_ended_total",
+            &[("connector", "cm"), ("outcome", "final")]
+        ),
+        1.0
+    );
+    assert!(
+        sum_metric(
+            &text,
+            "paysync_rechecks_scheduled_total",
+            &[("delay", "1s")]
+        ) >= 4.0
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_that_runs_out_ends_with_its_last_check_published() {
+    let broker = Broker::new();
+    let sim = simulator(SimOptions::default()).await;
+    for (publish, want) in [("changes", 2), ("every_check", 3)] {
+        let t = follow_topics(&broker, "follow-out", &[1]).await;
+        let extra = follow_table(r#"[["1s", 2]]"#, publish);
+        let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), &extra))
+            .await
+            .unwrap();
+        let id = format!("open-out-{publish}");
+        send(&broker, &t, &id, true).await;
+        let records = read_outputs_settled(
+            broker.bootstrap(),
+            &t,
+            usize::MAX,
+            Duration::from_secs(8),
+            Duration::ZERO,
+        )
+        .await;
+        let s = summary(&events_of(&records, &t, &id));
+        assert_eq!(s.len(), want, "{publish}: {s:?}");
+        let last = s.last().unwrap();
+        assert_eq!(
+            (last.0, last.1.as_str(), last.2, last.3),
+            (3, "STARTED", false, false),
+            "{publish}: gave up, not final"
+        );
+        if publish == "changes" {
+            assert_eq!(s[0].0, 1, "the first check is published");
+        }
+        let text = app.metrics().render();
+        assert_eq!(
+            sum_metric(
+                &text,
+                "paysync_chains_ended_total",
+                &[("outcome", "exhausted")]
+            ),
+            1.0,
+            "{text}"
+        );
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_checks_inside_a_chain_publish_nothing_and_a_failed_last_check_is_published() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-fail", &[1]).await;
+    let sim = simulator(SimOptions {
+        progress_step: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await;
+    let extra = follow_table(r#"[["1s", 3]]"#, "every_check");
+    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), &extra))
+        .await
+        .unwrap();
+    // 404 for 1.5 s, then paid: the first checks fail silently, then CHARGED.
+    send(&broker, &t, "notyet-f1", true).await;
+    // 404 forever: silent until the last slot, which publishes the failure.
+    send(&broker, &t, "notfound-f2", true).await;
+    let records =
+        read_outputs_settled(broker.bootstrap(), &t, 2, WAIT, Duration::from_secs(2)).await;
+    let notyet = summary(&events_of(&records, &t, "notyet-f1"));
+    assert_eq!(notyet.len(), 1, "{notyet:?}");
+    assert_eq!(
+        (notyet[0].1.as_str(), notyet[0].2, notyet[0].3),
+        ("CHARGED", true, false)
+    );
+    assert!(notyet[0].0 >= 2, "the failed first check published nothing");
+    let notfound = events_of(&records, &t, "notfound-f2");
+    let s = summary(&notfound);
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(
+        (s[0].0, s[0].1.as_str(), s[0].2, s[0].3),
+        (4, "PAYMENT_STATUS_UNSPECIFIED", false, false)
+    );
+    assert_eq!(
+        notfound[0]["error"]["unified_details"]["code"],
+        "TRANSACTION_NOT_FOUND"
+    );
+    assert!(
+        records.iter().all(|r| r.topic != t.output
+            || decode_event_json(r.value.as_deref().unwrap()).unwrap()["status"] != "FAILURE"),
+        "a technical failure never becomes FAILURE"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recheck_is_never_taken_before_it_is_due_and_a_request_without_follow_is_checked_once() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-due", &[2]).await;
+    let sim = simulator(SimOptions {
+        progress_step: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    let extra = follow_table(r#"[["2s", 3]]"#, "every_check");
+    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), &extra))
+        .await
+        .unwrap();
+    send(&broker, &t, "progress-due", true).await;
+    send(&broker, &t, "progress-once", false).await;
+    let records =
+        read_outputs_settled(broker.bootstrap(), &t, 5, WAIT, Duration::from_secs(3)).await;
+    let events = events_of(&records, &t, "progress-due");
+    assert_eq!(events.len(), 4, "{:?}", summary(&events));
+    // Every call of the chain came no earlier than the due time the previous
+    // check announced (next_check_at).
+    let calls = sim.timeline("progress-due");
+    assert_eq!(calls.len(), 4);
+    for (k, pair) in events.windows(2).enumerate() {
+        let due = pair[0]["next_check_at"].as_i64().unwrap();
+        let called = calls[k + 1]
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!(
+            called >= due,
+            "check {} called {} ms before due",
+            k + 2,
+            due - called
+        );
+    }
+    let once = summary(&events_of(&records, &t, "progress-once"));
+    assert_eq!(
+        once,
+        vec![(1, "STARTED".to_owned(), false, false)],
+        "not followed"
+    );
+    let text = app.metrics().render();
+    assert_eq!(
+        sum_metric(&text, "paysync_recheck_lateness_seconds_count", &[]),
+        3.0,
+        "three re-checks taken"
+    );
+    app.stop().await;
+}
+
+/// On librdkafka's mock cluster (tansu 0.6.0 keeps a killed member in its group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_rechecks_pending_loses_no_chain() {
+    let broker = Broker::mock();
+    let t = follow_topics(&broker, "follow-kill", &[1]).await;
+    let sim = simulator(SimOptions {
+        progress_step: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let extra = follow_table(r#"[["1s", 12]]"#, "changes");
+    let mut first = Process::spawn(broker.bootstrap(), &t, &sim.base_url(), &extra);
+    first.wait_ready(WAIT).await;
+    let n = 20;
+    let mut origins = BTreeMap::new();
+    for i in 0..n {
+        let id = format!("progress-k{i}");
+        origins.insert(send(&broker, &t, &id, true).await, id);
+    }
+    // Every chain has published its first check: re-checks are pending in Kafka.
+    read_outputs(broker.bootstrap(), &t, n, WAIT).await;
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10));
+    let second = Process::spawn(broker.bootstrap(), &t, &sim.base_url(), &extra);
+    // Each chain ends exactly once: one final event per origin.
+    let deadline = std::time::Instant::now() + WAIT;
+    let records = loop {
+        let records = read_outputs_settled(
+            broker.bootstrap(),
+            &t,
+            usize::MAX,
+            Duration::from_secs(3),
+            Duration::ZERO,
+        )
+        .await;
+        let finals = records
+            .iter()
+            .filter(|r| r.topic == t.output)
+            .map(|r| decode_event_json(r.value.as_deref().unwrap()).unwrap())
+            .filter(|e| e["next_check_at"].is_null())
+            .count();
+        if finals >= n || std::time::Instant::now() > deadline {
+            break records;
+        }
+    };
+    let mut last_events: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    let mut by_id: BTreeMap<(String, i64), std::collections::BTreeSet<String>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.topic == t.output) {
+        let e = decode_event_json(r.value.as_deref().unwrap()).unwrap();
+        let id = e["connector_transaction_id"].as_str().unwrap().to_owned();
+        by_id
+            .entry((id.clone(), e["check_number"].as_i64().unwrap()))
+            .or_default()
+            .insert(e["event_id"].as_str().unwrap().to_owned());
+        if e["next_check_at"].is_null() {
+            assert_eq!(e["status"], "CHARGED", "{id} ended final");
+            last_events
+                .entry(id)
+                .or_default()
+                .insert(e["event_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let text = second.metrics().await;
+    eprintln!(
+        "after the kill: {} repeated checks skipped",
+        sum_metric(&text, "paysync_follow_checks_skipped_total", &[])
+    );
+    assert_eq!(last_events.len(), n, "every chain ended");
+    assert!(
+        last_events.values().all(|ids| ids.len() == 1),
+        "one last event per chain (a repeat carries the same event_id)"
+    );
+    assert!(
+        by_id.values().all(|ids| ids.len() == 1),
+        "a check repeated after the kill carries the same event_id"
+    );
+    drop(second);
+    let committed =
+        committed_offsets(broker.bootstrap(), &t.group, &t.input, t.partitions).unwrap();
+    assert!(committed.iter().all(|c| *c >= 0));
+    assert_eq!(origins.len(), n);
+}
