@@ -176,6 +176,21 @@ fn commit_positions<C: ConsumerContext>(
     }
 }
 
+/// A partition's lag from librdkafka statistics. librdkafka reports it against
+/// the committed offset only (-1 before the group's first commit there); until
+/// then the consumer starts at the log start (`auto.offset.reset = earliest`),
+/// so the lag is everything from the log start to the high watermark. A re-check
+/// partition whose head is not due has nothing committed for as long as it waits.
+fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.consumer_lag >= 0 {
+        Some(p.consumer_lag)
+    } else if p.committed_offset < 0 && p.hi_offset >= 0 && p.lo_offset >= 0 {
+        Some(p.hi_offset - p.lo_offset)
+    } else {
+        None
+    }
+}
+
 impl ClientContext for EngineContext {
     fn stats(&self, statistics: Statistics) {
         self.served();
@@ -187,21 +202,15 @@ impl ClientContext for EngineContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut pending = 0;
         for (partition, p) in &topic.partitions {
             if assigned.contains(partition) {
-                if p.consumer_lag >= 0 {
-                    self.metrics
-                        .set_lag(&self.input_topic, *partition, p.consumer_lag);
-                    pending += p.consumer_lag;
+                // A re-check engine measures its lag itself (`report_pending`).
+                if let Some(lag) = lag(p).filter(|_| !self.recheck) {
+                    self.metrics.set_lag(&self.input_topic, *partition, lag);
                 }
                 self.metrics
                     .set_prefetched(&self.input_topic, *partition, p.fetchq_cnt.max(0));
             }
-        }
-        if self.recheck {
-            self.metrics
-                .set_pending_rechecks(&self.input_topic, pending);
         }
     }
 
@@ -465,7 +474,12 @@ pub struct Engine {
     max_held: usize,
     /// Re-check engines: when the earliest held head comes due (ms since the epoch).
     next_due: Option<i64>,
+    /// Re-check engines: a pending measurement is under way.
+    measuring: Arc<AtomicBool>,
 }
+
+/// How often a re-check engine measures its pending re-checks.
+const PENDING_EVERY: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// An engine over a subscribed consumer.
@@ -496,6 +510,7 @@ impl Engine {
             tasks: JoinSet::new(),
             max_held,
             next_due: None,
+            measuring: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -509,6 +524,8 @@ impl Engine {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut commit_tick = tokio::time::interval(self.settings.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending_tick = tokio::time::interval(PENDING_EVERY);
+        pending_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let context = self.consumer.context().clone();
         loop {
             if context.main_ready.swap(false, Ordering::AcqRel) {
@@ -537,6 +554,7 @@ impl Engine {
                     self.commit(CommitMode::Async);
                     self.report_health();
                 }
+                _ = pending_tick.tick(), if self.settings.recheck => self.report_pending(),
                 () = context.wake.notified() => {}
                 () = tokio::time::sleep(until(self.next_due)), if self.next_due.is_some() => {}
                 () = tokio::task::yield_now(), if more => {}
@@ -556,6 +574,58 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Re-check engines: pending re-checks per owned partition (high watermark
+    /// minus the first re-check not yet done), measured against the broker.
+    /// librdkafka's own lag statistic stays at its last fetch while a partition is
+    /// not fetched, and a partition whose head is not due is not fetched for as
+    /// long as it waits. Asked off the engine task; one round at a time.
+    fn report_pending(&self) {
+        if self.measuring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let positions = self.ledger.positions();
+        let parts: Vec<(i32, Option<i64>)> = self
+            .consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|&partition| {
+                let held = self.sources.iter().find(|s| s.partition == partition);
+                let from = held
+                    .and_then(|s| s.held.as_ref().map(|(m, _)| m.offset))
+                    .or_else(|| {
+                        positions
+                            .iter()
+                            .find(|p| p.partition == partition)
+                            .map(|p| p.watermark)
+                    });
+                (partition, from)
+            })
+            .collect();
+        let consumer = self.consumer.clone();
+        let metrics = self.metrics.clone();
+        let measuring = self.measuring.clone();
+        let topic = self.settings.input_topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut pending = 0;
+            for (partition, from) in parts {
+                // Nothing read yet: the consumer starts at the log start; and
+                // what retention deleted is no longer pending.
+                if let Ok((low, high)) =
+                    consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                {
+                    let lag = (high - from.unwrap_or(low).max(low)).max(0);
+                    metrics.set_lag(&topic, partition, lag);
+                    pending += lag;
+                }
+            }
+            metrics.set_pending_rechecks(&topic, pending);
+            measuring.store(false, Ordering::Release);
+        });
     }
 
     /// Publishes per-partition health: stalled partitions and stuck watermarks.
