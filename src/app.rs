@@ -18,6 +18,7 @@ use crate::config::{ConfigError, Settings};
 use crate::connectors::gateway::{Gateway, GatewayError};
 use crate::connectors::registry;
 use crate::connectors::token::system_clock;
+use crate::kafka::commits::CommitBoard;
 use crate::kafka::engine::{create_consumer, Engine, EngineConsumer, EngineSettings};
 use crate::kafka::producer::Publisher;
 use crate::kafka::{admin, consumer_config, producer_config};
@@ -249,6 +250,7 @@ pub async fn start_with(
         ));
     }
     let mut engines = Vec::with_capacity(topics.len());
+    let board = CommitBoard::new();
     for (topic, group, recheck) in topics {
         let ledger = Arc::new(Ledger::new());
         let engine_settings = EngineSettings {
@@ -262,13 +264,19 @@ pub async fn start_with(
         let mut config = consumer_config(k);
         config.set("group.id", &group);
         let consumer = Arc::new(
-            create_consumer(&config, &engine_settings, ledger.clone(), metrics.clone()).map_err(
-                |source| StartupError::Kafka {
-                    client: "consumer",
-                    source,
-                },
-            )?,
+            create_consumer(
+                &config,
+                &engine_settings,
+                ledger.clone(),
+                metrics.clone(),
+                board.clone(),
+            )
+            .map_err(|source| StartupError::Kafka {
+                client: "consumer",
+                source,
+            })?,
         );
+        board.register(&engine_settings.input_topic, &consumer);
         engines.push((consumer, ledger, engine_settings));
     }
     let addr = settings.http.listen;

@@ -4,9 +4,14 @@
 //! and up), a connector that answers 5xx, 429, slowly and with garbage at random,
 //! poison records mixed into the input, and one kill -9 and restart mid-run.
 //!
+//! One request in ten asks to be followed (a 1 s schedule of three re-checks),
+//! some for payments whose status moves from OPEN to SUCCESS on the third call.
+//!
 //! Afterwards: every input offset has exactly one event or dead letter (more than
 //! one only for offsets re-delivered after the kill, all with the same
-//! `event_id`), no FAILURE the connector did not send, and every partition
+//! `event_id`); every followed request's chain ended exactly once (one last
+//! event per origin offset, repeats with the same `event_id`); no FAILURE the
+//! connector did not send; and every partition, re-check topic included,
 //! committed to its end.
 //!
 //! Not part of CI's time budget:
@@ -34,9 +39,11 @@ const STATUSES: &[(&str, &str)] = &[
 ];
 
 /// A CM.com that misbehaves at random: 8% 503, 4% 429 with Retry-After, 2% slower
-/// than the request timeout, 2% a 200 with a body that is not JSON.
+/// than the request timeout, 2% a 200 with a body that is not JSON. A `moving-`
+/// payment is OPEN for its first two calls, then SUCCESS.
 struct Chaotic {
     calls: AtomicU64,
+    moving: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Respond for Chaotic {
@@ -48,10 +55,21 @@ impl Respond for Chaotic {
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
         let id = path.rsplit('/').next().unwrap_or_default();
-        let status = STATUSES
-            .iter()
-            .find(|(prefix, _)| id.starts_with(prefix))
-            .map_or("SUCCESS", |(_, s)| *s);
+        let status = if id.starts_with("moving-") {
+            let mut moving = self.moving.lock().unwrap();
+            let calls = moving.entry(id.to_owned()).or_default();
+            *calls += 1;
+            if *calls <= 2 {
+                "OPEN"
+            } else {
+                "SUCCESS"
+            }
+        } else {
+            STATUSES
+                .iter()
+                .find(|(prefix, _)| id.starts_with(prefix))
+                .map_or("SUCCESS", |(_, s)| *s)
+        };
         let roll = fastrand::u32(0..100);
         match roll {
             0..=7 => ResponseTemplate::new(503).set_body_string("busy"),
@@ -67,6 +85,23 @@ impl Respond for Chaotic {
             ),
         }
     }
+}
+
+/// The high watermark of each partition of `topic`.
+fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect()
 }
 
 fn spawn_paysync(config: &std::path::Path, log: &std::path::Path) -> Child {
@@ -90,10 +125,19 @@ fn spawn_paysync(config: &std::path::Path, log: &std::path::Path) -> Child {
 /// What one input offset produced.
 #[derive(Default, Debug)]
 struct Outputs {
+    /// Events of the first check (the only check of a request not followed).
     event_ids: Vec<String>,
     statuses: Vec<String>,
     dead: Vec<String>,
+    /// Events of a followed request's later checks: (check number, event_id).
+    later: Vec<(i64, String)>,
+    /// Events that end a chain (`next_check_at` null): (check number, event_id).
+    last: Vec<(i64, String)>,
+    /// When each of those was observed (ms since the epoch).
+    last_observed: Vec<i64>,
 }
+
+const RECHECK_TOPIC: &str = "chaos.requests.recheck.1s";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "chaos run, minutes long: PAYSYNC_CHAOS_REQUESTS=100000 cargo test --release --test chaos -- --ignored --nocapture"]
@@ -107,11 +151,13 @@ async fn chaos_loses_nothing_and_invents_no_failure() {
         ("chaos.requests", PARTITIONS),
         ("chaos.events", PARTITIONS),
         ("chaos.requests.dlq", 1),
+        (RECHECK_TOPIC, PARTITIONS),
     ])
     .unwrap();
     let bootstrap = broker.bootstrap();
     let connector = Arc::new(Chaotic {
         calls: AtomicU64::new(0),
+        moving: Mutex::default(),
     });
     let cm = MockServer::builder()
         .disable_request_recording()
@@ -131,6 +177,7 @@ async fn chaos_loses_nothing_and_invents_no_failure() {
     // Inputs: ~97% status checks, ~3% poison of every kind.
     let producer = RawProducer::new(&bootstrap).unwrap();
     let mut poison = 0usize;
+    let mut followed = std::collections::BTreeSet::new();
     let schemas = paysync::codec::avro::Schemas::get();
     let mut single_object_cut = vec![0xC3, 0x01];
     single_object_cut.extend_from_slice(&schemas.request_fingerprint.to_le_bytes());
@@ -150,6 +197,13 @@ async fn chaos_loses_nothing_and_invents_no_failure() {
                 Some(br#"{"connector_transaction_id":"success-h"}"#),
                 vec![(&b"\xff\xfe"[..], Some(&b"x"[..]))],
             ),
+            (r, _) if r % 10 == 7 => {
+                let prefix = ["moving", "open", "success"][(i / 10) % 3];
+                valid = format!(r#"{{"connector_transaction_id":"{prefix}-c{i}","follow":true}}"#);
+                let p = (i % PARTITIONS as usize) as i32;
+                followed.insert((p, (i / PARTITIONS as usize) as i64));
+                (Some(valid.as_bytes()), vec![])
+            }
             _ => {
                 let (prefix, _) = STATUSES[i % STATUSES.len()];
                 valid = format!(r#"{{"connector_transaction_id":"{prefix}-c{i}"}}"#);
@@ -220,6 +274,9 @@ max_cooldown = "2s"
 [connectors.cm.accounts.default]
 client_id = "c"
 client_secret = "s"
+[connectors.cm.follow]
+schedule = [["1s", 3]]
+publish = "changes"
 "#,
             cm = cm.uri()
         ),
@@ -254,9 +311,19 @@ client_secret = "s"
                         let o: i64 = parts.next().unwrap().parse().unwrap();
                         let p: i32 = parts.next().unwrap().parse().unwrap();
                         let out = map.entry((p, o)).or_default();
-                        out.event_ids
-                            .push(json["event_id"].as_str().unwrap().to_owned());
+                        let event_id = json["event_id"].as_str().unwrap().to_owned();
+                        let check = json["check_number"].as_i64().unwrap();
+                        if json["next_check_at"].is_null() {
+                            out.last.push((check, event_id.clone()));
+                            out.last_observed
+                                .push(json["observed_at"].as_i64().unwrap_or(0));
+                        }
                         let status = json["status"].as_str().unwrap().to_owned();
+                        if check > 1 {
+                            out.later.push((check, event_id));
+                            continue;
+                        }
+                        out.event_ids.push(event_id);
                         if status == "FAILURE" {
                             let tx = json["connector_transaction_id"].as_str().unwrap();
                             assert!(
@@ -328,6 +395,13 @@ client_secret = "s"
     child.kill().unwrap();
     child.wait().unwrap();
     let (b, killed_at) = (bootstrap.clone(), started.elapsed());
+    eprintln!(
+        "chaos: killed at {} ms since the epoch",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
     let committed_at_kill = tokio::task::spawn_blocking(move || {
         committed_offsets(&b, "chaos", "chaos.requests", PARTITIONS).unwrap()
     })
@@ -359,6 +433,35 @@ client_secret = "s"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Until every chain has ended and every re-check is committed.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let ended = {
+            let outputs = outputs.lock().unwrap();
+            followed
+                .iter()
+                .filter(|k| outputs.get(k).is_some_and(|o| !o.last.is_empty()))
+                .count()
+        };
+        let b = b.clone();
+        let (committed, high) = tokio::task::spawn_blocking(move || {
+            let committed =
+                committed_offsets(&b, "chaos.recheck.1s", RECHECK_TOPIC, PARTITIONS).unwrap();
+            let high = high_watermarks(&b, RECHECK_TOPIC, PARTITIONS);
+            (committed, high)
+        })
+        .await
+        .unwrap();
+        if ended == followed.len() && committed == high {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ended} of {} chains ended; re-checks committed {committed:?}, ends {high:?}",
+            followed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let elapsed = started.elapsed();
     // Stop, and give a late duplicate the chance to show up.
     let _ = Command::new("kill")
@@ -370,15 +473,82 @@ client_secret = "s"
     reader.join().unwrap();
 
     let outputs = outputs.lock().unwrap();
+    // For a chain that ended more than once: its re-check records, to see how.
+    let forked: Vec<(i32, i64)> = followed
+        .iter()
+        .filter(|k| {
+            let mut l: Vec<_> = outputs[k].last.clone();
+            l.dedup();
+            l.len() > 1
+        })
+        .copied()
+        .collect();
+    for k in &forked {
+        eprintln!("chaos: fork {k:?}: {:?}", outputs[k]);
+    }
+    if !forked.is_empty() {
+        let mut reader = TopicReader::new(&bootstrap, &[(RECHECK_TOPIC, PARTITIONS)]).unwrap();
+        for r in reader.read(usize::MAX, Duration::from_secs(5)) {
+            let origin = r.header("paysync-follow-origin").unwrap_or_default();
+            if forked
+                .iter()
+                .any(|(p, o)| origin == format!("chaos.requests:{p}:{o}"))
+            {
+                eprintln!(
+                    "chaos: fork {origin}: re-check {}:{} check {:?} scheduled by {:?} due {:?}",
+                    r.partition,
+                    r.offset,
+                    r.header("paysync-follow-check"),
+                    r.header("paysync-follow-scheduled-by"),
+                    r.header("paysync-follow-due")
+                );
+            }
+        }
+    }
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
     let mut repeated = 0usize;
     let mut repeated_outputs = 0usize;
+    let mut chain_ends: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut chain_repeats = 0usize;
     for p in 0..PARTITIONS {
         for o in 0..ends[p as usize] {
             let out = outputs
                 .get(&(p, o))
                 .unwrap_or_else(|| panic!("input {p}:{o} has no output"));
+            if followed.contains(&(p, o)) {
+                // One last event per origin; a check repeated carries its event_id.
+                let mut lasts: Vec<&(i64, String)> = out.last.iter().collect();
+                lasts.dedup();
+                assert_eq!(
+                    lasts.len(),
+                    1,
+                    "{p}:{o}: the chain ended {} times: {out:?}",
+                    lasts.len()
+                );
+                let end = lasts[0].0;
+                let mut by_check: BTreeMap<i64, Vec<&String>> = BTreeMap::new();
+                for id in &out.event_ids {
+                    by_check.entry(1).or_default().push(id);
+                }
+                for (k, id) in &out.later {
+                    by_check.entry(*k).or_default().push(id);
+                }
+                for (k, ids) in &by_check {
+                    assert!(
+                        *k <= end,
+                        "{p}:{o}: check {k} after the chain's end at {end}"
+                    );
+                    assert!(
+                        ids.windows(2).all(|w| w[0] == w[1]),
+                        "{p}:{o} check {k}: {ids:?}"
+                    );
+                    chain_repeats += ids.len() - 1;
+                }
+                assert!(out.dead.is_empty(), "{p}:{o}: {out:?}");
+                *chain_ends.entry(end).or_default() += 1;
+                continue;
+            }
             let count = out.event_ids.len() + out.dead.len();
             assert!(
                 out.event_ids.is_empty() || out.dead.is_empty(),
@@ -415,10 +585,14 @@ client_secret = "s"
     );
     eprintln!("chaos: events by status {by_status:?}");
     eprintln!("chaos: dead letters by reason {by_reason:?}");
+    eprintln!(
+        "chaos: {} chains, each ended once, by check number {chain_ends:?}; {chain_repeats} repeated events of a chain (same event_id)",
+        followed.len()
+    );
     eprintln!("chaos: {total} outputs; {repeated} inputs answered more than once ({repeated_outputs} extra outputs), all re-delivered after the kill with the same event_id");
     assert!(status.success(), "SIGTERM exit: {status}");
     assert_eq!(
-        by_reason.values().sum::<usize>() + by_status.values().sum::<usize>(),
+        by_reason.values().sum::<usize>() + by_status.values().sum::<usize>() + followed.len(),
         n
     );
     assert!(

@@ -42,6 +42,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::commits::CommitBoard;
 use super::producer::{Delivery, Publisher};
 use crate::codec::RejectCode;
 use crate::pipeline::follow;
@@ -79,6 +80,8 @@ enum Note {
 
 /// The consumer context: rebalance callbacks, commit results, statistics.
 pub struct EngineContext {
+    /// Commits of every topic this process consumes (follow mode's gate).
+    board: Arc<CommitBoard>,
     input_topic: String,
     recheck: bool,
     ledger: Arc<Ledger>,
@@ -256,11 +259,13 @@ impl ConsumerContext for EngineContext {
         match result {
             Ok(()) => {
                 for e in offsets.elements() {
-                    if e.topic() != self.input_topic {
+                    // A commit can succeed as a whole and fail for one partition.
+                    if e.topic() != self.input_topic || e.error().is_err() {
                         continue;
                     }
                     if let Offset::Offset(o) = e.offset() {
                         self.ledger.committed(e.partition(), o);
+                        self.board.post(&self.input_topic, e.partition(), o);
                     }
                 }
                 for p in self.ledger.positions() {
@@ -291,8 +296,10 @@ pub fn create_consumer(
     settings: &EngineSettings,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
+    board: Arc<CommitBoard>,
 ) -> Result<EngineConsumer, rdkafka::error::KafkaError> {
     let context = EngineContext {
+        board,
         input_topic: settings.input_topic.clone(),
         recheck: settings.recheck,
         ledger,
@@ -477,6 +484,10 @@ pub struct Engine {
     /// Re-check engines: a pending measurement is under way.
     measuring: Arc<AtomicBool>,
 }
+
+/// How often a held re-check whose scheduling record is not yet committed is
+/// looked at again, ms.
+const GATE_POLL_MS: i64 = 50;
 
 /// How often a re-check engine measures its pending re-checks.
 const PENDING_EVERY: Duration = Duration::from_secs(5);
@@ -679,11 +690,11 @@ impl Engine {
             if self.scheduler.parked_in(p) > 0 || self.held_back(p) {
                 continue;
             }
-            // A re-check partition's head that is not due yet holds the partition.
-            if let Some((_, due)) = &self.sources[i].held {
+            // A re-check partition's head that may not be taken yet holds the partition.
+            if let Some((incoming, due)) = &self.sources[i].held {
                 let due = *due;
-                if due > now_ms() {
-                    self.note_due(due);
+                if let Some(wait) = self.wait_until(incoming, due) {
+                    self.note_due(wait);
                     continue;
                 }
                 if let Some((incoming, due)) = self.sources[i].held.take() {
@@ -713,9 +724,9 @@ impl Engine {
                         taken += 1;
                         if self.settings.recheck {
                             let due = follow::due_ms(&incoming.headers).unwrap_or(0);
-                            if due > now_ms() {
+                            if let Some(wait) = self.wait_until(&incoming, due) {
                                 self.sources[i].held = Some((incoming, due));
-                                self.note_due(due);
+                                self.note_due(wait);
                                 break;
                             }
                             self.take_due(incoming, due);
@@ -732,6 +743,19 @@ impl Engine {
             }
         }
         more
+    }
+
+    /// When a re-check record may be taken, if not now: not before it is due,
+    /// and not before the record that scheduled it is committed in its group
+    /// (see [`CommitBoard`]); that wait is looked at again every [`GATE_POLL_MS`].
+    fn wait_until(&self, incoming: &Incoming, due: i64) -> Option<i64> {
+        let now = now_ms();
+        if due > now {
+            return Some(due);
+        }
+        let by = follow::scheduled_by(&incoming.headers)?;
+        let board = &self.consumer.context().board;
+        (!board.is_committed(&by)).then_some(now + GATE_POLL_MS)
     }
 
     /// The earliest time a held re-check comes due.
@@ -936,8 +960,10 @@ impl Engine {
             mode,
         );
         if matches!(mode, CommitMode::Sync) {
+            let board = &self.consumer.context().board;
             for (p, o) in done {
                 self.ledger.committed(p, o);
+                board.post(&self.settings.input_topic, p, o);
             }
         }
         for p in self.ledger.positions() {

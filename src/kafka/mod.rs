@@ -4,6 +4,7 @@
 //! bytes, and [`admin`] helpers for topics.
 
 pub mod admin;
+pub mod commits;
 pub mod engine;
 pub mod headers;
 pub mod producer;

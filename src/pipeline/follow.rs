@@ -69,22 +69,42 @@ pub fn recheck_topic(prefix: &str, delay: Duration) -> String {
     format!("{prefix}.{}s", delay.as_secs())
 }
 
-/// Where a chain began (its event ids and default request id derive from this).
+/// A record's place in Kafka: where a chain began (its event ids and default
+/// request id derive from this), or the record that scheduled a re-check.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Origin {
-    /// Topic of the request that started the chain.
+pub struct Position {
+    /// Topic.
     pub topic: String,
-    /// Its partition.
+    /// Partition.
     pub partition: i32,
-    /// Its offset.
+    /// Offset.
     pub offset: i64,
+}
+
+impl Position {
+    /// `<topic>:<partition>:<offset>`.
+    fn header_value(&self) -> String {
+        format!("{}:{}:{}", self.topic, self.partition, self.offset)
+    }
+
+    fn parse(value: &str) -> Option<Position> {
+        let mut parts = value.rsplitn(3, ':');
+        let offset = parts.next()?.parse().ok()?;
+        let partition = parts.next()?.parse().ok()?;
+        let topic = parts.next().filter(|t| !t.is_empty())?;
+        Some(Position {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+        })
+    }
 }
 
 /// The state a chain carries from check to check (in re-check record headers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
     /// Where it began.
-    pub origin: Origin,
+    pub origin: Position,
     /// The number of the check this record performs (1 for the first).
     pub check: u32,
     /// When the chain began, ms since the epoch.
@@ -93,6 +113,11 @@ pub struct Chain {
     pub due_ms: i64,
     /// The last status the chain published, if any.
     pub last_published: Option<PaymentStatus>,
+    /// The record that scheduled this check (absent for the first, and in
+    /// re-check records written before this header existed).
+    pub scheduled_by: Option<Position>,
+    /// An end marker, not a check: the chain ended at this check number.
+    pub ended_at: Option<u32>,
 }
 
 /// What one check of a chain decides.
@@ -181,8 +206,8 @@ pub fn decide(
 #[derive(Debug)]
 pub struct ChainMarks {
     capacity: usize,
-    order: std::collections::VecDeque<Origin>,
-    marks: std::collections::HashMap<Origin, Mark>,
+    order: std::collections::VecDeque<Position>,
+    marks: std::collections::HashMap<Position, Mark>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -240,6 +265,26 @@ impl ChainMarks {
         }
     }
 
+    /// An end marker: the chain ended at check `at` (in this process or another,
+    /// before a crash).
+    pub fn note_end(&mut self, origin: &Position, at: u32) {
+        let ended = Mark {
+            check: at,
+            done: true,
+            ended: true,
+        };
+        match self.marks.get_mut(origin) {
+            None => {
+                self.remember(origin.clone(), at);
+                if let Some(m) = self.marks.get_mut(origin) {
+                    *m = ended;
+                }
+            }
+            Some(m) if m.check <= at => *m = ended,
+            Some(_) => {}
+        }
+    }
+
     /// The check's records were all acknowledged.
     pub fn done(&mut self, chain: &Chain) {
         if let Some(m) = self.marks.get_mut(&chain.origin) {
@@ -249,7 +294,7 @@ impl ChainMarks {
         }
     }
 
-    fn remember(&mut self, origin: Origin, check: u32) {
+    fn remember(&mut self, origin: Position, check: u32) {
         self.order.push_back(origin.clone());
         self.marks.insert(
             origin,
@@ -279,8 +324,21 @@ pub mod headers {
     pub const DUE: &str = "paysync-follow-due";
     /// The last status the chain published (absent before the first).
     pub const LAST_STATUS: &str = "paysync-follow-last-status";
+    /// `<topic>:<partition>:<offset>` of the record whose check scheduled this one;
+    /// the re-check is not taken before that record is committed.
+    pub const SCHEDULED_BY: &str = "paysync-follow-scheduled-by";
+    /// On an end marker: the check number at which the chain ended.
+    pub const ENDED: &str = "paysync-follow-ended";
     /// Every chain header (removed before new ones are written).
-    pub const ALL: &[&str] = &[ORIGIN, CHECK, FIRST_SEEN, DUE, LAST_STATUS];
+    pub const ALL: &[&str] = &[
+        ORIGIN,
+        CHECK,
+        FIRST_SEEN,
+        DUE,
+        LAST_STATUS,
+        SCHEDULED_BY,
+        ENDED,
+    ];
 }
 
 /// Why a re-check record's chain headers cannot be used.
@@ -303,28 +361,43 @@ pub fn due_ms(hs: &[(Vec<u8>, Option<Vec<u8>>)]) -> Option<i64> {
     find(hs, headers::DUE)?.parse().ok()
 }
 
+/// The record that scheduled a re-check record, from its headers.
+pub fn scheduled_by(hs: &[(Vec<u8>, Option<Vec<u8>>)]) -> Option<Position> {
+    Position::parse(find(hs, headers::SCHEDULED_BY)?)
+}
+
 impl Chain {
     /// The chain a new request starts (check 1).
-    pub fn start(origin: Origin, now_ms: i64) -> Chain {
+    pub fn start(origin: Position, now_ms: i64) -> Chain {
         Chain {
             origin,
             check: 1,
             first_seen_ms: now_ms,
             due_ms: now_ms,
             last_published: None,
+            scheduled_by: None,
+            ended_at: None,
         }
     }
 
     /// The chain state of a re-check record.
     pub fn from_headers(hs: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<Chain, ChainHeaderError> {
         let bad = ChainHeaderError;
-        let origin = find(hs, headers::ORIGIN).ok_or(bad(headers::ORIGIN))?;
-        let mut parts = origin.rsplitn(3, ':');
-        let offset = parts.next().and_then(|o| o.parse().ok());
-        let partition = parts.next().and_then(|p| p.parse().ok());
-        let topic = parts.next().filter(|t| !t.is_empty());
-        let (Some(offset), Some(partition), Some(topic)) = (offset, partition, topic) else {
-            return Err(bad(headers::ORIGIN));
+        let origin = find(hs, headers::ORIGIN)
+            .and_then(Position::parse)
+            .ok_or(bad(headers::ORIGIN))?;
+        let scheduled_by = match find(hs, headers::SCHEDULED_BY) {
+            None => None,
+            Some(v) => Some(Position::parse(v).ok_or(bad(headers::SCHEDULED_BY))?),
+        };
+        let ended_at = match find(hs, headers::ENDED) {
+            None => None,
+            Some(v) => Some(
+                v.parse()
+                    .ok()
+                    .filter(|k| *k >= 1)
+                    .ok_or(bad(headers::ENDED))?,
+            ),
         };
         let number = |name: &'static str| -> Result<i64, ChainHeaderError> {
             find(hs, name).and_then(|v| v.parse().ok()).ok_or(bad(name))
@@ -338,32 +411,29 @@ impl Chain {
             Some(s) => Some(PaymentStatus::from_symbol(s).ok_or(bad(headers::LAST_STATUS))?),
         };
         Ok(Chain {
-            origin: Origin {
-                topic: topic.to_owned(),
-                partition,
-                offset,
-            },
+            origin,
             check,
             first_seen_ms: number(headers::FIRST_SEEN)?,
             due_ms: number(headers::DUE)?,
             last_published,
+            scheduled_by,
+            ended_at,
         })
     }
 
     /// The headers of the re-check record for the next check, due at `due_ms`,
-    /// after a check that left `last_published` as the last published status.
+    /// scheduled by the record at `by` with `last_published` as the last
+    /// published status.
     pub fn next_headers(
         &self,
         due_ms: i64,
         last_published: Option<PaymentStatus>,
+        by: &Position,
     ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let h = |k: &str, v: String| (k.as_bytes().to_vec(), Some(v.into_bytes()));
-        let o = &self.origin;
         let mut out = vec![
-            h(
-                headers::ORIGIN,
-                format!("{}:{}:{}", o.topic, o.partition, o.offset),
-            ),
+            h(headers::ORIGIN, self.origin.header_value()),
+            h(headers::SCHEDULED_BY, by.header_value()),
             h(headers::CHECK, (self.check + 1).to_string()),
             h(headers::FIRST_SEEN, self.first_seen_ms.to_string()),
             h(headers::DUE, due_ms.to_string()),
@@ -371,6 +441,24 @@ impl Chain {
         if let Some(s) = last_published {
             out.push(h(headers::LAST_STATUS, s.as_str().to_owned()));
         }
+        out
+    }
+
+    /// The headers of an end marker: written, when a chain ends at a final status
+    /// with slots left, where its next check would have gone (same re-check topic,
+    /// same key, so the same partition). A repeat of this check after a crash that
+    /// fails (a timeout, say) would carry the chain on; its re-check lands behind
+    /// the marker, which tells the re-check engine that the chain had ended.
+    pub fn end_marker_headers(
+        &self,
+        now_ms: i64,
+        by: &Position,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut out = self.next_headers(now_ms, self.last_published, by);
+        out.push((
+            headers::ENDED.as_bytes().to_vec(),
+            Some(self.check.to_string().into_bytes()),
+        ));
         out
     }
 }
@@ -389,7 +477,7 @@ mod tests {
 
     fn chain(check: u32, last: Option<PaymentStatus>) -> Chain {
         Chain {
-            origin: Origin {
+            origin: Position {
                 topic: "in".into(),
                 partition: 2,
                 offset: 40,
@@ -398,6 +486,16 @@ mod tests {
             first_seen_ms: 1_000,
             due_ms: 2_000,
             last_published: last,
+            scheduled_by: None,
+            ended_at: None,
+        }
+    }
+
+    fn by() -> Position {
+        Position {
+            topic: "in.recheck.1s".into(),
+            partition: 2,
+            offset: 77,
         }
     }
 
@@ -490,7 +588,7 @@ mod tests {
     #[test]
     fn chain_headers_round_trip_and_bad_ones_are_errors() {
         let c = chain(3, Some(AUTHORIZED));
-        let hs = c.next_headers(9_000, Some(AUTHORIZED));
+        let hs = c.next_headers(9_000, Some(AUTHORIZED), &by());
         let next = Chain::from_headers(&hs).unwrap();
         assert_eq!(next.check, 4);
         assert_eq!(next.origin, c.origin);
@@ -498,10 +596,12 @@ mod tests {
         assert_eq!(next.due_ms, 9_000);
         assert_eq!(next.last_published, Some(AUTHORIZED));
         assert_eq!(due_ms(&hs), Some(9_000));
+        assert_eq!(next.scheduled_by, Some(by()));
+        assert_eq!(scheduled_by(&hs), Some(by()));
         // A topic name with dots and colons in the origin survives.
         let mut odd = chain(2, None);
         odd.origin.topic = "a.b:c".into();
-        let hs = odd.next_headers(5, None);
+        let hs = odd.next_headers(5, None, &by());
         assert_eq!(Chain::from_headers(&hs).unwrap().origin.topic, "a.b:c");
         assert_eq!(Chain::from_headers(&hs).unwrap().last_published, None);
         for (name, value) in [
@@ -511,8 +611,10 @@ mod tests {
             (headers::CHECK, "x"),
             (headers::DUE, "soon"),
             (headers::LAST_STATUS, "PAID"),
+            (headers::SCHEDULED_BY, "in:x:1"),
+            (headers::ENDED, "0"),
         ] {
-            let mut hs = c.next_headers(9_000, Some(AUTHORIZED));
+            let mut hs = c.next_headers(9_000, Some(AUTHORIZED), &by());
             hs.push((name.as_bytes().to_vec(), Some(value.as_bytes().to_vec())));
             assert_eq!(
                 Chain::from_headers(&hs),
@@ -563,10 +665,27 @@ mod tests {
     }
 
     #[test]
+    fn an_end_marker_stops_a_chain_carried_on_by_a_repeat() {
+        // Check 3 ended the chain (final) and wrote a marker; a repeat of check 3
+        // after a crash failed and scheduled check 4, behind the marker.
+        let c = chain(3, Some(AUTHORIZED));
+        let hs = c.end_marker_headers(5_000, &by());
+        let marker = Chain::from_headers(&hs).unwrap();
+        assert_eq!((marker.check, marker.ended_at), (4, Some(3)));
+        let mut m = ChainMarks::new(10);
+        m.note_end(&marker.origin, 3);
+        assert!(!m.claim(&chain(4, None)), "the repeat's check 4 is skipped");
+        assert!(
+            !m.claim(&chain(3, None)),
+            "and so is another copy of check 3"
+        );
+    }
+
+    #[test]
     fn chain_marks_are_bounded() {
         let mut m = ChainMarks::new(2);
         let other = |offset| Chain {
-            origin: Origin {
+            origin: Position {
                 topic: "in".into(),
                 partition: 0,
                 offset,

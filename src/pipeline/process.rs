@@ -20,7 +20,7 @@ use crate::connectors::retry::CheckResult;
 use crate::connectors::HttpRequest;
 use crate::domain::event::{check_event_id, check_integrity, Envelope, SecretFields};
 use crate::domain::{PaymentStatus, PaymentStatusEvent, StatusCheckRequest};
-use crate::pipeline::follow::{self, Chain, ChainEnd, FollowSettings, Origin};
+use crate::pipeline::follow::{self, Chain, ChainEnd, FollowSettings, Position};
 use crate::pipeline::ledger::Epoch;
 use crate::pipeline::scheduler::Job;
 use crate::telemetry::{Metrics, Outcome};
@@ -44,6 +44,17 @@ pub struct Incoming {
     pub received: Instant,
     /// It comes from a re-check topic (its chain state is in its headers).
     pub recheck: bool,
+}
+
+impl Incoming {
+    /// Where it sits in Kafka.
+    pub fn position(&self) -> Position {
+        Position {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
 }
 
 /// A Kafka header as bytes: name, and value (null when the producer sent none).
@@ -260,14 +271,9 @@ impl Processor {
         } else {
             None
         };
-        let origin = recheck.as_ref().map_or_else(
-            || Origin {
-                topic: incoming.topic.to_string(),
-                partition: incoming.partition,
-                offset: incoming.offset,
-            },
-            |c| c.origin.clone(),
-        );
+        let origin = recheck
+            .as_ref()
+            .map_or_else(|| incoming.position(), |c| c.origin.clone());
         let position = SourcePosition {
             topic: &origin.topic,
             partition: origin.partition,
@@ -354,6 +360,11 @@ impl Processor {
             } => (request, http, connector, chain),
         };
         if let Some(c) = chain {
+            if let Some(ended_at) = c.ended_at {
+                // An end marker: remember where the chain ended; nothing to check.
+                self.marks().note_end(&c.origin, ended_at);
+                return Vec::new();
+            }
             if !self.marks().claim(c) {
                 return self.skipped(request, c, "the chain has moved past this check");
             }
@@ -376,14 +387,7 @@ impl Processor {
         let origin = |c: &Chain| c.origin.clone();
         let (origin, check_number) = match chain {
             Some(c) => (origin(c), c.check),
-            None => (
-                Origin {
-                    topic: job.incoming.topic.to_string(),
-                    partition: job.incoming.partition,
-                    offset: job.incoming.offset,
-                },
-                1,
-            ),
+            None => (job.incoming.position(), 1),
         };
         // Follow mode decides whether this check publishes and what comes next.
         let settings = self.follow.by_connector.get(&request.connector);
@@ -450,11 +454,32 @@ impl Processor {
                 }
             }
         }
-        if let (Some(chain), Some(delay), Some(due)) = (chain, next, next_due) {
-            let last_published = match (publish, status) {
-                (true, Some((s, _))) => Some(s),
-                _ => chain.last_published,
-            };
+        // The chain goes on (the next check), or ended at a final status with
+        // slots left (an end marker where the next check would have gone).
+        let follow_on = match (chain, next, next_due, settings) {
+            (Some(c), Some(delay), Some(due), _) => {
+                let last_published = match (publish, status) {
+                    (true, Some((s, _))) => Some(s),
+                    _ => c.last_published,
+                };
+                Some((
+                    c,
+                    delay,
+                    c.next_headers(due, last_published, &job.incoming.position()),
+                ))
+            }
+            (Some(c), None, _, Some(s)) if status.is_some_and(|(_, f)| f) => {
+                s.delay_after(c.check).map(|delay| {
+                    (
+                        c,
+                        delay,
+                        c.end_marker_headers(now, &job.incoming.position()),
+                    )
+                })
+            }
+            _ => None,
+        };
+        if let Some((chain, delay, chain_headers)) = follow_on {
             let Some(topic) = self.follow.topics.get(&delay) else {
                 // The plan names a topic for every delay of every schedule.
                 return vec![self.dead_letter(
@@ -463,6 +488,7 @@ impl Processor {
                     &format!("no re-check topic for a {}s delay", delay.as_secs()),
                 )];
             };
+            let marker = next.is_none();
             let mut headers: Vec<RecordHeader> = job
                 .incoming
                 .headers
@@ -470,16 +496,20 @@ impl Processor {
                 .filter(|(k, _)| !follow::headers::ALL.iter().any(|h| k == h.as_bytes()))
                 .cloned()
                 .collect();
-            headers.extend(chain.next_headers(due, last_published));
+            headers.extend(chain_headers);
             out.push(Outgoing {
                 destination: Destination::Recheck(topic.clone()),
                 key: job.incoming.key.clone(),
                 value: job.incoming.value.clone(),
                 headers,
-                label: "recheck",
+                label: if marker { "end_marker" } else { "recheck" },
                 outcome,
-                summary: format!("check {} due in {}s", chain.check + 1, delay.as_secs()),
-                milestone: Some(Milestone::RecheckScheduled {
+                summary: if marker {
+                    String::new()
+                } else {
+                    format!("check {} due in {}s", chain.check + 1, delay.as_secs())
+                },
+                milestone: (!marker).then(|| Milestone::RecheckScheduled {
                     connector: request.connector.clone(),
                     delay_secs: delay.as_secs(),
                 }),

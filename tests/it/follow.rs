@@ -476,3 +476,169 @@ async fn memory_stays_bounded_with_100_000_pending_rechecks() {
         "peak RSS {rss:.1} MiB with {n} pending vs {baseline_rss:.1} MiB idle"
     );
 }
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Writes a re-check record the way any client could: raw bytes and headers.
+async fn write_recheck(
+    broker: &Broker,
+    topic: &str,
+    id: &str,
+    origin: &str,
+    check: u32,
+    extra: &[(&str, String)],
+) {
+    let value = format!(r#"{{"connector_transaction_id":"{id}","follow":true}}"#);
+    let now = now_ms().to_string();
+    let mut headers: Vec<(String, String)> = vec![
+        ("paysync-follow-origin".into(), origin.to_owned()),
+        ("paysync-follow-check".into(), check.to_string()),
+        ("paysync-follow-first-seen".into(), now.clone()),
+        ("paysync-follow-due".into(), now),
+    ];
+    headers.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    let raw: Vec<(&[u8], Option<&[u8]>)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_bytes(), Some(v.as_bytes())))
+        .collect();
+    RawProducer::new(broker.bootstrap())
+        .unwrap()
+        .send_raw(
+            topic,
+            Some(0),
+            Some(id.as_bytes()),
+            Some(value.as_bytes()),
+            &raw,
+        )
+        .await
+        .unwrap();
+}
+
+/// The gate: a due re-check is not taken before the record that scheduled it is
+/// committed (until then that record may be redone and end the chain itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recheck_waits_for_the_record_that_scheduled_it_to_be_committed() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-gate", &[1]).await;
+    let recheck = format!("{}.recheck.1s", t.input);
+    // Every connector call takes 1.5 s and one runs at a time: the last of four
+    // input records is done after 6 s, well after the re-check group has formed.
+    let sim = simulator(SimOptions {
+        latency: paysync::demo::simulator::Latency::Fixed(Duration::from_millis(1500)),
+        progress_step: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    let producer = RawProducer::new(broker.bootstrap()).unwrap();
+    let mut input = Vec::new();
+    let ids = ["open-gate-0", "open-gate-1", "open-gate-2", "open-gate-3"];
+    for id in ids {
+        let value = format!(r#"{{"connector_transaction_id":"{id}"}}"#);
+        input.push(
+            producer
+                .send(
+                    &t.input,
+                    Some(0),
+                    Some(id.as_bytes()),
+                    Some(value.as_bytes()),
+                    &[],
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    // A re-check, already due, scheduled by the last input record.
+    let by = format!("{}:0:{}", t.input, input[3].1);
+    let origin = by.clone();
+    write_recheck(
+        &broker,
+        &recheck,
+        "progress-gate",
+        &origin,
+        2,
+        &[("paysync-follow-scheduled-by", by)],
+    )
+    .await;
+    let extra = follow_table(r#"[["1s", 1]]"#, "every_check");
+    let mut s = settings(broker.bootstrap(), &t, &sim.base_url(), &extra);
+    s.processing.max_in_flight = 1;
+    let app = paysync::app::start(s).await.unwrap();
+    let records = read_outputs(broker.bootstrap(), &t, 5, WAIT).await;
+    let observed = |id: &str| {
+        events_of(&records, &t, id)[0]["observed_at"]
+            .as_i64()
+            .unwrap()
+    };
+    let input_done = observed("open-gate-3");
+    let called = sim.timeline("progress-gate")[0]
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        called >= input_done,
+        "the re-check was checked {} ms before the record that scheduled it was even done",
+        input_done - called
+    );
+    let s = summary(&events_of(&records, &t, "progress-gate"));
+    assert_eq!(
+        s,
+        vec![(2, "STARTED".to_owned(), false, false)],
+        "its chain's last check"
+    );
+    app.stop().await;
+}
+
+/// An end marker (written where a chain's next check would have gone when it
+/// ended at a final status) stops a re-check behind it that a repeated check
+/// scheduled: the chain does not end twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_marker_stops_a_recheck_scheduled_by_a_repeat() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-marker", &[1]).await;
+    let recheck = format!("{}.recheck.1s", t.input);
+    let sim = simulator(SimOptions::default()).await;
+    let origin = format!("{}:0:7", t.input);
+    write_recheck(
+        &broker,
+        &recheck,
+        "success-marker",
+        &origin,
+        3,
+        &[("paysync-follow-ended", "2".into())],
+    )
+    .await;
+    write_recheck(&broker, &recheck, "success-marker", &origin, 3, &[]).await;
+    // Another chain's re-check after them, to know when the partition was read.
+    write_recheck(
+        &broker,
+        &recheck,
+        "success-after",
+        &format!("{}:0:8", t.input),
+        2,
+        &[],
+    )
+    .await;
+    let extra = follow_table(r#"[["1s", 3]]"#, "changes");
+    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), &extra))
+        .await
+        .unwrap();
+    let records =
+        read_outputs_settled(broker.bootstrap(), &t, 1, WAIT, Duration::from_secs(2)).await;
+    assert_eq!(summary(&events_of(&records, &t, "success-after")).len(), 1);
+    assert!(
+        events_of(&records, &t, "success-marker").is_empty(),
+        "the chain had ended"
+    );
+    assert_eq!(sim.status_requests(), 1, "only the other chain was checked");
+    let text = app.metrics().render();
+    assert_eq!(
+        sum_metric(&text, "paysync_follow_checks_skipped_total", &[]),
+        1.0
+    );
+    app.stop().await;
+}
