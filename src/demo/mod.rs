@@ -2,8 +2,10 @@
 //! librdkafka's in-process mock cluster is the broker and [`simulator`] plays the
 //! connectors; paysync itself runs through [`crate::app::start`], exactly as
 //! `paysync run` does. Sample requests cover every status, a retried 5xx, an
-//! honoured 429, failed checks and invalid requests. Each event is printed as one
-//! JSON line, each dead letter with its reason, then a summary table.
+//! honoured 429, failed checks, invalid requests, and one payment followed until
+//! it is final (a 1 s schedule; the simulator moves it from open to authorized to
+//! paid). Each event is printed as one JSON line, each dead letter with its
+//! reason, then a summary table with the followed chain.
 
 pub mod simulator;
 pub mod stack;
@@ -22,6 +24,13 @@ use simulator::{SimOptions, Simulator};
 const INPUT: &str = "payment-status-requests";
 const OUTPUT: &str = "payment-status-events";
 const DLQ: &str = "payment-status-requests.dlq";
+/// The demo's follow schedule for CM.com: every second, up to ten times.
+const FOLLOW: &str = "[connectors.cm.follow]\nschedule = [[\"1s\", 10]]\npublish = \"changes\"\n";
+const RECHECK: &str = "payment-status-requests.recheck.1s";
+/// The followed sample.
+const FOLLOWED: &str = "progress-1015";
+/// The followed payment is open, then authorized after this, then paid after twice this.
+const PROGRESS_STEP: Duration = Duration::from_millis(1500);
 
 /// A sample request: value and headers.
 struct Sample {
@@ -92,6 +101,10 @@ const SAMPLES: &[Sample] = &[
     },
     Sample {
         value: r#"{"connector_transaction_id":"success-1004","payment_method_type":"IDEAL"}"#,
+        headers: &[],
+    },
+    Sample {
+        value: r#"{"connector_transaction_id":"progress-1015","follow":true}"#,
         headers: &[],
     },
     Sample {
@@ -188,7 +201,7 @@ pub fn demo_settings(
             topics: &topics,
             simulator: base_url,
             listen,
-            extra: "",
+            extra: FOLLOW,
         }
         .toml(),
     )
@@ -198,10 +211,13 @@ pub fn demo_settings(
 /// Runs the demo; returns the text of the summary, or an error.
 pub async fn run(options: DemoOptions) -> Result<String, String> {
     let started = Instant::now();
-    let broker = MockBroker::start(&[(INPUT, 3), (OUTPUT, 3), (DLQ, 1)])?;
+    let broker = MockBroker::start(&[(INPUT, 3), (OUTPUT, 3), (DLQ, 1), (RECHECK, 3)])?;
     let sim = Simulator::start(
         "127.0.0.1:0".parse().map_err(|_| "address")?,
-        SimOptions::default(),
+        SimOptions {
+            progress_step: PROGRESS_STEP,
+            ..SimOptions::default()
+        },
     )
     .await?;
     let listen = match tokio::net::TcpListener::bind(options.listen).await {
@@ -238,11 +254,13 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
             .await?;
     }
     let total = samples.len();
+    // One record per request, plus the followed chain's two changes of status.
+    let expected = total + 2;
 
     let brokers = broker.bootstrap();
     let records = tokio::task::spawn_blocking(move || -> Result<Vec<RawRecord>, String> {
         let mut reader = TopicReader::new(&brokers, &[(OUTPUT, 3), (DLQ, 1)])?;
-        Ok(reader.read(total, Duration::from_secs(60)))
+        Ok(reader.read(expected, Duration::from_secs(60)))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -250,10 +268,14 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
 
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
+    let mut chain = Vec::new();
     for r in &records {
         if r.topic == OUTPUT {
             let json = decode_event_json(r.value.as_deref().unwrap_or_default())
                 .map_err(|e| e.to_string())?;
+            if json["connector_transaction_id"] == FOLLOWED {
+                chain.push(json.clone());
+            }
             let status = json["status"].as_str().unwrap_or("?").to_owned();
             let mut label = match json["error"]["unified_details"]["code"].as_str() {
                 Some(code) if status == "PAYMENT_STATUS_UNSPECIFIED" => {
@@ -333,14 +355,35 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
     );
     let _ = writeln!(
         out,
+        "  {:<62} {:>5}",
+        "re-checks scheduled (follow mode)",
+        sum_metric(&metrics_text, "paysync_rechecks_scheduled_total", &[]) as u64
+    );
+    chain.sort_by_key(|e| e["check_number"].as_i64());
+    let _ = writeln!(out, "  followed {FOLLOWED} (published checks):");
+    for e in &chain {
+        let end = match (e["is_final"].as_bool(), e["next_check_at"].is_null()) {
+            (_, false) => "next check due",
+            (Some(true), true) => "final: chain ended",
+            _ => "chain gave up",
+        };
+        let _ = writeln!(
+            out,
+            "    check {:<3} {:<47} {end}",
+            e["check_number"],
+            e["status"].as_str().unwrap_or("?"),
+        );
+    }
+    let _ = writeln!(
+        out,
         "  {:<62} {:>5.2}s",
         "time taken",
         processing_time.as_secs_f64()
     );
-    if events + dead != total {
+    if events + dead != expected {
         return Err(format!(
             "{out}\nexpected {} records, got {}",
-            total,
+            expected,
             events + dead
         ));
     }
