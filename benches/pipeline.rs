@@ -6,6 +6,10 @@
 //! `cargo bench --bench pipeline -- [--quick] [--only NAME,NAME] [--backlog-only] [--out DIR]`
 //! (normally through `bench/run.sh`, which also draws the charts). Writes
 //! `results.json` and `results.md` to `bench/results/` unless `--out` says otherwise.
+//!
+//! `-- --follow [--quick]` runs the follow-mode benchmark instead (throughput with
+//! follow off and on, re-check lateness at paced re-check rates) and writes
+//! `follow.json` and `follow.md`.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -198,8 +202,10 @@ fn config(
     base_url: &str,
     http: SocketAddr,
     max_in_flight: usize,
+    extra: &str,
 ) -> String {
-    let extra = format!("[processing]\nmax_in_flight = {max_in_flight}\nmax_queued_per_key = 64\n");
+    let engine =
+        format!("[processing]\nmax_in_flight = {max_in_flight}\nmax_queued_per_key = 64\n");
     // The shared settings already have [processing] (shutdown_timeout): merge by
     // appending keys to that table instead of repeating it.
     let toml = StackSettings {
@@ -207,18 +213,28 @@ fn config(
         topics: t,
         simulator: base_url,
         listen: http,
-        extra: "",
+        extra,
     }
     .toml();
-    toml.replacen("[processing]\n", &extra, 1)
+    toml.replacen("[processing]\n", &engine, 1)
 }
 
 struct Paysync(PaysyncProcess);
 
 impl Paysync {
     fn spawn(brokers: &str, t: &Topics, base_url: &str, max_in_flight: usize) -> Paysync {
+        Self::spawn_with(brokers, t, base_url, max_in_flight, "")
+    }
+
+    fn spawn_with(
+        brokers: &str,
+        t: &Topics,
+        base_url: &str,
+        max_in_flight: usize,
+        extra: &str,
+    ) -> Paysync {
         let http = free_addr();
-        let toml = config(brokers, t, base_url, http, max_in_flight);
+        let toml = config(brokers, t, base_url, http, max_in_flight, extra);
         Paysync(
             PaysyncProcess::spawn(
                 env!("CARGO_BIN_EXE_paysync").as_ref(),
@@ -417,6 +433,7 @@ async fn baseline(
         base_url,
         free_addr(),
         s.max_in_flight,
+        "",
     ))
     .unwrap();
     let metrics = Arc::new(paysync::telemetry::Metrics::new());
@@ -540,6 +557,7 @@ fn spawn_relay(
         "http://127.0.0.1:9",
         free_addr(),
         1000,
+        "",
     ))
     .unwrap();
     let consumer: BaseConsumer = paysync::kafka::consumer_config(&settings.kafka)
@@ -913,6 +931,286 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
     v
 }
 
+// ---- follow mode -------------------------------------------------------------------
+
+#[derive(Debug, Default, Serialize)]
+struct FollowResult {
+    name: String,
+    what: String,
+    requests: usize,
+    /// Checks per second (first checks and re-checks), by the events' own clocks.
+    checks_per_s: f64,
+    /// Paced runs: the rate at which re-checks came due, and how late they were taken.
+    recheck_rate: Option<f64>,
+    lateness_ms: Option<Percentiles>,
+    peak_rss_mb: f64,
+}
+
+const FOLLOW_DELAY: u64 = 1;
+
+fn follow_table(schedule: &str) -> String {
+    format!("[connectors.cm.follow]\nschedule = {schedule}\npublish = \"changes\"\n")
+}
+
+/// Topics for a follow run, the re-check topic of `FOLLOW_DELAY` included.
+async fn follow_topics(brokers: &str, name: &str) -> Topics {
+    let t = topics(name);
+    let recheck = format!("{}.recheck.{FOLLOW_DELAY}s", t.input);
+    create_topics(
+        brokers,
+        &[
+            (&t.input, PARTITIONS),
+            (&t.output, PARTITIONS),
+            (&t.dlq, 1),
+            (&recheck, PARTITIONS),
+        ],
+    )
+    .await
+    .unwrap();
+    t
+}
+
+/// Reads `n` events and decodes them.
+fn read_events(brokers: &str, topic: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut reader =
+        paysync::kafka::tools::TopicReader::new(brokers, &[(topic, PARTITIONS)]).unwrap();
+    reader
+        .read(n, Duration::from_secs(1800))
+        .iter()
+        .filter_map(|r| paysync::codec::avro::decode_event_json(r.value.as_deref()?).ok())
+        .collect()
+}
+
+fn span_per_s(events: &[serde_json::Value]) -> f64 {
+    let at: Vec<i64> = events
+        .iter()
+        .filter_map(|e| e["observed_at"].as_i64())
+        .collect();
+    let (first, last) = (at.iter().min().copied(), at.iter().max().copied());
+    match (first, last) {
+        (Some(f), Some(l)) if l > f => (at.len() - 1) as f64 / ((l - f) as f64 / 1000.0),
+        _ => 0.0,
+    }
+}
+
+/// Throughput of a backlog of `n` requests: `follow` off or on, for payments
+/// that are paid at once (`success-`: one check, then an end marker) or never
+/// final (`open-`: one re-check after 1 s, which ends the chain).
+async fn follow_throughput(
+    brokers: &str,
+    base_url: &str,
+    name: &'static str,
+    what: &'static str,
+    n: usize,
+    prefix: &str,
+    follow: bool,
+) -> FollowResult {
+    eprintln!("== {name} ({what})");
+    let t = follow_topics(brokers, name).await;
+    let producer = RawProducer::new(brokers).unwrap();
+    for i in 0..n {
+        let id = format!("{prefix}{name}-{i}");
+        let value = format!(r#"{{"connector_transaction_id":"{id}","follow":{follow}}}"#);
+        producer
+            .enqueue_blocking(&t.input, id.as_bytes(), value.as_bytes())
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(300)).unwrap();
+    let extra = follow_table(&format!(r#"[["{FOLLOW_DELAY}s", 1]]"#));
+    let paysync = Paysync::spawn_with(brokers, &t, base_url, 1000, &extra);
+    let checks = if follow && prefix == "open-" {
+        2 * n
+    } else {
+        n
+    };
+    let (b, output) = (brokers.to_owned(), t.output.clone());
+    let events = tokio::task::spawn_blocking(move || read_events(&b, &output, checks))
+        .await
+        .unwrap();
+    assert_eq!(events.len(), checks, "{name}: every check published");
+    let (rss, _) = paysync.usage();
+    paysync.stop();
+    let rate = span_per_s(&events);
+    eprintln!("   {rate:.0} checks/s, peak RSS {rss:.1} MiB");
+    FollowResult {
+        name: name.to_owned(),
+        what: what.to_owned(),
+        requests: n,
+        checks_per_s: rate,
+        peak_rss_mb: rss,
+        ..Default::default()
+    }
+}
+
+/// Lateness of re-checks coming due at `rate` per second: followed `open-`
+/// requests sent at that rate for `seconds`, each re-checked once after 1 s. The
+/// lateness of a chain is its second check's `observed_at` minus the
+/// `next_check_at` its first check announced (both from the events, not from
+/// paysync's own histogram).
+async fn follow_lateness(brokers: &str, base_url: &str, rate: f64, seconds: f64) -> FollowResult {
+    let name: &'static str = Box::leak(format!("follow-lateness-{rate:.0}").into_boxed_str());
+    eprintln!("== {name} (re-checks due at {rate:.0}/s)");
+    let t = follow_topics(brokers, name).await;
+    let extra = follow_table(&format!(r#"[["{FOLLOW_DELAY}s", 1]]"#));
+    let paysync = Paysync::spawn_with(brokers, &t, base_url, 1000, &extra);
+    let ready = format!("http://{}/readyz", paysync.0.http);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(&ready)
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "paysync not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let count = (rate * seconds) as usize;
+    let (b, output) = (brokers.to_owned(), t.output.clone());
+    let reader = std::thread::spawn(move || read_events(&b, &output, 2 * count));
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let start = Instant::now();
+    let mut deliveries = Vec::with_capacity(count);
+    for i in 0..count {
+        tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        let id = format!("open-{name}-{i}");
+        let value = format!(r#"{{"connector_transaction_id":"{id}","follow":true}}"#);
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&t.input)
+            .key(id.as_bytes())
+            .payload(value.as_bytes());
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    futures::future::join_all(deliveries).await;
+    let events = reader.join().unwrap();
+    let (rss, _) = paysync.usage();
+    paysync.stop();
+    let mut due: HashMap<String, i64> = HashMap::new();
+    let mut taken: HashMap<String, i64> = HashMap::new();
+    for e in &events {
+        let id = e["connector_transaction_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match e["check_number"].as_i64() {
+            Some(1) => {
+                due.insert(id, e["next_check_at"].as_i64().unwrap_or(0));
+            }
+            Some(2) => {
+                taken.insert(id, e["observed_at"].as_i64().unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+    let late: Vec<f64> = taken
+        .iter()
+        .filter_map(|(id, at)| due.get(id).map(|d| (at - d) as f64))
+        .collect();
+    assert!(
+        late.iter().all(|l| *l >= 0.0),
+        "a re-check taken before it was due"
+    );
+    let rechecks: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|e| e["check_number"] == 2)
+        .cloned()
+        .collect();
+    let achieved = span_per_s(&rechecks);
+    let p = percentiles(late.clone());
+    eprintln!(
+        "   {} of {count} re-checks at {achieved:.0}/s; lateness p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+        late.len(),
+        p.p50,
+        p.p99,
+        p.max
+    );
+    FollowResult {
+        name: name.to_owned(),
+        what: format!(
+            "requests paced at {rate:.0}/s (target) for {seconds:.0} s: first checks, and re-checks 1 s later"
+        ),
+        requests: count,
+        checks_per_s: span_per_s(&events),
+        recheck_rate: Some(achieved),
+        lateness_ms: Some(p),
+        peak_rss_mb: rss,
+    }
+}
+
+async fn follow_bench(broker: &Broker, quick: bool) -> Vec<FollowResult> {
+    let brokers = broker.bootstrap.as_str();
+    let sim = Simulator::start("127.0.0.1:0".parse().unwrap(), SimOptions::default())
+        .await
+        .unwrap();
+    let base_url = sim.base_url();
+    let n = if quick { 2_000 } else { 20_000 };
+    let mut out = vec![
+        follow_throughput(
+            brokers,
+            &base_url,
+            "follow-off",
+            "follow off: one check each",
+            n,
+            "success-",
+            false,
+        )
+        .await,
+        follow_throughput(
+            brokers,
+            &base_url,
+            "follow-on-final",
+            "follow on, paid at once: one check and an end marker each",
+            n,
+            "success-",
+            true,
+        )
+        .await,
+        follow_throughput(
+            brokers,
+            &base_url,
+            "follow-on-recheck",
+            "follow on, never final: a first check and one re-check after 1 s each",
+            n,
+            "open-",
+            true,
+        )
+        .await,
+    ];
+    let seconds = if quick { 5.0 } else { 20.0 };
+    for rate in [500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0] {
+        out.push(follow_lateness(brokers, &base_url, rate, seconds).await);
+    }
+    sim.stop().await;
+    out
+}
+
+fn follow_markdown(machine: &str, results: &[FollowResult]) -> String {
+    let mut md = String::new();
+    md.push_str("# paysync follow-mode benchmark\n\n");
+    md.push_str(&format!(
+        "Machine: {machine}. 0 ms connector, max_in_flight 1000, schedule `[[\"1s\", 1]]`.\n\n"
+    ));
+    md.push_str("| run | what | requests | checks/s | re-checks/s | lateness p50 | p95 | p99 | max | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let (rate, l) = match (r.recheck_rate, r.lateness_ms) {
+            (Some(rate), Some(l)) => (
+                format!("{rate:.0}"),
+                format!(
+                    "{:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms",
+                    l.p50, l.p95, l.p99, l.max
+                ),
+            ),
+            _ => (String::new(), " | | | ".to_owned()),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {} | {} | {:.1} |\n",
+            r.name, r.what, r.requests, r.checks_per_s, rate, l, r.peak_rss_mb
+        ));
+    }
+    md.push_str("\nLateness: a chain's second check's `observed_at` minus the `next_check_at` its first check announced, from the events (the connector answers in 0 ms, so `observed_at` is when the re-check was taken).\n");
+    md
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1027,6 +1325,20 @@ fn main() {
         .unwrap();
     let broker = Broker::start();
     let machine = machine();
+    if args.iter().any(|a| a == "--follow") {
+        let results = rt.block_on(follow_bench(&broker, quick));
+        std::fs::create_dir_all(&out).unwrap();
+        let json = serde_json::json!({"machine": machine, "quick": quick, "results": results});
+        std::fs::write(
+            out.join("follow.json"),
+            serde_json::to_string_pretty(&json).unwrap(),
+        )
+        .unwrap();
+        let md = follow_markdown(&machine, &results);
+        std::fs::write(out.join("follow.md"), &md).unwrap();
+        let _ = std::io::stdout().write_all(md.as_bytes());
+        return;
+    }
     let mut results = Vec::new();
     for s in scenarios(quick) {
         if only
