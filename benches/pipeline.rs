@@ -7,6 +7,16 @@
 //! (normally through `bench/run.sh`, which also draws the charts). Writes
 //! `results.json` and `results.md` to `bench/results/` unless `--out` says otherwise.
 //!
+//! `-- --ab VARIANT [--ab VARIANT ...] [--rounds R] [--quick]` runs the CPU A/B
+//! instead: the 0 ms scenario (50,000 requests, 256 in flight) for each variant,
+//! alternating, R rounds (default 5), and reports the median and range of
+//! throughput and CPU per request. A variant is `NAME=self` (this build),
+//! `NAME=/path/to/paysync` (another build, e.g. the main this branch started
+//! from), either followed by `:ENV=VALUE,...` for the process, or `NAME=python`
+//! (the Python processor in `bench/python_processor/`, run with
+//! `PAYSYNC_BENCH_PYTHON`, default `bench/python_processor/.venv/bin/python`).
+//! Writes `ab.json` and `ab.md`.
+//!
 //! `-- --follow [--quick]` runs the follow-mode benchmark instead (throughput with
 //! follow off and on, re-check lateness at paced re-check rates) and writes
 //! `follow.json` and `follow.md`.
@@ -233,17 +243,32 @@ impl Paysync {
         max_in_flight: usize,
         extra: &str,
     ) -> Paysync {
+        Self::spawn_bin(
+            env!("CARGO_BIN_EXE_paysync").as_ref(),
+            brokers,
+            t,
+            base_url,
+            max_in_flight,
+            extra,
+            &[],
+        )
+    }
+
+    /// Any paysync binary, at the default log level (`info`), with `env` set.
+    fn spawn_bin(
+        bin: &std::path::Path,
+        brokers: &str,
+        t: &Topics,
+        base_url: &str,
+        max_in_flight: usize,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Paysync {
         let http = free_addr();
         let toml = config(brokers, t, base_url, http, max_in_flight, extra);
-        Paysync(
-            PaysyncProcess::spawn(
-                env!("CARGO_BIN_EXE_paysync").as_ref(),
-                &toml,
-                http,
-                &[("PAYSYNC_LOG__LEVEL", "warn")],
-            )
-            .unwrap(),
-        )
+        let mut all = vec![("PAYSYNC_LOG__LEVEL", "info")];
+        all.extend_from_slice(env);
+        Paysync(PaysyncProcess::spawn(bin, &toml, http, &all).unwrap())
     }
 
     /// (peak RSS in MiB, CPU seconds) from /proc.
@@ -647,8 +672,9 @@ async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResul
             .args([
                 "record",
                 "-F",
-                "499",
-                "-g",
+                "199",
+                "--call-graph",
+                "dwarf,16384",
                 "-p",
                 &paysync.0.child.id().to_string(),
                 "-o",
@@ -929,6 +955,251 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         });
     }
     v
+}
+
+// ---- CPU A/B ------------------------------------------------------------------------
+
+/// One side of the A/B.
+#[derive(Debug, Clone)]
+enum Runner {
+    Paysync {
+        bin: PathBuf,
+        env: Vec<(String, String)>,
+    },
+    Python,
+}
+
+#[derive(Debug, Clone)]
+struct Variant {
+    name: String,
+    runner: Runner,
+}
+
+fn parse_variant(spec: &str) -> Variant {
+    let (name, rest) = spec
+        .split_once('=')
+        .expect("--ab NAME=self|PATH|python[:ENV=V,...]");
+    let (what, env) = rest.split_once(':').unwrap_or((rest, ""));
+    let env: Vec<(String, String)> = env
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (k, v) = e.split_once('=').expect("ENV=VALUE");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    let runner = match what {
+        "python" => Runner::Python,
+        "self" => Runner::Paysync {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_paysync")),
+            env,
+        },
+        path => Runner::Paysync {
+            bin: PathBuf::from(path),
+            env,
+        },
+    };
+    Variant {
+        name: name.to_owned(),
+        runner,
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct AbResult {
+    variant: String,
+    rounds: usize,
+    n: usize,
+    throughput_rps: Vec<f64>,
+    cpu_us_per_request: Vec<f64>,
+    peak_rss_mb: Vec<f64>,
+}
+
+/// (peak RSS in MiB, CPU seconds) of any process, from `/proc`.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split(' ').collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / 100.0)
+}
+
+/// One backlog run of a variant: (throughput, CPU µs per request, peak RSS MiB).
+async fn ab_once(
+    brokers: &str,
+    base_url: &str,
+    v: &Variant,
+    round: usize,
+    n: usize,
+) -> (f64, f64, f64) {
+    let t = topics(&format!("ab-{}-{round}", v.name));
+    create_topics(
+        brokers,
+        &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
+    )
+    .await
+    .unwrap();
+    let (b, input) = (brokers.to_owned(), t.input.clone());
+    tokio::task::spawn_blocking(move || load_backlog(&b, &input, n, Keys::Uniform))
+        .await
+        .unwrap();
+    let (b, output) = (brokers.to_owned(), t.output.clone());
+    let reader =
+        tokio::task::spawn_blocking(move || read_n(&b, &output, n, Duration::from_secs(1800)));
+    let (pid, stop): (u32, Box<dyn FnOnce()>) = match &v.runner {
+        Runner::Paysync { bin, env } => {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let p = Paysync::spawn_bin(bin, brokers, &t, base_url, 256, "", &env);
+            (p.0.child.id(), Box::new(move || p.stop()))
+        }
+        Runner::Python => {
+            let python = std::env::var("PAYSYNC_BENCH_PYTHON").unwrap_or_else(|_| {
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/bench/python_processor/.venv/bin/python"
+                )
+                .to_owned()
+            });
+            let mut child = Command::new(python)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/bench/python_processor/processor.py"
+                ))
+                .args([
+                    "--brokers",
+                    brokers,
+                    "--input",
+                    &t.input,
+                    "--output",
+                    &t.output,
+                ])
+                .args(["--group", &t.group, "--cm-url", base_url])
+                .args([
+                    "--client-id",
+                    SIM_CLIENT_ID,
+                    "--client-secret",
+                    SIM_CLIENT_SECRET,
+                ])
+                .args(["--batch", "1000", "--schema"])
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/schemas/payment_status_event.avsc"
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("the Python processor runs (bench/run.sh installs it)");
+            (
+                child.id(),
+                Box::new(move || {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }),
+            )
+        }
+    };
+    let received = reader.await.unwrap();
+    let (rss, cpu) = proc_usage(pid);
+    stop();
+    assert_eq!(
+        received.len(),
+        n,
+        "{}: every request produced an event",
+        v.name
+    );
+    let first = received.iter().map(|r| r.1).min().unwrap();
+    let last = received.iter().map(|r| r.1).max().unwrap();
+    let throughput = (n - 1) as f64 / ((last - first) as f64 / 1000.0).max(1e-3);
+    let us = cpu / n as f64 * 1e6;
+    eprintln!(
+        "   {} round {round}: {throughput:.0} req/s, {us:.1} µs CPU/request, peak RSS {rss:.1} MiB",
+        v.name
+    );
+    (throughput, us, rss)
+}
+
+async fn ab(broker: &Broker, variants: &[Variant], rounds: usize, n: usize) -> Vec<AbResult> {
+    let sim = Simulator::start("127.0.0.1:0".parse().unwrap(), SimOptions::default())
+        .await
+        .unwrap();
+    let mut out: Vec<AbResult> = variants
+        .iter()
+        .map(|v| AbResult {
+            variant: v.name.clone(),
+            rounds,
+            n,
+            ..Default::default()
+        })
+        .collect();
+    for round in 0..rounds {
+        // Alternate the order so neither side always runs on a warmer machine.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..variants.len()).collect()
+        } else {
+            (0..variants.len()).rev().collect()
+        };
+        for i in order {
+            let (rps, us, rss) =
+                ab_once(&broker.bootstrap, &sim.base_url(), &variants[i], round, n).await;
+            out[i].throughput_rps.push(rps);
+            out[i].cpu_us_per_request.push(us);
+            out[i].peak_rss_mb.push(rss);
+        }
+    }
+    sim.stop().await;
+    out
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn range(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.1}–{max:.1}")
+}
+
+fn ab_markdown(machine: &str, results: &[AbResult]) -> String {
+    let mut md = String::new();
+    md.push_str("# paysync CPU A/B\n\n");
+    md.push_str(&format!("Machine: {machine}. 0 ms connector, 256 in flight (batches of 1,000 for the Python processor), default log level, alternating rounds; CPU of the whole process from `/proc` (start-up included).\n\n"));
+    md.push_str("| variant | rounds × requests | throughput median (range) | CPU µs/request median (range) | peak RSS MiB median |\n|---|---|---|---|---|\n");
+    for r in results {
+        md.push_str(&format!(
+            "| {} | {} × {} | {:.0} ({}) | {:.1} ({}) | {:.1} |\n",
+            r.variant,
+            r.rounds,
+            r.n,
+            median(&r.throughput_rps),
+            range(&r.throughput_rps).replace(".0", ""),
+            median(&r.cpu_us_per_request),
+            range(&r.cpu_us_per_request),
+            median(&r.peak_rss_mb),
+        ));
+    }
+    md
 }
 
 // ---- follow mode -------------------------------------------------------------------
@@ -1325,6 +1596,32 @@ fn main() {
         .unwrap();
     let broker = Broker::start();
     let machine = machine();
+    let variants: Vec<Variant> = args
+        .windows(2)
+        .filter(|w| w[0] == "--ab")
+        .map(|w| parse_variant(&w[1]))
+        .collect();
+    if !variants.is_empty() {
+        let rounds = args
+            .iter()
+            .position(|a| a == "--rounds")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(5);
+        let n = if quick { 10_000 } else { 50_000 };
+        let results = rt.block_on(ab(&broker, &variants, rounds, n));
+        std::fs::create_dir_all(&out).unwrap();
+        let json = serde_json::json!({"machine": machine, "results": results});
+        std::fs::write(
+            out.join("ab.json"),
+            serde_json::to_string_pretty(&json).unwrap(),
+        )
+        .unwrap();
+        let md = ab_markdown(&machine, &results);
+        std::fs::write(out.join("ab.md"), &md).unwrap();
+        let _ = std::io::stdout().write_all(md.as_bytes());
+        return;
+    }
     if args.iter().any(|a| a == "--follow") {
         let results = rt.block_on(follow_bench(&broker, quick));
         std::fs::create_dir_all(&out).unwrap();

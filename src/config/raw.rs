@@ -236,6 +236,7 @@ pub(super) struct RawConnector {
     #[serde(with = "humantime_serde")]
     pub token_refresh_margin: Duration,
     pub max_response_bytes: i64,
+    pub http2: String,
     pub retry: RawRetry,
     pub circuit: RawCircuit,
     pub rate_limit: Option<RawRateLimit>,
@@ -251,6 +252,7 @@ impl Default for RawConnector {
             request_timeout: Duration::from_secs(10),
             token_refresh_margin: Duration::from_secs(60),
             max_response_bytes: 1024 * 1024,
+            http2: "auto".into(),
             retry: RawRetry::default(),
             circuit: RawCircuit::default(),
             rate_limit: None,

@@ -19,6 +19,7 @@ use super::{
 use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credentials};
 use crate::connectors::breaker::BreakerSettings;
 use crate::connectors::gateway::{GatewaySettings, RateLimit};
+use crate::connectors::http::Http2;
 use crate::connectors::registry;
 use crate::connectors::retry::RetrySettings;
 
@@ -388,6 +389,17 @@ fn connector(name: &str, c: RawConnector, env: Env<'_>) -> Result<ConnectorSetti
                 1024,
                 64 * 1024 * 1024,
             )?,
+            http2: match c.http2.as_str() {
+                "auto" => Http2::Auto,
+                "never" => Http2::Never,
+                "prior_knowledge" => Http2::PriorKnowledge,
+                other => {
+                    return Err(ConfigError::new(
+                        key("http2"),
+                        format!("`{other}` is not one of auto, never, prior_knowledge"),
+                    ))
+                }
+            },
             retry,
             circuit,
             rate_limit,

@@ -16,7 +16,7 @@ use url::Url;
 
 use super::auth::{Account, AuthScheme, Authorization, ClientCredentials, Credentials};
 use super::breaker::{BreakerSettings, CircuitBreaker};
-use super::http::{HttpExecutor, TransportError};
+use super::http::{Http2, HttpExecutor, TransportError};
 use super::retry::{CheckResult, RetryPolicy, RetrySettings};
 use super::token::{Clock, TokenCache};
 use super::{
@@ -53,6 +53,8 @@ pub struct GatewaySettings {
     pub token_refresh_margin: Duration,
     /// Response bodies larger than this are refused.
     pub max_response_bytes: usize,
+    /// When to speak HTTP/2 to the connector.
+    pub http2: Http2,
     /// Retry policy.
     pub retry: RetrySettings,
     /// Circuit breaker.
@@ -135,6 +137,7 @@ impl Gateway {
             settings.connect_timeout,
             settings.request_timeout,
             settings.max_response_bytes,
+            settings.http2,
         )
         .map_err(GatewayError::Http)?;
         let tokens = matches!(scheme, AuthScheme::OAuth2ClientCredentials(_)).then(|| {

@@ -33,6 +33,20 @@ impl TransportError {
     }
 }
 
+/// When to speak HTTP/2 (`connectors.<name>.http2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Http2 {
+    /// When the server offers it in the TLS handshake (ALPN); HTTP/1.1 otherwise
+    /// and over plain HTTP.
+    Auto,
+    /// HTTP/1.1 only.
+    Never,
+    /// HTTP/2 without negotiation, also over plain HTTP (h2c): for a server known
+    /// to speak it.
+    PriorKnowledge,
+}
+
 /// Executes described requests.
 #[derive(Debug, Clone)]
 pub struct HttpExecutor {
@@ -46,8 +60,15 @@ impl HttpExecutor {
         connect_timeout: Duration,
         request_timeout: Duration,
         max_response_bytes: usize,
+        http2: Http2,
     ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder();
+        let builder = match http2 {
+            Http2::Auto => builder,
+            Http2::Never => builder.http1_only(),
+            Http2::PriorKnowledge => builder.http2_prior_knowledge(),
+        };
+        let client = builder
             .use_rustls_tls()
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)

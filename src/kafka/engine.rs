@@ -394,7 +394,13 @@ async fn publish_all(
     processor.done(job);
     if !summary.is_empty() {
         metrics.request_done(outcome, job.incoming.received);
-        tracing::info!(result = %summary, "processed");
+        // A status synced is the normal case: debug. Connector errors and dead
+        // letters stay at info (their causes were logged at warn).
+        if outcome == crate::telemetry::Outcome::Synced {
+            tracing::debug!(result = %summary, "processed");
+        } else {
+            tracing::info!(result = %summary, "processed");
+        }
     }
     true
 }
