@@ -33,6 +33,16 @@ impl TransportError {
     }
 }
 
+/// Response headers kept (lower case): those published on events, and `retry-after`.
+const KEPT_HEADERS: &[&str] = &[
+    "content-type",
+    "date",
+    "x-request-id",
+    "x-correlation-id",
+    "request-id",
+    "retry-after",
+];
+
 /// When to speak HTTP/2 (`connectors.<name>.http2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -112,9 +122,12 @@ impl HttpExecutor {
         }
         let mut response = builder.send().await.map_err(classify)?;
         let status = response.status().as_u16();
+        // Only the headers anything reads (the published allow-list and
+        // Retry-After): copying every header cost two allocations each.
         let headers = response
             .headers()
             .iter()
+            .filter(|(k, _)| KEPT_HEADERS.contains(&k.as_str()))
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
         if response
@@ -152,4 +165,16 @@ fn classify(e: reqwest::Error) -> TransportError {
         source = s.source();
     }
     TransportError::Connect(super::sanitize(&text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kept_headers_cover_every_header_read() {
+        for name in super::super::PUBLISHED_HEADERS.iter().chain(&["retry-after"]) {
+            assert!(KEPT_HEADERS.contains(name), "{name} is dropped");
+        }
+    }
 }

@@ -336,7 +336,8 @@ pub fn is_safe_redirect(url: &str) -> bool {
     url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
 }
 
-/// Response headers published on events: an allow-list of non-sensitive names.
+/// Response headers published on events: an allow-list of non-sensitive names
+/// (`http.rs` keeps only these and `retry-after` from a response).
 pub const PUBLISHED_HEADERS: &[&str] = &[
     "content-type",
     "date",
