@@ -243,8 +243,11 @@ impl Paysync {
         max_in_flight: usize,
         extra: &str,
     ) -> Paysync {
+        // PAYSYNC_BENCH_BIN runs the scenarios with another build.
+        let bin = std::env::var("PAYSYNC_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_paysync").to_owned());
         Self::spawn_bin(
-            env!("CARGO_BIN_EXE_paysync").as_ref(),
+            bin.as_ref(),
             brokers,
             t,
             base_url,

@@ -7,6 +7,19 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+/// jemalloc instead of glibc malloc: 15% less CPU per request at 0 ms, and with
+/// one arena per CPU and quick page purging no more peak memory (README,
+/// "Benchmarks").
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read once at its start (`_RJEM_MALLOC_CONF` in the
+/// environment still overrides them): one arena per CPU instead of four, dirty
+/// pages returned after 1 s, no muzzy stage.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"percpu_arena:percpu,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 use paysync::config::{LogFormat, Settings, Sources, EXIT_CONFIG};
 
 #[derive(Parser)]
