@@ -173,7 +173,10 @@ mod tests {
 
     #[test]
     fn the_kept_headers_cover_every_header_read() {
-        for name in super::super::PUBLISHED_HEADERS.iter().chain(&["retry-after"]) {
+        for name in super::super::PUBLISHED_HEADERS
+            .iter()
+            .chain(&["retry-after"])
+        {
             assert!(KEPT_HEADERS.contains(name), "{name} is dropped");
         }
     }

@@ -524,3 +524,49 @@ async fn every_simulated_connector_maps_every_scenario_end_to_end() {
     assert_eq!(seen, expected);
     app.stop().await;
 }
+
+/// `http2 = "prior_knowledge"` speaks HTTP/2 without negotiation (h2c) to a
+/// server that does (the simulator serves both on one port); `never` and `auto`
+/// (ALPN, which plain HTTP does not have) stay on HTTP/1.1. Statuses come through
+/// the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_speaks_h2c_and_the_others_http1() {
+    use paysync::connectors::http::Http2;
+    let broker = Broker::new();
+    let sim = simulator(paysync::demo::simulator::SimOptions::default()).await;
+    for (mode, over_h2) in [
+        (Http2::PriorKnowledge, true),
+        (Http2::Never, false),
+        (Http2::Auto, false),
+    ] {
+        let t = broker.topics("h2c", 1).await;
+        let mut s = settings(broker.bootstrap(), &t, &sim.base_url(), "");
+        s.connectors.get_mut("cm").unwrap().gateway.http2 = mode;
+        let app = paysync::app::start(s).await.unwrap();
+        let before = sim.http2_requests();
+        let id = format!("success-h2-{mode:?}");
+        let value = format!(r#"{{"connector_transaction_id":"{id}"}}"#);
+        paysync::kafka::tools::RawProducer::new(broker.bootstrap())
+            .unwrap()
+            .send(
+                &t.input,
+                None,
+                Some(id.as_bytes()),
+                Some(value.as_bytes()),
+                &[],
+            )
+            .await
+            .unwrap();
+        let records = read_outputs(broker.bootstrap(), &t, 1, Duration::from_secs(60)).await;
+        let event =
+            paysync::codec::avro::decode_event_json(records[0].value.as_deref().unwrap()).unwrap();
+        assert_eq!(event["status"], "CHARGED", "{mode:?}");
+        let h2 = sim.http2_requests() - before;
+        if over_h2 {
+            assert!(h2 >= 2, "{mode:?}: token and status over HTTP/2, saw {h2}");
+        } else {
+            assert_eq!(h2, 0, "{mode:?}");
+        }
+        app.stop().await;
+    }
+}

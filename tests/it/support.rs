@@ -34,6 +34,7 @@ pub fn gateway_settings(connector: &str, base: &str) -> GatewaySettings {
         request_timeout: Duration::from_millis(500),
         token_refresh_margin: Duration::from_secs(60),
         max_response_bytes: 64 * 1024,
+        http2: paysync::connectors::http::Http2::Never,
         retry: RetrySettings {
             max_attempts: 4,
             initial_backoff: Duration::from_millis(10),

@@ -140,6 +140,9 @@ impl Default for SimOptions {
 struct Counters {
     token_requests: AtomicU64,
     status_requests: AtomicU64,
+    /// Requests of any kind that came over HTTP/2 (h2c: the simulator serves
+    /// HTTP/1.1 and HTTP/2 with prior knowledge on the same port).
+    http2_requests: AtomicU64,
     /// Get Transaction calls being served right now, and the most ever seen.
     concurrent: AtomicU64,
     max_concurrent: AtomicU64,
@@ -343,7 +346,20 @@ impl Simulator {
         for connector in SIMULATED {
             app = app.merge((connector.routes)());
         }
-        let app = app.with_state(state.clone());
+        let counted = state.clone();
+        let app = app
+            .with_state(state.clone())
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    if request.version() == axum::http::Version::HTTP_2 {
+                        counted
+                            .counters
+                            .http2_requests
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    next.run(request)
+                },
+            ));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -362,6 +378,11 @@ impl Simulator {
     /// Base URL, for `connectors.<name>.base_url` of every simulated connector.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Requests that came over HTTP/2.
+    pub fn http2_requests(&self) -> u64 {
+        self.state.counters.http2_requests.load(Ordering::Relaxed)
     }
 
     /// Token requests served.
