@@ -60,6 +60,49 @@ enum Command {
         #[arg(long)]
         topics: bool,
     },
+    /// Check payments' statuses now, through the same connector path as `run`, with
+    /// no Kafka: one event per id as one JSON line. Exit 0 when every check got a
+    /// status from the connector, 1 when one failed, 2 for bad configuration or
+    /// arguments.
+    Check {
+        /// TOML settings file.
+        #[arg(long, env = "PAYSYNC_CONFIG")]
+        config: Option<PathBuf>,
+        /// Connector (default: processing.default_connector).
+        #[arg(long)]
+        connector: Option<String>,
+        /// Merchant account (default: processing.default_merchant).
+        #[arg(long)]
+        merchant: Option<String>,
+        /// UCS payment method type, e.g. IDEAL (default: the connector's).
+        #[arg(long)]
+        method: Option<String>,
+        /// Expected amount in minor units (checked against the connector's; needs --currency).
+        #[arg(long, allow_negative_numbers = true)]
+        amount: Option<i64>,
+        /// ISO 4217 currency of --amount.
+        #[arg(long)]
+        currency: Option<String>,
+        /// Connector transaction ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Send dead letters back to the input topic, each once (positions are kept in
+    /// the consumer group `<group_id>.redrive`, per reason filter).
+    Redrive {
+        /// TOML settings file.
+        #[arg(long, env = "PAYSYNC_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only dead letters with this `paysync-error-code` (repeatable).
+        #[arg(long = "reason")]
+        reasons: Vec<String>,
+        /// Send at most this many.
+        #[arg(long)]
+        max: Option<u64>,
+        /// Count and list what would be sent; send and commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the Avro schemas (event, then request) with their single-object fingerprints.
     Schema {
         /// Print only this schema, exactly as committed (for other tools).
@@ -225,6 +268,84 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "start-up failed");
                     eprintln!("paysync: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Check {
+            config,
+            connector,
+            merchant,
+            method,
+            amount,
+            currency,
+            ids,
+        } => {
+            let settings = match load(config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            paysync::telemetry::init_tracing(LogFormat::Text, "warn");
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            let args = paysync::check::CheckArgs {
+                connector,
+                merchant,
+                method,
+                amount,
+                currency,
+                ids,
+            };
+            match rt.block_on(paysync::check::run(&settings, &args)) {
+                Ok((lines, all_answered)) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    if all_answered {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("paysync check: {e}");
+                    ExitCode::from(EXIT_CONFIG as u8)
+                }
+            }
+        }
+        Command::Redrive {
+            config,
+            reasons,
+            max,
+            dry_run,
+        } => {
+            let settings = match load(config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            paysync::telemetry::init_tracing(LogFormat::Text, "warn");
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            let options = paysync::kafka::redrive::RedriveOptions {
+                reasons,
+                max,
+                dry_run,
+            };
+            match rt.block_on(paysync::kafka::redrive::run(&settings, &options)) {
+                Ok(report) => {
+                    print!("{report}");
+                    if report.failed.is_some() {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("paysync redrive: {e}");
                     ExitCode::from(e.exit_code())
                 }
             }

@@ -32,6 +32,8 @@ pub struct HttpState {
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    // `paysync_ready` is what /readyz would answer now (alerts see it too).
+    state.metrics.set_ready((state.ready)().is_ok());
     (
         [(
             header::CONTENT_TYPE,

@@ -43,6 +43,7 @@ pub struct Metrics {
     rechecks_scheduled: IntCounterVec,
     chains_ended: IntCounterVec,
     follow_checks_skipped: IntCounterVec,
+    ready: IntGauge,
     recheck_lateness: HistogramVec,
     pending_rechecks: IntGaugeVec,
 }
@@ -140,6 +141,13 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(in_flight.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ready = IntGauge::new(
+            "paysync_ready",
+            "1 when /readyz would answer 200 (evaluated at each scrape), 0 otherwise.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(ready.clone()))
             .unwrap_or_else(|e| panic!("{e}"));
         let recheck_lateness = HistogramVec::new(
             HistogramOpts::new(
@@ -278,6 +286,7 @@ impl Metrics {
                 "Follow chains ended: at a final status, or with the schedule used up.",
                 &["connector", "outcome"],
             ),
+            ready,
             follow_checks_skipped: counter(
                 r,
                 "paysync_follow_checks_skipped_total",
@@ -407,6 +416,11 @@ impl Metrics {
         self.chains_ended
             .with_label_values(&[connector, outcome])
             .inc();
+    }
+
+    /// Readiness as /readyz would answer now.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     /// A repeated check of a chain was skipped (the chain had moved past it).

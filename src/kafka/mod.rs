@@ -8,6 +8,7 @@ pub mod commits;
 pub mod engine;
 pub mod headers;
 pub mod producer;
+pub mod redrive;
 pub mod tools;
 
 use rdkafka::ClientConfig;

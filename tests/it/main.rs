@@ -8,6 +8,7 @@ mod e2e;
 mod engine;
 mod follow;
 mod logs;
+mod ops;
 mod poison;
 mod registry;
 mod resilience;
