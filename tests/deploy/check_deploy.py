@@ -40,7 +40,7 @@ Usage:
   python tests/deploy/check_deploy.py --write    regenerate prometheusrule.yaml from
                                                  alerts.yml and the checksum/config
                                                  annotation, then check
-Requirements: tests/deploy/requirements.txt (PyYAML, kubernetes-validate).
+Requirements: tests/requirements.txt (PyYAML, kubernetes-validate).
 """
 import argparse
 import base64
