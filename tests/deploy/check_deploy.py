@@ -1007,6 +1007,26 @@ def check_with_paysync(resources, facts):
             f"with the Secret's files; topics to create: {', '.join(listed)}")
 
 
+# ---------------------------------------------------------------------------- grafana
+
+def check_dashboard():
+    """Every metric paysync registers (src/telemetry.rs) is on the Grafana dashboard."""
+    import json
+    source = open(os.path.join(ROOT, "src", "telemetry.rs"), encoding="utf-8").read()
+    registered = set(re.findall(r'"(paysync_[a-z_]+)"', source))
+    path = os.path.join(ROOT, "deploy", "grafana", "dashboards", "paysync.json")
+    dashboard = json.load(open(path, encoding="utf-8"))
+    exprs = " ".join(t.get("expr", "") for p in dashboard.get("panels", []) for t in p.get("targets", []))
+    shown = set(re.findall(r"paysync_[a-z_]+", exprs))
+    suffixes = ("_bucket", "_sum", "_count")
+    shown |= {n[: -len(suf)] for n in shown for suf in suffixes if n.endswith(suf)}
+    missing = sorted(registered - shown)
+    if missing:
+        problem(f"the Grafana dashboard has no panel for {', '.join(missing)}")
+        return
+    checked(f"the Grafana dashboard shows all {len(registered)} metrics paysync registers")
+
+
 # ---------------------------------------------------------------------------- main
 
 def main():
@@ -1043,6 +1063,9 @@ def main():
     guarded(check_prometheus_rule, resources, alerts_doc)
     if facts:
         guarded(check_with_paysync, resources, facts)
+
+    print("deploy/grafana:")
+    guarded(check_dashboard)
 
     print("deploy/prometheus:")
     names = guarded(check_alerts, rules) or []

@@ -508,6 +508,9 @@ async fn readyz_fails_while_a_commit_watermark_is_stuck() {
         status == 503 && body.contains("has not moved")
     })
     .await;
+    // Scraped over HTTP, `paysync_ready` is what /readyz answers (the alert's input).
+    let scraped = get(addr, "metrics").await.1;
+    assert_eq!(sum_metric(&scraped, "paysync_ready", &[]), 0.0, "not ready while stuck");
     let metrics = app.metrics();
     eventually(WAIT, "the stuck-watermark gauge", || async {
         sum_metric(
@@ -522,6 +525,8 @@ async fn readyz_fails_while_a_commit_watermark_is_stuck() {
         get(addr, "readyz").await.0 == 200
     })
     .await;
+    let scraped = get(addr, "metrics").await.1;
+    assert_eq!(sum_metric(&scraped, "paysync_ready", &[]), 1.0);
     app.stop().await;
 }
 
