@@ -510,7 +510,11 @@ async fn readyz_fails_while_a_commit_watermark_is_stuck() {
     .await;
     // Scraped over HTTP, `paysync_ready` is what /readyz answers (the alert's input).
     let scraped = get(addr, "metrics").await.1;
-    assert_eq!(sum_metric(&scraped, "paysync_ready", &[]), 0.0, "not ready while stuck");
+    assert_eq!(
+        sum_metric(&scraped, "paysync_ready", &[]),
+        0.0,
+        "not ready while stuck"
+    );
     let metrics = app.metrics();
     eventually(WAIT, "the stuck-watermark gauge", || async {
         sum_metric(
