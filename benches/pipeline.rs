@@ -30,7 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use paysync::demo::simulator::{Latency, SimOptions, Simulator, SIM_CLIENT_ID, SIM_CLIENT_SECRET};
-use paysync::demo::stack::{free_addr, PaysyncProcess, StackSettings, TansuProcess, Topics};
+use paysync::demo::stack::{
+    free_addr, proc_usage, PaysyncProcess, StackSettings, TansuProcess, Topics,
+};
 use paysync::kafka::admin::create_topics;
 use paysync::kafka::tools::RawProducer;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -1016,29 +1018,6 @@ struct AbResult {
     throughput_rps: Vec<f64>,
     cpu_us_per_request: Vec<f64>,
     peak_rss_mb: Vec<f64>,
-}
-
-/// (peak RSS in MiB, CPU seconds) of any process, from `/proc`.
-fn proc_usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r.split(' ').collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / 100.0)
 }
 
 /// One backlog run of a variant: (throughput, CPU µs per request, peak RSS MiB).

@@ -206,6 +206,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// Settings, warnings-only text logs and a runtime, for the one-shot commands
+/// (`check`, `redrive`).
+fn tool(config: Option<PathBuf>) -> Result<(Settings, tokio::runtime::Runtime), ExitCode> {
+    let settings = load(config)?;
+    paysync::telemetry::init_tracing(LogFormat::Text, "warn");
+    Ok((settings, runtime()?))
+}
+
 /// Completes on SIGTERM or SIGINT.
 async fn termination() {
     #[cfg(unix)]
@@ -281,13 +289,8 @@ fn main() -> ExitCode {
             currency,
             ids,
         } => {
-            let settings = match load(config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            paysync::telemetry::init_tracing(LogFormat::Text, "warn");
-            let rt = match runtime() {
-                Ok(rt) => rt,
+            let (settings, rt) = match tool(config) {
+                Ok(x) => x,
                 Err(code) => return code,
             };
             let args = paysync::check::CheckArgs {
@@ -321,13 +324,8 @@ fn main() -> ExitCode {
             max,
             dry_run,
         } => {
-            let settings = match load(config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            paysync::telemetry::init_tracing(LogFormat::Text, "warn");
-            let rt = match runtime() {
-                Ok(rt) => rt,
+            let (settings, rt) = match tool(config) {
+                Ok(x) => x,
                 Err(code) => return code,
             };
             let options = paysync::kafka::redrive::RedriveOptions {
