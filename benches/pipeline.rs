@@ -671,13 +671,15 @@ async fn run(broker: &Broker, s: &Scenario, backlog_only: bool) -> ScenarioResul
         .unwrap();
     let wall = Instant::now();
     let paysync = Paysync::spawn(brokers, &t, &base_url, s.max_in_flight);
-    // PAYSYNC_BENCH_PROFILE=DIR samples paysync's stacks during the backlog run.
+    // PAYSYNC_BENCH_PROFILE=DIR samples paysync's stacks during the backlog run
+    // (PAYSYNC_BENCH_PROFILE_HZ samples per second, default 199).
     let profiler = std::env::var("PAYSYNC_BENCH_PROFILE").ok().map(|dir| {
+        let hz = std::env::var("PAYSYNC_BENCH_PROFILE_HZ").unwrap_or_else(|_| "199".into());
         Command::new("perf")
             .args([
                 "record",
                 "-F",
-                "199",
+                &hz,
                 "--call-graph",
                 "dwarf,16384",
                 "-p",

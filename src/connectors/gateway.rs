@@ -70,7 +70,7 @@ pub struct GatewaySettings {
 pub enum GatewayError {
     /// The HTTP client could not be built (TLS backend).
     #[error("cannot build the HTTP client: {0}")]
-    Http(#[source] reqwest::Error),
+    Http(#[source] super::http::ClientBuildError),
     /// An account's credentials are not of the connector's scheme.
     #[error("account `{account}` has credentials of another scheme than {scheme:?}")]
     WrongCredentials {

@@ -1,9 +1,21 @@
-//! The one place that performs HTTP for connectors: a pooled `reqwest` client
-//! (rustls, connection reuse, connect and whole-request timeouts) that executes the
+//! The one place that performs HTTP for connectors: a pooled hyper client
+//! (rustls with Mozilla's roots, connection reuse, HTTP/2 by ALPN or prior
+//! knowledge, connect and whole-request timeouts) that executes the
 //! [`HttpRequest`]s connectors describe, with a bounded response body.
+//!
+//! It is hyper's own pooled client with nothing between it and the connector: no
+//! redirect, proxy or cookie layers, and the request built once from the URL the
+//! connector made (one parse). Measured against `reqwest` in the benchmark: see
+//! the README's "CPU per request" section.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use secrecy::ExposeSecret;
 
 use super::auth::Authorization;
@@ -57,10 +69,18 @@ pub enum Http2 {
     PriorKnowledge,
 }
 
+type Pool = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientBuildError(String);
+
 /// Executes described requests.
 #[derive(Debug, Clone)]
 pub struct HttpExecutor {
-    client: reqwest::Client,
+    client: Pool,
+    request_timeout: Duration,
     max_response_bytes: usize,
 }
 
@@ -71,24 +91,34 @@ impl HttpExecutor {
         request_timeout: Duration,
         max_response_bytes: usize,
         http2: Http2,
-    ) -> Result<Self, reqwest::Error> {
-        let builder = reqwest::Client::builder();
-        let builder = match http2 {
-            Http2::Auto => builder,
-            Http2::Never => builder.http1_only(),
-            Http2::PriorKnowledge => builder.http2_prior_knowledge(),
+    ) -> Result<Self, ClientBuildError> {
+        let mut tcp = HttpConnector::new();
+        // The TLS layer above takes https: URLs; plain http stays allowed (for a
+        // local simulator or a sidecar).
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(connect_timeout));
+        // rustls with the ring provider, safe default protocol versions and
+        // Mozilla's root certificates (the trust reqwest's `rustls-tls` had).
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| ClientBuildError(e.to_string()))?
+            .https_or_http();
+        // ALPN offers exactly what the mode allows.
+        let connector = match http2 {
+            Http2::Auto => tls.enable_all_versions().wrap_connector(tcp),
+            Http2::Never => tls.enable_http1().wrap_connector(tcp),
+            Http2::PriorKnowledge => tls.enable_http2().wrap_connector(tcp),
         };
-        let client = builder
-            .use_rustls_tls()
-            .connect_timeout(connect_timeout)
-            .timeout(request_timeout)
+        let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("paysync/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(http2 == Http2::PriorKnowledge)
+            .build(connector);
         Ok(HttpExecutor {
             client,
+            request_timeout,
             max_response_bytes,
         })
     }
@@ -99,49 +129,85 @@ impl HttpExecutor {
         request: &HttpRequest,
         authorization: Option<&Authorization>,
     ) -> Result<HttpResponse, TransportError> {
+        let request = self.build(request, authorization)?;
+        match tokio::time::timeout(self.request_timeout, self.exchange(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+
+    fn build(
+        &self,
+        request: &HttpRequest,
+        authorization: Option<&Authorization>,
+    ) -> Result<http::Request<Full<Bytes>>, TransportError> {
         let method = match request.method {
-            Method::Get => reqwest::Method::GET,
-            Method::Post => reqwest::Method::POST,
+            Method::Get => http::Method::GET,
+            Method::Post => http::Method::POST,
         };
-        let mut builder = self.client.request(method, request.url.clone());
+        let uri: http::Uri = request
+            .url
+            .as_str()
+            .parse()
+            .map_err(|_| TransportError::Connect("the URL is not a valid request URI".into()))?;
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         for (name, value) in &request.headers {
             builder = builder.header(*name, value);
         }
         if let Some(authorization) = authorization {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(authorization.value()).map_err(|_| {
-                    TransportError::Connect("credentials are not a valid header value".into())
-                })?;
+            let mut value = HeaderValue::from_str(authorization.value()).map_err(|_| {
+                TransportError::Connect("credentials are not a valid header value".into())
+            })?;
             value.set_sensitive(true);
-            builder = builder.header(reqwest::header::AUTHORIZATION, value);
+            builder = builder.header(AUTHORIZATION, value);
         }
-        if let Some(body) = &request.body {
-            builder = builder
-                .header(reqwest::header::CONTENT_TYPE, body.content_type)
-                .body(body.body.expose_secret().to_owned());
-        }
-        let mut response = builder.send().await.map_err(classify)?;
+        let body = match &request.body {
+            Some(body) => {
+                builder = builder.header(CONTENT_TYPE, body.content_type);
+                Full::new(Bytes::from(body.body.expose_secret().as_bytes().to_vec()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        // A header name or value a connector built wrongly: no request was sent.
+        builder
+            .body(body)
+            .map_err(|e| TransportError::Connect(super::sanitize(&format!("invalid request: {e}"))))
+    }
+
+    async fn exchange(
+        &self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<HttpResponse, TransportError> {
+        let response = self.client.request(request).await.map_err(classify)?;
         let status = response.status().as_u16();
         // Only the headers anything reads (the published allow-list and
-        // Retry-After): copying every header cost two allocations each.
+        // Retry-After).
         let headers = response
             .headers()
             .iter()
             .filter(|(k, _)| KEPT_HEADERS.contains(&k.as_str()))
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
-        if response
-            .content_length()
-            .is_some_and(|l| l > self.max_response_bytes as u64)
-        {
+        let declared = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|l| l > self.max_response_bytes as u64) {
             return Err(TransportError::TooLarge(self.max_response_bytes));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(classify)? {
-            if body.len() + chunk.len() > self.max_response_bytes {
-                return Err(TransportError::TooLarge(self.max_response_bytes));
+        let mut incoming = response.into_body();
+        let mut body = Vec::with_capacity(declared.map_or(0, |l| l as usize));
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| classify_source(&e))?;
+            if let Some(chunk) = frame.data_ref() {
+                if body.len() + chunk.len() > self.max_response_bytes {
+                    return Err(TransportError::TooLarge(self.max_response_bytes));
+                }
+                body.extend_from_slice(chunk);
             }
-            body.extend_from_slice(&chunk);
         }
         Ok(HttpResponse {
             status,
@@ -151,15 +217,23 @@ impl HttpExecutor {
     }
 }
 
-fn classify(e: reqwest::Error) -> TransportError {
-    if e.is_timeout() {
-        return TransportError::Timeout;
-    }
-    // reqwest's text names the URL (ids only, no credentials) and the cause.
-    let e = e.without_url();
+const USER_AGENT_VALUE: &str = concat!("paysync/", env!("CARGO_PKG_VERSION"));
+
+fn classify(e: hyper_util::client::legacy::Error) -> TransportError {
+    classify_source(&e)
+}
+
+/// The error's text with its causes (ids only, never credentials: headers are
+/// not part of any of them); a connect timeout counts as a timeout.
+fn classify_source(e: &(dyn std::error::Error + 'static)) -> TransportError {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return TransportError::Timeout;
+        }
         text.push_str(": ");
         text.push_str(&s.to_string());
         source = s.source();
