@@ -8,7 +8,8 @@
 //! `results.json` and `results.md` to `bench/results/` unless `--out` says otherwise.
 //!
 //! `-- --ab VARIANT [--ab VARIANT ...] [--rounds R] [--quick]` runs the CPU A/B
-//! instead: the 0 ms scenario (50,000 requests, 256 in flight) for each variant,
+//! instead: the 0 ms scenario (50,000 requests, 256 in flight; `--latency-ms MS`,
+//! `--in-flight N` and `--requests N` change it) for each variant,
 //! alternating, R rounds (default 5), and reports the median and range of
 //! throughput and CPU per request. A variant is `NAME=self` (this build),
 //! `NAME=/path/to/paysync` (another build, e.g. the main this branch started
@@ -1012,6 +1013,21 @@ fn parse_variant(spec: &str) -> Variant {
     }
 }
 
+/// The A/B's load: connector latency, paysync's `max_in_flight`, requests per round.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct AbLoad {
+    latency_ms: u64,
+    in_flight: usize,
+    n: usize,
+}
+
+impl AbLoad {
+    /// Little's law: the most `in_flight` calls of `latency_ms` can do per second.
+    fn littles_law(&self) -> Option<f64> {
+        (self.latency_ms > 0).then(|| self.in_flight as f64 * 1000.0 / self.latency_ms as f64)
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 struct AbResult {
     variant: String,
@@ -1028,8 +1044,9 @@ async fn ab_once(
     base_url: &str,
     v: &Variant,
     round: usize,
-    n: usize,
+    load: AbLoad,
 ) -> (f64, f64, f64) {
+    let n = load.n;
     let t = topics(&format!("ab-{}-{round}", v.name));
     create_topics(
         brokers,
@@ -1044,11 +1061,13 @@ async fn ab_once(
     let (b, output) = (brokers.to_owned(), t.output.clone());
     let reader =
         tokio::task::spawn_blocking(move || read_n(&b, &output, n, Duration::from_secs(1800)));
+    let mut metrics_at = None;
     let (pid, stop): (u32, Box<dyn FnOnce()>) = match &v.runner {
         Runner::Paysync { bin, env } => {
             let env: Vec<(&str, &str)> =
                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let p = Paysync::spawn_bin(bin, brokers, &t, base_url, 256, "", &env);
+            let p = Paysync::spawn_bin(bin, brokers, &t, base_url, load.in_flight, "", &env);
+            metrics_at = Some(format!("http://{}/metrics", p.0.http));
             (p.0.child.id(), Box::new(move || p.stop()))
         }
         Runner::Python => {
@@ -1099,6 +1118,24 @@ async fn ab_once(
     };
     let received = reader.await.unwrap();
     let (rss, cpu) = proc_usage(pid);
+    // Where a request's time went (paysync only): the connector call, and consume
+    // to acknowledged event.
+    if let Some(url) = metrics_at {
+        if let Ok(text) = reqwest::get(url).await.and_then(|r| r.error_for_status()) {
+            let text = text.text().await.unwrap_or_default();
+            let mean = |name: &str| {
+                let sum = paysync::telemetry::sum_metric(&text, &format!("{name}_sum"), &[]);
+                let count = paysync::telemetry::sum_metric(&text, &format!("{name}_count"), &[]);
+                sum / count.max(1.0) * 1000.0
+            };
+            eprintln!(
+                "   {} round {round}: connector call mean {:.2} ms, consume to acknowledged mean {:.2} ms",
+                v.name,
+                mean("paysync_connector_request_duration_seconds"),
+                mean("paysync_processing_duration_seconds"),
+            );
+        }
+    }
     stop();
     assert_eq!(
         received.len(),
@@ -1117,10 +1154,19 @@ async fn ab_once(
     (throughput, us, rss)
 }
 
-async fn ab(broker: &Broker, variants: &[Variant], rounds: usize, n: usize) -> Vec<AbResult> {
-    let sim = Simulator::start("127.0.0.1:0".parse().unwrap(), SimOptions::default())
+async fn ab(broker: &Broker, variants: &[Variant], rounds: usize, load: AbLoad) -> Vec<AbResult> {
+    let latency = match load.latency_ms {
+        0 => Latency::None,
+        ms => Latency::Fixed(Duration::from_millis(ms)),
+    };
+    let options = SimOptions {
+        latency,
+        ..Default::default()
+    };
+    let sim = Simulator::start("127.0.0.1:0".parse().unwrap(), options)
         .await
         .unwrap();
+    let n = load.n;
     let mut out: Vec<AbResult> = variants
         .iter()
         .map(|v| AbResult {
@@ -1138,8 +1184,14 @@ async fn ab(broker: &Broker, variants: &[Variant], rounds: usize, n: usize) -> V
             (0..variants.len()).rev().collect()
         };
         for i in order {
-            let (rps, us, rss) =
-                ab_once(&broker.bootstrap, &sim.base_url(), &variants[i], round, n).await;
+            let (rps, us, rss) = ab_once(
+                &broker.bootstrap,
+                &sim.base_url(),
+                &variants[i],
+                round,
+                load,
+            )
+            .await;
             out[i].throughput_rps.push(rps);
             out[i].cpu_us_per_request.push(us);
             out[i].peak_rss_mb.push(rss);
@@ -1165,14 +1217,24 @@ fn range(v: &[f64]) -> String {
     format!("{min:.1}–{max:.1}")
 }
 
-fn ab_markdown(machine: &str, results: &[AbResult]) -> String {
+fn ab_markdown(machine: &str, load: AbLoad, results: &[AbResult]) -> String {
     let mut md = String::new();
     md.push_str("# paysync CPU A/B\n\n");
-    md.push_str(&format!("Machine: {machine}. 0 ms connector, 256 in flight (batches of 1,000 for the Python processor), default log level, alternating rounds; CPU of the whole process from `/proc` (start-up included).\n\n"));
-    md.push_str("| variant | rounds × requests | throughput median (range) | CPU µs/request median (range) | peak RSS MiB median |\n|---|---|---|---|---|\n");
-    for r in results {
+    md.push_str(&format!("Machine: {machine}. {} ms connector, {} in flight (batches of 1,000 for the Python processor), default log level, alternating rounds; CPU of the whole process from `/proc` (start-up included).\n\n", load.latency_ms, load.in_flight));
+    let limit = load.littles_law();
+    if let Some(l) = limit {
         md.push_str(&format!(
-            "| {} | {} × {} | {:.0} ({}) | {:.1} ({}) | {:.1} |\n",
+            "Little's law limit: {} in flight / {} ms = {l:.0} req/s.\n\n",
+            load.in_flight, load.latency_ms
+        ));
+    }
+    md.push_str("| variant | rounds × requests | throughput median (range) | of Little's law (median) | CPU µs/request median (range) | peak RSS MiB median |\n|---|---|---|---|---|---|\n");
+    for r in results {
+        let ratio = limit.map_or(String::new(), |l| {
+            format!("{:.2}", median(&r.throughput_rps) / l)
+        });
+        md.push_str(&format!(
+            "| {} | {} × {} | {:.0} ({}) | {ratio} | {:.1} ({}) | {:.1} |\n",
             r.variant,
             r.rounds,
             r.n,
@@ -1592,16 +1654,29 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|r| r.parse().ok())
             .unwrap_or(5);
-        let n = if quick { 10_000 } else { 50_000 };
-        let results = rt.block_on(ab(&broker, &variants, rounds, n));
+        let number = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .map(|v| {
+                    v.parse::<u64>()
+                        .unwrap_or_else(|_| panic!("{flag} takes a number"))
+                })
+        };
+        let load = AbLoad {
+            latency_ms: number("--latency-ms").unwrap_or(0),
+            in_flight: number("--in-flight").map_or(256, |v| v as usize),
+            n: number("--requests").map_or(if quick { 10_000 } else { 50_000 }, |v| v as usize),
+        };
+        let results = rt.block_on(ab(&broker, &variants, rounds, load));
         std::fs::create_dir_all(&out).unwrap();
-        let json = serde_json::json!({"machine": machine, "results": results});
+        let json = serde_json::json!({"machine": machine, "load": load, "results": results});
         std::fs::write(
             out.join("ab.json"),
             serde_json::to_string_pretty(&json).unwrap(),
         )
         .unwrap();
-        let md = ab_markdown(&machine, &results);
+        let md = ab_markdown(&machine, load, &results);
         std::fs::write(out.join("ab.md"), &md).unwrap();
         let _ = std::io::stdout().write_all(md.as_bytes());
         return;

@@ -145,11 +145,10 @@ impl HttpExecutor {
             Method::Get => http::Method::GET,
             Method::Post => http::Method::POST,
         };
-        let uri: http::Uri = request
-            .url
-            .as_str()
-            .parse()
-            .map_err(|_| TransportError::Connect("the URL is not a valid request URI".into()))?;
+        let uri: http::Uri =
+            request.url.as_str().parse().map_err(|_| {
+                TransportError::Connect("the URL is not a valid request URI".into())
+            })?;
         let mut builder = http::Request::builder()
             .method(method)
             .uri(uri)

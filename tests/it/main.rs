@@ -7,6 +7,7 @@ mod container;
 mod e2e;
 mod engine;
 mod follow;
+mod http_client;
 mod logs;
 mod ops;
 mod poison;
