@@ -1167,6 +1167,16 @@ async fn ab(broker: &Broker, variants: &[Variant], rounds: usize, load: AbLoad) 
         .await
         .unwrap();
     let n = load.n;
+    if let Some(limit) = load.littles_law() {
+        // What a plain HTTP load loop gets from the simulator at this concurrency:
+        // timer rounding and a busy machine already cost some of Little's law.
+        let plain = sim_capacity(&sim.base_url(), load.in_flight, Duration::from_secs(5)).await;
+        eprintln!(
+            "   plain load loop against the simulator at {} in flight: {plain:.0} req/s ({:.2} of Little's law)",
+            load.in_flight,
+            plain / limit
+        );
+    }
     let mut out: Vec<AbResult> = variants
         .iter()
         .map(|v| AbResult {

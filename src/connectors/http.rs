@@ -149,31 +149,35 @@ impl HttpExecutor {
             request.url.as_str().parse().map_err(|_| {
                 TransportError::Connect("the URL is not a valid request URI".into())
             })?;
-        let mut builder = http::Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        let invalid = |what: &str| TransportError::Connect(format!("invalid request: {what}"));
+        let mut headers = http::HeaderMap::with_capacity(request.headers.len() + 3);
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         for (name, value) in &request.headers {
-            builder = builder.header(*name, value);
+            // A header a connector built wrongly: no request is sent.
+            let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid(name))?;
+            let value = HeaderValue::from_str(value).map_err(|_| invalid(name.as_str()))?;
+            headers.append(name, value);
         }
         if let Some(authorization) = authorization {
             let mut value = HeaderValue::from_str(authorization.value()).map_err(|_| {
                 TransportError::Connect("credentials are not a valid header value".into())
             })?;
             value.set_sensitive(true);
-            builder = builder.header(AUTHORIZATION, value);
+            headers.insert(AUTHORIZATION, value);
         }
         let body = match &request.body {
             Some(body) => {
-                builder = builder.header(CONTENT_TYPE, body.content_type);
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(body.content_type));
                 Full::new(Bytes::from(body.body.expose_secret().as_bytes().to_vec()))
             }
             None => Full::new(Bytes::new()),
         };
-        // A header name or value a connector built wrongly: no request was sent.
-        builder
-            .body(body)
-            .map_err(|e| TransportError::Connect(super::sanitize(&format!("invalid request: {e}"))))
+        // Assembled in place: the builder moves its parts on every call.
+        let mut built = http::Request::new(body);
+        *built.method_mut() = method;
+        *built.uri_mut() = uri;
+        *built.headers_mut() = headers;
+        Ok(built)
     }
 
     async fn exchange(

@@ -342,9 +342,9 @@ async fn publish_all(
 ) -> bool {
     let mut records = records.into_iter();
     let mut outcome = crate::telemetry::Outcome::Invalid;
-    let mut summary = String::new();
+    let mut summary = std::borrow::Cow::Borrowed("");
     while let Some(out) = records.next() {
-        let (out, delivery) = match publisher.publish(&out, ticket).await {
+        let (mut out, delivery) = match publisher.publish(&out, ticket).await {
             Delivery::Refused(reason) => {
                 // The broker will never take this event: keep the request instead.
                 tracing::warn!(%reason, "the broker refuses the event; dead-lettering the request");
@@ -378,7 +378,7 @@ async fn publish_all(
                 }
                 if summary.is_empty() {
                     outcome = out.outcome;
-                    summary.clone_from(&out.summary);
+                    summary = std::mem::take(&mut out.summary);
                 }
             }
             Delivery::Abandoned => {
@@ -932,9 +932,10 @@ impl Engine {
                 "message",
                 partition,
                 offset = job.incoming.offset,
-                request_id = %request.request_id,
-                connector = %request.connector,
-                transaction_id = %request.connector_transaction_id,
+                // As &str: recorded without formatting them first.
+                request_id = request.request_id.as_str(),
+                connector = request.connector.as_str(),
+                transaction_id = request.connector_transaction_id.as_str(),
             ),
             Work::Reject(_) => {
                 tracing::info_span!("message", partition, offset = job.incoming.offset)

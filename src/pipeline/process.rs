@@ -5,6 +5,7 @@
 //! the re-check record of the chain's next check; or a dead letter that keeps the
 //! original key, value and headers and adds the `paysync-*` headers.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -144,7 +145,7 @@ pub struct Outgoing {
     /// Request outcome for metrics.
     pub outcome: Outcome,
     /// For logs: status or reason, with the message for dead letters.
-    pub summary: String,
+    pub summary: Cow<'static, str>,
     /// What it means for a follow chain, if anything.
     pub milestone: Option<Milestone>,
 }
@@ -426,8 +427,8 @@ impl Processor {
                 attempts: result.attempts,
                 raw_request: Some(http.describe()),
             };
-            let event =
-                PaymentStatusEvent::build(request, envelope, result.outcome.clone(), self.secrets);
+            // The outcome is not needed past here: moved, not copied.
+            let event = PaymentStatusEvent::build(request, envelope, result.outcome, self.secrets);
             match self.encoder.encode(&event) {
                 Ok(bytes) => out.push(Outgoing {
                     destination: Destination::Events,
@@ -505,9 +506,9 @@ impl Processor {
                 label: if marker { "end_marker" } else { "recheck" },
                 outcome,
                 summary: if marker {
-                    String::new()
+                    Cow::Borrowed("")
                 } else {
-                    format!("check {} due in {}s", chain.check + 1, delay.as_secs())
+                    format!("check {} due in {}s", chain.check + 1, delay.as_secs()).into()
                 },
                 milestone: (!marker).then(|| Milestone::RecheckScheduled {
                     connector: request.connector.clone(),
@@ -540,7 +541,7 @@ fn header(name: &str, value: &str) -> RecordHeader {
     (name.as_bytes().to_vec(), Some(value.as_bytes().to_vec()))
 }
 
-fn status_summary(event: &PaymentStatusEvent) -> String {
+fn status_summary(event: &PaymentStatusEvent) -> Cow<'static, str> {
     match (&event.status, &event.error) {
         (PaymentStatus::PAYMENT_STATUS_UNSPECIFIED, Some(e)) => format!(
             "check failed: {}",
@@ -548,8 +549,9 @@ fn status_summary(event: &PaymentStatusEvent) -> String {
                 .as_ref()
                 .and_then(|u| u.code.as_deref())
                 .unwrap_or("unknown")
-        ),
-        (status, _) => status.as_str().to_owned(),
+        )
+        .into(),
+        (status, _) => Cow::Borrowed(status.as_str()),
     }
 }
 
@@ -647,7 +649,7 @@ pub fn dead_letter(
         headers: originals,
         label: code,
         outcome: Outcome::Invalid,
-        summary: format!("{code}: {message}"),
+        summary: format!("{code}: {message}").into(),
         milestone: None,
     }
 }
