@@ -89,6 +89,15 @@ impl Respond for Chaotic {
 
 /// The high watermark of each partition of `topic`.
 fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    watermarks(bootstrap, topic, partitions)
+        .into_iter()
+        .map(|(_, high)| high)
+        .collect()
+}
+
+/// (low, high) per partition: a low watermark above 0 means the mock cluster
+/// deleted records (it keeps about 5 MB per partition).
+fn watermarks(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(i64, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -99,7 +108,6 @@ fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
             consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .unwrap()
-                .1
         })
         .collect()
 }
@@ -352,10 +360,27 @@ publish = "changes"
     let mut child = spawn_paysync(&config, &log);
     let progress = |target: usize| {
         let outputs = outputs.clone();
+        let bootstrap = bootstrap.clone();
         async move {
-            let deadline = Instant::now() + Duration::from_secs(900);
-            while outputs.lock().unwrap().len() < target {
-                assert!(Instant::now() < deadline, "no progress");
+            // No new answer for 120 s: stuck (or records the reader never saw).
+            let (mut seen, mut since) = (0, Instant::now());
+            loop {
+                let now = outputs.lock().unwrap().len();
+                if now >= target {
+                    break;
+                }
+                if now > seen {
+                    (seen, since) = (now, Instant::now());
+                }
+                if since.elapsed() > Duration::from_secs(120) {
+                    let b = bootstrap.clone();
+                    let events = tokio::task::spawn_blocking(move || {
+                        watermarks(&b, "chaos.events", PARTITIONS)
+                    })
+                    .await
+                    .unwrap();
+                    panic!("no progress: {now} of {target} inputs answered; chaos.events (low, high) watermarks {events:?}");
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
