@@ -374,12 +374,26 @@ publish = "changes"
                 }
                 if since.elapsed() > Duration::from_secs(120) {
                     let b = bootstrap.clone();
-                    let events = tokio::task::spawn_blocking(move || {
-                        watermarks(&b, "chaos.events", PARTITIONS)
+                    let (events, dlq) = tokio::task::spawn_blocking(move || {
+                        (
+                            watermarks(&b, "chaos.events", PARTITIONS),
+                            watermarks(&b, "chaos.requests.dlq", 1),
+                        )
                     })
                     .await
                     .unwrap();
-                    panic!("no progress: {now} of {target} inputs answered; chaos.events (low, high) watermarks {events:?}");
+                    let answered = outputs.lock().unwrap();
+                    let missing: Vec<(i32, i64)> = (0..target)
+                        .map(|i| {
+                            (
+                                (i % PARTITIONS as usize) as i32,
+                                (i / PARTITIONS as usize) as i64,
+                            )
+                        })
+                        .filter(|k| !answered.contains_key(k))
+                        .take(10)
+                        .collect();
+                    panic!("no progress: {now} of {target} inputs answered (first missing {missing:?}); (low, high) watermarks of chaos.events {events:?}, of the dead letters {dlq:?}");
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
