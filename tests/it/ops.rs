@@ -22,6 +22,28 @@ fn paysync(config: &std::path::Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `paysync` off the async runtime (it blocks until the process exits).
+async fn paysync_async(config: &std::path::Path, args: &[&str]) -> Output {
+    let config = config.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        paysync(&config, &args)
+    })
+    .await
+    .unwrap()
+}
+
+/// The exit code, with stderr shown when it differs.
+fn assert_exit(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn write_config(
     dir: &tempfile::TempDir,
     brokers: &str,
@@ -53,18 +75,8 @@ async fn check_prints_one_event_per_id_and_exits_by_outcome() {
         &sim.base_url(),
     );
     let ids = ["success-c1", "failure-c2", "open-3ds-c3"];
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || paysync(&config, &["check", ids[0], ids[1], ids[2]])
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = paysync_async(&config, &["check", ids[0], ids[1], ids[2]]).await;
+    assert_exit(&out, 0, "three ids");
     let events = lines(&out);
     let got: Vec<(&str, &str, bool)> = events
         .iter()
@@ -92,26 +104,20 @@ async fn check_prints_one_event_per_id_and_exits_by_outcome() {
     }
 
     // A failed check (404), an amount that does not match, and another connector.
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || {
-            paysync(
-                &config,
-                &[
-                    "check",
-                    "--amount",
-                    "999",
-                    "--currency",
-                    "EUR",
-                    "notfound-c4",
-                    "success-c5",
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let out = paysync_async(
+        &config,
+        &[
+            "check",
+            "--amount",
+            "999",
+            "--currency",
+            "EUR",
+            "notfound-c4",
+            "success-c5",
+        ],
+    )
+    .await;
+    assert_exit(&out, 1, "not found, amount mismatch");
     let events = lines(&out);
     assert_eq!(events[0]["status"], "PAYMENT_STATUS_UNSPECIFIED");
     assert_eq!(
@@ -122,32 +128,21 @@ async fn check_prints_one_event_per_id_and_exits_by_outcome() {
         events[1]["error"]["unified_details"]["code"],
         "INTEGRITY_CHECK_FAILED"
     );
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || {
-            paysync(
-                &config,
-                &[
-                    "check",
-                    "--connector",
-                    "mollie",
-                    "--amount",
-                    "1200",
-                    "--currency",
-                    "EUR",
-                    "success-m6",
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = paysync_async(
+        &config,
+        &[
+            "check",
+            "--connector",
+            "mollie",
+            "--amount",
+            "1200",
+            "--currency",
+            "EUR",
+            "success-m6",
+        ],
+    )
+    .await;
+    assert_exit(&out, 0, "mollie");
     assert_eq!(lines(&out)[0]["status"], "CHARGED");
     assert_eq!(lines(&out)[0]["connector"], "mollie");
 
@@ -158,24 +153,14 @@ async fn check_prints_one_event_per_id_and_exits_by_outcome() {
         vec!["check", "--amount", "5", "x-2"],
         vec!["check", "--method", "PAYPAL", "x-3"],
     ] {
-        let config = config.clone();
         let shown = args.join(" ");
-        let out = tokio::task::spawn_blocking(move || paysync(&config, &args))
-            .await
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{shown}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = paysync_async(&config, &args).await;
+        assert_exit(&out, 2, &shown);
         assert!(out.stdout.is_empty(), "{shown}");
     }
     assert!(sim.token_requests() >= 1, "a real token was used");
     // No secret in anything printed.
-    let out = tokio::task::spawn_blocking(move || paysync(&config, &["check", "success-c7"]))
-        .await
-        .unwrap();
+    let out = paysync_async(&config, &["check", "success-c7"]).await;
     let printed = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -290,22 +275,17 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
     let config = write_config(&dir, broker.bootstrap(), &t, &sim.base_url());
     let run = |args: Vec<&'static str>| {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || {
+        async move {
             let mut all = vec!["redrive"];
             all.extend(args);
-            paysync(&config, &all)
-        })
+            paysync_async(&config, &all).await
+        }
     };
     let text = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
 
     // A dry run counts and lists, sends and commits nothing.
-    let out = run(vec!["--dry-run"]).await.unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(vec!["--dry-run"]).await;
+    assert_exit(&out, 0, "dry run");
     let report = text(&out);
     assert!(report.contains("total would redrive: 4"), "{report}");
     assert!(
@@ -321,11 +301,11 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
     );
 
     // Only one reason; then the same again sends nothing.
-    let out = run(vec!["--reason", "unknown_merchant"]).await.unwrap();
+    let out = run(vec!["--reason", "unknown_merchant"]).await;
     let report = text(&out);
     assert!(report.contains("unknown_merchant: redriven 2"), "{report}");
     assert!(report.contains("total redriven: 2"), "{report}");
-    let again = run(vec!["--reason", "unknown_merchant"]).await.unwrap();
+    let again = run(vec!["--reason", "unknown_merchant"]).await;
     assert!(
         text(&again).contains("total redriven: 0"),
         "{}",
@@ -353,10 +333,10 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
     );
 
     // --max, then the rest; the truncated letter never goes.
-    let out = run(vec!["--max", "1"]).await.unwrap();
+    let out = run(vec!["--max", "1"]).await;
     assert!(text(&out).contains("total redriven: 1"), "{}", text(&out));
     assert!(text(&out).contains("stopped at --max"), "{}", text(&out));
-    let out = run(vec![]).await.unwrap();
+    let out = run(vec![]).await;
     // Positions are per reason filter: the unfiltered group sends the other three
     // letters (the two unknown_merchant ones went under a filter of their own).
     assert!(text(&out).contains("total redriven: 3"), "{}", text(&out));
@@ -365,7 +345,7 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
         "{}",
         text(&out)
     );
-    let out = run(vec![]).await.unwrap();
+    let out = run(vec![]).await;
     assert!(text(&out).contains("total redriven: 0"), "{}", text(&out));
     assert_eq!(
         inputs(broker.bootstrap(), &t, 20, Duration::from_secs(5)).len(),
