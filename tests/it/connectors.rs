@@ -546,17 +546,7 @@ async fn http2_prior_knowledge_speaks_h2c_and_the_others_http1() {
         let before = sim.http2_requests();
         let id = format!("success-h2-{mode:?}");
         let value = format!(r#"{{"connector_transaction_id":"{id}"}}"#);
-        paysync::kafka::tools::RawProducer::new(broker.bootstrap())
-            .unwrap()
-            .send(
-                &t.input,
-                None,
-                Some(id.as_bytes()),
-                Some(value.as_bytes()),
-                &[],
-            )
-            .await
-            .unwrap();
+        send_request(broker.bootstrap(), &t.input, &id, &value).await;
         let records = read_outputs(broker.bootstrap(), &t, 1, Duration::from_secs(60)).await;
         let event =
             paysync::codec::avro::decode_event_json(records[0].value.as_deref().unwrap()).unwrap();

@@ -34,17 +34,7 @@ fn follow_table(schedule: &str, publish: &str) -> String {
 
 async fn send(broker: &Broker, t: &Topics, id: &str, follow: bool) -> (i32, i64) {
     let value = format!(r#"{{"connector_transaction_id":"{id}","follow":{follow}}}"#);
-    RawProducer::new(broker.bootstrap())
-        .unwrap()
-        .send(
-            &t.input,
-            None,
-            Some(id.as_bytes()),
-            Some(value.as_bytes()),
-            &[],
-        )
-        .await
-        .unwrap()
+    send_request(broker.bootstrap(), &t.input, id, &value).await
 }
 
 /// The events of one transaction, in the order published.

@@ -152,6 +152,16 @@ impl Broker {
     }
 }
 
+/// Writes one request (key = its id, value = `json`, no headers) to `topic`;
+/// returns (partition, offset).
+pub async fn send_request(brokers: &str, topic: &str, id: &str, json: &str) -> (i32, i64) {
+    paysync::kafka::tools::RawProducer::new(brokers)
+        .unwrap()
+        .send(topic, None, Some(id.as_bytes()), Some(json.as_bytes()), &[])
+        .await
+        .unwrap()
+}
+
 pub async fn simulator(options: SimOptions) -> Simulator {
     Simulator::start("127.0.0.1:0".parse().unwrap(), options)
         .await
