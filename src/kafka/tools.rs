@@ -238,6 +238,12 @@ impl RawProducer {
 pub struct TopicReader {
     consumer: BaseConsumer,
     seen: HashMap<(String, i32), i64>,
+    /// Where offsets jumped: (topic, partition, expected, got). A producer without
+    /// transactions writes contiguous offsets, so a jump is a record not read (a
+    /// retention purge or an offset reset).
+    pub gaps: Vec<(String, i32, i64, i64)>,
+    /// Errors the consumer reported while reading.
+    pub errors: Vec<String>,
 }
 
 impl TopicReader {
@@ -261,6 +267,8 @@ impl TopicReader {
         Ok(TopicReader {
             consumer,
             seen: HashMap::new(),
+            gaps: Vec::new(),
+            errors: Vec::new(),
         })
     }
 
@@ -272,10 +280,22 @@ impl TopicReader {
             let Some(result) = self.consumer.poll(Duration::from_millis(100)) else {
                 continue;
             };
-            let Ok(m) = result else { continue };
+            let m = match result {
+                Ok(m) => m,
+                Err(e) => {
+                    self.errors.push(e.to_string());
+                    continue;
+                }
+            };
             let headers = m.headers().map(super::headers::read).unwrap_or_default();
-            self.seen
-                .insert((m.topic().to_owned(), m.partition()), m.offset());
+            let expected = self
+                .seen
+                .insert((m.topic().to_owned(), m.partition()), m.offset())
+                .map_or(0, |o| o + 1);
+            if m.offset() != expected {
+                self.gaps
+                    .push((m.topic().to_owned(), m.partition(), expected, m.offset()));
+            }
             out.push(RawRecord {
                 topic: m.topic().to_owned(),
                 partition: m.partition(),
