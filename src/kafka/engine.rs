@@ -24,7 +24,7 @@
 //! partition; what waits behind it stays in the broker (or in librdkafka's bounded
 //! prefetch), so memory does not grow with the number of pending re-checks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -323,8 +323,13 @@ pub fn create_consumer(
     Ok(consumer)
 }
 
-struct Done {
-    key: Option<String>,
+/// What a job's task tells the engine.
+enum Done {
+    /// Its records are built; only the broker's acknowledgement is left, so its
+    /// in-flight slot may go to the next request (see `Scheduler::release`).
+    Built { serial: u64 },
+    /// It is over: acknowledged, abandoned or failed.
+    Finished { serial: u64, key: Option<String> },
 }
 
 /// Publishes a job's records in order (an event, then the chain's re-check
@@ -413,6 +418,7 @@ fn until(due_ms: Option<i64>) -> Duration {
 
 /// Releases a job's accounting however its task ends (even by panic).
 struct JobGuard {
+    serial: u64,
     key: Option<String>,
     partition: i32,
     epoch: Epoch,
@@ -426,7 +432,8 @@ impl Drop for JobGuard {
     fn drop(&mut self) {
         self.ledger
             .finish(self.partition, self.epoch, self.offset, self.published);
-        let _ = self.done.send(Done {
+        let _ = self.done.send(Done::Finished {
+            serial: self.serial,
             key: self.key.take(),
         });
     }
@@ -478,6 +485,10 @@ pub struct Engine {
     gaps: GapPolicy,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
+    /// Serial of the next job started.
+    next_serial: u64,
+    /// Jobs released by the scheduler (waiting for their acknowledgement).
+    released: HashSet<u64>,
     topic: Arc<str>,
     /// Per-message tasks: reaped as they finish, awaited on shutdown and aborted
     /// after the drain deadline.
@@ -524,6 +535,8 @@ impl Engine {
             gaps: GapPolicy::default(),
             done_tx,
             done_rx,
+            next_serial: 0,
+            released: HashSet::new(),
             tasks: JoinSet::new(),
             max_held,
             next_due: None,
@@ -902,7 +915,22 @@ impl Engine {
     }
 
     fn on_done(&mut self, done: Done) {
-        let mut ready = self.scheduler.complete(done.key.as_deref());
+        let mut ready = match done {
+            Done::Built { serial } => {
+                let (granted, ready) = self.scheduler.release();
+                if granted {
+                    self.released.insert(serial);
+                }
+                ready
+            }
+            Done::Finished { serial, key } => {
+                if self.released.remove(&serial) {
+                    self.scheduler.complete_released(key.as_deref())
+                } else {
+                    self.scheduler.complete(key.as_deref())
+                }
+            }
+        };
         while let Some(job) = ready.pop() {
             ready.extend(self.start(job));
         }
@@ -915,7 +943,10 @@ impl Engine {
             // Its partition was revoked while it waited: the next owner redoes it.
             return self.scheduler.complete(job.key.as_deref());
         }
+        let serial = self.next_serial;
+        self.next_serial += 1;
         let guard = JobGuard {
+            serial,
             key: job.key.clone(),
             partition,
             epoch: job.epoch,
@@ -927,6 +958,7 @@ impl Engine {
         let processor = self.processor.clone();
         let publisher = self.publisher.clone();
         let metrics = self.metrics.clone();
+        let built = self.done_tx.clone();
         let span = match &job.work {
             Work::Check { request, .. } => tracing::info_span!(
                 "message",
@@ -950,6 +982,7 @@ impl Engine {
             async move {
                 let mut guard = guard;
                 let records = processor.process(&job).await;
+                let _ = built.send(Done::Built { serial });
                 guard.published =
                     publish_all(&processor, &publisher, &metrics, &job, records, &ticket).await;
             }
@@ -986,21 +1019,21 @@ impl Engine {
     async fn drain(mut self) {
         let parked = self.scheduler.drop_parked();
         tracing::info!(
-            in_flight = self.scheduler.in_flight(),
+            in_flight = self.scheduler.unfinished(),
             parked,
             "shutting down: draining in-flight work"
         );
         let deadline = tokio::time::Instant::now() + self.settings.drain_timeout;
-        while self.scheduler.in_flight() > 0 {
+        while self.scheduler.unfinished() > 0 {
             match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
                 Ok(Some(done)) => self.on_done(done),
                 Ok(None) | Err(_) => break,
             }
             self.metrics.set_in_flight(self.scheduler.in_flight());
         }
-        let positions = if self.scheduler.in_flight() > 0 {
+        let positions = if self.scheduler.unfinished() > 0 {
             tracing::warn!(
-                abandoned = self.scheduler.in_flight(),
+                abandoned = self.scheduler.unfinished(),
                 "shutdown deadline passed; unfinished requests will be redone after restart"
             );
             let positions = self.ledger.revoke_all();
