@@ -462,18 +462,19 @@ publish = "changes"
                     })
                     .await
                     .unwrap();
-                    let answered = outputs.lock().unwrap();
-                    let missing: Vec<(i32, i64)> = (0..target)
-                        .map(|i| {
-                            (
-                                (i % PARTITIONS as usize) as i32,
-                                (i / PARTITIONS as usize) as i64,
-                            )
-                        })
-                        .filter(|k| !answered.contains_key(k))
-                        .take(10)
-                        .collect();
-                    drop(answered);
+                    let missing: Vec<(i32, i64)> = {
+                        let answered = outputs.lock().unwrap();
+                        (0..target)
+                            .map(|i| {
+                                (
+                                    (i % PARTITIONS as usize) as i32,
+                                    (i / PARTITIONS as usize) as i64,
+                                )
+                            })
+                            .filter(|k| !answered.contains_key(k))
+                            .take(10)
+                            .collect()
+                    };
                     let b = bootstrap.clone();
                     let wanted = missing.clone();
                     let found = tokio::task::spawn_blocking(move || find_answers(&b, &wanted))
@@ -485,7 +486,7 @@ publish = "changes"
                     for line in text.lines() {
                         let m = serde_json::from_str::<serde_json::Value>(line)
                             .ok()
-                            .and_then(|v| v["fields"]["message"].as_str().map(str::to_owned))
+                            .and_then(|v| v["message"].as_str().map(str::to_owned))
                             .unwrap_or_else(|| line.chars().take(120).collect());
                         *messages.entry(m).or_default() += 1;
                     }
