@@ -959,8 +959,10 @@ impl Engine {
         let publisher = self.publisher.clone();
         let metrics = self.metrics.clone();
         let built = self.done_tx.clone();
+        // At ERROR level, so it is enabled whatever the log level: a warning or an
+        // error inside it always says which request it was about.
         let span = match &job.work {
-            Work::Check { request, .. } => tracing::info_span!(
+            Work::Check { request, .. } => tracing::error_span!(
                 "message",
                 partition,
                 offset = job.incoming.offset,
@@ -970,7 +972,7 @@ impl Engine {
                 transaction_id = request.connector_transaction_id.as_str(),
             ),
             Work::Reject(_) => {
-                tracing::info_span!("message", partition, offset = job.incoming.offset)
+                tracing::error_span!("message", partition, offset = job.incoming.offset)
             }
         };
         let ticket = Ticket {

@@ -79,3 +79,41 @@ async fn trace_logs_carry_message_spans_and_never_secrets() {
     assert_eq!(span["partition"], 0);
     assert!(span["offset"].is_number());
 }
+
+/// At `warn`, the level an operator picks to quiet a busy instance, a failed check
+/// still says which request it was: the per-message span is enabled at every
+/// level, not only at `info`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_carry_the_message_span_at_warn_level() {
+    let broker = Broker::new();
+    let t = broker.topics("logs-warn", 1).await;
+    let sim = simulator(SimOptions::default()).await;
+    let process = Process::spawn_full(
+        broker.bootstrap(),
+        &t,
+        &sim.base_url(),
+        "",
+        &[("PAYSYNC_LOG__LEVEL", "warn")],
+    );
+    process.wait_ready(Duration::from_secs(90)).await;
+    send_request(
+        broker.bootstrap(),
+        &t.input,
+        "w",
+        r#"{"connector_transaction_id":"notfound-warn-1","request_id":"req-warn-1"}"#,
+    )
+    .await;
+    read_outputs(broker.bootstrap(), &t, 1, Duration::from_secs(60)).await;
+    let log = process.log();
+    let failed = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|j| j["level"] == "WARN" && j["span"]["transaction_id"] == "notfound-warn-1")
+        .unwrap_or_else(|| panic!("no WARN line with the request's span:\n{log}"));
+    assert_eq!(failed["span"]["request_id"], "req-warn-1");
+    assert!(failed["span"]["offset"].is_number());
+    assert!(
+        !log.contains("\"level\":\"INFO\""),
+        "nothing below warn is logged:\n{log}"
+    );
+}
