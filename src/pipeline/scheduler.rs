@@ -15,7 +15,8 @@
 //! requests, so the next request can start its connector call meanwhile. It keeps
 //! its key until it is complete (same-key requests still run one at a time, events
 //! in order), and its offset is only done once acknowledged (the ledger): at most
-//! 1.0625 × `max_in_flight` requests are unfinished, delivery is unchanged. (With
+//! 1.0625 × `max_in_flight` requests are unfinished (`max_in_flight` + 1 below 16),
+//! delivery is unchanged. (With
 //! 50 ms calls at 500 in flight a sixteenth took 0.88 to 0.93 of Little's law, a
 //! quarter to 0.94, but a quarter held 3–7 MiB more at the peak of a 100,000-request
 //! backlog; the whole `max_in_flight` cost 14% more CPU per request at 0 ms.)
@@ -55,7 +56,7 @@ pub struct Scheduler<J> {
     max_in_flight: usize,
     max_per_key: usize,
     in_flight: usize,
-    /// Released requests waiting for their acknowledgement (at most `max_in_flight`).
+    /// Released requests waiting for their acknowledgement (at most `max_publishing()`).
     publishing: usize,
     keys: HashMap<String, KeyState<J>>,
     parked: BTreeMap<i32, VecDeque<J>>,
@@ -77,7 +78,8 @@ impl<J: Job> Scheduler<J> {
         }
     }
 
-    /// Requests accepted and not finished (running or queued behind their key).
+    /// Requests accepted and holding an in-flight unit (running and not released, or
+    /// queued behind their key).
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
