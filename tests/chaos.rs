@@ -120,6 +120,22 @@ fn watermarks(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(i64, i64)> 
         .collect()
 }
 
+/// The input (partition, offset) an event answers: its generated `request_id` is
+/// `topic:partition:offset`.
+fn event_input(json: &serde_json::Value) -> Option<(i32, i64)> {
+    let mut parts = json["request_id"].as_str()?.rsplitn(3, ':');
+    let o = parts.next()?.parse().ok()?;
+    let p = parts.next()?.parse().ok()?;
+    Some((p, o))
+}
+
+/// The input (partition, offset) a dead letter keeps, from its source headers.
+fn dead_letter_input(r: &paysync::kafka::tools::RawRecord) -> Option<(i32, i64)> {
+    let p = r.header("paysync-source-partition")?.parse().ok()?;
+    let o = r.header("paysync-source-offset")?.parse().ok()?;
+    Some((p, o))
+}
+
 /// Reads the events and dead-letter topics again from the start and returns where
 /// the answers to `inputs` (partition, offset of chaos.requests) are.
 fn find_answers(bootstrap: &str, inputs: &[(i32, i64)]) -> Vec<String> {
@@ -134,18 +150,14 @@ fn find_answers(bootstrap: &str, inputs: &[(i32, i64)]) -> Vec<String> {
     let mut found = Vec::new();
     for r in reader.read(usize::MAX, Duration::from_secs(20)) {
         let input = if r.topic == "chaos.events" {
-            let json = decode_event_json(r.value.as_deref().unwrap()).unwrap();
-            let rid = json["request_id"].as_str().unwrap_or_default().to_owned();
-            let mut parts = rid.rsplitn(3, ':');
-            let o: i64 = parts.next().unwrap_or_default().parse().unwrap_or(-1);
-            let p: i32 = parts.next().unwrap_or_default().parse().unwrap_or(-1);
-            (p, o)
+            r.value
+                .as_deref()
+                .and_then(|v| decode_event_json(v).ok())
+                .and_then(|json| event_input(&json))
         } else {
-            let p = r.header("paysync-source-partition").unwrap_or_default();
-            let o = r.header("paysync-source-offset").unwrap_or_default();
-            (p.parse().unwrap_or(-1), o.parse().unwrap_or(-1))
+            dead_letter_input(&r)
         };
-        if inputs.contains(&input) {
+        if let Some(input) = input.filter(|i| inputs.contains(i)) {
             found.push(format!(
                 "{input:?} at {}:{}:{}",
                 r.topic, r.partition, r.offset
@@ -392,11 +404,9 @@ publish = "changes"
                     let mut map = outputs.lock().unwrap();
                     if r.topic == "chaos.events" {
                         let json = decode_event_json(r.value.as_deref().unwrap()).unwrap();
-                        let rid = json["request_id"].as_str().unwrap().to_owned();
-                        let mut parts = rid.rsplitn(3, ':');
-                        let o: i64 = parts.next().unwrap().parse().unwrap();
-                        let p: i32 = parts.next().unwrap().parse().unwrap();
-                        let out = map.entry((p, o)).or_default();
+                        let input = event_input(&json)
+                            .unwrap_or_else(|| panic!("an event without its input: {json}"));
+                        let out = map.entry(input).or_default();
                         let event_id = json["event_id"].as_str().unwrap().to_owned();
                         let check = json["check_number"].as_i64().unwrap();
                         if json["next_check_at"].is_null() {
@@ -419,13 +429,10 @@ publish = "changes"
                         }
                         out.statuses.push(status);
                     } else {
-                        let p: i32 = r
-                            .header("paysync-source-partition")
-                            .unwrap()
-                            .parse()
-                            .unwrap();
-                        let o: i64 = r.header("paysync-source-offset").unwrap().parse().unwrap();
-                        map.entry((p, o))
+                        let input = dead_letter_input(&r).unwrap_or_else(|| {
+                            panic!("a dead letter without its source: {:?}", r.headers)
+                        });
+                        map.entry(input)
                             .or_default()
                             .dead
                             .push(r.header("paysync-error-code").unwrap());
