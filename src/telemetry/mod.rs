@@ -1,6 +1,7 @@
 //! Observability: [`Metrics`] owns its own Prometheus registry with one method per
 //! observable event (no global statics), and [`init_tracing`] sets up `tracing`
-//! output (human text on a terminal, JSON otherwise or when configured).
+//! output (human text on a terminal, JSON otherwise or when configured; span
+//! fields in JSON by [`span_json`]).
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -11,6 +12,8 @@ use prometheus::{
 };
 
 use crate::config::LogFormat;
+
+pub mod span_json;
 
 /// Every paysync metric. Label values are bounded: outcomes, statuses, reject
 /// codes, connector names, HTTP codes, partitions.
@@ -558,6 +561,7 @@ pub fn init_tracing(format: LogFormat, level: &str) -> bool {
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
+            .fmt_fields(span_json::SpanFieldsJson)
             .try_init()
             .is_ok()
     } else {
