@@ -1010,9 +1010,9 @@ def check_with_paysync(resources, facts):
 # ---------------------------------------------------------------------------- grafana
 
 def check_dashboard():
-    """Every metric paysync registers (src/telemetry.rs) is on the Grafana dashboard."""
+    """Every metric paysync registers (src/telemetry/mod.rs) is on the Grafana dashboard."""
     import json
-    source = open(os.path.join(ROOT, "src", "telemetry.rs"), encoding="utf-8").read()
+    source = open(os.path.join(ROOT, "src", "telemetry", "mod.rs"), encoding="utf-8").read()
     registered = set(re.findall(r'"(paysync_[a-z_]+)"', source))
     path = os.path.join(ROOT, "deploy", "grafana", "dashboards", "paysync.json")
     dashboard = json.load(open(path, encoding="utf-8"))
