@@ -87,6 +87,8 @@ pub struct RawRecord {
     pub key: Option<Vec<u8>>,
     /// Value.
     pub value: Option<Vec<u8>>,
+    /// The record's timestamp (ms since the epoch), when it has one.
+    pub timestamp: Option<i64>,
     /// Headers as bytes (names may not be UTF-8, values may be null).
     pub headers: Vec<super::headers::OwnedHeader>,
 }
@@ -302,6 +304,7 @@ impl TopicReader {
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
+                timestamp: m.timestamp().to_millis(),
                 headers,
             });
         }
