@@ -14,7 +14,7 @@ headers, a tombstone) and then checks, for every event:
 and, for every dead letter, that key, value and original headers are the input's,
 byte for byte, with the paysync-* headers added.
 
-Usage (CI runs it against tansu):
+Usage (CI runs it against Apache Kafka, tests/kafka/broker.sh):
     python tests/interop/check_events.py --brokers 127.0.0.1:9092 --paysync target/debug/paysync
 """
 import argparse

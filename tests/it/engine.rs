@@ -208,12 +208,12 @@ async fn the_in_flight_bound_is_never_exceeded() {
 /// 20,000 requests stays in the broker. The client's per-partition queue holds at
 /// most its configured bound plus one fetch; the consumer stays in its group.
 ///
-/// Runs on the mock cluster only: tansu 0.6.0 does not honour the fetch size limits
-/// (`max.partition.fetch.bytes`, `fetch.max.bytes`) and answers one fetch with the
-/// whole backlog (19,968 of 20,000 requests arrived in the client queue at once).
+/// Needs a broker that honours the fetch size limits (`max.partition.fetch.bytes`,
+/// `fetch.max.bytes`): Apache Kafka and the mock cluster do (tansu 0.6.0 answered
+/// one fetch with the whole backlog).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_backlog_stays_in_the_broker() {
-    let broker = Broker::mock();
+    let broker = Broker::new();
     let t = broker.topics("backlog", 1).await;
     let sim = simulator(SimOptions {
         latency: Latency::Fixed(Duration::from_millis(100)),
@@ -383,14 +383,12 @@ impl TwoMembers {
     }
 }
 
-/// Runs on librdkafka's mock cluster whatever broker is configured: the takeover
-/// after a hard kill depends on the broker expiring the dead member's session, and
-/// tansu 0.6.0 was seen to keep a SIGKILLed member in the group (its rebalance after
-/// the session timeout handed the dead member's partitions back to it). The
-/// graceful handover below runs on the real broker.
+/// The takeover after a hard kill depends on the broker expiring the dead member's
+/// session: Apache Kafka and the mock cluster do (tansu 0.6.0 kept a SIGKILLed
+/// member in the group).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_one_killed_mid_stream_nothing_is_lost() {
-    let broker = Broker::mock();
+    let broker = Broker::new();
     let group = TwoMembers::start(&broker, "group").await;
     let TwoMembers {
         t,

@@ -268,10 +268,11 @@ async fn a_recheck_is_never_taken_before_it_is_due_and_a_request_without_follow_
     app.stop().await;
 }
 
-/// On librdkafka's mock cluster (tansu 0.6.0 keeps a killed member in its group).
+/// Needs a broker that expires a killed member's session (Apache Kafka, the mock
+/// cluster; tansu 0.6.0 kept a killed member in its group).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_rechecks_pending_loses_no_chain() {
-    let broker = Broker::mock();
+    let broker = Broker::new();
     let t = follow_topics(&broker, "follow-kill", &[1]).await;
     let sim = simulator(SimOptions {
         progress_step: Duration::from_secs(3),
@@ -351,14 +352,14 @@ async fn kill_9_with_rechecks_pending_loses_no_chain() {
     assert_eq!(origins.len(), n);
 }
 
-/// 100,000 re-checks pending (due in an hour) on the mock cluster (tansu 0.6.0
-/// ignores the fetch size limits, see `engine::a_large_backlog_stays_in_the_broker`;
-/// the mock keeps about 5 MB per partition, hence eight):
+/// 100,000 re-checks pending (due in an hour; eight partitions, since the mock
+/// cluster keeps about 5 MB per partition; the broker must honour the fetch size
+/// limits, see `engine::a_large_backlog_stays_in_the_broker`):
 /// they stay in the broker, the process stays small, nothing is taken early, and
 /// waiting is not stalling: new requests are served and `/readyz` stays 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_with_100_000_pending_rechecks() {
-    let broker = Broker::mock();
+    let broker = Broker::new();
     // Eight partitions: the mock cluster keeps about 5 MB per partition.
     let t = broker.topics("follow-mem", 2).await;
     let recheck = format!("{}.recheck.3600s", t.input);

@@ -85,7 +85,8 @@ use paysync::kafka::admin::create_topics;
 use paysync::kafka::tools::{MockBroker, RawRecord, TopicReader};
 
 /// A Kafka-protocol broker: the one named by `PAYSYNC_TEST_BROKERS` (CI starts
-/// tansu), or librdkafka's in-process mock cluster.
+/// Apache Kafka with `tests/kafka/broker.sh`), or librdkafka's in-process mock
+/// cluster.
 pub struct Broker {
     bootstrap: String,
     mock: Option<MockBroker>,
