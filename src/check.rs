@@ -6,7 +6,7 @@
 //! Support tickets and credential rotations are its users.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::app::{gateways, StartupError};
 use crate::codec::avro::{decode_event_json, EventEncoder, WireFormat};
@@ -19,7 +19,7 @@ use crate::pipeline::process::check;
 use crate::telemetry::Metrics;
 
 /// What to check (the command line).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CheckArgs {
     /// Connector; default `processing.default_connector`.
     pub connector: Option<String>,
@@ -31,8 +31,28 @@ pub struct CheckArgs {
     pub amount: Option<i64>,
     /// ISO 4217 code of `amount`.
     pub currency: Option<String>,
+    /// Overall deadline of each id's check (retries and waiting on an open
+    /// circuit included).
+    pub timeout: Duration,
     /// Transaction ids.
     pub ids: Vec<String>,
+}
+
+/// The default of `--timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for CheckArgs {
+    fn default() -> Self {
+        CheckArgs {
+            connector: None,
+            merchant: None,
+            method: None,
+            amount: None,
+            currency: None,
+            timeout: DEFAULT_TIMEOUT,
+            ids: Vec::new(),
+        }
+    }
 }
 
 /// Why the checks could not be made at all (exit 2).
@@ -46,9 +66,31 @@ pub enum CheckError {
     Usage(String),
 }
 
-/// The JSON line of each check, in order, and whether every check got a status
-/// from the connector (FAILURE included: that is the payment's status).
-pub async fn run(settings: &Settings, args: &CheckArgs) -> Result<(Vec<String>, bool), CheckError> {
+/// What one id came to, in argument order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// The event `run` would publish, as one JSON line; `answered` when the
+    /// connector gave a status (FAILURE included: that is the payment's status).
+    Checked {
+        /// The JSON line.
+        json: String,
+        /// The connector answered with a status.
+        answered: bool,
+    },
+    /// The id is not a valid transaction id, or the connector cannot serve it: not
+    /// checked (the command exits 2 once the other ids are done).
+    Invalid(String),
+}
+
+/// Checks every id in order, handing each result to `emit` as soon as it is
+/// known (so ids already checked are printed even when a later one is invalid).
+/// Each id ends within `args.timeout`. Errors are about the whole command (the
+/// configuration, the connector, `--amount`): nothing was checked.
+pub async fn run(
+    settings: &Settings,
+    args: &CheckArgs,
+    emit: &mut dyn FnMut(Line),
+) -> Result<(), CheckError> {
     let connector = args
         .connector
         .clone()
@@ -71,6 +113,11 @@ pub async fn run(settings: &Settings, args: &CheckArgs) -> Result<(Vec<String>, 
         };
     let amount = match (args.amount, &args.currency) {
         (None, None) => None,
+        (Some(minor), _) if minor < 0 => {
+            return Err(CheckError::Usage(format!(
+                "--amount {minor}: an amount is a non-negative number of minor units"
+            )))
+        }
         (Some(minor), Some(currency)) => {
             // The same validation as a request's amount: a known currency.
             Money::from_decimal("0", currency)
@@ -86,21 +133,34 @@ pub async fn run(settings: &Settings, args: &CheckArgs) -> Result<(Vec<String>, 
             ))
         }
     };
+    if args.timeout.is_zero() {
+        return Err(CheckError::Usage(
+            "--timeout must be greater than zero".into(),
+        ));
+    }
     let encoder = EventEncoder::new(WireFormat::SingleObject);
-    let mut lines = Vec::with_capacity(args.ids.len());
-    let mut all_answered = true;
     for raw in &args.ids {
-        let id =
-            TransactionId::parse(raw).map_err(|e| CheckError::Usage(format!("`{raw}`: {e}")))?;
+        let id = match TransactionId::parse(raw) {
+            Ok(id) => id,
+            Err(e) => {
+                emit(Line::Invalid(format!("`{raw}`: {e}")));
+                continue;
+            }
+        };
         let mut request =
             StatusCheckRequest::new(id, &connector, &merchant, &format!("check:{raw}"));
         request.payment_method_type = method.clone();
         request.amount = amount.clone();
-        let http = gateway
-            .prepare(&request)
-            .map_err(|r| CheckError::Usage(format!("`{raw}`: {}", r.message)))?;
-        let result = check(gateway, &request, &http).await;
-        all_answered &= result.outcome.is_ok();
+        let http = match gateway.prepare(&request) {
+            Ok(http) => http,
+            Err(r) => {
+                emit(Line::Invalid(format!("`{raw}`: {}", r.message)));
+                continue;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + args.timeout;
+        let result = check(gateway, &request, &http, Some(deadline)).await;
+        let answered = result.outcome.is_ok();
         let observed_at_ms = now_ms();
         let is_final = result
             .outcome
@@ -121,14 +181,20 @@ pub async fn run(settings: &Settings, args: &CheckArgs) -> Result<(Vec<String>, 
         };
         let event =
             PaymentStatusEvent::build(&request, envelope, result.outcome, settings.secret_fields());
-        let bytes = encoder
+        let line = encoder
             .encode(&event)
-            .map_err(|e| CheckError::Usage(format!("`{raw}`: the event cannot be encoded: {e}")))?;
-        let json =
-            decode_event_json(&bytes).map_err(|e| CheckError::Usage(format!("`{raw}`: {e}")))?;
-        lines.push(json.to_string());
+            .map_err(|e| format!("the event cannot be encoded: {e}"))
+            .and_then(|bytes| decode_event_json(&bytes).map_err(|e| e.to_string()));
+        match line {
+            Ok(json) => emit(Line::Checked {
+                json: json.to_string(),
+                answered,
+            }),
+            // A bug (the event does not fit its own schema); say so for this id.
+            Err(e) => emit(Line::Invalid(format!("`{raw}`: {e}"))),
+        }
     }
-    Ok((lines, all_answered))
+    Ok(())
 }
 
 /// Event ids of one-off checks: UUIDv5 of `<connector>/<id>/<observed_at>` in a

@@ -65,9 +65,10 @@ enum Command {
         topics: bool,
     },
     /// Check payments' statuses now, through the same connector path as `run`, with
-    /// no Kafka: one event per id as one JSON line. Exit 0 when every check got a
-    /// status from the connector, 1 when one failed, 2 for bad configuration or
-    /// arguments.
+    /// no Kafka: one event per id as one JSON line, printed as each ends. Exit 0 when
+    /// every check got a status from the connector, 1 when one failed (its line says
+    /// why), 2 for a bad configuration or argument (ids checked before it are
+    /// printed).
     Check {
         /// TOML settings file.
         #[arg(long, env = "PAYSYNC_CONFIG")]
@@ -87,6 +88,10 @@ enum Command {
         /// ISO 4217 currency of --amount.
         #[arg(long)]
         currency: Option<String>,
+        /// Overall deadline of each id's check, retries and an open circuit
+        /// included: an id that runs out is a failed check (CONNECTOR_TIMEOUT).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
         /// Connector transaction ids.
         #[arg(required = true)]
         ids: Vec<String>,
@@ -291,6 +296,7 @@ fn main() -> ExitCode {
             method,
             amount,
             currency,
+            timeout,
             ids,
         } => {
             let (settings, rt) = match tool(config) {
@@ -303,23 +309,29 @@ fn main() -> ExitCode {
                 method,
                 amount,
                 currency,
+                timeout,
                 ids,
             };
-            match rt.block_on(paysync::check::run(&settings, &args)) {
-                Ok((lines, all_answered)) => {
-                    for line in lines {
-                        println!("{line}");
-                    }
-                    if all_answered {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
+            let (mut all_answered, mut invalid) = (true, false);
+            let mut emit = |line: paysync::check::Line| match line {
+                paysync::check::Line::Checked { json, answered } => {
+                    println!("{json}");
+                    all_answered &= answered;
                 }
+                paysync::check::Line::Invalid(why) => {
+                    eprintln!("paysync check: {why}");
+                    invalid = true;
+                }
+            };
+            let result = rt.block_on(paysync::check::run(&settings, &args, &mut emit));
+            match result {
                 Err(e) => {
                     eprintln!("paysync check: {e}");
                     ExitCode::from(EXIT_CONFIG as u8)
                 }
+                Ok(()) if invalid => ExitCode::from(EXIT_CONFIG as u8),
+                Ok(()) if all_answered => ExitCode::SUCCESS,
+                Ok(()) => ExitCode::FAILURE,
             }
         }
         Command::Redrive {

@@ -21,6 +21,32 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Value};
 
+/// The largest single allocation asked of the allocator since the last reset
+/// (every thread): the property tests below bound it for declared lengths.
+static LARGEST_ALLOCATION: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct Measuring;
+
+// SAFETY: forwards every call to the system allocator unchanged; it only records
+// the requested size.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Measuring {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LARGEST_ALLOCATION.fetch_max(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        LARGEST_ALLOCATION.fetch_max(new, std::sync::atomic::Ordering::Relaxed);
+        std::alloc::System.realloc(ptr, layout, new)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Measuring = Measuring;
+
 fn cases() -> u32 {
     std::env::var("PAYSYNC_FUZZ_CASES")
         .ok()
@@ -246,6 +272,37 @@ fn avro_requests_cut_extended_and_flipped() {
             Ok(())
         })
         .unwrap();
+}
+
+/// Audit: a 20-byte Avro record that declared a 500 MB string made apache-avro
+/// allocate the 500 MB before it found the datum too short. Now it is
+/// `invalid_avro` and no allocation comes near the declared length.
+#[test]
+fn a_declared_length_larger_than_the_datum_allocates_nothing_like_it() {
+    let fp = Schemas::get().request_fingerprint.to_le_bytes();
+    for framing in [
+        vec![0u8, 0, 0, 0, 7],
+        [&[0xC3u8, 0x01][..], &fp[..]].concat(),
+    ] {
+        // connector_transaction_id: a string of 500,000,000 bytes (zig-zag varint).
+        let mut value = framing;
+        let mut n: u64 = 500_000_000 << 1;
+        while n >= 0x80 {
+            value.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        value.push(n as u8);
+        value.extend_from_slice(b"abcdefghij");
+        LARGEST_ALLOCATION.store(0, std::sync::atomic::Ordering::Relaxed);
+        let err = decode_request(Some(&value), &[], POS, &options()).unwrap_err();
+        let largest = LARGEST_ALLOCATION.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(err.code, RejectCode::InvalidAvro, "{}", err.message);
+        assert!(
+            largest < 16 << 20,
+            "an allocation of {largest} bytes while decoding {} bytes",
+            value.len()
+        );
+    }
 }
 
 fn response(status: u16, body: Vec<u8>) -> HttpResponse {

@@ -3,6 +3,7 @@
 //! wire format). Pure functions; no I/O.
 
 pub mod avro;
+pub mod bounds;
 pub mod canonical;
 pub mod request;
 

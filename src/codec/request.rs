@@ -259,6 +259,14 @@ fn avro_object(
             ));
         }
     }
+    // Every declared length must fit what follows before apache-avro, which
+    // allocates a declared length before reading it, sees the datum.
+    super::bounds::check(&schemas.request, datum).map_err(|e| {
+        Rejection::new(
+            RejectCode::InvalidAvro,
+            format!("not a StatusCheckRequest datum: {e}"),
+        )
+    })?;
     let mut reader = ExactReader {
         rest: datum,
         ran_out: false,

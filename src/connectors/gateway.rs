@@ -222,7 +222,18 @@ impl Gateway {
     /// A status check with retries, the circuit breaker and rate limits: the
     /// connector's report, or the failure to publish.
     pub async fn check(&self, request: &StatusCheckRequest, http: &HttpRequest) -> CheckResult {
-        self.policy.run(self, request, http).await
+        self.policy.run(self, request, http, None).await
+    }
+
+    /// [`Gateway::check`] that ends by `deadline` whatever happens (an open
+    /// circuit included): `paysync check` always finishes.
+    pub async fn check_until(
+        &self,
+        request: &StatusCheckRequest,
+        http: &HttpRequest,
+        deadline: tokio::time::Instant,
+    ) -> CheckResult {
+        self.policy.run(self, request, http, Some(deadline)).await
     }
 
     async fn fetch_token(

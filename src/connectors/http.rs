@@ -30,7 +30,8 @@ pub enum TransportError {
     /// Connection could not be made or broke (DNS, refused, reset, TLS).
     #[error("transport error: {0}")]
     Connect(String),
-    /// The body exceeded the configured maximum.
+    /// A success's body exceeded the configured maximum (an error answer's body
+    /// that does is dropped; its status code still counts).
     #[error("response body larger than {0} bytes")]
     TooLarge(usize),
 }
@@ -188,7 +189,7 @@ impl HttpExecutor {
         let status = response.status().as_u16();
         // Only the headers anything reads (the published allow-list and
         // Retry-After).
-        let headers = response
+        let headers: Vec<(String, String)> = response
             .headers()
             .iter()
             .filter(|(k, _)| KEPT_HEADERS.contains(&k.as_str()))
@@ -198,8 +199,25 @@ impl HttpExecutor {
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // An answer that is not a success is classified by its status code; its
+        // body only adds details. One too large to read is dropped rather than
+        // turned into a transport error: a proxy's 502 page of any size is still a
+        // failing connector (retried, counted by the circuit breaker), never an
+        // unparseable success.
+        let too_large = |body: Vec<u8>| {
+            if (200..300).contains(&status) {
+                Err(TransportError::TooLarge(self.max_response_bytes))
+            } else {
+                drop(body);
+                Ok(HttpResponse {
+                    status,
+                    headers: headers.clone(),
+                    body: Vec::new(),
+                })
+            }
+        };
         if declared.is_some_and(|l| l > self.max_response_bytes as u64) {
-            return Err(TransportError::TooLarge(self.max_response_bytes));
+            return too_large(Vec::new());
         }
         let mut incoming = response.into_body();
         let mut body = Vec::with_capacity(declared.map_or(0, |l| l as usize));
@@ -207,7 +225,7 @@ impl HttpExecutor {
             let frame = frame.map_err(|e| classify_source(&e))?;
             if let Some(chunk) = frame.data_ref() {
                 if body.len() + chunk.len() > self.max_response_bytes {
-                    return Err(TransportError::TooLarge(self.max_response_bytes));
+                    return too_large(body);
                 }
                 body.extend_from_slice(chunk);
             }

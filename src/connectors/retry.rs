@@ -80,22 +80,62 @@ impl RetryPolicy {
         }
     }
 
-    /// Runs a status check through `client` with retries.
+    /// Runs a status check through `client` with retries. With a `deadline`
+    /// (one-off checks) it ends by then whatever happens, waiting on an open
+    /// circuit included: a check that runs out reports `CONNECTOR_TIMEOUT` with
+    /// the calls it made.
     pub async fn run(
         &self,
         client: &Gateway,
         request: &StatusCheckRequest,
         http_request: &HttpRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> CheckResult {
+        let mut attempts = 0;
+        let Some(deadline) = deadline else {
+            return self
+                .attempt(client, request, http_request, &mut attempts)
+                .await;
+        };
+        let started = Instant::now();
+        let attempt = self.attempt(client, request, http_request, &mut attempts);
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => CheckResult {
+                outcome: Err(CheckFailure::new(
+                    crate::domain::event::FailureCode::ConnectorTimeout,
+                    format!(
+                        "no status within the deadline ({:.1}s, {attempts} call{} made{})",
+                        started.elapsed().as_secs_f64(),
+                        if attempts == 1 { "" } else { "s" },
+                        if self.breaker.is_open() {
+                            "; the circuit is open: the connector is failing"
+                        } else {
+                            ""
+                        }
+                    ),
+                )),
+                attempts,
+            },
+        }
+    }
+
+    async fn attempt(
+        &self,
+        client: &Gateway,
+        request: &StatusCheckRequest,
+        http_request: &HttpRequest,
+        attempts: &mut u32,
     ) -> CheckResult {
         let metrics = client.metrics();
         let mut started = Instant::now();
-        let mut attempts = 0;
         // Retries in the current budget (reset after waiting out an open circuit).
         let mut retries = 0;
         loop {
             let permit = self.breaker.acquire(metrics).await;
             let record = client.call_once(request, http_request).await;
-            attempts += record.calls;
+            *attempts += record.calls;
+            let attempts = *attempts;
             let (failure, reason, retry_after) = match record.outcome {
                 Ok(report) => {
                     self.breaker.record(permit, Verdict::Answered, metrics);

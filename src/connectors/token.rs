@@ -16,6 +16,12 @@ use super::{AccessToken, CallError};
 /// The longest a token is trusted, whatever lifetime the token endpoint claims.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// The shortest lifetime trusted, whatever the token endpoint says: an
+/// `expires_in` of 0 (or 1) would otherwise fetch a token for every call. With
+/// the half-life rule a token is then kept 5 s; a token that really expired
+/// sooner is refused with a 401, refreshed once and the call retried.
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(10);
+
 /// A source of monotonic time (injected so that expiry is testable).
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
@@ -100,10 +106,11 @@ impl TokenCache {
 
     /// When a token with this lifetime should be replaced: `margin` before expiry,
     /// but never later than half its life (short-lived tokens). The lifetime comes
-    /// from the token endpoint's answer, so it is clamped to [`MAX_TOKEN_LIFETIME`]
-    /// (an `expires_in` of 2^64-1 seconds would overflow `Instant`).
+    /// from the token endpoint's answer, so it is clamped to [`MIN_TOKEN_LIFETIME`]
+    /// and [`MAX_TOKEN_LIFETIME`] (an `expires_in` of 2^64-1 seconds would
+    /// overflow `Instant`; one of 0 would fetch a token per call).
     fn refresh_at(&self, obtained: Instant, expires_in: Duration) -> Instant {
-        let expires_in = expires_in.min(MAX_TOKEN_LIFETIME);
+        let expires_in = expires_in.clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME);
         let lead = self.margin.min(expires_in / 2);
         obtained.checked_add(expires_in - lead).unwrap_or(obtained)
     }
@@ -279,6 +286,29 @@ mod tests {
         *now.lock().unwrap() += Duration::from_secs(2);
         cache.get("a", fetch).await.unwrap();
         assert_eq!(fetches.load(Ordering::SeqCst), 2, "refreshed within a day");
+    }
+
+    #[tokio::test]
+    async fn a_zero_lifetime_does_not_fetch_a_token_per_call() {
+        // Audit: `expires_in: 0` made every call fetch a token first.
+        let (clock, now) = manual_clock();
+        let names = vec!["a".to_string()];
+        let cache = TokenCache::new(&names, Duration::from_secs(60), clock);
+        let fetches = AtomicUsize::new(0);
+        let fetch = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(token("t", 0))
+        };
+        for _ in 0..100 {
+            cache.get("a", fetch).await.unwrap();
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "100 calls at once");
+        *now.lock().unwrap() += Duration::from_millis(4_900);
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "kept for 5 s");
+        *now.lock().unwrap() += Duration::from_millis(200);
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 2, "then refreshed");
     }
 
     #[tokio::test]

@@ -34,19 +34,21 @@ const EXPONENTS: &[(&str, u32)] = &[
     ("XPF", 0),
 ];
 
-/// Every other active ISO 4217 currency: two decimals.
+/// Every other active ISO 4217 currency: two decimals. HRK (the Croatian kuna,
+/// replaced by the euro in 2023) stays: Mollie still lists it, and old payments
+/// are answered in it.
 const TWO_DECIMALS: &[&str] = &[
     "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
     "BGN", "BMD", "BND", "BOB", "BOV", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF",
     "CHE", "CHF", "CHW", "CNY", "COP", "COU", "CRC", "CUP", "CVE", "CZK", "DKK", "DOP", "DZD",
     "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GTQ", "GYD",
-    "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IRR", "JMD", "KES", "KGS", "KHR", "KPW",
-    "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT",
-    "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MXV", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK",
-    "NPR", "NZD", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "QAR", "RON", "RSD", "RUB", "SAR",
-    "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP",
-    "SZL", "THB", "TJS", "TMT", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "USD", "USN", "UYU",
-    "UZS", "VED", "VES", "WST", "XCD", "XCG", "YER", "ZAR", "ZMW", "ZWG",
+    "HKD", "HNL", "HRK", "HTG", "HUF", "IDR", "ILS", "INR", "IRR", "JMD", "KES", "KGS", "KHR",
+    "KPW", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL", "MAD", "MDL", "MGA", "MKD", "MMK",
+    "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MXV", "MYR", "MZN", "NAD", "NGN", "NIO",
+    "NOK", "NPR", "NZD", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "QAR", "RON", "RSD", "RUB",
+    "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC",
+    "SYP", "SZL", "THB", "TJS", "TMT", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "USD", "USN",
+    "UYU", "UZS", "VED", "VES", "WST", "XCD", "XCG", "YER", "ZAR", "ZMW", "ZWG",
 ];
 
 /// The number of decimals of an ISO 4217 currency; `None` for a code that is not one.
@@ -172,6 +174,51 @@ mod tests {
             let err = Money::from_decimal(value, currency).unwrap_err();
             assert!(is(&err), "{value} {currency}: {err:?}");
         }
+    }
+
+    #[test]
+    fn every_currency_mollie_lists_is_known_with_its_exponent() {
+        // Mollie's "Supported currencies" (docs.mollie.com, Payments API), with the
+        // minor unit ISO 4217 gives them. The audit found HRK missing.
+        let mollie: &[(&str, u32)] = &[
+            ("AED", 2),
+            ("AUD", 2),
+            ("BGN", 2),
+            ("BRL", 2),
+            ("CAD", 2),
+            ("CHF", 2),
+            ("CZK", 2),
+            ("DKK", 2),
+            ("EUR", 2),
+            ("GBP", 2),
+            ("HKD", 2),
+            ("HRK", 2),
+            ("HUF", 2),
+            ("ILS", 2),
+            ("ISK", 0),
+            ("JPY", 0),
+            ("MXN", 2),
+            ("MYR", 2),
+            ("NOK", 2),
+            ("NZD", 2),
+            ("PHP", 2),
+            ("PLN", 2),
+            ("RON", 2),
+            ("RUB", 2),
+            ("SEK", 2),
+            ("SGD", 2),
+            ("THB", 2),
+            ("TWD", 2),
+            ("USD", 2),
+            ("ZAR", 2),
+        ];
+        for (code, exponent) in mollie {
+            assert_eq!(currency_exponent(code), Some(*exponent), "{code}");
+        }
+        assert_eq!(
+            Money::from_decimal("10.50", "HRK").unwrap().minor_amount,
+            1050
+        );
     }
 
     #[test]

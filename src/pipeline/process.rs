@@ -370,7 +370,7 @@ impl Processor {
                 return self.skipped(request, c, "the chain has moved past this check");
             }
         }
-        let result = check(connector, request, http).await;
+        let result = check(connector, request, http, None).await;
         let outcome = if result.outcome.is_ok() {
             Outcome::Synced
         } else {
@@ -527,8 +527,12 @@ pub async fn check(
     gateway: &Gateway,
     request: &StatusCheckRequest,
     http: &HttpRequest,
+    deadline: Option<tokio::time::Instant>,
 ) -> CheckResult {
-    let mut result = gateway.check(request, http).await;
+    let mut result = match deadline {
+        None => gateway.check(request, http).await,
+        Some(d) => gateway.check_until(request, http, d).await,
+    };
     if let Ok(report) = &result.outcome {
         if let Err(failure) = check_integrity(request, report) {
             result.outcome = Err(failure);

@@ -332,7 +332,7 @@ async fn an_amount_mismatch_fails_the_integrity_check() {
     // The connector reports what it was told; the pipeline checks the amount.
     assert!(f.call(&req).await.outcome.is_ok());
     let http = f.client.prepare(&req).unwrap();
-    let result = paysync::pipeline::process::check(&f.client, &req, &http).await;
+    let result = paysync::pipeline::process::check(&f.client, &req, &http, None).await;
     assert_eq!(
         result.outcome.unwrap_err().code,
         FailureCode::IntegrityCheckFailed
@@ -450,6 +450,40 @@ async fn retry_policy_rides_out_transient_errors_and_reports_exhaustion() {
     assert_eq!(failure.code, FailureCode::ConnectorErrorResponse);
     assert_eq!(result.attempts, 4, "max_attempts");
     assert_eq!(failure.status_code, Some(502));
+}
+
+/// Audit: a 5xx larger than `max_response_bytes` counted as an answer for the
+/// circuit breaker. It is a failure: retried, and the circuit opens.
+#[tokio::test]
+async fn an_oversized_error_answer_is_a_failure_that_opens_the_circuit() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(ResponseTemplate::new(502).set_body_string("x".repeat(200 * 1024)))
+        .mount(&f.server)
+        .await;
+    let mut settings = f.client.settings().clone();
+    settings.circuit.failure_threshold = 3;
+    settings.retry.max_attempts = 3;
+    let client = cm_client(settings, f.metrics.clone(), f.clock.clock());
+    let req = request();
+    let http = client.prepare(&req).unwrap();
+    let check = tokio::time::timeout(Duration::from_secs(2), client.check(&req, &http)).await;
+    assert!(
+        check.is_err(),
+        "a lone request keeps waiting on the open circuit: {check:?}"
+    );
+    assert!(client.breaker().is_open(), "three failures in a row");
+    let text = f.metrics.render();
+    let retries: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("paysync_connector_retries_total{connector=\"cm\",reason=\"5xx\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(retries >= 3.0, "retried as 5xx: {retries}");
 }
 
 #[tokio::test]

@@ -377,11 +377,11 @@ async fn every_connector_behaves_the_same_over_http() {
             minor_amount: amount[0].as_i64().unwrap(),
             currency: amount[1].as_str().unwrap().to_owned(),
         });
-        let result = paysync::pipeline::process::check(&gateway, &exact, &http).await;
+        let result = paysync::pipeline::process::check(&gateway, &exact, &http, None).await;
         assert!(result.outcome.is_ok(), "{name}: {:?}", result.outcome);
         let mut wrong = exact.clone();
         wrong.amount.as_mut().unwrap().minor_amount += 1;
-        let result = paysync::pipeline::process::check(&gateway, &wrong, &http).await;
+        let result = paysync::pipeline::process::check(&gateway, &wrong, &http, None).await;
         assert_eq!(
             result.outcome.unwrap_err().code,
             FailureCode::IntegrityCheckFailed,

@@ -137,6 +137,40 @@ async fn a_body_over_the_limit_is_refused_declared_or_streamed() {
     assert_eq!(r.unwrap_err(), TransportError::TooLarge(1000));
 }
 
+/// Audit: a 502 whose body exceeded `max_response_bytes` became a transport
+/// error that the gateway reported as an unparseable success, so a proxy's large
+/// error page never counted towards the circuit breaker. An error answer is its
+/// status code; the body that does not fit is dropped.
+#[tokio::test]
+async fn an_error_answer_over_the_limit_keeps_its_status_and_drops_the_body() {
+    const DECLARED: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 5000\r\n\r\n";
+    let (base, _) = raw_server(DECLARED, Some(1)).await;
+    let r = executor(1024, Http2::Auto)
+        .send(&get(format!("{base}/x")), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+    assert!(r.body.is_empty());
+    let mut streamed =
+        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 7\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for _ in 0..3 {
+        streamed.extend_from_slice(b"200\r\n");
+        streamed.extend_from_slice(&[b'x'; 512]);
+        streamed.extend_from_slice(b"\r\n");
+    }
+    streamed.extend_from_slice(b"0\r\n\r\n");
+    let streamed: &'static [u8] = Box::leak(streamed.into_boxed_slice());
+    let (base, _) = raw_server(streamed, Some(1)).await;
+    let r = executor(1000, Http2::Auto)
+        .send(&get(format!("{base}/x")), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("7"), "headers are kept");
+    assert!(r.body.is_empty());
+}
+
 #[tokio::test]
 async fn a_refused_or_cut_connection_is_a_transport_error() {
     // Nothing listens on a port just freed.

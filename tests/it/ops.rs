@@ -171,6 +171,74 @@ async fn check_prints_one_event_per_id_and_exits_by_outcome() {
     }
 }
 
+/// Audit: `paysync check` against a connector that is down never returned (the
+/// retry path waited on the open circuit with a fresh budget, forever). Each id
+/// now has an overall deadline; ids checked are printed even when a later
+/// argument is invalid; a negative amount is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_always_ends() {
+    let down = simulator(SimOptions {
+        error_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "127.0.0.1:1",
+        &Topics::unique("check-down", 1),
+        &down.base_url(),
+    );
+    let started = std::time::Instant::now();
+    let out = paysync_async(
+        &config,
+        &["check", "--timeout", "3s", "success-d1", "success-d2"],
+    )
+    .await;
+    let took = started.elapsed();
+    assert_exit(&out, 1, "a connector that is down");
+    let events = lines(&out);
+    assert_eq!(events.len(), 2, "one failed-check line per id");
+    for e in &events {
+        assert_eq!(e["status"], "PAYMENT_STATUS_UNSPECIFIED");
+        assert_eq!(e["error"]["unified_details"]["code"], "CONNECTOR_TIMEOUT");
+        assert!(e["attempts"].as_i64().unwrap() >= 1, "{e}");
+    }
+    assert!(
+        took < Duration::from_secs(20),
+        "two ids with a 3 s deadline each took {took:?}"
+    );
+
+    let sim = simulator(SimOptions::default()).await;
+    let config = write_config(
+        &dir,
+        "127.0.0.1:1",
+        &Topics::unique("check-args", 1),
+        &sim.base_url(),
+    );
+    let out = paysync_async(&config, &["check", "success-e1", "../bad", "success-e2"]).await;
+    assert_exit(&out, 2, "an invalid id among valid ones");
+    let ids: Vec<String> = lines(&out)
+        .iter()
+        .map(|e| e["connector_transaction_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        ["success-e1", "success-e2"],
+        "the valid ids are checked and printed"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("../bad"));
+
+    let out = paysync_async(
+        &config,
+        &["check", "--amount", "-5", "--currency", "EUR", "success-e3"],
+    )
+    .await;
+    assert_exit(&out, 2, "a negative amount");
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--amount -5"));
+}
+
 /// The dead letters of `t` so far.
 fn dead_letters(brokers: &str, t: &Topics, want: usize) -> Vec<paysync::kafka::tools::RawRecord> {
     TopicReader::new(brokers, &[(&t.dlq, 1)])
