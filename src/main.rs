@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -96,13 +98,19 @@ enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Send dead letters back to the input topic, each once (positions are kept in
-    /// the consumer group `<group_id>.redrive`, per reason filter).
+    /// Send dead letters back to the input topic, each once whatever filters
+    /// earlier runs used (the position is kept in the consumer group
+    /// `<group_id>.redrive`). Without --reason, only letters that can succeed once
+    /// their cause is fixed (unknown_merchant, unknown_connector,
+    /// unsupported_payment_method, internal_error, publish_refused). SIGINT and
+    /// SIGTERM stop it after the batch under way, committed (exit 130).
     Redrive {
         /// TOML settings file.
         #[arg(long, env = "PAYSYNC_CONFIG")]
         config: Option<PathBuf>,
-        /// Only dead letters with this `paysync-error-code` (repeatable).
+        /// Only dead letters with this reason (paysync's own `paysync-error-code`;
+        /// repeatable; `none` for letters without one). Required for letters whose
+        /// bytes cannot be processed as they are (invalid_json, oversize, ...).
         #[arg(long = "reason")]
         reasons: Vec<String>,
         /// Send at most this many.
@@ -111,6 +119,12 @@ enum Command {
         /// Count and list what would be sent; send and commit nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Send letters again that earlier runs already sent.
+        #[arg(long)]
+        force: bool,
+        /// Skip letters already redriven this many times (`paysync-redrive-count`).
+        #[arg(long, default_value_t = 3)]
+        max_redrives: u32,
     },
     /// Print the Avro schemas (event, then request) with their single-object fingerprints.
     Schema {
@@ -339,6 +353,8 @@ fn main() -> ExitCode {
             reasons,
             max,
             dry_run,
+            force,
+            max_redrives,
         } => {
             let (settings, rt) = match tool(config) {
                 Ok(x) => x,
@@ -348,12 +364,29 @@ fn main() -> ExitCode {
                 reasons,
                 max,
                 dry_run,
+                force,
+                max_redrives,
             };
-            match rt.block_on(paysync::kafka::redrive::run(&settings, &options)) {
+            // SIGINT/SIGTERM: finish and commit the batch under way, then stop.
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let result = rt.block_on(async move {
+                let watcher = tokio::spawn(async move {
+                    termination().await;
+                    eprintln!("paysync redrive: stopping after the batch under way");
+                    flag.store(true, Ordering::Release);
+                });
+                let result = paysync::kafka::redrive::run(&settings, &options, stop).await;
+                watcher.abort();
+                result
+            });
+            match result {
                 Ok(report) => {
                     print!("{report}");
                     if report.failed.is_some() {
                         ExitCode::FAILURE
+                    } else if report.interrupted {
+                        ExitCode::from(130)
                     } else {
                         ExitCode::SUCCESS
                     }

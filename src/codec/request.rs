@@ -20,7 +20,7 @@ use crate::domain::request::{
 
 /// Stable reasons a request cannot be used. Their `as_str()` values are part of the
 /// product contract (dead-letter headers, metric labels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RejectCode {
     /// Not JSON, or JSON that is not an object.
     InvalidJson,
@@ -50,6 +50,9 @@ pub enum RejectCode {
     /// The broker refused the event permanently (too large, unknown topic, not
     /// authorized); the request is kept here instead.
     PublishRefused,
+    /// Follow mode: the chain's re-check record cannot fit the producer's record
+    /// limit even without the input's headers; the chain ended at this check.
+    RecheckTooLarge,
 }
 
 impl RejectCode {
@@ -68,7 +71,31 @@ impl RejectCode {
         RejectCode::EmptyValue,
         RejectCode::InternalError,
         RejectCode::PublishRefused,
+        RejectCode::RecheckTooLarge,
     ];
+
+    /// A request rejected for this reason can succeed once something outside the
+    /// record changes (an account added, a connector back, a bug fixed), so a
+    /// plain `paysync redrive` sends it; the others can never be processed as
+    /// they are.
+    pub fn recoverable(self) -> bool {
+        match self {
+            RejectCode::UnknownConnector
+            | RejectCode::UnknownMerchant
+            | RejectCode::UnsupportedPaymentMethod
+            | RejectCode::InternalError
+            | RejectCode::PublishRefused => true,
+            RejectCode::InvalidJson
+            | RejectCode::InvalidAvro
+            | RejectCode::MissingTransactionId
+            | RejectCode::InvalidTransactionId
+            | RejectCode::InvalidField
+            | RejectCode::InvalidHeader
+            | RejectCode::Oversize
+            | RejectCode::EmptyValue
+            | RejectCode::RecheckTooLarge => false,
+        }
+    }
 
     /// The stable code.
     pub fn as_str(self) -> &'static str {
@@ -86,6 +113,7 @@ impl RejectCode {
             RejectCode::EmptyValue => "empty_value",
             RejectCode::InternalError => "internal_error",
             RejectCode::PublishRefused => "publish_refused",
+            RejectCode::RecheckTooLarge => "recheck_too_large",
         }
     }
 }

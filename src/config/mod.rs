@@ -133,7 +133,13 @@ pub struct KafkaSettings {
     pub dead_letter_topic: String,
     /// Re-check topics are `<prefix>.<seconds>s` (default `<input_topic>.recheck`).
     pub recheck_topic_prefix: String,
-    /// How often the commit watermark is committed.
+    /// Transactional ids are `<prefix>-<instance_id>[.<suffix>]` (exactly once;
+    /// default prefix: the group id).
+    pub transactional_id_prefix: String,
+    /// This instance's stable name (default: the host name): its transactional
+    /// ids derive from it, so a restarted instance fences its predecessor.
+    pub instance_id: String,
+    /// How often the commit watermark is committed (at-least-once).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// librdkafka properties for both clients (security settings go here).
@@ -193,6 +199,36 @@ pub struct ProcessingSettings {
     pub stuck_after: Duration,
     /// Whether a request that says nothing about following is followed.
     pub follow: bool,
+    /// At-least-once or exactly-once (Kafka transactions).
+    pub guarantee: Guarantee,
+    /// Exactly once: how often the open transaction is committed.
+    #[serde(with = "humantime_serde")]
+    pub transaction_interval: Duration,
+    /// Exactly once: records written into the open transaction before it is
+    /// committed early (bounds the memory of finished work waiting for a commit).
+    pub max_pending_records: usize,
+    /// At-least-once follow mode: the longest a due re-check waits for the record
+    /// that scheduled it to be committed; past it the re-check runs (logged,
+    /// counted).
+    #[serde(with = "humantime_serde")]
+    pub recheck_gate_timeout: Duration,
+    /// How often the broker is asked for re-check topics under the prefix
+    /// (schedule changes never orphan a chain).
+    #[serde(with = "humantime_serde")]
+    pub recheck_discovery_interval: Duration,
+}
+
+/// The delivery guarantee (`processing.guarantee`, after Kafka Streams'
+/// `processing.guarantee`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Offsets are committed after their output is acknowledged; a crash
+    /// repeats work since the last commit (with the same event ids).
+    AtLeastOnce,
+    /// Output and input offsets commit in one Kafka transaction: a
+    /// `read_committed` consumer sees each check's output once.
+    ExactlyOnce,
 }
 
 /// HTTP server settings.

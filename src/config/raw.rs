@@ -101,6 +101,10 @@ pub(super) struct RawKafka {
     pub dead_letter_topic: String,
     #[serde(deserialize_with = "opt_lenient_string")]
     pub recheck_topic_prefix: Option<String>,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub transactional_id_prefix: Option<String>,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub instance_id: Option<String>,
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     #[serde(deserialize_with = "lenient_map")]
@@ -121,6 +125,10 @@ impl Default for RawKafka {
             dead_letter_topic: "payment-status-requests.dlq".into(),
             // `<input_topic>.recheck` (depends on the input topic; see validate.rs).
             recheck_topic_prefix: None,
+            // The group id (see validate.rs).
+            transactional_id_prefix: None,
+            // The host name (see validate.rs).
+            instance_id: None,
             commit_interval: Duration::from_secs(1),
             common: BTreeMap::new(),
             consumer: BTreeMap::new(),
@@ -164,6 +172,15 @@ pub(super) struct RawProcessing {
     #[serde(with = "humantime_serde")]
     pub stuck_after: Duration,
     pub follow: bool,
+    #[serde(deserialize_with = "lenient_string")]
+    pub guarantee: String,
+    #[serde(with = "humantime_serde")]
+    pub transaction_interval: Duration,
+    pub max_pending_records: i64,
+    #[serde(with = "humantime_serde")]
+    pub recheck_gate_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub recheck_discovery_interval: Duration,
 }
 
 impl Default for RawProcessing {
@@ -178,6 +195,15 @@ impl Default for RawProcessing {
             shutdown_timeout: Duration::from_secs(30),
             stuck_after: Duration::from_secs(300),
             follow: false,
+            guarantee: "at_least_once".into(),
+            // The latency exactly-once adds at most, for about 10 commits a second
+            // per consumer group (README, "Exactly once").
+            transaction_interval: Duration::from_millis(100),
+            max_pending_records: 10_000,
+            // Commits land every kafka.commit_interval (1 s); a minute without
+            // one is a partition stuck elsewhere, not a slow commit.
+            recheck_gate_timeout: Duration::from_secs(60),
+            recheck_discovery_interval: Duration::from_secs(60),
         }
     }
 }

@@ -12,9 +12,9 @@ use super::raw::{
     RawProcessing, RawRegistry, RawSettings, SecretSource,
 };
 use super::{
-    ConfigError, ConnectorSettings, EventSettings, FollowSettings, HttpSettings, KafkaProperties,
-    KafkaSettings, LogFormat, LogSettings, ProcessingSettings, PublishMode, RegistrySettings,
-    Settings, DEAD_LETTER_RESERVE,
+    ConfigError, ConnectorSettings, EventSettings, FollowSettings, Guarantee, HttpSettings,
+    KafkaProperties, KafkaSettings, LogFormat, LogSettings, ProcessingSettings, PublishMode,
+    RegistrySettings, Settings, DEAD_LETTER_RESERVE,
 };
 use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credentials};
 use crate::connectors::breaker::BreakerSettings;
@@ -172,8 +172,118 @@ fn producer_guarantees(kafka: &KafkaSettings) -> Result<usize, ConfigError> {
     }
 }
 
-fn kafka(k: RawKafka) -> Result<KafkaSettings, ConfigError> {
+/// A name that goes into transactional ids and consumer group ids: printable
+/// ASCII without spaces, at most 200 characters.
+fn id_part(key: &str, v: &str) -> Result<String, ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 200
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(ConfigError::new(
+            key,
+            format!("`{v}`: 1 to 200 characters of [A-Za-z0-9._-]"),
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+/// This machine's host name (the default `kafka.instance_id`): `HOSTNAME` from
+/// the environment given, else the kernel's.
+fn host_name(env: Env<'_>) -> Option<String> {
+    env.iter()
+        .find(|(k, _)| k == "HOSTNAME")
+        .map(|(_, v)| v.trim().to_owned())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+}
+
+/// The client settings exactly-once depends on, refused with the key that breaks
+/// it: paysync's consumers must read only committed records (re-check records of
+/// aborted transactions must never be checked), the transactional ids are
+/// paysync's own, and a transaction must be able to stay open for one interval.
+fn exactly_once_properties(
+    kafka: &KafkaSettings,
+    transaction_interval: Duration,
+) -> Result<(), ConfigError> {
+    let find = |section: &str, props: &KafkaProperties, name: &str| {
+        props
+            .0
+            .get(name)
+            .map(|v| (format!("kafka.{section}.\"{name}\""), v.trim().to_owned()))
+    };
+    let consumer = |name: &str| {
+        find("consumer", &kafka.consumer, name).or_else(|| find("common", &kafka.common, name))
+    };
+    let producer = |name: &str| {
+        find("producer", &kafka.producer, name).or_else(|| find("common", &kafka.common, name))
+    };
+    if let Some((key, v)) = consumer("isolation.level") {
+        if v != "read_committed" {
+            return Err(ConfigError::new(
+                key,
+                format!("`{v}` breaks processing.guarantee = \"exactly_once\": paysync's consumers must read only committed records (re-check records of an aborted transaction would be checked)"),
+            ));
+        }
+    }
+    if let Some((key, _)) = producer("transactional.id") {
+        return Err(ConfigError::new(
+            key,
+            "paysync names its transactional producers (kafka.transactional_id_prefix, kafka.instance_id); remove this property",
+        ));
+    }
+    if let Some((key, v)) = producer("transaction.timeout.ms") {
+        let ms = v.parse::<u64>().ok().filter(|ms| *ms >= 1000);
+        let Some(ms) = ms else {
+            return Err(ConfigError::new(
+                key,
+                format!("`{v}` is not a number of milliseconds of at least 1000"),
+            ));
+        };
+        if Duration::from_millis(ms) < transaction_interval * 2 {
+            return Err(ConfigError::new(
+                key,
+                format!("{ms} ms is less than twice processing.transaction_interval ({} ms): a transaction could time out before it is committed", transaction_interval.as_millis()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn kafka(k: RawKafka, env: Env<'_>) -> Result<KafkaSettings, ConfigError> {
+    let instance_id = match k.instance_id {
+        Some(id) => id_part("kafka.instance_id", &id)?,
+        None => {
+            let host = host_name(env).unwrap_or_else(|| "paysync".into());
+            // A host name may hold characters a transactional id should not.
+            host.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(200)
+                .collect()
+        }
+    };
+    if instance_id == "redrive" {
+        return Err(ConfigError::new(
+            "kafka.instance_id",
+            "`redrive` is the transactional id suffix of `paysync redrive`; choose another name",
+        ));
+    }
     let mut kafka = KafkaSettings {
+        transactional_id_prefix: id_part(
+            "kafka.transactional_id_prefix",
+            k.transactional_id_prefix.as_deref().unwrap_or(&k.group_id),
+        )?,
+        instance_id,
         brokers: non_empty("kafka.brokers", &k.brokers)?,
         group_id: non_empty("kafka.group_id", &k.group_id)?,
         input_topic: topic("kafka.input_topic", &k.input_topic)?,
@@ -242,7 +352,32 @@ fn processing(p: RawProcessing, kafka: &KafkaSettings) -> Result<ProcessingSetti
         shutdown_timeout: duration("processing.shutdown_timeout", p.shutdown_timeout)?,
         stuck_after: duration("processing.stuck_after", p.stuck_after)?,
         follow: p.follow,
+        guarantee: match p.guarantee.as_str() {
+            "at_least_once" => Guarantee::AtLeastOnce,
+            "exactly_once" => Guarantee::ExactlyOnce,
+            other => {
+                return Err(ConfigError::new(
+                    "processing.guarantee",
+                    format!("`{other}` is not one of at_least_once, exactly_once"),
+                ))
+            }
+        },
+        transaction_interval: duration("processing.transaction_interval", p.transaction_interval)?,
+        max_pending_records: bounded(
+            "processing.max_pending_records",
+            p.max_pending_records,
+            1,
+            10_000_000,
+        )?,
+        recheck_gate_timeout: duration("processing.recheck_gate_timeout", p.recheck_gate_timeout)?,
+        recheck_discovery_interval: duration(
+            "processing.recheck_discovery_interval",
+            p.recheck_discovery_interval,
+        )?,
     };
+    if processing.guarantee == Guarantee::ExactlyOnce {
+        exactly_once_properties(kafka, processing.transaction_interval)?;
+    }
     if processing.max_request_bytes + DEAD_LETTER_RESERVE > kafka.max_record_bytes {
         return Err(ConfigError::new(
             "processing.max_request_bytes",
@@ -448,7 +583,7 @@ fn follow(key: &str, f: RawFollow) -> Result<FollowSettings, ConfigError> {
 
 impl RawSettings {
     pub(super) fn validate(self, env: Env<'_>) -> Result<Settings, ConfigError> {
-        let kafka = kafka(self.kafka)?;
+        let kafka = kafka(self.kafka, env)?;
         let schema_registry = self
             .schema_registry
             .map(|r| schema_registry(r, &kafka.output_topic, env))

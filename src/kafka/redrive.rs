@@ -1,52 +1,95 @@
 //! `paysync redrive`: sends dead letters back to the input topic after their
-//! cause was fixed (an account added, a connector back). Each letter goes back
-//! with its original key, value and headers (the `paysync-*` headers removed,
-//! `paysync-redriven-from: <topic>:<partition>:<offset>` added), once: the
-//! position is kept in a consumer group of its own (`<group_id>.redrive`, plus
-//! `.<reasons>` when filtered by reason), committed only for what the broker
-//! acknowledged. A letter whose value was cut to fit (`paysync-value-truncated`)
-//! cannot be sent back as it was; it is counted and listed instead.
+//! cause was fixed (an account added, a connector back). Which letters go, and
+//! the headers they carry, are [`crate::pipeline::letters`]' (pure); this module
+//! reads the dead-letter topic, sends, and keeps the position.
 //!
-//! The run reads up to the dead-letter topic's end as it was at the start, so it
-//! always finishes.
+//! One position for every run, whatever its filter: the consumer group
+//! `<group_id>.redrive`, whose commit metadata holds where each reason's
+//! redrive stands per partition ([`Coverage`]). A letter is therefore sent once
+//! by redrive (`--force` sends again on purpose), and a letter a filtered run
+//! left alone is still sent by a later run that selects it.
+//!
+//! It works in batches of at most [`BATCH`] letters, and commits its position
+//! after each:
+//! - `at_least_once`: a batch is sent, every letter in it acknowledged, then the
+//!   position committed. SIGINT/SIGTERM end the run after the batch under way,
+//!   so an interrupted run repeats nothing; a kill -9 repeats at most the batch
+//!   under way (up to [`BATCH`] letters) when run again.
+//! - `exactly_once`: the batch and the position commit in one Kafka transaction
+//!   under a transactional id of its own, `<transactional_id_prefix>-redrive`
+//!   (never one of `paysync run`'s, so it fences only an earlier redrive): even
+//!   a kill -9 repeats nothing, since the open transaction is aborted.
+//!
+//! A run reads up to the end each partition had when it started, so it always
+//! finishes.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::headers::{self, OwnedHeader};
+use super::headers;
 use super::{consumer_config, producer_config};
-use crate::config::Settings;
+use crate::config::{Guarantee, Settings};
+use crate::pipeline::letters::{self, Coverage, Policy, Reason, Selection, Verdict};
 
-/// The header naming the dead letter a redriven request came from.
-pub const REDRIVEN_FROM: &str = "paysync-redriven-from";
+pub use crate::pipeline::letters::headers::REDRIVEN_FROM;
+
+/// Letters sent between two commits of the position, at most: what a kill -9
+/// can repeat in `at_least_once`.
+pub const BATCH: usize = 500;
+
+/// Letters listed by offset in a report (truncated, redriven too often), at most.
+const LISTED: usize = 100;
 
 /// What to send back.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RedriveOptions {
-    /// Only letters with one of these `paysync-error-code`s (all when empty).
+    /// `--reason`: only letters with one of these reasons (none: the recoverable
+    /// reasons).
     pub reasons: Vec<String>,
     /// Send at most this many.
     pub max: Option<u64>,
     /// Count and list only.
     pub dry_run: bool,
+    /// Send letters that an earlier run handled.
+    pub force: bool,
+    /// Skip letters redriven this many times already.
+    pub max_redrives: u32,
 }
 
-/// Letters seen, by reason.
+impl Default for RedriveOptions {
+    fn default() -> Self {
+        RedriveOptions {
+            reasons: Vec::new(),
+            max: None,
+            dry_run: false,
+            force: false,
+            max_redrives: 3,
+        }
+    }
+}
+
+/// Letters seen, by what became of them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Sent back (or, in a dry run, would be).
-    pub redriven: u64,
-    /// Left alone: another reason than asked for.
-    pub filtered: u64,
+    pub sent: u64,
+    /// Left alone: an earlier run handled them (sent, or left for good).
+    pub handled: u64,
+    /// Left alone: not a reason this run sends.
+    pub not_selected: u64,
     /// Not sent back: the value was truncated.
     pub truncated: u64,
+    /// Not sent back: redriven `--max-redrives` times already.
+    pub too_many: u64,
 }
 
 /// What a run did.
@@ -56,22 +99,44 @@ pub struct RedriveReport {
     pub group: String,
     /// A dry run.
     pub dry_run: bool,
-    /// Per `paysync-error-code`.
-    pub by_reason: BTreeMap<String, Counts>,
-    /// `<topic>:<partition>:<offset>` of each truncated letter seen.
-    pub truncated: Vec<String>,
-    /// Offset ranges the broker did not return (retention, compaction).
-    pub gaps: Vec<String>,
+    /// In one transaction per batch.
+    pub exactly_once: bool,
+    /// Per reason.
+    pub by_reason: BTreeMap<Reason, Counts>,
+    /// `<topic>:<partition>:<offset> (reason)` of letters not sent for good
+    /// (truncated, redriven too often), the first [`LISTED`].
+    pub listed: Vec<String>,
     /// Stopped at `--max`.
     pub hit_max: bool,
+    /// Stopped by SIGINT or SIGTERM (after committing what was sent).
+    pub interrupted: bool,
     /// Why the run stopped early (a letter the broker did not take).
     pub failed: Option<String>,
 }
 
 impl RedriveReport {
-    /// Letters sent back.
-    pub fn redriven(&self) -> u64 {
-        self.by_reason.values().map(|c| c.redriven).sum()
+    /// Letters sent back (or that would be, in a dry run).
+    pub fn sent(&self) -> u64 {
+        self.by_reason.values().map(|c| c.sent).sum()
+    }
+
+    fn count(&mut self, reason: Reason, verdict: Verdict, at: &str) {
+        let c = self.by_reason.entry(reason).or_default();
+        match verdict {
+            Verdict::Send { .. } => c.sent += 1,
+            Verdict::Handled => c.handled += 1,
+            Verdict::NotSelected => c.not_selected += 1,
+            Verdict::Truncated => c.truncated += 1,
+            Verdict::TooManyRedrives { .. } => c.too_many += 1,
+        }
+        let why = match verdict {
+            Verdict::Truncated => "value truncated",
+            Verdict::TooManyRedrives { .. } => "redriven too often",
+            _ => return,
+        };
+        if self.listed.len() < LISTED {
+            self.listed.push(format!("{at} ({reason}, {why})"));
+        }
     }
 }
 
@@ -84,33 +149,59 @@ impl fmt::Display for RedriveReport {
         };
         writeln!(
             f,
-            "group {}{}",
+            "group {}{}{}",
             self.group,
+            if self.exactly_once {
+                " (exactly once: each batch and its position in one transaction)"
+            } else {
+                ""
+            },
             if self.dry_run {
                 " (dry run: nothing sent, nothing committed)"
             } else {
                 ""
             }
         )?;
-        for (reason, c) in &self.by_reason {
-            writeln!(
-                f,
-                "{reason}: {verb} {}, filtered out {}, truncated (not redriven) {}",
-                c.redriven, c.filtered, c.truncated
-            )?;
+        for (title, recoverable) in [
+            ("letters that can succeed once the cause is fixed (sent without --reason):", true),
+            ("letters whose bytes cannot be processed as they are (sent only when --reason names them):", false),
+        ] {
+            let rows: Vec<_> = self
+                .by_reason
+                .iter()
+                .filter(|(r, _)| r.recoverable() == recoverable)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            writeln!(f, "{title}")?;
+            for (reason, c) in rows {
+                write!(f, "  {reason}: {verb} {}", c.sent)?;
+                for (n, what) in [
+                    (c.handled, "handled by an earlier run"),
+                    (c.not_selected, "not selected"),
+                    (c.truncated, "truncated, not redriven"),
+                    (c.too_many, "redriven too often, not redriven"),
+                ] {
+                    if n > 0 {
+                        write!(f, ", {what} {n}")?;
+                    }
+                }
+                writeln!(f)?;
+            }
         }
-        writeln!(f, "total {verb}: {}", self.redriven())?;
-        for t in &self.truncated {
-            writeln!(f, "truncated, not redriven: {t}")?;
-        }
-        for g in &self.gaps {
-            writeln!(
-                f,
-                "not returned by the broker (retention or compaction): {g}"
-            )?;
+        writeln!(f, "total {verb}: {}", self.sent())?;
+        for l in &self.listed {
+            writeln!(f, "not redriven: {l}")?;
         }
         if self.hit_max {
             writeln!(f, "stopped at --max; run again for the rest")?;
+        }
+        if self.interrupted {
+            writeln!(
+                f,
+                "interrupted: what was sent is committed; run again for the rest"
+            )?;
         }
         if let Some(why) = &self.failed {
             writeln!(f, "stopped: {why}")?;
@@ -124,61 +215,66 @@ impl fmt::Display for RedriveReport {
 pub enum RedriveError {
     /// A Kafka client error.
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(#[from] KafkaError),
     /// The dead-letter topic does not exist.
     #[error("topic `{0}` does not exist")]
     NoTopic(String),
+    /// An argument is invalid.
+    #[error("{0}")]
+    Usage(String),
+    /// The group's position was not written by paysync redrive.
+    #[error("the position of group `{group}` on partition {partition} cannot be read ({why}); was the group used by another tool? `--force` starts over from the log start")]
+    Position {
+        /// The redrive group.
+        group: String,
+        /// The partition.
+        partition: i32,
+        /// Why.
+        why: String,
+    },
+    /// Exactly once: the transactional producer could not start.
+    #[error("cannot start the transactional producer `{id}` (exactly_once needs a broker with transactions): {source}")]
+    Transactions {
+        /// The transactional id.
+        id: String,
+        /// Why.
+        #[source]
+        source: KafkaError,
+    },
 }
 
 impl RedriveError {
-    /// Process exit code.
+    /// Process exit code: 2 for a bad argument, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
-        1
+        match self {
+            RedriveError::Usage(_) => 2,
+            _ => 1,
+        }
     }
 }
 
-/// The consumer group for a reason filter.
-pub fn group_for(group_id: &str, reasons: &[String]) -> String {
-    let mut reasons = reasons.to_vec();
-    reasons.sort();
-    reasons.dedup();
-    if reasons.is_empty() {
-        format!("{group_id}.redrive")
-    } else {
-        format!("{group_id}.redrive.{}", reasons.join("+"))
-    }
+/// The redrive group.
+pub fn group_for(group_id: &str) -> String {
+    format!("{group_id}.redrive")
 }
 
-/// The headers a redriven letter carries: its own minus `paysync-*`, plus where
-/// it came from.
-pub fn redriven_headers(letter: &[OwnedHeader], from: &str) -> Vec<OwnedHeader> {
-    let mut out: Vec<OwnedHeader> = letter
-        .iter()
-        .filter(|(k, _)| !k.starts_with(b"paysync-"))
-        .cloned()
-        .collect();
-    out.push((
-        REDRIVEN_FROM.as_bytes().to_vec(),
-        Some(from.as_bytes().to_vec()),
-    ));
-    out
+/// The transactional id of `paysync redrive` (exactly once).
+pub fn transactional_id(settings: &Settings) -> String {
+    format!("{}-redrive", settings.kafka.transactional_id_prefix)
 }
 
-fn header<'a>(hs: &'a [OwnedHeader], name: &str) -> Option<&'a [u8]> {
-    hs.iter()
-        .find(|(k, _)| k == name.as_bytes())
-        .and_then(|(_, v)| v.as_deref())
-}
-
-/// Runs a redrive (blocking Kafka calls on a blocking thread).
+/// Runs a redrive (blocking Kafka calls on a blocking thread) until it is done,
+/// fails, or `stop` is set (SIGINT/SIGTERM: the batch under way is finished and
+/// committed first).
 pub async fn run(
     settings: &Settings,
     options: &RedriveOptions,
+    stop: Arc<AtomicBool>,
 ) -> Result<RedriveReport, RedriveError> {
     let settings = settings.clone();
     let options = options.clone();
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || run_blocking(&settings, &options, &handle))
+    tokio::task::spawn_blocking(move || run_blocking(&settings, &options, &handle, &stop))
         .await
         .unwrap_or_else(|e| {
             Ok(RedriveReport {
@@ -188,19 +284,50 @@ pub async fn run(
         })
 }
 
+/// Where one partition stands during a run.
+struct Part {
+    coverage: Coverage,
+    /// The next offset to read.
+    next: i64,
+    /// The end at the start of the run.
+    end: i64,
+    /// Read to its end.
+    done: bool,
+}
+
+/// A letter on its way back.
+struct Letter {
+    /// `<topic>:<partition>:<offset>` of the letter.
+    from: String,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<letters::Header>,
+}
+
+/// How a batch reaches the broker.
+enum Sink {
+    AtLeastOnce(FutureProducer),
+    ExactlyOnce(FutureProducer),
+}
+
 fn run_blocking(
     settings: &Settings,
     options: &RedriveOptions,
     handle: &tokio::runtime::Handle,
+    stop: &AtomicBool,
 ) -> Result<RedriveReport, RedriveError> {
     let k = &settings.kafka;
     let dlq = k.dead_letter_topic.as_str();
-    let group = group_for(&k.group_id, &options.reasons);
+    let policy = Policy {
+        selection: Selection::from_args(&options.reasons).map_err(RedriveError::Usage)?,
+        force: options.force,
+        max_redrives: options.max_redrives,
+    };
+    let group = group_for(&k.group_id);
     let mut config = consumer_config(k);
     config.set("group.id", &group);
-    config.set("enable.partition.eof", "false");
+    config.set("enable.partition.eof", "true");
     let consumer: BaseConsumer = config.create()?;
-    let producer: FutureProducer = producer_config(k).create()?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(dlq), timeout)?;
     let partitions: Vec<i32> = metadata
@@ -212,114 +339,295 @@ fn run_blocking(
     if partitions.is_empty() {
         return Err(RedriveError::NoTopic(dlq.to_owned()));
     }
-    // Where to start (the group's position) and where to stop (the end now).
+    let exactly_once = settings.processing.guarantee == Guarantee::ExactlyOnce;
+    let mut report = RedriveReport {
+        group: group.clone(),
+        dry_run: options.dry_run,
+        exactly_once,
+        ..Default::default()
+    };
+    // Where to start (each reason's position) and where to stop (the end now).
     let mut wanted = TopicPartitionList::new();
     for p in &partitions {
         wanted.add_partition(dlq, *p);
     }
     let committed = consumer.committed_offsets(wanted, timeout)?;
+    let mut parts: BTreeMap<i32, Part> = BTreeMap::new();
     let mut start = TopicPartitionList::new();
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut end: BTreeMap<i32, i64> = BTreeMap::new();
-    for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(dlq, *p, timeout)?;
-        let from = match committed.find_partition(dlq, *p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o.max(low),
-            _ => low,
+    for &p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(dlq, p, timeout)?;
+        let elem = committed.find_partition(dlq, p);
+        let coverage = match elem.as_ref().map(|e| Coverage::decode(e.metadata())) {
+            Some(Ok(Some(c))) => c,
+            // A position without metadata: written by a paysync before this one,
+            // whose unfiltered runs sent every reason.
+            Some(Ok(None)) => match elem.as_ref().map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Coverage::all_up_to(o),
+                _ => Coverage::default(),
+            },
+            Some(Err(why)) if !options.force => {
+                return Err(RedriveError::Position {
+                    group,
+                    partition: p,
+                    why,
+                })
+            }
+            _ => Coverage::default(),
         };
-        next.insert(*p, from);
-        end.insert(*p, high);
-        if from < high {
-            start.add_partition_offset(dlq, *p, Offset::Offset(from))?;
+        let from = if options.force {
+            low
+        } else {
+            coverage.start(&policy.selection).max(low)
+        };
+        let done = from >= high;
+        if !done {
+            start.add_partition_offset(dlq, p, Offset::Offset(from))?;
         }
+        parts.insert(
+            p,
+            Part {
+                coverage,
+                next: from,
+                end: high,
+                done,
+            },
+        );
     }
-    let mut report = RedriveReport {
-        group: group.clone(),
-        dry_run: options.dry_run,
-        ..Default::default()
-    };
-    let done = |next: &BTreeMap<i32, i64>| next.iter().all(|(p, o)| *o >= end[p]);
     if start.count() > 0 {
         consumer.assign(&start)?;
     }
+    let sink = if options.dry_run {
+        None
+    } else if exactly_once {
+        let id = transactional_id(settings);
+        let mut config = producer_config(k);
+        config.set("transactional.id", &id);
+        let producer: FutureProducer = config.create()?;
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(|source| RedriveError::Transactions {
+                id: id.clone(),
+                source,
+            })?;
+        Some(Sink::ExactlyOnce(producer))
+    } else {
+        Some(Sink::AtLeastOnce(producer_config(k).create()?))
+    };
     let mut idle = 0;
-    'read: while !done(&next) {
-        let Some(result) = consumer.poll(Duration::from_millis(500)) else {
-            idle += 1;
-            if idle > 60 {
-                report.failed = Some("no progress reading the dead-letter topic for 30 s".into());
+    'run: while !parts.values().all(|p| p.done) {
+        if stop.load(Ordering::Acquire) {
+            report.interrupted = true;
+            break;
+        }
+        // One batch: read and decide, send, then commit the position.
+        let mut batch: Vec<Letter> = Vec::new();
+        let mut moved: Vec<i32> = Vec::new();
+        while batch.len() < BATCH && !parts.values().all(|p| p.done) {
+            if stop.load(Ordering::Acquire) {
                 break;
             }
-            continue;
-        };
-        idle = 0;
-        let m = match result {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading dead letters");
+            if options.max.is_some_and(|max| report.sent() >= max) {
+                report.hit_max = true;
+                break;
+            }
+            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+                idle += 1;
+                if idle > 150 {
+                    report.failed =
+                        Some("no progress reading the dead-letter topic for 30 s".into());
+                    break 'run;
+                }
+                if !batch.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            idle = 0;
+            let m = match result {
+                Ok(m) => m,
+                Err(KafkaError::PartitionEOF(p)) => {
+                    if let Some(part) = parts.get_mut(&p) {
+                        // Read to the end (past transaction markers too).
+                        part.done = true;
+                        part.next = part.next.max(part.end);
+                        moved.push(p);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading dead letters");
+                    continue;
+                }
+            };
+            let (p, o) = (m.partition(), m.offset());
+            let Some(part) = parts.get_mut(&p) else {
+                continue;
+            };
+            if part.done || o < part.next {
                 continue;
             }
-        };
-        let (p, o) = (m.partition(), m.offset());
-        if o < next[&p] || o >= end[&p] {
-            continue;
-        }
-        if o > next[&p] {
-            // Offsets the broker did not return (retention, compaction).
-            report
-                .gaps
-                .push(format!("{dlq}:{p}:{}..{}", next[&p], o - 1));
-        }
-        let hs = m.headers().map(headers::read).unwrap_or_default();
-        let reason = header(&hs, "paysync-error-code")
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_else(|| "unknown".to_owned());
-        let from = format!("{dlq}:{p}:{o}");
-        if !options.reasons.is_empty() && !options.reasons.contains(&reason) {
-            report.by_reason.entry(reason).or_default().filtered += 1;
-        } else if header(&hs, "paysync-value-truncated").is_some() {
-            report
-                .by_reason
-                .entry(reason.clone())
-                .or_default()
-                .truncated += 1;
-            report.truncated.push(format!("{from} ({reason})"));
-        } else {
-            if options.max.is_some_and(|max| report.redriven() >= max) {
-                report.hit_max = true;
-                break 'read;
+            if o >= part.end {
+                part.done = true;
+                part.next = part.next.max(part.end);
+                moved.push(p);
+                continue;
             }
-            if !options.dry_run {
-                let out = redriven_headers(&hs, &from);
-                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&k.input_topic)
-                    .headers(headers::build(
-                        out.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
-                    ));
-                if let Some(key) = m.key() {
-                    record = record.key(key);
-                }
-                if let Some(value) = m.payload() {
-                    record = record.payload(value);
-                }
-                let delivery =
-                    handle.block_on(producer.send(record, Timeout::After(Duration::from_secs(30))));
-                if let Err((e, _)) = delivery {
-                    report.failed = Some(format!("{from} was not accepted by the broker: {e}"));
-                    break 'read;
-                }
+            let hs = m.headers().map(headers::read).unwrap_or_default();
+            let from = format!("{dlq}:{p}:{o}");
+            let (reason, verdict) = policy.decide(&hs, o, &part.coverage);
+            report.count(reason, verdict, &from);
+            if let Verdict::Send { count } = verdict {
+                batch.push(Letter {
+                    headers: letters::redriven_headers(&hs, &from, count),
+                    from,
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                });
             }
-            report.by_reason.entry(reason).or_default().redriven += 1;
+            part.next = o + 1;
+            if part.next >= part.end {
+                part.done = true;
+            }
+            moved.push(p);
         }
-        next.insert(p, o + 1);
-    }
-    if !options.dry_run {
-        let mut positions = TopicPartitionList::new();
-        for (p, o) in &next {
-            positions.add_partition_offset(dlq, *p, Offset::Offset(*o))?;
+        if let Some(sink) = &sink {
+            let batch = Batch {
+                dlq,
+                input: &k.input_topic,
+                letters: &batch,
+                moved: &moved,
+            };
+            if let Err(why) = batch.send(sink, &mut parts, &policy, &consumer, handle) {
+                // Nothing of this batch is committed: in `at_least_once` the
+                // letters sent in it go again in the next run; in `exactly_once`
+                // they were aborted.
+                report.failed = Some(why);
+                break;
+            }
         }
-        consumer.commit(&positions, CommitMode::Sync)?;
+        if report.hit_max {
+            break;
+        }
     }
     Ok(report)
+}
+
+/// One batch: the letters to send and the partitions whose position moved.
+struct Batch<'a> {
+    dlq: &'a str,
+    input: &'a str,
+    letters: &'a [Letter],
+    moved: &'a [i32],
+}
+
+impl Batch<'_> {
+    /// Sends the letters and commits the position of every partition the batch
+    /// moved: after every letter was acknowledged (`at_least_once`), or in the
+    /// letters' transaction (`exactly_once`).
+    fn send(
+        &self,
+        sink: &Sink,
+        parts: &mut BTreeMap<i32, Part>,
+        policy: &Policy,
+        consumer: &BaseConsumer,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<(), String> {
+        if self.moved.is_empty() {
+            return Ok(());
+        }
+        let (producer, transactional) = match sink {
+            Sink::AtLeastOnce(p) => (p, false),
+            Sink::ExactlyOnce(p) => (p, true),
+        };
+        if transactional {
+            producer
+                .begin_transaction()
+                .map_err(|e| format!("cannot begin a transaction: {e}"))?;
+        }
+        let mut deliveries = Vec::with_capacity(self.letters.len());
+        for letter in self.letters {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(self.input).headers(headers::build(
+                    letter
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_slice(), v.as_deref())),
+                ));
+            if let Some(k) = &letter.key {
+                record = record.key(k);
+            }
+            if let Some(v) = &letter.value {
+                record = record.payload(v);
+            }
+            match producer.send_result(record) {
+                Ok(d) => deliveries.push((&letter.from, d)),
+                Err((e, _)) => {
+                    abort(producer, transactional);
+                    return Err(format!("{} could not be queued: {e}", letter.from));
+                }
+            }
+        }
+        // The new positions, each moved partition's coverage in the metadata.
+        let mut positions = TopicPartitionList::new();
+        let mut staged: Vec<(i32, Coverage)> = Vec::new();
+        let moved: std::collections::BTreeSet<i32> = self.moved.iter().copied().collect();
+        for p in moved {
+            let Some(part) = parts.get(&p) else { continue };
+            let mut coverage = part.coverage.clone();
+            coverage.advance(&policy.selection, part.next);
+            positions
+                .add_partition_offset(self.dlq, p, Offset::Offset(coverage.base()))
+                .map_err(|e| e.to_string())?;
+            if let Some(mut elem) = positions.find_partition(self.dlq, p) {
+                elem.set_metadata(coverage.encode());
+            }
+            staged.push((p, coverage));
+        }
+        if transactional {
+            let cgm = consumer
+                .group_metadata()
+                .ok_or_else(|| "the consumer has no group metadata".to_owned())?;
+            if let Err(e) =
+                producer.send_offsets_to_transaction(&positions, &cgm, Duration::from_secs(30))
+            {
+                abort(producer, true);
+                return Err(format!("the position could not join the transaction: {e}"));
+            }
+            if let Err(e) = producer.commit_transaction(Duration::from_secs(60)) {
+                abort(producer, true);
+                return Err(format!(
+                    "the transaction did not commit ({e}); none of its letters were redriven"
+                ));
+            }
+        } else {
+            for (from, d) in deliveries {
+                match handle.block_on(d) {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        return Err(format!("{from} was not accepted by the broker: {e}"))
+                    }
+                    Err(_) => return Err(format!("{from}: the producer went away")),
+                }
+            }
+            consumer
+                .commit(&positions, CommitMode::Sync)
+                .map_err(|e| format!("the position could not be committed: {e}"))?;
+        }
+        for (p, coverage) in staged {
+            if let Some(part) = parts.get_mut(&p) {
+                part.coverage = coverage;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn abort(producer: &FutureProducer, transactional: bool) {
+    if transactional {
+        if let Err(e) = producer.abort_transaction(Duration::from_secs(30)) {
+            tracing::warn!(error = %e, "aborting the redrive transaction failed");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -327,34 +635,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn groups_are_per_reason_filter() {
-        assert_eq!(group_for("paysync", &[]), "paysync.redrive");
-        let r = vec!["unknown_merchant".to_owned(), "invalid_json".to_owned()];
-        assert_eq!(
-            group_for("paysync", &r),
-            "paysync.redrive.invalid_json+unknown_merchant"
-        );
-    }
-
-    #[test]
-    fn redriven_headers_drop_paysync_ones_and_say_where_from() {
-        let letter: Vec<OwnedHeader> = vec![
-            (b"x-request-id".to_vec(), Some(b"r-1".to_vec())),
-            (
-                b"paysync-error-code".to_vec(),
-                Some(b"unknown_merchant".to_vec()),
-            ),
-            (b"\xff\xfe".to_vec(), None),
-            (b"paysync-source-offset".to_vec(), Some(b"7".to_vec())),
-        ];
-        let out = redriven_headers(&letter, "dlq:0:3");
-        assert_eq!(
-            out,
-            vec![
-                (b"x-request-id".to_vec(), Some(b"r-1".to_vec())),
-                (b"\xff\xfe".to_vec(), None),
-                (REDRIVEN_FROM.as_bytes().to_vec(), Some(b"dlq:0:3".to_vec())),
-            ]
-        );
+    fn one_group_for_every_filter() {
+        assert_eq!(group_for("paysync"), "paysync.redrive");
     }
 }

@@ -608,6 +608,12 @@ pub fn dead_letter(
         header("paysync-source-partition", &incoming.partition.to_string()),
         header("paysync-source-offset", &incoming.offset.to_string()),
         header("paysync-failed-at", &rfc3339_now()),
+        // Written by paysync after the input's own headers, so it is the one a
+        // redrive reads (see `letters`): it survives dead-lettering.
+        header(
+            super::letters::headers::REDRIVE_COUNT,
+            &super::letters::count_to_carry(&incoming.headers).to_string(),
+        ),
     ];
     let mut originals = incoming.headers.clone();
     let mut key = incoming.key.clone();

@@ -264,7 +264,7 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
     let sim = simulator(SimOptions::default()).await;
     let producer = RawProducer::new(broker.bootstrap()).unwrap();
     type Request<'a> = (&'a str, &'a [u8], &'a [(&'a str, &'a [u8])]);
-    let requests: [Request; 4] = [
+    let requests: [Request; 5] = [
         (
             "k1",
             br#"{"connector_transaction_id":"x-1","merchant_id":"nobody"}"#,
@@ -281,6 +281,13 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
             &[],
         ),
         ("k4", b"not json", &[]),
+        // Audit: an input that carries its own `paysync-error-code` header was
+        // selected by `--reason unknown_merchant` (the filter read the first one).
+        (
+            "k5",
+            b"not json either",
+            &[("paysync-error-code", b"unknown_merchant")],
+        ),
     ];
     for (key, value, headers) in requests {
         producer
@@ -294,50 +301,41 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
             .await
             .unwrap();
     }
-    // paysync dead-letters them; then the letters are written again one by one,
-    // as separate batches: tansu 0.6.0 answers a fetch from an offset inside a
-    // batch with the batches after it, so a position in the middle of paysync's
-    // own batch would skip letters (a real Kafka returns the whole batch).
     let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), ""))
         .await
         .unwrap();
-    let letters = dead_letters(broker.bootstrap(), &t, 4);
-    assert_eq!(letters.len(), 4);
+    let letters = dead_letters(broker.bootstrap(), &t, 5);
+    assert_eq!(letters.len(), 5);
     app.stop().await;
-    let mut letters = letters;
-    letters.sort_by_key(|l| l.key.clone());
-    let dlq_copy = broker.topics("redrive-letters", 1).await;
-    let t = Topics {
-        dlq: dlq_copy.dlq.clone(),
-        ..t
-    };
-    for l in &letters {
-        let hs: Vec<(&[u8], Option<&[u8]>)> = l
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_deref()))
-            .collect();
-        RawProducer::new(broker.bootstrap())
-            .unwrap()
-            .send_raw(&t.dlq, Some(0), l.key.as_deref(), l.value.as_deref(), &hs)
-            .await
-            .unwrap();
-    }
-    // A letter whose value was cut to fit: not sent back.
-    RawProducer::new(broker.bootstrap())
-        .unwrap()
-        .send_raw(
-            &t.dlq,
-            Some(0),
-            Some(b"k5"),
-            Some(b"{\"connector_transaction_id\":"),
-            &[
-                (b"paysync-error-code", Some(b"oversize")),
-                (b"paysync-value-truncated", Some(b"true")),
-            ],
-        )
-        .await
-        .unwrap();
+    // Two letters written the way a dead letter looks: one whose value was cut
+    // to fit, one redriven three times already.
+    let raw = RawProducer::new(broker.bootstrap()).unwrap();
+    raw.send_raw(
+        &t.dlq,
+        Some(0),
+        Some(b"k6"),
+        Some(b"{\"connector_transaction_id\":"),
+        &[
+            (b"paysync-error-code", Some(b"oversize")),
+            (b"paysync-value-truncated", Some(b"true")),
+        ],
+    )
+    .await
+    .unwrap();
+    raw.send_raw(
+        &t.dlq,
+        Some(0),
+        Some(b"k7"),
+        Some(br#"{"connector_transaction_id":"x-7","merchant_id":"nobody"}"#),
+        &[
+            (b"paysync-redriven-from", Some(b"elsewhere:0:1")),
+            (b"paysync-redrive-count", Some(b"3")),
+            (b"paysync-error-code", Some(b"unknown_merchant")),
+            (b"paysync-redrive-count", Some(b"3")),
+        ],
+    )
+    .await
+    .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(&dir, broker.bootstrap(), &t, &sim.base_url());
@@ -350,39 +348,50 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
         }
     };
     let text = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let count_inputs = |want| inputs(broker.bootstrap(), &t, want, Duration::from_secs(3)).len();
 
-    // A dry run counts and lists, sends and commits nothing.
+    // A dry run lists both groups, sends and commits nothing.
     let out = run(vec!["--dry-run"]).await;
     assert_exit(&out, 0, "dry run");
     let report = text(&out);
-    assert!(report.contains("total would redrive: 4"), "{report}");
+    for line in [
+        "letters that can succeed once the cause is fixed (sent without --reason):",
+        "  unknown_connector: would redrive 1\n",
+        "  unknown_merchant: would redrive 2, redriven too often, not redriven 1\n",
+        "letters whose bytes cannot be processed as they are (sent only when --reason names them):",
+        "  invalid_json: would redrive 0, not selected 2\n",
+        "  oversize: would redrive 0, not selected 1\n",
+        "total would redrive: 3\n",
+    ] {
+        assert!(report.contains(line), "`{line}` in\n{report}");
+    }
     assert!(
         report.contains(&format!(
-            "truncated, not redriven: {}:0:4 (oversize)",
+            "not redriven: {}:0:6 (unknown_merchant, redriven too often)",
             t.dlq
         )),
         "{report}"
     );
-    assert_eq!(
-        inputs(broker.bootstrap(), &t, 10, Duration::from_secs(3)).len(),
-        4
-    );
+    assert_eq!(count_inputs(10), 5, "nothing sent");
 
-    // Only one reason; then the same again sends nothing.
+    // One reason, paysync's own: the two letters paysync rejected as
+    // unknown_merchant, not the one whose input carried that header.
     let out = run(vec!["--reason", "unknown_merchant"]).await;
     let report = text(&out);
-    assert!(report.contains("unknown_merchant: redriven 2"), "{report}");
+    assert!(
+        report.contains("  unknown_merchant: redriven 2, redriven too often, not redriven 1\n"),
+        "{report}"
+    );
     assert!(report.contains("total redriven: 2"), "{report}");
     let again = run(vec!["--reason", "unknown_merchant"]).await;
     assert!(
         text(&again).contains("total redriven: 0"),
-        "{}",
+        "it starts where the last run of that reason ended: {}",
         text(&again)
     );
     let input = inputs(broker.bootstrap(), &t, 10, Duration::from_secs(5));
-    assert_eq!(input.len(), 6);
-    let redriven = &input[4..];
-    for (r, (key, value, _)) in redriven.iter().zip(&requests[..2]) {
+    assert_eq!(input.len(), 7);
+    for (r, (key, value, _)) in input[5..].iter().zip(&requests[..2]) {
         assert_eq!(r.key.as_deref(), Some(key.as_bytes()));
         assert_eq!(r.value.as_deref(), Some(*value), "the value, byte for byte");
         assert!(r
@@ -393,32 +402,63 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
             .header("paysync-redriven-from")
             .unwrap()
             .starts_with(&format!("{}:0:", t.dlq)));
+        assert_eq!(r.header("paysync-redrive-count").as_deref(), Some("1"));
     }
     assert_eq!(
-        redriven[0].header("x-request-id").as_deref(),
+        input[5].header("x-request-id").as_deref(),
         Some("r-1"),
         "the request's own headers stay"
     );
 
-    // --max, then the rest; the truncated letter never goes.
-    let out = run(vec!["--max", "1"]).await;
+    // Audit: an unfiltered run after a filtered one sent those letters again.
+    let out = run(vec![]).await;
+    let report = text(&out);
+    assert!(
+        report.contains("  unknown_merchant: redriven 0, handled by an earlier run 3\n"),
+        "{report}"
+    );
+    assert!(
+        report.contains("  unknown_connector: redriven 1\n"),
+        "{report}"
+    );
+    assert!(report.contains("total redriven: 1"), "{report}");
+    assert!(text(&run(vec![]).await).contains("total redriven: 0"));
+    assert_eq!(count_inputs(20), 8);
+
+    // Letters that cannot be processed as they are go only when named; a
+    // truncated one never.
+    let out = run(vec![
+        "--reason",
+        "invalid_json",
+        "--reason",
+        "oversize",
+        "--max",
+        "1",
+    ])
+    .await;
     assert!(text(&out).contains("total redriven: 1"), "{}", text(&out));
     assert!(text(&out).contains("stopped at --max"), "{}", text(&out));
-    let out = run(vec![]).await;
-    // Positions are per reason filter: the unfiltered group sends the other three
-    // letters (the two unknown_merchant ones went under a filter of their own).
-    assert!(text(&out).contains("total redriven: 3"), "{}", text(&out));
+    let out = run(vec!["--reason", "invalid_json", "--reason", "oversize"]).await;
+    let report = text(&out);
     assert!(
-        text(&out).contains("truncated, not redriven"),
-        "{}",
-        text(&out)
+        report.contains("  invalid_json: redriven 1\n"),
+        "{report}"
     );
-    let out = run(vec![]).await;
-    assert!(text(&out).contains("total redriven: 0"), "{}", text(&out));
-    assert_eq!(
-        inputs(broker.bootstrap(), &t, 20, Duration::from_secs(5)).len(),
-        10
+    assert!(
+        report.contains("  oversize: redriven 0, truncated, not redriven 1\n"),
+        "{report}"
     );
+    assert_eq!(count_inputs(20), 10);
+
+    // --force sends again on purpose; the letters themselves are unchanged, so
+    // the redriven requests carry count 1 again.
+    let out = run(vec!["--force", "--reason", "unknown_connector"]).await;
+    assert!(text(&out).contains("total redriven: 1"), "{}", text(&out));
+    let input = inputs(broker.bootstrap(), &t, 20, Duration::from_secs(3));
+    assert_eq!(input.len(), 11);
+    assert_eq!(input[10].key.as_deref(), Some(&b"k3"[..]));
+
+    // One position for every filter, with each reason's place in its metadata.
     let committed = committed_offsets(
         broker.bootstrap(),
         &format!("{}.redrive", t.group),
@@ -426,5 +466,86 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
         1,
     )
     .unwrap();
-    assert_eq!(committed, vec![5], "the unfiltered group is at the end");
+    assert_eq!(
+        committed,
+        vec![0],
+        "letters of other reasons (empty_value, ...) were never covered"
+    );
+    let bad = run(vec!["--reason", "nonsense"]).await;
+    assert_exit(&bad, 2, "an unknown reason");
+}
+
+/// Audit: an interrupted redrive, run again, sent all 40,000 letters twice (it
+/// committed its position only at the end and had no signal handling). Now it
+/// stops after the batch under way on SIGINT, committed, and the next run sends
+/// the rest: each letter exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_redrive_run_again_sends_nothing_twice() {
+    let broker = Broker::new();
+    let t = broker.topics("redrive-int", 1).await;
+    let sim = simulator(SimOptions::default()).await;
+    let n = 20_000usize;
+    let raw = RawProducer::new(broker.bootstrap()).unwrap();
+    for i in 0..n {
+        let key = format!("k{i}");
+        raw.enqueue_raw(
+            &t.dlq,
+            Some(0),
+            Some(key.as_bytes()),
+            Some(br#"{"connector_transaction_id":"x-1","merchant_id":"nobody"}"#),
+            &[(b"paysync-error-code", Some(b"unknown_merchant"))],
+        )
+        .unwrap();
+    }
+    raw.flush(Duration::from_secs(30)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, broker.bootstrap(), &t, &sim.base_url());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paysync"))
+        .args(["redrive", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first batch is in the input topic.
+    let brokers = broker.bootstrap().to_owned();
+    let t2 = t.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut reader = TopicReader::new(&brokers, &[(&t2.input, t2.partitions)]).unwrap();
+        assert!(
+            !reader.read(1, Duration::from_secs(30)).is_empty(),
+            "nothing redriven"
+        );
+    })
+    .await
+    .unwrap();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let first = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(130), "interrupted: {first}");
+    assert!(first.contains("interrupted"), "{first}");
+    let second = paysync_async(&config, &["redrive"]).await;
+    assert_exit(&second, 0, "the rest");
+    let input = inputs(broker.bootstrap(), &t, n + 10, Duration::from_secs(10));
+    let mut from: Vec<String> = input
+        .iter()
+        .map(|r| r.header("paysync-redriven-from").unwrap())
+        .collect();
+    from.sort();
+    from.dedup();
+    assert_eq!(
+        input.len(),
+        n,
+        "every letter once:\n{first}\n{}",
+        String::from_utf8_lossy(&second.stdout)
+    );
+    assert_eq!(from.len(), n);
 }
