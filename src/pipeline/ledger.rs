@@ -25,6 +25,9 @@ struct Part {
     stalled: Option<String>,
     /// When the watermark last moved, or work arrived at an idle partition.
     moved_at: Instant,
+    /// The first offset accepted under this epoch: where consumption started, so
+    /// where a rewind goes back to when nothing was committed since.
+    first: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +50,7 @@ impl Inner {
                 committed: None,
                 stalled: None,
                 moved_at: Instant::now(),
+                first: None,
             };
             *next_epoch += 1;
             part
@@ -210,6 +214,7 @@ impl Ledger {
                 if idle {
                     part.moved_at = Instant::now();
                 }
+                part.first.get_or_insert(offset);
                 Arrival::Accepted(epoch)
             }
             _ => Arrival::Skip,
@@ -226,6 +231,9 @@ impl Ledger {
                 let pushed = p.tracker.push(offset);
                 if pushed && idle {
                     p.moved_at = Instant::now();
+                }
+                if pushed {
+                    p.first.get_or_insert(offset);
                 }
                 pushed
             }
@@ -288,6 +296,95 @@ impl Ledger {
         }
         drop(inner);
         self.changed.notify_all();
+    }
+
+    /// Marks an offset finished without ending its job (exactly once: the
+    /// transaction bookkeeping completes offsets as their records are taken in;
+    /// the job's guard then ends it with `finish(.., false)`). False for a stale
+    /// epoch or a revoked partition: the records must be dropped.
+    pub fn complete(&self, partition: i32, epoch: Epoch, offset: i64) -> bool {
+        let mut inner = self.lock();
+        match inner.parts.get_mut(&partition) {
+            Some(p) if p.epoch == epoch.0 && !p.revoked => {
+                let before = p.tracker.watermark();
+                p.tracker.complete(offset);
+                if p.tracker.watermark() != before {
+                    p.moved_at = Instant::now();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True while `partition` is owned under `epoch` (not revoked, not rewound).
+    pub fn owns(&self, partition: i32, epoch: Epoch) -> bool {
+        self.lock()
+            .parts
+            .get(&partition)
+            .is_some_and(|p| p.epoch == epoch.0 && !p.revoked)
+    }
+
+    /// The position a partition's finished work reaches (the next offset to read
+    /// past its contiguous finished offsets), revoked or not; `None` before any
+    /// offset arrived.
+    pub fn watermark(&self, partition: i32) -> Option<i64> {
+        self.lock()
+            .parts
+            .get(&partition)
+            .and_then(|p| p.tracker.watermark())
+    }
+
+    /// The last position committed for a partition, or where its consumption
+    /// started under this epoch when nothing was committed since: what a
+    /// rewind goes back to.
+    pub fn restart_position(&self, partition: i32) -> Option<i64> {
+        self.lock()
+            .parts
+            .get(&partition)
+            .and_then(|p| p.committed.or(p.first))
+    }
+
+    /// Exactly once, after an aborted transaction: forgets the partition's
+    /// progress since its last commit and starts a new epoch, so that jobs still
+    /// running for it can neither finish nor publish. Returns the position to
+    /// seek to (see [`Ledger::restart_position`]), or `None` for a partition
+    /// not tracked (nothing to rewind).
+    pub fn rewind(&self, partition: i32) -> Option<i64> {
+        let mut inner = self.lock();
+        let old = inner.parts.remove(&partition)?;
+        let to = old.committed.or(old.first);
+        let part = Inner::part(&mut inner, partition);
+        part.committed = old.committed;
+        part.revoked = old.revoked;
+        drop(inner);
+        self.changed.notify_all();
+        to
+    }
+
+    /// Marks partitions revoked (no job may start, finish or publish for them any
+    /// more) but keeps their state readable, after waiting up to `deadline` for
+    /// their running jobs: exactly once commits their finished work before they
+    /// go. Returns how many jobs were still running (abandoned).
+    pub fn freeze(&self, partitions: &[i32], deadline: Duration) -> usize {
+        let running = |inner: &Inner| {
+            partitions
+                .iter()
+                .filter_map(|p| inner.parts.get(p))
+                .map(|p| p.running)
+                .sum::<usize>()
+        };
+        let guard = self.lock();
+        let mut guard = self.wait_until(guard, Instant::now() + deadline, &|inner| {
+            running(inner) == 0
+        });
+        let abandoned = running(&guard);
+        for p in partitions {
+            if let Some(part) = guard.parts.get_mut(p) {
+                part.revoked = true;
+            }
+        }
+        abandoned
     }
 
     /// Marks a partition stopped (`Some(reason)`) or running again (`None`), for

@@ -11,6 +11,7 @@ pub mod letters;
 pub mod process;
 pub mod scheduler;
 pub mod tracker;
+pub mod txn;
 
 /// What the producer needs from the engine to publish for one partition: whether
 /// the partition is still owned (so nothing is published after a handover), and

@@ -49,6 +49,12 @@ pub struct Metrics {
     ready: IntGauge,
     recheck_lateness: HistogramVec,
     pending_rechecks: IntGaugeVec,
+    transactions: IntCounterVec,
+    pending_records: IntGaugeVec,
+    recheck_gate_timeouts: IntCounterVec,
+    recheck_headers_dropped: IntCounterVec,
+    recheck_topics: IntGauge,
+    tasks_ended: IntCounterVec,
 }
 
 /// Outcome of one request (`paysync_requests_total{outcome}`).
@@ -303,6 +309,42 @@ impl Metrics {
                 "Re-checks waiting in a re-check topic (its lag on the partitions this member owns).",
                 &["topic"],
             ),
+            transactions: counter(
+                r,
+                "paysync_transactions_total",
+                "Kafka transactions ended (exactly once), by outcome: committed, aborted (the work is redone), rebuilt (the producer was replaced).",
+                &["topic", "outcome"],
+            ),
+            pending_records: gauge_vec(
+                r,
+                "paysync_pending_records",
+                "Exactly once: records of finished work buffered or in the open transaction, waiting for a commit.",
+                &["topic"],
+            ),
+            recheck_gate_timeouts: counter(
+                r,
+                "paysync_recheck_gate_timeouts_total",
+                "Re-checks taken although the record that scheduled them was still not committed after processing.recheck_gate_timeout.",
+                &["topic"],
+            ),
+            recheck_headers_dropped: counter(
+                r,
+                "paysync_recheck_headers_dropped_total",
+                "Input headers left off a re-check record so that it fits the producer's record limit.",
+                &["connector"],
+            ),
+            recheck_topics: IntGauge::new(
+                "paysync_recheck_topics",
+                "Re-check topics consumed (those the schedules name and any other found under the prefix).",
+            )
+            .and_then(|g| r.register(Box::new(g.clone())).map(|()| g))
+            .unwrap_or_else(|e| panic!("metric paysync_recheck_topics: {e}")),
+            tasks_ended: counter(
+                r,
+                "paysync_tasks_ended_total",
+                "Supervised tasks that ended on their own (a consumer loop, the HTTP server, a background loop): paysync then stops.",
+                &["task"],
+            ),
             registry,
         };
         for o in [Outcome::Synced, Outcome::ConnectorError, Outcome::Invalid] {
@@ -359,6 +401,41 @@ impl Metrics {
     /// An undocumented connector status was seen.
     pub fn unknown_status(&self, connector: &str) {
         self.unknown_statuses.with_label_values(&[connector]).inc();
+    }
+
+    /// A transaction of `topic`'s engine ended with `outcome`.
+    pub fn transaction(&self, topic: &str, outcome: &str) {
+        self.transactions.with_label_values(&[topic, outcome]).inc();
+    }
+
+    /// Records of `topic`'s engine waiting for a commit.
+    pub fn set_pending_records(&self, topic: &str, n: usize) {
+        self.pending_records
+            .with_label_values(&[topic])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A re-check was taken although its scheduling record was not committed in time.
+    pub fn recheck_gate_timeout(&self, topic: &str) {
+        self.recheck_gate_timeouts.with_label_values(&[topic]).inc();
+    }
+
+    /// `n` input headers were left off a re-check record to fit.
+    pub fn recheck_headers_dropped(&self, connector: &str, n: usize) {
+        self.recheck_headers_dropped
+            .with_label_values(&[connector])
+            .inc_by(n as u64);
+    }
+
+    /// How many re-check topics are consumed.
+    pub fn set_recheck_topics(&self, n: usize) {
+        self.recheck_topics
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A supervised task ended on its own.
+    pub fn task_ended(&self, task: &str) {
+        self.tasks_ended.with_label_values(&[task]).inc();
     }
 
     /// The number of requests in flight.

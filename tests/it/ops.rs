@@ -440,10 +440,7 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
     assert!(text(&out).contains("stopped at --max"), "{}", text(&out));
     let out = run(vec!["--reason", "invalid_json", "--reason", "oversize"]).await;
     let report = text(&out);
-    assert!(
-        report.contains("  invalid_json: redriven 1\n"),
-        "{report}"
-    );
+    assert!(report.contains("  invalid_json: redriven 1\n"), "{report}");
     assert!(
         report.contains("  oversize: redriven 0, truncated, not redriven 1\n"),
         "{report}"
