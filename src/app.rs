@@ -7,19 +7,25 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use rdkafka::consumer::Consumer;
+use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{AcceptedSchemaIds, DecodeOptions, EventEncoder, WireFormat};
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Guarantee, Settings};
 use crate::connectors::gateway::{Gateway, GatewayError};
 use crate::connectors::registry;
 use crate::connectors::token::system_clock;
 use crate::kafka::commits::CommitBoard;
 use crate::kafka::engine::{create_consumer, Engine, EngineConsumer, EngineSettings};
+use crate::kafka::queues::{Gate, Queues};
+use crate::kafka::transactions::{ConsumerHandle, KafkaTxnProducer};
+use crate::pipeline::dispatch::{DispatchSettings, Dispatcher, Sink};
+use crate::pipeline::txn::Transactions;
+use crate::supervisor::{Ended, Failures, Lifetime, Supervisor};
 use crate::kafka::producer::Publisher;
 use crate::kafka::{admin, consumer_config, producer_config};
 use crate::pipeline::ledger::Ledger;
@@ -56,6 +62,17 @@ pub enum StartupError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// Exactly once: the transactional producer could not start.
+    #[error("cannot start the transactional producer `{id}`: {reason}; processing.guarantee = \"exactly_once\" needs a broker with transactions (Apache Kafka 0.11 or later with a transaction coordinator: transaction.state.log.* must be satisfiable)")]
+    Transactions {
+        /// The transactional id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A supervised task ended while paysync ran.
+    #[error("paysync stopped: {0}")]
+    Stopped(Ended),
     /// The HTTP server could not listen.
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Listen {
@@ -77,16 +94,27 @@ impl StartupError {
     }
 }
 
+/// One engine the app runs: what the probes look at.
+struct EngineEntry {
+    topic: String,
+    consumer: Arc<EngineConsumer>,
+    ledger: Arc<Ledger>,
+    alive: Arc<AtomicBool>,
+    /// Exactly once: its transactional producer (flushed at shutdown).
+    txn_producer: Option<Arc<KafkaTxnProducer>>,
+    abort: AbortHandle,
+}
+
+/// The engines running, shared by the probes, the discovery of re-check topics
+/// and shutdown.
+type Engines = Arc<Mutex<Vec<EngineEntry>>>;
+
 /// A running paysync instance.
 pub struct RunningApp {
-    shutdown: CancellationToken,
-    /// The input engine first, then one per re-check topic.
-    engines: Vec<JoinHandle<()>>,
-    server: JoinHandle<()>,
-    topic_check: JoinHandle<()>,
-    registry_refresh: Option<JoinHandle<()>>,
+    supervisor: Supervisor,
+    failures: Failures,
+    engines: Engines,
     publisher: Arc<Publisher>,
-    consumers: Vec<Arc<EngineConsumer>>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     ready: Probe,
@@ -109,40 +137,53 @@ impl RunningApp {
         (self.ready)().is_ok()
     }
 
-    /// Stops the input consumer loop as a crash would (tests of `/healthz`).
+    /// The topics consumed (the input, then the re-check topics).
+    pub fn consumed_topics(&self) -> Vec<String> {
+        lock(&self.engines).iter().map(|e| e.topic.clone()).collect()
+    }
+
+    /// Stops the input consumer loop as a crash would (tests of `/healthz` and of
+    /// the supervisor).
     #[doc(hidden)]
     pub fn abort_consumer_loop(&self) {
-        if let Some(engine) = self.engines.first() {
-            engine.abort();
+        if let Some(engine) = lock(&self.engines).first() {
+            engine.abort.abort();
         }
+    }
+
+    /// Waits until a supervised task ends unexpectedly; returns it.
+    pub async fn failed(&mut self) -> Option<Ended> {
+        self.failures.next().await
     }
 
     /// Stops fetching, drains, commits, flushes and leaves the groups.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        for engine in self.engines {
-            match engine.await {
-                Err(e) if e.is_panic() => {
-                    tracing::error!(error = %e, "a consumer loop panicked")
-                }
-                _ => {}
-            }
-        }
-        self.topic_check.abort();
-        if let Some(task) = &self.registry_refresh {
-            task.abort();
-        }
+        self.supervisor.stop().await;
         let publisher = self.publisher.clone();
-        match tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(30))).await {
+        let txn_producers: Vec<_> = lock(&self.engines)
+            .iter()
+            .filter_map(|e| e.txn_producer.clone())
+            .collect();
+        let flushed = tokio::task::spawn_blocking(move || {
+            for p in txn_producers {
+                p.flush(Duration::from_secs(10));
+            }
+            publisher.flush(Duration::from_secs(30))
+        })
+        .await;
+        match flushed {
             Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete"),
             Err(e) => tracing::warn!(error = %e, "producer flush task failed"),
             Ok(Ok(())) => {}
         }
         // Dropping the last handles closes the consumers and leaves the groups.
-        drop(self.consumers);
-        let _ = self.server.await;
+        lock(&self.engines).clear();
         tracing::info!("stopped");
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Builds the gateway of every configured connector.
@@ -176,6 +217,169 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
     start_with(settings, metrics, gateways).await
 }
 
+/// What it takes to start an engine (at start-up, and for re-check topics found
+/// later).
+#[derive(Clone)]
+struct EngineFactory {
+    settings: Arc<Settings>,
+    processor: Arc<Processor>,
+    publisher: Arc<Publisher>,
+    metrics: Arc<Metrics>,
+    board: Arc<CommitBoard>,
+    supervisor: Supervisor,
+    engines: Engines,
+}
+
+impl EngineFactory {
+    /// Creates the consumer (and, exactly once, the transactional producer) of
+    /// one engine, and runs it under the supervisor.
+    async fn start(&self, topic: &str, recheck: bool) -> Result<(), StartupError> {
+        let s = &self.settings;
+        let k = &s.kafka;
+        let exactly_once = s.processing.guarantee == Guarantee::ExactlyOnce;
+        let group = if recheck {
+            format!("{}.{}", k.group_id, recheck_suffix(&k.recheck_topic_prefix, topic))
+        } else {
+            k.group_id.clone()
+        };
+        let ledger = Arc::new(Ledger::new());
+        let engine_settings = EngineSettings {
+            input_topic: topic.to_owned(),
+            recheck,
+            max_in_flight: s.processing.max_in_flight,
+            max_queued_per_key: s.processing.max_queued_per_key,
+            commit_interval: if exactly_once {
+                s.processing.transaction_interval
+            } else {
+                k.commit_interval
+            },
+            drain_timeout: s.processing.shutdown_timeout,
+        };
+        let mut config = consumer_config(k);
+        config.set("group.id", &group);
+        let consumer = Arc::new(
+            create_consumer(
+                &config,
+                &engine_settings,
+                ledger.clone(),
+                self.metrics.clone(),
+                self.board.clone(),
+            )
+            .map_err(|source| StartupError::Kafka {
+                client: "consumer",
+                source,
+            })?,
+        );
+        self.board.register(topic, &consumer);
+        let (sink, txn, txn_producer) = if exactly_once {
+            let id = if recheck {
+                format!(
+                    "{}-{}.{}",
+                    k.transactional_id_prefix,
+                    k.instance_id,
+                    recheck_suffix(&k.recheck_topic_prefix, topic)
+                )
+            } else {
+                format!("{}-{}", k.transactional_id_prefix, k.instance_id)
+            };
+            let weak = Arc::downgrade(&consumer);
+            let (config, topic2, id2) = (producer_config(k), topic.to_owned(), id.clone());
+            let (events, dlq) = (k.output_topic.clone(), k.dead_letter_topic.clone());
+            let producer = tokio::task::spawn_blocking(move || {
+                KafkaTxnProducer::start(&config, &id2, weak, &topic2, &events, &dlq, TXN_INIT_TIMEOUT)
+            })
+            .await
+            .map_err(|e| StartupError::Transactions {
+                id: id.clone(),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| StartupError::Transactions {
+                id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            let producer = Arc::new(producer);
+            let txn = Arc::new(Transactions::new(
+                producer.clone(),
+                Arc::new(ConsumerHandle {
+                    consumer: Arc::downgrade(&consumer),
+                    topic: topic.to_owned(),
+                }),
+                ledger.clone(),
+                self.metrics.clone(),
+                topic,
+                s.processing.transaction_interval,
+                s.processing.max_pending_records,
+            ));
+            let _ = consumer.context().txn.set(txn.clone());
+            tracing::info!(transactional_id = %id, topic, "exactly once: transactions initialized");
+            (Sink::Transactions(txn.clone()), Some(txn), Some(producer))
+        } else {
+            (Sink::Acks(self.publisher.clone()), None, None)
+        };
+        let dispatcher = Dispatcher::new(
+            self.processor.clone(),
+            sink,
+            ledger.clone(),
+            self.metrics.clone(),
+            DispatchSettings {
+                max_in_flight: s.processing.max_in_flight,
+                max_queued_per_key: s.processing.max_queued_per_key,
+                max_held: s.processing.max_in_flight.saturating_mul(10).max(10_000),
+                // Transactional topics carry a commit marker after every
+                // transaction's records: gaps are normal there.
+                accept_gaps: exactly_once,
+            },
+        );
+        let gate = (recheck && !exactly_once).then(|| Gate {
+            board: self.board.clone(),
+            timeout: s.processing.recheck_gate_timeout,
+        });
+        let queues = Queues::new(topic, recheck, self.metrics.clone(), gate);
+        let engine = Engine::new(
+            consumer.clone(),
+            queues,
+            dispatcher,
+            txn,
+            self.metrics.clone(),
+            engine_settings,
+        );
+        let alive = Arc::new(AtomicBool::new(true));
+        let flag = alive.clone();
+        let shutdown = self.supervisor.token();
+        let abort = self.supervisor.spawn(
+            format!("engine {topic}"),
+            Lifetime::UntilShutdown,
+            async move {
+                // Flips liveness off however the loop ends: returned, panicked or aborted.
+                let _alive = AliveGuard(flag);
+                engine.run(shutdown).await;
+                Ok(())
+            },
+        );
+        lock(&self.engines).push(EngineEntry {
+            topic: topic.to_owned(),
+            consumer,
+            ledger,
+            alive,
+            txn_producer,
+            abort,
+        });
+        self.metrics
+            .set_recheck_topics(lock(&self.engines).iter().filter(|e| e.topic != k.input_topic).count());
+        Ok(())
+    }
+}
+
+/// How long start-up waits for a transaction coordinator.
+const TXN_INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `recheck.<seconds>s` of a re-check topic (its group and transactional id
+/// suffix).
+fn recheck_suffix(prefix: &str, topic: &str) -> String {
+    let delay = topic.strip_prefix(prefix).unwrap_or(topic).trim_start_matches('.');
+    format!("recheck.{delay}")
+}
+
 /// Starts paysync with these gateways (by connector name) reporting to `metrics`:
 /// the seam for embedding paysync with a connector of one's own, and for tests.
 pub async fn start_with(
@@ -185,7 +389,7 @@ pub async fn start_with(
 ) -> Result<RunningApp, StartupError> {
     let accepted_schema_ids =
         AcceptedSchemaIds::new(settings.processing.accepted_schema_ids.iter().copied());
-    let mut registry_refresh = None;
+    let (supervisor, failures) = Supervisor::new();
     let format = match &settings.schema_registry {
         None => WireFormat::SingleObject,
         Some(r) => {
@@ -200,15 +404,17 @@ pub async fn start_with(
                     tracing::warn!(error = %e, subject = %request_subject, "cannot list the request schema ids")
                 }
             }
-            registry_refresh = Some(tokio::spawn(refresh_request_ids(
-                client,
-                request_subject,
-                accepted_schema_ids.clone(),
-            )));
+            let token = supervisor.token();
+            supervisor.spawn(
+                "schema registry refresh",
+                Lifetime::UntilShutdown,
+                refresh_request_ids(client, request_subject, accepted_schema_ids.clone(), token),
+            );
             tracing::info!(subject = %r.subject, schema_id = id, "event schema registered; using the Confluent wire format");
             WireFormat::Confluent { schema_id: id }
         }
     };
+    let exactly_once = settings.processing.guarantee == Guarantee::ExactlyOnce;
     let processor = Arc::new(
         Processor::new(
             gateways,
@@ -224,14 +430,16 @@ pub async fn start_with(
             metrics.clone(),
             settings.kafka.max_record_bytes,
         )
-        .with_follow(follow_plan(&settings)),
+        .with_follow(follow_plan(&settings))
+        // Exactly once, a check is never repeated with visible effects, so the
+        // follow-mode guards against repeats (end markers, chain marks) go.
+        .with_repeat_guards(!exactly_once),
     );
-    let k = &settings.kafka;
     let publisher = Arc::new(
         Publisher::new(
-            &producer_config(k),
-            &k.output_topic,
-            &k.dead_letter_topic,
+            &producer_config(&settings.kafka),
+            &settings.kafka.output_topic,
+            &settings.kafka.dead_letter_topic,
             metrics.clone(),
         )
         .map_err(|source| StartupError::Kafka {
@@ -239,46 +447,6 @@ pub async fn start_with(
             source,
         })?,
     );
-    // One engine for the input topic, and one per re-check topic (follow mode),
-    // each with its own consumer, ledger and in-flight bound.
-    let mut topics = vec![(k.input_topic.clone(), k.group_id.clone(), false)];
-    for (delay, topic) in settings.recheck_topics() {
-        topics.push((
-            topic,
-            format!("{}.recheck.{}s", k.group_id, delay.as_secs()),
-            true,
-        ));
-    }
-    let mut engines = Vec::with_capacity(topics.len());
-    let board = CommitBoard::new();
-    for (topic, group, recheck) in topics {
-        let ledger = Arc::new(Ledger::new());
-        let engine_settings = EngineSettings {
-            input_topic: topic,
-            recheck,
-            max_in_flight: settings.processing.max_in_flight,
-            max_queued_per_key: settings.processing.max_queued_per_key,
-            commit_interval: k.commit_interval,
-            drain_timeout: settings.processing.shutdown_timeout,
-        };
-        let mut config = consumer_config(k);
-        config.set("group.id", &group);
-        let consumer = Arc::new(
-            create_consumer(
-                &config,
-                &engine_settings,
-                ledger.clone(),
-                metrics.clone(),
-                board.clone(),
-            )
-            .map_err(|source| StartupError::Kafka {
-                client: "consumer",
-                source,
-            })?,
-        );
-        board.register(&engine_settings.input_topic, &consumer);
-        engines.push((consumer, ledger, engine_settings));
-    }
     let addr = settings.http.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -286,17 +454,40 @@ pub async fn start_with(
     let http_addr = listener
         .local_addr()
         .map_err(|source| StartupError::Listen { addr, source })?;
-
+    let settings = Arc::new(settings);
+    let engines: Engines = Arc::new(Mutex::new(Vec::new()));
+    let factory = EngineFactory {
+        settings: settings.clone(),
+        processor,
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+        board: CommitBoard::new(),
+        supervisor: supervisor.clone(),
+        engines: engines.clone(),
+    };
+    // One engine for the input topic, and one per re-check topic (follow mode),
+    // each with its own consumer, ledger and in-flight bound.
+    let started = async {
+        factory.start(&settings.kafka.input_topic, false).await?;
+        for topic in settings.recheck_topics().into_values() {
+            factory.start(&topic, true).await?;
+        }
+        Ok::<(), StartupError>(())
+    };
+    if let Err(e) = started.await {
+        supervisor.stop().await;
+        return Err(e);
+    }
     let topics_ok = Arc::new(AtomicBool::new(false));
-    let loops_alive: Vec<Arc<AtomicBool>> = engines
-        .iter()
-        .map(|_| Arc::new(AtomicBool::new(true)))
-        .collect();
     let alive: Probe = {
-        let loops_alive = loops_alive.clone();
+        let engines = engines.clone();
         let publisher = publisher.clone();
+        let supervisor = supervisor.clone();
         Arc::new(move || {
-            if loops_alive.iter().any(|a| !a.load(Ordering::Acquire)) {
+            if let Some(ended) = supervisor.failure() {
+                return Err(ended.to_string());
+            }
+            if lock(&engines).iter().any(|e| !e.alive.load(Ordering::Acquire)) {
                 return Err("a consumer loop has stopped".into());
             }
             if !publisher.is_healthy() {
@@ -306,11 +497,7 @@ pub async fn start_with(
         })
     };
     let ready: Probe = {
-        let consumers: Vec<_> = engines.iter().map(|(c, _, _)| c.clone()).collect();
-        let ledgers: Vec<_> = engines
-            .iter()
-            .map(|(_, l, s)| (l.clone(), s.input_topic.clone()))
-            .collect();
+        let engines = engines.clone();
         let topics_ok = topics_ok.clone();
         let stuck_after = settings.processing.stuck_after;
         let alive = alive.clone();
@@ -319,72 +506,60 @@ pub async fn start_with(
             if !topics_ok.load(Ordering::Acquire) {
                 return Err("waiting for the topics to exist".into());
             }
-            if !consumers
+            let engines = lock(&engines);
+            if !engines
                 .iter()
-                .all(|c| crate::kafka::engine::has_joined(c))
+                .all(|e| crate::kafka::engine::has_joined(&e.consumer))
             {
                 return Err("waiting to join the consumer groups".into());
             }
             let now = std::time::Instant::now();
-            for (ledger, topic) in &ledgers {
-                readiness(&ledger.health(now), stuck_after).map_err(|e| format!("{topic}: {e}"))?;
+            for e in engines.iter() {
+                readiness(&e.ledger.health(now), stuck_after)
+                    .map_err(|why| format!("{}: {why}", e.topic))?;
             }
             Ok(())
         })
     };
-    let topic_check = tokio::spawn(check_topics(
-        publisher.clone(),
-        settings.topics(),
-        topics_ok,
-    ));
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(server::serve(
-        listener,
-        HttpState {
-            metrics: metrics.clone(),
-            alive,
-            ready: ready.clone(),
-        },
-        shutdown.clone(),
-    ));
-    let consumers: Vec<_> = engines.iter().map(|(c, _, _)| c.clone()).collect();
-    let engines: Vec<JoinHandle<()>> = engines
-        .into_iter()
-        .zip(loops_alive)
-        .map(|((consumer, ledger, engine_settings), alive)| {
-            let engine = Engine::new(
-                consumer,
-                processor.clone(),
-                publisher.clone(),
-                ledger,
-                metrics.clone(),
-                engine_settings,
-            );
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                // Flips liveness off however the loop ends: returned, panicked or aborted.
-                let _alive = AliveGuard(alive);
-                engine.run(shutdown).await;
-            })
-        })
-        .collect();
+    supervisor.spawn(
+        "topic check",
+        Lifetime::MayFinish,
+        check_topics(publisher.clone(), settings.topics(), topics_ok, supervisor.token()),
+    );
+    if !settings.recheck_topics().is_empty() || has_recheck_topics(&factory).await {
+        let factory = factory.clone();
+        let token = supervisor.token();
+        supervisor.spawn(
+            "re-check topic discovery",
+            Lifetime::UntilShutdown,
+            async move { discover_recheck_topics(factory, token).await },
+        );
+    }
+    let token = supervisor.token();
+    let state = HttpState {
+        metrics: metrics.clone(),
+        alive,
+        ready: ready.clone(),
+    };
+    supervisor.spawn("http server", Lifetime::UntilShutdown, async move {
+        server::serve(listener, state, token).await
+    });
+    let k = &settings.kafka;
     tracing::info!(
         brokers = %k.brokers,
         group_id = %k.group_id,
         input = %k.input_topic,
         output = %k.output_topic,
         dead_letters = %k.dead_letter_topic,
+        guarantee = ?settings.processing.guarantee,
         http = %http_addr,
         "paysync started"
     );
     Ok(RunningApp {
-        shutdown,
+        supervisor,
+        failures,
         engines,
-        server,
-        topic_check,
-        registry_refresh,
         publisher,
-        consumers,
         metrics,
         http_addr,
         ready,
@@ -440,9 +615,17 @@ pub fn follow_plan(settings: &Settings) -> FollowPlan {
 
 /// Keeps the accepted Confluent schema ids of Avro requests up to date with the
 /// versions registered under the input topic's subject.
-async fn refresh_request_ids(client: RegistryClient, subject: String, ids: AcceptedSchemaIds) {
+async fn refresh_request_ids(
+    client: RegistryClient,
+    subject: String,
+    ids: AcceptedSchemaIds,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
     loop {
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
         match client.subject_ids(&subject).await {
             Ok(found) => ids.extend(found),
             Err(e) => tracing::warn!(error = %e, %subject, "cannot list the request schema ids"),
@@ -451,7 +634,12 @@ async fn refresh_request_ids(client: RegistryClient, subject: String, ids: Accep
 }
 
 /// Waits until the topics exist (readiness); logs what is missing meanwhile.
-async fn check_topics(publisher: Arc<Publisher>, topics: Vec<String>, ok: Arc<AtomicBool>) {
+async fn check_topics(
+    publisher: Arc<Publisher>,
+    topics: Vec<String>,
+    ok: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
     let mut delay = Duration::from_millis(200);
     loop {
         let p = publisher.clone();
@@ -464,28 +652,101 @@ async fn check_topics(publisher: Arc<Publisher>, topics: Vec<String>, ok: Arc<At
         match result {
             Ok(Ok(missing)) if missing.is_empty() => {
                 ok.store(true, Ordering::Release);
-                return;
+                return Ok(());
             }
             Ok(Ok(missing)) => tracing::error!(
                 ?missing,
                 "topics do not exist; create them (paysync does not auto-create)"
             ),
             Ok(Err(e)) => tracing::warn!(error = %e, "waiting for the Kafka cluster"),
-            Err(e) => tracing::warn!(error = %e, "topic check failed"),
+            Err(e) => return Err(format!("the topic check thread failed: {e}")),
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
-/// Runs until `shutdown` completes, then stops cleanly.
+/// Re-check topics under the prefix that exist in the cluster (a schedule
+/// change can leave records in topics the schedules no longer name).
+async fn existing_recheck_topics(factory: &EngineFactory) -> Result<Vec<String>, String> {
+    let publisher = factory.publisher.clone();
+    let prefix = factory.settings.kafka.recheck_topic_prefix.clone();
+    factory
+        .supervisor
+        .blocking("re-check topic discovery", move || {
+            admin::topics_with_prefix(publisher.producer(), &prefix, Duration::from_secs(10))
+        })
+        .await
+        .unwrap_or_else(|| Err("the discovery thread failed".into()))
+}
+
+async fn has_recheck_topics(factory: &EngineFactory) -> bool {
+    existing_recheck_topics(factory)
+        .await
+        .is_ok_and(|t| !t.is_empty())
+}
+
+/// Consumes every re-check topic found under the prefix, at start-up and every
+/// `processing.recheck_discovery_interval`: a re-check written under an old
+/// schedule still runs (at the due time it was written with) and its chain goes
+/// on with the connector's current schedule, or ends.
+async fn discover_recheck_topics(
+    factory: EngineFactory,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    loop {
+        match existing_recheck_topics(&factory).await {
+            Ok(found) => {
+                let consumed: Vec<String> =
+                    lock(&factory.engines).iter().map(|e| e.topic.clone()).collect();
+                for topic in found.into_iter().filter(|t| !consumed.contains(t)) {
+                    tracing::warn!(
+                        topic = %topic,
+                        "consuming a re-check topic the schedules no longer name (a schedule change); its chains go on with the connector's current schedule"
+                    );
+                    if let Err(e) = factory.start(&topic, true).await {
+                        tracing::error!(topic = %topic, error = %e, "cannot consume a re-check topic; trying again later");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the re-check topics"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(factory.settings.processing.recheck_discovery_interval) => {}
+        }
+    }
+}
+
+/// Runs until `shutdown` completes (or a supervised task ends), then stops
+/// cleanly. A task that ended is an error naming it (exit code 1).
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
-    let app = start(settings).await?;
-    shutdown.await;
-    tracing::info!("shutdown requested");
+    serve_until(start(settings).await?, shutdown).await
+}
+
+/// Serves a started app until `shutdown` completes or a supervised task ends,
+/// then stops it cleanly (draining what it can). A task that ended is an error
+/// naming it.
+pub async fn serve_until(
+    mut app: RunningApp,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartupError> {
+    let failed = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutdown requested");
+            None
+        }
+        ended = app.failed() => ended,
+    };
     app.stop().await;
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(ended) => Err(StartupError::Stopped(ended)),
+    }
 }

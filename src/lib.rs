@@ -15,10 +15,11 @@
 //! | [`connectors`] | pure translators (`Connector`, one file each) and their registry; the one `Gateway` that does their I/O (auth schemes, retries, circuit breaker, rate limits; `http.rs` is the only HTTP client code) | HTTP |
 //! | [`config`] | settings from TOML + environment, validation, secrets | reads files/env at start-up |
 //! | [`telemetry`] | Prometheus metrics, tracing | none |
-//! | [`pipeline`] | offset watermarks, per-key scheduling, the partition ledger, message processing | connector calls |
-//! | [`kafka`] | the engine (consumer loop, partition queues, commits, rebalances), producer, topics; the only rdkafka code | Kafka |
+//! | [`pipeline`] | offset watermarks, per-key scheduling, the partition ledger, message processing, the job life cycle (`dispatch`), exactly-once bookkeeping (`txn`), dead letters for redrive (`letters`) | connector calls |
+//! | [`kafka`] | the engine loop, rdkafka callbacks (`context`), partition queues, the producers (idempotent and transactional), redrive, topics; the only rdkafka code | Kafka |
 //! | [`schema_registry`] | Confluent Schema Registry client (event schema id at start-up, accepted request schema ids) | HTTP |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
+//! | [`supervisor`] | the long-running tasks and helper threads: one `JoinSet`, one cancellation, a failure named and the process stopped | none |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
 //! | [`demo`] | `paysync demo`, the connector simulator, the local stack for tests and the benchmark | in-process |
 // The one exception is `kafka::headers` (FFI for header names that are not UTF-8).
@@ -37,4 +38,5 @@ pub mod kafka;
 pub mod pipeline;
 pub mod schema_registry;
 pub mod server;
+pub mod supervisor;
 pub mod telemetry;

@@ -99,16 +99,18 @@ pub async fn probe(url: &url::Url, timeout: std::time::Duration) -> Result<Strin
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app)
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-    {
-        tracing::error!(error = %e, "http server failed");
-    }
+        .map_err(|e| format!("the HTTP server failed: {e}"))
 }

@@ -30,6 +30,27 @@ pub fn missing_topics(
         .collect())
 }
 
+/// Topics named `<prefix>.<seconds>s` (re-check topics) in the cluster.
+pub fn topics_with_prefix(
+    producer: &FutureProducer,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(None, timeout)
+        .map_err(|e| format!("cannot reach the Kafka cluster: {e}"))?;
+    let mut found: Vec<String> = metadata
+        .topics()
+        .iter()
+        .filter(|m| m.error().is_none() && !m.partitions().is_empty())
+        .map(|m| m.name().to_owned())
+        .filter(|name| crate::pipeline::follow::recheck_delay(prefix, name).is_some())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
 /// Creates topics (ignoring "already exists").
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()

@@ -1,15 +1,20 @@
 //! Everything that talks to Kafka (the only module that uses rdkafka): client
-//! configuration, the [`engine`] (consumer loop, partition queues, commits,
-//! rebalances), the [`producer`] for events and dead letters, [`headers`] as
-//! bytes, and [`admin`] helpers for topics.
+//! configuration, the [`engine`] loop (over the broker-free dispatcher), its
+//! rdkafka callbacks ([`context`]) and partition [`queues`], the idempotent
+//! [`producer`] (at least once) and the transactional one ([`transactions`],
+//! exactly once), [`redrive`], [`headers`] as bytes, and [`admin`] helpers for
+//! topics.
 
 pub mod admin;
 pub mod commits;
+pub mod context;
 pub mod engine;
 pub mod headers;
 pub mod producer;
+pub mod queues;
 pub mod redrive;
 pub mod tools;
+pub mod transactions;
 
 use rdkafka::ClientConfig;
 
@@ -25,6 +30,9 @@ const CONSUMER_FORCED: &[(&str, &str)] = &[
 /// Consumer defaults a user may override.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
+    // librdkafka's default, written out: records of aborted transactions are
+    // never read (re-check records of an aborted transaction must not run).
+    ("isolation.level", "read_committed"),
     ("statistics.interval.ms", "5000"),
     // Bounded prefetch: memory stays flat whatever the backlog. The engine reads
     // each partition from its own queue, so these bounds apply per partition: at

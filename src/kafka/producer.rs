@@ -25,18 +25,7 @@ use crate::pipeline::process::{Destination, Outgoing};
 use crate::pipeline::PublishGate;
 use crate::telemetry::Metrics;
 
-/// Whether a record reached the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
-    /// Acknowledged by the broker.
-    Published,
-    /// Not published: the partition was revoked or the process is stopping.
-    Abandoned,
-    /// An event the broker refuses permanently, with the reason: dead-letter the
-    /// request instead. (Dead letters are never refused to the caller; their
-    /// partition stalls until the broker takes them.)
-    Refused(String),
-}
+pub use crate::pipeline::dispatch::Delivery;
 
 /// How a produce error is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +102,10 @@ impl Publisher {
         !self.fatal.load(Ordering::Acquire)
     }
 
-    /// Publishes `out` while `gate` says its partition is owned.
+    /// Publishes `out` while `gate` says its partition is owned: acknowledged,
+    /// abandoned (the partition went), or refused (an event the broker will never
+    /// take). Retriable errors are retried with backoff; a dead letter or a
+    /// re-check record the broker refuses stalls the partition until it is taken.
     pub async fn publish(&self, out: &Outgoing, gate: &dyn PublishGate) -> Delivery {
         let (topic, role): (&str, &str) = match &out.destination {
             Destination::Events => (&self.events_topic, "events"),
@@ -228,5 +220,15 @@ mod tests {
             assert_eq!(classify(retriable), ErrorKind::Retriable, "{retriable:?}");
         }
         assert_eq!(classify(C::Fatal), ErrorKind::Fatal);
+    }
+}
+
+impl crate::pipeline::dispatch::Publish for Publisher {
+    fn publish<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        gate: &'a dyn PublishGate,
+    ) -> futures::future::BoxFuture<'a, Delivery> {
+        Box::pin(Publisher::publish(self, out, gate))
     }
 }

@@ -69,6 +69,15 @@ pub fn recheck_topic(prefix: &str, delay: Duration) -> String {
     format!("{prefix}.{}s", delay.as_secs())
 }
 
+/// The delay of a re-check topic named `<prefix>.<seconds>s`, if it is one.
+pub fn recheck_delay(prefix: &str, topic: &str) -> Option<Duration> {
+    let secs = topic.strip_prefix(prefix)?.strip_prefix('.')?.strip_suffix('s')?;
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || secs.starts_with('0') {
+        return None;
+    }
+    secs.parse().ok().map(Duration::from_secs)
+}
+
 /// A record's place in Kafka: where a chain began (its event ids and default
 /// request id derive from this), or the record that scheduled a re-check.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

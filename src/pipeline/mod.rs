@@ -5,6 +5,7 @@
 //! which dead letters a redrive sends ([`letters`]).
 //! `kafka::engine` drives these with a real consumer and producer.
 
+pub mod dispatch;
 pub mod follow;
 pub mod ledger;
 pub mod letters;

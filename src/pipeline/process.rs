@@ -174,6 +174,9 @@ pub struct Processor {
     /// Where the chains seen lately stand, so that a repeated check does not
     /// fork its chain.
     marks: std::sync::Mutex<follow::ChainMarks>,
+    /// At least once: guard chains against repeated checks (chain marks, end
+    /// markers). Exactly once needs neither.
+    guards: bool,
 }
 
 /// How many chains each processor remembers (about 100 bytes each).
@@ -199,11 +202,15 @@ impl Processor {
             max_record_bytes,
             follow: FollowPlan::default(),
             marks: std::sync::Mutex::new(follow::ChainMarks::new(CHAIN_MARKS)),
+            guards: true,
         }
     }
 
     /// A job's records were all acknowledged: its chain's check is done.
     pub fn done(&self, job: &PipelineJob) {
+        if !self.guards {
+            return;
+        }
         if let Work::Check {
             chain: Some(chain), ..
         } = &job.work
@@ -220,6 +227,15 @@ impl Processor {
         self.metrics.follow_check_skipped(&request.connector);
         tracing::info!(check = chain.check, "{why}; skipped");
         Vec::new()
+    }
+
+    /// The same processor with (at least once) or without (exactly once) the
+    /// follow-mode guards against repeated checks: chain marks and end markers.
+    /// Exactly once, a check's records and its input offset commit together, so
+    /// a check is never repeated with visible effects and a chain cannot fork.
+    pub fn with_repeat_guards(mut self, guards: bool) -> Self {
+        self.guards = guards;
+        self
     }
 
     /// The same processor with follow mode for the connectors in `plan`.
@@ -363,10 +379,12 @@ impl Processor {
         if let Some(c) = chain {
             if let Some(ended_at) = c.ended_at {
                 // An end marker: remember where the chain ended; nothing to check.
-                self.marks().note_end(&c.origin, ended_at);
+                if self.guards {
+                    self.marks().note_end(&c.origin, ended_at);
+                }
                 return Vec::new();
             }
-            if !self.marks().claim(c) {
+            if self.guards && !self.marks().claim(c) {
                 return self.skipped(request, c, "the chain has moved past this check");
             }
         }
@@ -394,10 +412,17 @@ impl Processor {
         let settings = self.follow.by_connector.get(&request.connector);
         let decision = match (chain, settings) {
             (Some(c), Some(s)) => Some(follow::decide(s, c, status)),
+            // A re-check of a connector whose follow table is gone (a
+            // configuration change): the chain ends here, published as last.
+            (Some(_), None) => Some(follow::Decision {
+                publish: true,
+                next: None,
+                end: Some(ChainEnd::Exhausted),
+            }),
             _ => None,
         };
         if let (Some(c), Some(d)) = (chain, &decision) {
-            if !self.marks().settle(c, d.end.is_some()) {
+            if self.guards && !self.marks().settle(c, d.end.is_some()) {
                 return self.skipped(request, c, "a later check of the chain ran meanwhile");
             }
         }
@@ -469,7 +494,7 @@ impl Processor {
                     c.next_headers(due, last_published, &job.incoming.position()),
                 ))
             }
-            (Some(c), None, _, Some(s)) if status.is_some_and(|(_, f)| f) => {
+            (Some(c), None, _, Some(s)) if self.guards && status.is_some_and(|(_, f)| f) => {
                 s.delay_after(c.check).map(|delay| {
                     (
                         c,
@@ -672,6 +697,24 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic without a message".to_owned());
     crate::connectors::sanitize(&text)
+}
+
+impl super::dispatch::Handler for Processor {
+    fn prepare(&self, incoming: Incoming, epoch: Epoch) -> PipelineJob {
+        Processor::prepare(self, incoming, epoch)
+    }
+
+    fn process<'a>(&'a self, job: &'a PipelineJob) -> futures::future::BoxFuture<'a, Vec<Outgoing>> {
+        Box::pin(Processor::process(self, job))
+    }
+
+    fn dead_letter(&self, incoming: &Incoming, code: RejectCode, message: &str) -> Outgoing {
+        Processor::dead_letter(self, incoming, code, message)
+    }
+
+    fn done(&self, job: &PipelineJob) {
+        Processor::done(self, job)
+    }
 }
 
 #[cfg(test)]

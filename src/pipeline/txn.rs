@@ -154,7 +154,8 @@ struct Stall {
 struct Finished {
     records: Vec<Outgoing>,
     received: Instant,
-    outcome: Outcome,
+    /// The request's outcome (none for work that publishes nothing).
+    outcome: Option<Outcome>,
 }
 
 #[derive(Default)]
@@ -172,7 +173,7 @@ struct Open {
     /// Partitions with records or progress in it.
     partitions: HashSet<i32>,
     /// (outcome, consumed at) of each job whose records it holds.
-    jobs: Vec<(Outcome, Instant)>,
+    jobs: Vec<(Option<Outcome>, Instant)>,
     /// (role, label, milestone) of each record.
     published: Vec<(Role, &'static str, Option<Milestone>)>,
 }
@@ -293,7 +294,6 @@ impl Transactions {
         &self,
         job: &PipelineJob,
         mut records: Vec<Outgoing>,
-        outcome: Outcome,
         dead_letter: &dyn Fn(RejectCode, &str) -> Outgoing,
     ) -> bool {
         let (p, offset) = (job.incoming.partition, job.incoming.offset);
@@ -329,6 +329,7 @@ impl Transactions {
             }
         }
         let n = records.len();
+        let outcome = records.first().map(|r| r.outcome);
         let part = inner.parts.entry(p).or_default();
         part.epoch = Some(job.epoch);
         part.buffer.insert(
@@ -389,10 +390,7 @@ impl Transactions {
             let Some(watermark) = self.ledger.watermark(p) else {
                 continue;
             };
-            loop {
-                let Some(part) = inner.parts.get_mut(&p) else {
-                    break;
-                };
+            while let Some(part) = inner.parts.get_mut(&p) {
                 let Some(mut entry) = part.buffer.first_entry() else {
                     break;
                 };
@@ -645,7 +643,9 @@ impl Transactions {
             }
         }
         for (outcome, received) in &open.jobs {
-            self.metrics.request_done(*outcome, *received);
+            if let Some(outcome) = outcome {
+                self.metrics.request_done(*outcome, *received);
+            }
         }
     }
 
@@ -945,7 +945,7 @@ mod tests {
     }
 
     fn finish(f: &Fixture, j: &PipelineJob, records: Vec<Outgoing>) -> bool {
-        let done = f.txn.finished(j, records, Outcome::Synced, &|code, m| {
+        let done = f.txn.finished(j, records, &|code, m| {
             let mut d = out(Destination::DeadLetters);
             d.label = code.as_str();
             d.summary = Cow::Owned(m.to_owned());

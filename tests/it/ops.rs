@@ -389,8 +389,11 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
         "it starts where the last run of that reason ended: {}",
         text(&again)
     );
-    let input = inputs(broker.bootstrap(), &t, 10, Duration::from_secs(5));
+    let mut input = inputs(broker.bootstrap(), &t, 10, Duration::from_secs(5));
     assert_eq!(input.len(), 7);
+    // Dead letters of different payments are written in the order their checks
+    // ended, not by offset.
+    input[5..].sort_by_key(|r| r.key.clone());
     for (r, (key, value, _)) in input[5..].iter().zip(&requests[..2]) {
         assert_eq!(r.key.as_deref(), Some(key.as_bytes()));
         assert_eq!(r.value.as_deref(), Some(*value), "the value, byte for byte");

@@ -470,8 +470,21 @@ async fn healthz_fails_when_the_consumer_loop_dies() {
     })
     .await;
     let (_, body) = get(addr, "healthz").await;
-    assert!(body.contains("consumer loop"), "{body}");
+    assert!(
+        body.contains(&format!("task `engine {}` ended: aborted", t.input)),
+        "the body names the task: {body}"
+    );
     assert_eq!(get(addr, "readyz").await.0, 503);
+    // The supervisor stops the app with an error naming the task (`paysync
+    // run` exits 1 with it).
+    let result = paysync::app::serve_until(app, std::future::pending()).await;
+    let err = result.expect_err("a task ended");
+    assert_eq!(err.exit_code(), 1);
+    assert!(
+        err.to_string()
+            .contains(&format!("paysync stopped: task `engine {}` ended: aborted", t.input)),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
