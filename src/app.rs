@@ -21,17 +21,17 @@ use crate::connectors::registry;
 use crate::connectors::token::system_clock;
 use crate::kafka::commits::CommitBoard;
 use crate::kafka::engine::{create_consumer, Engine, EngineConsumer, EngineSettings};
+use crate::kafka::producer::Publisher;
 use crate::kafka::queues::{Gate, Queues};
 use crate::kafka::transactions::{ConsumerHandle, KafkaTxnProducer};
-use crate::pipeline::dispatch::{DispatchSettings, Dispatcher, Sink};
-use crate::pipeline::txn::Transactions;
-use crate::supervisor::{Ended, Failures, Lifetime, Supervisor};
-use crate::kafka::producer::Publisher;
 use crate::kafka::{admin, consumer_config, producer_config};
+use crate::pipeline::dispatch::{DispatchSettings, Dispatcher, Sink};
 use crate::pipeline::ledger::Ledger;
 use crate::pipeline::process::{FollowPlan, Processor};
+use crate::pipeline::txn::Transactions;
 use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
+use crate::supervisor::{Ended, Failures, Lifetime, Supervisor};
 use crate::telemetry::Metrics;
 
 /// Why paysync could not start. `main` maps the kind to the exit code: 2 for a
@@ -139,7 +139,10 @@ impl RunningApp {
 
     /// The topics consumed (the input, then the re-check topics).
     pub fn consumed_topics(&self) -> Vec<String> {
-        lock(&self.engines).iter().map(|e| e.topic.clone()).collect()
+        lock(&self.engines)
+            .iter()
+            .map(|e| e.topic.clone())
+            .collect()
     }
 
     /// Stops the input consumer loop as a crash would (tests of `/healthz` and of
@@ -238,7 +241,11 @@ impl EngineFactory {
         let k = &s.kafka;
         let exactly_once = s.processing.guarantee == Guarantee::ExactlyOnce;
         let group = if recheck {
-            format!("{}.{}", k.group_id, recheck_suffix(&k.recheck_topic_prefix, topic))
+            format!(
+                "{}.{}",
+                k.group_id,
+                recheck_suffix(&k.recheck_topic_prefix, topic)
+            )
         } else {
             k.group_id.clone()
         };
@@ -286,7 +293,15 @@ impl EngineFactory {
             let (config, topic2, id2) = (producer_config(k), topic.to_owned(), id.clone());
             let (events, dlq) = (k.output_topic.clone(), k.dead_letter_topic.clone());
             let producer = tokio::task::spawn_blocking(move || {
-                KafkaTxnProducer::start(&config, &id2, weak, &topic2, &events, &dlq, TXN_INIT_TIMEOUT)
+                KafkaTxnProducer::start(
+                    &config,
+                    &id2,
+                    weak,
+                    &topic2,
+                    &events,
+                    &dlq,
+                    TXN_INIT_TIMEOUT,
+                )
             })
             .await
             .map_err(|e| StartupError::Transactions {
@@ -364,8 +379,12 @@ impl EngineFactory {
             txn_producer,
             abort,
         });
-        self.metrics
-            .set_recheck_topics(lock(&self.engines).iter().filter(|e| e.topic != k.input_topic).count());
+        self.metrics.set_recheck_topics(
+            lock(&self.engines)
+                .iter()
+                .filter(|e| e.topic != k.input_topic)
+                .count(),
+        );
         Ok(())
     }
 }
@@ -376,7 +395,10 @@ const TXN_INIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// `recheck.<seconds>s` of a re-check topic (its group and transactional id
 /// suffix).
 fn recheck_suffix(prefix: &str, topic: &str) -> String {
-    let delay = topic.strip_prefix(prefix).unwrap_or(topic).trim_start_matches('.');
+    let delay = topic
+        .strip_prefix(prefix)
+        .unwrap_or(topic)
+        .trim_start_matches('.');
     format!("recheck.{delay}")
 }
 
@@ -487,7 +509,10 @@ pub async fn start_with(
             if let Some(ended) = supervisor.failure() {
                 return Err(ended.to_string());
             }
-            if lock(&engines).iter().any(|e| !e.alive.load(Ordering::Acquire)) {
+            if lock(&engines)
+                .iter()
+                .any(|e| !e.alive.load(Ordering::Acquire))
+            {
                 return Err("a consumer loop has stopped".into());
             }
             if !publisher.is_healthy() {
@@ -524,7 +549,12 @@ pub async fn start_with(
     supervisor.spawn(
         "topic check",
         Lifetime::MayFinish,
-        check_topics(publisher.clone(), settings.topics(), topics_ok, supervisor.token()),
+        check_topics(
+            publisher.clone(),
+            settings.topics(),
+            topics_ok,
+            supervisor.token(),
+        ),
     );
     if !settings.recheck_topics().is_empty() || has_recheck_topics(&factory).await {
         let factory = factory.clone();
@@ -700,8 +730,10 @@ async fn discover_recheck_topics(
     loop {
         match existing_recheck_topics(&factory).await {
             Ok(found) => {
-                let consumed: Vec<String> =
-                    lock(&factory.engines).iter().map(|e| e.topic.clone()).collect();
+                let consumed: Vec<String> = lock(&factory.engines)
+                    .iter()
+                    .map(|e| e.topic.clone())
+                    .collect();
                 for topic in found.into_iter().filter(|t| !consumed.contains(t)) {
                     tracing::warn!(
                         topic = %topic,

@@ -215,8 +215,15 @@ mod tests {
         assert_eq!(s.failure(), Some(ended));
         s.spawn("server", Lifetime::UntilShutdown, async { panic!("boom") });
         let ended = failures.next().await.unwrap();
-        assert_eq!((ended.task.as_str(), ended.reason.as_str()), ("server", "panicked: boom"));
-        assert_eq!(s.failure().unwrap().task, "engine in", "the first failure stays");
+        assert_eq!(
+            (ended.task.as_str(), ended.reason.as_str()),
+            ("server", "panicked: boom")
+        );
+        assert_eq!(
+            s.failure().unwrap().task,
+            "engine in",
+            "the first failure stays"
+        );
     }
 
     #[tokio::test]
@@ -227,7 +234,10 @@ mod tests {
         assert_eq!(failures.next().await.unwrap().reason, "aborted");
         let r: Option<()> = s.blocking("commit", || panic!("helper")).await;
         assert!(r.is_none());
-        assert_eq!(failures.next().await.unwrap().reason, "helper thread panicked: helper");
+        assert_eq!(
+            failures.next().await.unwrap().reason,
+            "helper thread panicked: helper"
+        );
         assert_eq!(s.blocking("fine", || 7).await, Some(7));
         let token = s.token();
         s.spawn("engine", Lifetime::UntilShutdown, async move {
@@ -235,6 +245,9 @@ mod tests {
             Ok(())
         });
         s.stop().await;
-        assert!(failures.0.try_recv().is_err(), "a shutdown ends nothing unexpectedly");
+        assert!(
+            failures.0.try_recv().is_err(),
+            "a shutdown ends nothing unexpectedly"
+        );
     }
 }

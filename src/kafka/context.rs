@@ -100,7 +100,8 @@ impl EngineContext {
                     );
                 }
                 let settled = blocking(|| txn.commit());
-                self.ledger.revoke(partitions, Duration::ZERO, Duration::ZERO);
+                self.ledger
+                    .revoke(partitions, Duration::ZERO, Duration::ZERO);
                 txn.forget(partitions);
                 match settled {
                     crate::pipeline::txn::Settled::Committed(p) => p,
@@ -299,4 +300,3 @@ pub fn create_consumer(
     consumer.subscribe(&[&settings.input_topic])?;
     Ok(consumer)
 }
-

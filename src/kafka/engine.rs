@@ -145,7 +145,11 @@ impl Engine {
             return;
         };
         txn.pump_now();
-        if self.committing.as_ref().is_some_and(JoinHandle::is_finished) {
+        if self
+            .committing
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished)
+        {
             self.committing = None;
         }
         if self.committing.is_none() && txn.due() {

@@ -193,6 +193,16 @@ impl Publisher {
     }
 }
 
+impl crate::pipeline::dispatch::Publish for Publisher {
+    fn publish<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        gate: &'a dyn PublishGate,
+    ) -> futures::future::BoxFuture<'a, Delivery> {
+        Box::pin(Publisher::publish(self, out, gate))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,15 +230,5 @@ mod tests {
             assert_eq!(classify(retriable), ErrorKind::Retriable, "{retriable:?}");
         }
         assert_eq!(classify(C::Fatal), ErrorKind::Fatal);
-    }
-}
-
-impl crate::pipeline::dispatch::Publish for Publisher {
-    fn publish<'a>(
-        &'a self,
-        out: &'a Outgoing,
-        gate: &'a dyn PublishGate,
-    ) -> futures::future::BoxFuture<'a, Delivery> {
-        Box::pin(Publisher::publish(self, out, gate))
     }
 }

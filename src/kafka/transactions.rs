@@ -73,7 +73,10 @@ impl std::fmt::Debug for KafkaTxnProducer {
     }
 }
 
-fn create(config: &ClientConfig, refusals: &Arc<Mutex<Vec<(RecordTag, String)>>>) -> Result<Inner, KafkaError> {
+fn create(
+    config: &ClientConfig,
+    refusals: &Arc<Mutex<Vec<(RecordTag, String)>>>,
+) -> Result<Inner, KafkaError> {
     config.create_with_context(TxnContext {
         refusals: refusals.clone(),
     })
@@ -211,7 +214,8 @@ impl TxnProducer for KafkaTxnProducer {
 
     fn rebuild(&self) -> Result<(), TxnError> {
         tracing::warn!(transactional_id = %self.id, "rebuilding the transactional producer");
-        let producer = create(&self.config, &self.refusals).map_err(|e| TxnError::Fatal(e.to_string()))?;
+        let producer =
+            create(&self.config, &self.refusals).map_err(|e| TxnError::Fatal(e.to_string()))?;
         producer
             .init_transactions(CALL_TIMEOUT)
             .map_err(|e| TxnError::Fatal(e.to_string()))?;
@@ -242,7 +246,12 @@ impl RecordSource for ConsumerHandle {
         let Some(consumer) = self.consumer.upgrade() else {
             return;
         };
-        if let Err(e) = consumer.seek(&self.topic, partition, Offset::Offset(offset), Duration::ZERO) {
+        if let Err(e) = consumer.seek(
+            &self.topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::ZERO,
+        ) {
             tracing::warn!(partition, offset, error = %e, "seek after a rewind failed");
         }
     }

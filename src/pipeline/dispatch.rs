@@ -63,8 +63,11 @@ pub enum Delivery {
 /// Kafka producer in paysync, a fake in tests.
 pub trait Publish: Send + Sync + 'static {
     /// Publishes `out` while `gate` says its partition is owned.
-    fn publish<'a>(&'a self, out: &'a Outgoing, gate: &'a dyn PublishGate)
-        -> BoxFuture<'a, Delivery>;
+    fn publish<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        gate: &'a dyn PublishGate,
+    ) -> BoxFuture<'a, Delivery>;
 }
 
 /// How finished jobs deliver their records.
@@ -180,8 +183,7 @@ impl Dispatcher {
     /// True at the in-flight bound (or, exactly once, at the bound on records
     /// waiting for a commit): nothing more is read.
     pub fn saturated(&self) -> bool {
-        self.scheduler.saturated()
-            || matches!(&self.sink, Sink::Transactions(t) if t.full())
+        self.scheduler.saturated() || matches!(&self.sink, Sink::Transactions(t) if t.full())
     }
 
     /// True when the engine may read `partition` now: room in flight, nothing
@@ -532,4 +534,355 @@ async fn publish_all(
         log_processed(Some((outcome, summary)));
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    //! The life cycle in memory, with paused time: a fake handler whose jobs take
+    //! the time their value says, a fake publisher, the fake transactional
+    //! producer.
+
+    use std::borrow::Cow;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::codec::Rejection;
+    use crate::pipeline::fakes::{FakeProducer, FakeSource};
+    use crate::pipeline::txn::Role;
+
+    /// Jobs sleep for the milliseconds in their value, keyed by their Kafka key.
+    struct SleepyHandler {
+        running: Mutex<usize>,
+        max_running: Mutex<usize>,
+    }
+
+    impl SleepyHandler {
+        fn new() -> Arc<Self> {
+            Arc::new(SleepyHandler {
+                running: Mutex::new(0),
+                max_running: Mutex::new(0),
+            })
+        }
+    }
+
+    fn event(incoming: &Incoming) -> Outgoing {
+        Outgoing {
+            destination: Destination::Events,
+            key: incoming.key.clone(),
+            value: Some(incoming.offset.to_string().into_bytes()),
+            headers: Vec::new(),
+            label: "CHARGED",
+            outcome: Outcome::Synced,
+            summary: Cow::Borrowed("CHARGED"),
+            milestone: None,
+        }
+    }
+
+    impl Handler for SleepyHandler {
+        fn prepare(&self, incoming: Incoming, epoch: Epoch) -> PipelineJob {
+            let key = incoming
+                .key
+                .as_ref()
+                .map(|k| String::from_utf8_lossy(k).into_owned());
+            PipelineJob {
+                incoming,
+                epoch,
+                key,
+                work: Work::Reject(Rejection::new(RejectCode::InternalError, "unused")),
+            }
+        }
+        fn process<'a>(&'a self, job: &'a PipelineJob) -> BoxFuture<'a, Vec<Outgoing>> {
+            Box::pin(async move {
+                {
+                    let mut r = self.running.lock().unwrap();
+                    *r += 1;
+                    let mut m = self.max_running.lock().unwrap();
+                    *m = (*m).max(*r);
+                }
+                let ms: u64 = job
+                    .incoming
+                    .value
+                    .as_deref()
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                *self.running.lock().unwrap() -= 1;
+                vec![event(&job.incoming)]
+            })
+        }
+        fn dead_letter(&self, incoming: &Incoming, code: RejectCode, _m: &str) -> Outgoing {
+            let mut out = event(incoming);
+            out.destination = Destination::DeadLetters;
+            out.label = code.as_str();
+            out
+        }
+        fn done(&self, _job: &PipelineJob) {}
+    }
+
+    /// Publishes at once; remembers (partition, offset) in publish order.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(i32, i64)>>);
+
+    impl Publish for Recorder {
+        fn publish<'a>(
+            &'a self,
+            out: &'a Outgoing,
+            gate: &'a dyn PublishGate,
+        ) -> BoxFuture<'a, Delivery> {
+            Box::pin(async move {
+                if !gate.begin() {
+                    return Delivery::Abandoned;
+                }
+                gate.end();
+                let offset = std::str::from_utf8(out.value.as_deref().unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                self.0.lock().unwrap().push((gate.partition(), offset));
+                Delivery::Published
+            })
+        }
+    }
+
+    fn record(partition: i32, offset: i64, key: &str, ms: u64) -> Incoming {
+        Incoming {
+            topic: Arc::from("in"),
+            partition,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            value: Some(ms.to_string().into_bytes()),
+            headers: Vec::new(),
+            received: std::time::Instant::now(),
+            recheck: false,
+        }
+    }
+
+    fn dispatcher(
+        sink: Sink,
+        handler: Arc<SleepyHandler>,
+        ledger: Arc<Ledger>,
+        max_in_flight: usize,
+    ) -> Dispatcher {
+        Dispatcher::new(
+            handler,
+            sink,
+            ledger,
+            Arc::new(Metrics::new()),
+            DispatchSettings {
+                max_in_flight,
+                max_queued_per_key: 16,
+                max_held: 10_000,
+                accept_gaps: false,
+            },
+        )
+    }
+
+    /// Runs the dispatcher until every job ended.
+    async fn settle(d: &mut Dispatcher) {
+        while d.unfinished() > 0 {
+            let done = d.next_done().await.unwrap();
+            d.on_done(done);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_payment_in_offset_order_different_payments_at_once() {
+        let handler = SleepyHandler::new();
+        let published = Arc::new(Recorder::default());
+        let ledger = Arc::new(Ledger::new());
+        let mut d = dispatcher(
+            Sink::Acks(published.clone()),
+            handler.clone(),
+            ledger.clone(),
+            8,
+        );
+        let started = tokio::time::Instant::now();
+        // Payment a: 300 ms, then 10 ms; payment b: 100 ms, arriving last.
+        for (o, key, ms) in [(0, "a", 300), (1, "a", 10), (2, "b", 100)] {
+            assert_eq!(d.on_record(record(0, o, key, ms)), Arrived::Taken);
+        }
+        settle(&mut d).await;
+        let order = published.0.lock().unwrap().clone();
+        assert_eq!(
+            order,
+            vec![(0, 2), (0, 0), (0, 1)],
+            "b did not wait for a; a's two in order"
+        );
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(310),
+            "a's second ran after its first"
+        );
+        assert_eq!(*handler.max_running.lock().unwrap(), 2);
+        assert_eq!(ledger.watermark(0), Some(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_in_flight_bound_parks_a_partition_not_the_others() {
+        let handler = SleepyHandler::new();
+        let ledger = Arc::new(Ledger::new());
+        let mut d = dispatcher(
+            Sink::Acks(Arc::new(Recorder::default())),
+            handler.clone(),
+            ledger,
+            2,
+        );
+        for o in 0..2 {
+            d.on_record(record(0, o, &format!("k{o}"), 50));
+        }
+        assert!(d.saturated());
+        assert!(
+            !d.readable(0) && !d.readable(1),
+            "at the bound nothing is read"
+        );
+        d.on_record(record(1, 0, "k9", 50));
+        assert!(
+            d.parked_in(1),
+            "an arrival past the bound parks at its partition's head"
+        );
+        settle(&mut d).await;
+        assert!(d.readable(0) && d.readable(1));
+        assert!(*handler.max_running.lock().unwrap() <= 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exactly_once_a_finished_job_leaves_its_slot_before_the_commit() {
+        let handler = SleepyHandler::new();
+        let ledger = Arc::new(Ledger::new());
+        let producer = Arc::new(FakeProducer::default());
+        let txn = Arc::new(Transactions::new(
+            producer.clone(),
+            Arc::new(FakeSource::default()),
+            ledger.clone(),
+            Arc::new(Metrics::new()),
+            "in",
+            Duration::from_millis(100),
+            1000,
+        ));
+        let mut d = dispatcher(
+            Sink::Transactions(txn.clone()),
+            handler.clone(),
+            ledger.clone(),
+            1,
+        );
+        // One slot: a slow head, then two quick ones behind it on the same
+        // partition (different payments).
+        d.on_record(record(0, 0, "slow", 500));
+        d.on_record(record(0, 1, "x", 10));
+        d.on_record(record(0, 2, "y", 10));
+        settle(&mut d).await;
+        // Each job left its slot as soon as its records were taken: the three ran
+        // one after another with one slot and no commit in between.
+        assert_eq!(*handler.max_running.lock().unwrap(), 1);
+        let open: Vec<(i64, Role)> = producer
+            .open
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| (t.offset, t.role))
+            .collect();
+        assert_eq!(
+            open,
+            vec![(0, Role::Event), (1, Role::Event), (2, Role::Event)],
+            "in offset order"
+        );
+        assert_eq!(
+            txn.commit(),
+            crate::pipeline::txn::Settled::Committed(vec![(0, 3)])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exactly_once_later_work_waits_for_a_slow_offset_and_an_abort_redoes_it_once() {
+        let handler = SleepyHandler::new();
+        let ledger = Arc::new(Ledger::new());
+        let producer = Arc::new(FakeProducer::default());
+        let source = Arc::new(FakeSource::default());
+        let txn = Arc::new(Transactions::new(
+            producer.clone(),
+            source.clone(),
+            ledger.clone(),
+            Arc::new(Metrics::new()),
+            "in",
+            Duration::from_millis(100),
+            1000,
+        ));
+        let mut d = dispatcher(
+            Sink::Transactions(txn.clone()),
+            handler.clone(),
+            ledger.clone(),
+            8,
+        );
+        d.on_record(record(0, 0, "slow", 1000));
+        d.on_record(record(0, 1, "quick", 10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            producer.open.lock().unwrap().is_empty(),
+            "1 finished but waits for 0"
+        );
+        assert_eq!(txn.commit(), crate::pipeline::txn::Settled::Nothing);
+        while let Ok(Some(done)) =
+            tokio::time::timeout(Duration::from_millis(1), d.next_done()).await
+        {
+            d.on_done(done);
+        }
+        assert_eq!(d.unfinished(), 1, "1 left its slot already");
+        settle(&mut d).await;
+        producer
+            .commits
+            .lock()
+            .unwrap()
+            .push(Err(crate::pipeline::txn::TxnError::Abortable(
+                "injected".into(),
+            )));
+        assert_eq!(
+            txn.commit(),
+            crate::pipeline::txn::Settled::Aborted(vec![0])
+        );
+        assert_eq!(source.seeks.lock().unwrap().clone(), vec![(0, 0)]);
+        for p in txn.take_rewound() {
+            d.forget_partition(p);
+        }
+        // The consumer refetches from 0: both are redone and committed once.
+        d.on_record(record(0, 0, "slow", 1000));
+        d.on_record(record(0, 1, "quick", 10));
+        settle(&mut d).await;
+        assert_eq!(
+            txn.commit(),
+            crate::pipeline::txn::Settled::Committed(vec![(0, 2)])
+        );
+        let committed: Vec<i64> = producer
+            .committed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.offset)
+            .collect();
+        assert_eq!(committed, vec![0, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_until_its_deadline_and_reports_what_did_not_finish() {
+        let handler = SleepyHandler::new();
+        let ledger = Arc::new(Ledger::new());
+        let mut d = dispatcher(
+            Sink::Acks(Arc::new(Recorder::default())),
+            handler,
+            ledger.clone(),
+            8,
+        );
+        d.on_record(record(0, 0, "a", 100));
+        d.on_record(record(0, 1, "b", 60_000));
+        let left = d
+            .drain(tokio::time::Instant::now() + Duration::from_secs(1))
+            .await;
+        assert_eq!(left, 1, "the minute-long job is abandoned");
+        assert_eq!(
+            ledger.watermark(0),
+            Some(1),
+            "the watermark stops before it"
+        );
+        d.abort_tasks().await;
+    }
 }

@@ -71,7 +71,10 @@ pub fn recheck_topic(prefix: &str, delay: Duration) -> String {
 
 /// The delay of a re-check topic named `<prefix>.<seconds>s`, if it is one.
 pub fn recheck_delay(prefix: &str, topic: &str) -> Option<Duration> {
-    let secs = topic.strip_prefix(prefix)?.strip_prefix('.')?.strip_suffix('s')?;
+    let secs = topic
+        .strip_prefix(prefix)?
+        .strip_prefix('.')?
+        .strip_suffix('s')?;
     if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || secs.starts_with('0') {
         return None;
     }

@@ -6,6 +6,8 @@
 //! `kafka::engine` drives these with a real consumer and producer.
 
 pub mod dispatch;
+#[cfg(test)]
+pub(crate) mod fakes;
 pub mod follow;
 pub mod ledger;
 pub mod letters;

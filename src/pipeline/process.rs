@@ -704,7 +704,10 @@ impl super::dispatch::Handler for Processor {
         Processor::prepare(self, incoming, epoch)
     }
 
-    fn process<'a>(&'a self, job: &'a PipelineJob) -> futures::future::BoxFuture<'a, Vec<Outgoing>> {
+    fn process<'a>(
+        &'a self,
+        job: &'a PipelineJob,
+    ) -> futures::future::BoxFuture<'a, Vec<Outgoing>> {
         Box::pin(Processor::process(self, job))
     }
 

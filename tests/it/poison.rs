@@ -481,8 +481,10 @@ async fn healthz_fails_when_the_consumer_loop_dies() {
     let err = result.expect_err("a task ended");
     assert_eq!(err.exit_code(), 1);
     assert!(
-        err.to_string()
-            .contains(&format!("paysync stopped: task `engine {}` ended: aborted", t.input)),
+        err.to_string().contains(&format!(
+            "paysync stopped: task `engine {}` ended: aborted",
+            t.input
+        )),
         "{err}"
     );
 }
