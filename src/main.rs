@@ -237,26 +237,35 @@ fn tool(config: Option<PathBuf>) -> Result<(Settings, tokio::runtime::Runtime), 
     Ok((settings, runtime()?))
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn termination() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is
+/// called (not when the future is first polled), so a signal that arrives while
+/// paysync is still starting (initializing transactions, say) is not lost to the
+/// default action.
+fn termination() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut term), Some(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -294,7 +303,11 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            match rt.block_on(paysync::app::run(settings, termination())) {
+            let result = rt.block_on(async {
+                let shutdown = termination();
+                paysync::app::run(settings, shutdown).await
+            });
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "start-up failed");

@@ -328,7 +328,8 @@ fn run_blocking(
     config.set("group.id", &group);
     config.set("enable.partition.eof", "true");
     let consumer: BaseConsumer = config.create()?;
-    let timeout = Duration::from_secs(10);
+    // Generous: a loaded broker can take its time for the first metadata.
+    let timeout = Duration::from_secs(30);
     let metadata = consumer.fetch_metadata(Some(dlq), timeout)?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -345,6 +346,27 @@ fn run_blocking(
         dry_run: options.dry_run,
         exactly_once,
         ..Default::default()
+    };
+    // Exactly once, the producer comes first: initializing its transactions
+    // fences an earlier redrive and aborts the transaction it left open, whose
+    // offset commit would otherwise keep the position unstable (a
+    // read_committed position query waits until the transaction times out).
+    let sink = if options.dry_run {
+        None
+    } else if exactly_once {
+        let id = transactional_id(settings);
+        let mut config = producer_config(k);
+        config.set("transactional.id", &id);
+        let producer: FutureProducer = config.create()?;
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(|source| RedriveError::Transactions {
+                id: id.clone(),
+                source,
+            })?;
+        Some(Sink::ExactlyOnce(producer))
+    } else {
+        Some(Sink::AtLeastOnce(producer_config(k).create()?))
     };
     // Where to start (each reason's position) and where to stop (the end now).
     let mut wanted = TopicPartitionList::new();
@@ -396,23 +418,6 @@ fn run_blocking(
     if start.count() > 0 {
         consumer.assign(&start)?;
     }
-    let sink = if options.dry_run {
-        None
-    } else if exactly_once {
-        let id = transactional_id(settings);
-        let mut config = producer_config(k);
-        config.set("transactional.id", &id);
-        let producer: FutureProducer = config.create()?;
-        producer
-            .init_transactions(Duration::from_secs(30))
-            .map_err(|source| RedriveError::Transactions {
-                id: id.clone(),
-                source,
-            })?;
-        Some(Sink::ExactlyOnce(producer))
-    } else {
-        Some(Sink::AtLeastOnce(producer_config(k).create()?))
-    };
     let mut idle = 0;
     'run: while !parts.values().all(|p| p.done) {
         if stop.load(Ordering::Acquire) {

@@ -118,6 +118,18 @@ impl KafkaTxnProducer {
             // partitions for at most this long (README, exactly once).
             config.set("transaction.timeout.ms", "10000");
         }
+        // librdkafka requires a record's delivery timeout within the transaction's.
+        let txn_ms: u64 = config
+            .get("transaction.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        let msg_ms: u64 = config
+            .get("message.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300_000);
+        if msg_ms > txn_ms {
+            config.set("message.timeout.ms", txn_ms.to_string());
+        }
         let refusals = Arc::new(Mutex::new(Vec::new()));
         let producer = create(&config, &refusals)?;
         producer.init_transactions(init_timeout)?;

@@ -6,6 +6,7 @@ mod connectors;
 mod container;
 mod e2e;
 mod engine;
+mod exactly_once;
 mod follow;
 mod http_client;
 mod logs;
