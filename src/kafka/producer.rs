@@ -159,8 +159,20 @@ impl Publisher {
                 }
             } else if kind == ErrorKind::Permanent {
                 self.metrics.publish_refused(role);
+                let too_large = matches!(
+                    &error,
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::InvalidMessageSize
+                    )
+                );
                 match out.destination {
                     Destination::Events => return Delivery::Refused(error.to_string()),
+                    // A re-check record too large for the topic ends its chain
+                    // (the caller dead-letters the request): never retried forever.
+                    Destination::Recheck(_) if too_large => {
+                        return Delivery::Refused(error.to_string())
+                    }
                     // Nowhere else to put a dead letter or a chain's next check: stop.
                     Destination::DeadLetters | Destination::Recheck(_) => {
                         let reason = format!("topic `{topic}` refuses the {role} record: {error}");

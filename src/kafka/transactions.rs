@@ -22,7 +22,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use super::context::EngineConsumer;
 use super::producer::{classify, ErrorKind};
 use crate::pipeline::process::{Destination, Outgoing};
-use crate::pipeline::txn::{RecordSource, RecordTag, SendError, TxnError, TxnProducer};
+use crate::pipeline::txn::{RecordSource, RecordTag, Refusal, SendError, TxnError, TxnProducer};
 
 /// How long a transactional call may block before it counts as timed out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,7 +30,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The producer's context: records the broker refused permanently, by the input
 /// record they answer.
 struct TxnContext {
-    refusals: Arc<Mutex<Vec<(RecordTag, String)>>>,
+    refusals: Arc<Mutex<Vec<Refusal>>>,
 }
 
 impl ClientContext for TxnContext {}
@@ -42,10 +42,21 @@ impl ProducerContext for TxnContext {
         if let Err((e, _)) = result {
             let permanent = matches!(e, KafkaError::MessageProduction(code) if classify(*code) == ErrorKind::Permanent);
             if permanent {
+                let too_large = matches!(
+                    e,
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::InvalidMessageSize
+                    )
+                );
                 self.refusals
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push((*tag, e.to_string()));
+                    .push(Refusal {
+                        tag: *tag,
+                        reason: e.to_string(),
+                        too_large,
+                    });
             }
         }
     }
@@ -58,7 +69,7 @@ pub struct KafkaTxnProducer {
     id: String,
     config: ClientConfig,
     producer: RwLock<Arc<Inner>>,
-    refusals: Arc<Mutex<Vec<(RecordTag, String)>>>,
+    refusals: Arc<Mutex<Vec<Refusal>>>,
     consumer: Weak<EngineConsumer>,
     topic: String,
     events_topic: String,
@@ -73,10 +84,7 @@ impl std::fmt::Debug for KafkaTxnProducer {
     }
 }
 
-fn create(
-    config: &ClientConfig,
-    refusals: &Arc<Mutex<Vec<(RecordTag, String)>>>,
-) -> Result<Inner, KafkaError> {
+fn create(config: &ClientConfig, refusals: &Arc<Mutex<Vec<Refusal>>>) -> Result<Inner, KafkaError> {
     config.create_with_context(TxnContext {
         refusals: refusals.clone(),
     })
@@ -239,7 +247,7 @@ impl TxnProducer for KafkaTxnProducer {
         Ok(())
     }
 
-    fn take_refusals(&self) -> Vec<(RecordTag, String)> {
+    fn take_refusals(&self) -> Vec<Refusal> {
         std::mem::take(&mut *self.refusals.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }

@@ -483,13 +483,18 @@ async fn publish_all(
     while let Some(out) = records.next() {
         let (mut out, delivery) = match publisher.publish(&out, ticket).await {
             Delivery::Refused(reason) => {
-                // The broker will never take this event: keep the request instead.
-                tracing::warn!(%reason, "the broker refuses the event; dead-lettering the request");
+                // The broker will never take this record: keep the request
+                // instead (a chain ends there).
+                let (code, what) = match out.destination {
+                    Destination::Recheck(_) => (RejectCode::RecheckTooLarge, "re-check record"),
+                    _ => (RejectCode::PublishRefused, "event"),
+                };
+                tracing::warn!(%reason, "the broker refuses the {what}; dead-lettering the request");
                 records = Vec::new().into_iter();
                 let dead = handler.dead_letter(
                     &job.incoming,
-                    RejectCode::PublishRefused,
-                    &format!("the event could not be published: {reason}"),
+                    code,
+                    &format!("the {what} could not be published: {reason}"),
                 );
                 let delivery = publisher.publish(&dead, ticket).await;
                 (dead, delivery)

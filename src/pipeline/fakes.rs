@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 
 use super::process::Outgoing;
-use super::txn::{RecordSource, RecordTag, SendError, TxnError, TxnProducer};
+use super::txn::{RecordSource, RecordTag, Refusal, SendError, TxnError, TxnProducer};
 
 /// A producer that records what it is asked and fails as scripted.
 #[derive(Default)]
@@ -13,7 +13,7 @@ pub struct FakeProducer {
     pub log: Mutex<Vec<String>>,
     /// Results of the next commits (Ok when empty).
     pub commits: Mutex<Vec<Result<(), TxnError>>>,
-    pub refusals: Mutex<Vec<(RecordTag, String)>>,
+    pub refusals: Mutex<Vec<Refusal>>,
     /// Records in the open transaction (cleared on commit/abort).
     pub open: Mutex<Vec<RecordTag>>,
     /// Records of committed transactions, in order.
@@ -57,7 +57,7 @@ impl TxnProducer for FakeProducer {
         self.open.lock().unwrap().clear();
         Ok(())
     }
-    fn take_refusals(&self) -> Vec<(RecordTag, String)> {
+    fn take_refusals(&self) -> Vec<Refusal> {
         std::mem::take(&mut *self.refusals.lock().unwrap())
     }
 }

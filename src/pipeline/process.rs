@@ -426,16 +426,97 @@ impl Processor {
                 return self.skipped(request, c, "a later check of the chain ran meanwhile");
             }
         }
-        let publish = decision.as_ref().is_none_or(|d| d.publish);
-        let next = decision.as_ref().and_then(|d| d.next);
+        let mut publish = decision.as_ref().is_none_or(|d| d.publish);
+        let mut next = decision.as_ref().and_then(|d| d.next);
+        let mut end = decision.as_ref().and_then(|d| d.end);
+        // The chain's next record: its next check, or (at least once) an end
+        // marker where the next check would have gone when it ended at a final
+        // status with slots left. Built before the event: a re-check record too
+        // large for the producer ends the chain at this check.
+        let mut too_large = None;
+        let follow_on = match (chain, next, settings) {
+            (Some(c), Some(delay), _) => {
+                let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                let last_published = match (publish, status) {
+                    (true, Some((s, _))) => Some(s),
+                    _ => c.last_published,
+                };
+                Some((
+                    c,
+                    delay,
+                    c.next_headers(due, last_published, &job.incoming.position()),
+                    false,
+                ))
+            }
+            (Some(c), None, Some(s)) if self.guards && status.is_some_and(|(_, f)| f) => {
+                s.delay_after(c.check).map(|delay| {
+                    (
+                        c,
+                        delay,
+                        c.end_marker_headers(now, &job.incoming.position()),
+                        true,
+                    )
+                })
+            }
+            _ => None,
+        };
+        let follow_on = match follow_on {
+            None => None,
+            Some((c, delay, chain_headers, marker)) => {
+                let Some(topic) = self.follow.topics.get(&delay) else {
+                    // The plan names a topic for every delay of every schedule.
+                    return vec![self.dead_letter(
+                        &job.incoming,
+                        RejectCode::InternalError,
+                        &format!("no re-check topic for a {}s delay", delay.as_secs()),
+                    )];
+                };
+                let input: Vec<RecordHeader> = job
+                    .incoming
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| !follow::headers::ALL.iter().any(|h| k == h.as_bytes()))
+                    .cloned()
+                    .collect();
+                match fit_recheck(
+                    job.incoming.key.as_deref(),
+                    job.incoming.value.as_deref(),
+                    input,
+                    chain_headers,
+                    self.max_record_bytes,
+                ) {
+                    Some((headers, dropped)) => {
+                        if dropped > 0 {
+                            self.metrics
+                                .recheck_headers_dropped(&request.connector, dropped);
+                            tracing::warn!(dropped, "input headers left off the re-check record so that it fits the producer's record limit");
+                        }
+                        Some((c, delay, topic.clone(), headers, marker))
+                    }
+                    None if marker => None,
+                    None => {
+                        // Not even without the input's headers: the chain ends at
+                        // this check, published as its last, and the request is
+                        // kept as a dead letter.
+                        too_large = Some(format!(
+                            "the re-check record of check {} does not fit the producer's record limit ({} bytes) even without the input's headers",
+                            c.check + 1,
+                            self.max_record_bytes
+                        ));
+                        publish = true;
+                        next = None;
+                        end = Some(ChainEnd::Exhausted);
+                        None
+                    }
+                }
+            }
+        };
         let next_due =
             next.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
         let mut out = Vec::with_capacity(2);
-        let mut milestone = decision.as_ref().and_then(|d| {
-            d.end.map(|end| Milestone::ChainEnded {
-                connector: request.connector.clone(),
-                end,
-            })
+        let mut milestone = end.map(|end| Milestone::ChainEnded {
+            connector: request.connector.clone(),
+            end,
         });
         if publish {
             let envelope = Envelope {
@@ -480,51 +561,13 @@ impl Processor {
                 }
             }
         }
-        // The chain goes on (the next check), or ended at a final status with
-        // slots left (an end marker where the next check would have gone).
-        let follow_on = match (chain, next, next_due, settings) {
-            (Some(c), Some(delay), Some(due), _) => {
-                let last_published = match (publish, status) {
-                    (true, Some((s, _))) => Some(s),
-                    _ => c.last_published,
-                };
-                Some((
-                    c,
-                    delay,
-                    c.next_headers(due, last_published, &job.incoming.position()),
-                ))
-            }
-            (Some(c), None, _, Some(s)) if self.guards && status.is_some_and(|(_, f)| f) => {
-                s.delay_after(c.check).map(|delay| {
-                    (
-                        c,
-                        delay,
-                        c.end_marker_headers(now, &job.incoming.position()),
-                    )
-                })
-            }
-            _ => None,
-        };
-        if let Some((chain, delay, chain_headers)) = follow_on {
-            let Some(topic) = self.follow.topics.get(&delay) else {
-                // The plan names a topic for every delay of every schedule.
-                return vec![self.dead_letter(
-                    &job.incoming,
-                    RejectCode::InternalError,
-                    &format!("no re-check topic for a {}s delay", delay.as_secs()),
-                )];
-            };
-            let marker = next.is_none();
-            let mut headers: Vec<RecordHeader> = job
-                .incoming
-                .headers
-                .iter()
-                .filter(|(k, _)| !follow::headers::ALL.iter().any(|h| k == h.as_bytes()))
-                .cloned()
-                .collect();
-            headers.extend(chain_headers);
+        if let Some(why) = too_large {
+            tracing::warn!(reason = %why, "the chain ends here; the request is dead-lettered as recheck_too_large");
+            out.push(self.dead_letter(&job.incoming, RejectCode::RecheckTooLarge, &why));
+        }
+        if let Some((chain, delay, topic, headers, marker)) = follow_on {
             out.push(Outgoing {
-                destination: Destination::Recheck(topic.clone()),
+                destination: Destination::Recheck(topic),
                 key: job.incoming.key.clone(),
                 value: job.incoming.value.clone(),
                 headers,
@@ -543,6 +586,38 @@ impl Processor {
         }
         out
     }
+}
+
+/// The headers of a re-check record so that it fits `max_record_bytes`: the
+/// input's own headers (largest first) are left off until it fits, paysync's
+/// chain headers always stay. `None` when it cannot fit even without them.
+/// Returns the headers and how many input headers were left off.
+pub fn fit_recheck(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    mut input: Vec<RecordHeader>,
+    chain: Vec<RecordHeader>,
+    max_record_bytes: usize,
+) -> Option<(Vec<RecordHeader>, usize)> {
+    let fixed = record_size(key, value, &chain);
+    if fixed > max_record_bytes {
+        return None;
+    }
+    let size = |h: &RecordHeader| {
+        record_size(None, None, std::slice::from_ref(h)) - record_size(None, None, &[])
+    };
+    let mut total = fixed + input.iter().map(size).sum::<usize>();
+    let mut dropped = 0;
+    while total > max_record_bytes {
+        let Some((largest, _)) = input.iter().enumerate().max_by_key(|(_, h)| size(h)) else {
+            break;
+        };
+        total -= size(&input[largest]);
+        input.remove(largest);
+        dropped += 1;
+    }
+    input.extend(chain);
+    Some((input, dropped))
 }
 
 /// A status check through a connector's gateway (retries, circuit breaker, rate
@@ -723,6 +798,47 @@ impl super::dispatch::Handler for Processor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recheck_record_drops_input_headers_largest_first_to_fit() {
+        let h = |n: &str, len: usize| (n.as_bytes().to_vec(), Some(vec![b'x'; len]));
+        let chain = vec![h("paysync-follow-check", 1)];
+        let input = vec![h("small", 10), h("big", 700_000), h("middle", 300_000)];
+        let (headers, dropped) = fit_recheck(
+            Some(b"k"),
+            Some(&[b'v'; 60_000]),
+            input.clone(),
+            chain.clone(),
+            1_000_000,
+        )
+        .unwrap();
+        assert_eq!(dropped, 1);
+        let names: Vec<&[u8]> = headers.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(
+            names,
+            vec![&b"small"[..], b"middle", b"paysync-follow-check"],
+            "the largest went"
+        );
+        let size = record_size(Some(b"k"), Some(&[b'v'; 60_000]), &headers);
+        assert!(size <= 1_000_000, "{size}");
+        let (headers, dropped) = fit_recheck(
+            Some(b"k"),
+            Some(b"v"),
+            input.clone(),
+            chain.clone(),
+            2_000_000,
+        )
+        .unwrap();
+        assert_eq!(
+            (headers.len(), dropped),
+            (4, 0),
+            "nothing dropped when it fits"
+        );
+        assert!(
+            fit_recheck(Some(&[b'k'; 999_990]), Some(b"v"), input, chain, 1_000_000).is_none(),
+            "a key that alone is too large cannot be helped"
+        );
+    }
 
     #[test]
     fn dead_letter_keeps_the_original_and_adds_headers() {

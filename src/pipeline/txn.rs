@@ -80,6 +80,17 @@ impl Role {
     }
 }
 
+/// A record the broker refused permanently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The record.
+    pub tag: RecordTag,
+    /// The broker's reason.
+    pub reason: String,
+    /// Refused for its size (a re-check record then ends its chain).
+    pub too_large: bool,
+}
+
 /// Why a record was not queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendError {
@@ -129,7 +140,7 @@ pub trait TxnProducer: Send + Sync {
     /// (which fences the old one and settles whatever it left open). Blocking.
     fn rebuild(&self) -> Result<(), TxnError>;
     /// Records the broker refused permanently since the last call.
-    fn take_refusals(&self) -> Vec<(RecordTag, String)>;
+    fn take_refusals(&self) -> Vec<Refusal>;
 }
 
 /// The consumer, as transactions need it.
@@ -193,8 +204,8 @@ struct Inner {
     parts: HashMap<i32, Part>,
     open: Open,
     /// Refused records by the input record they answer: (partition, offset) ->
-    /// roles refused, with the broker's reason.
-    refusals: HashMap<(i32, i64), Vec<(Role, String)>>,
+    /// roles refused, with the broker's reason and whether it was the size.
+    refusals: HashMap<(i32, i64), Vec<(Role, String, bool)>>,
     /// Partitions rewound since the engine last looked.
     rewound: Vec<i32>,
     /// Records buffered (not yet handed over).
@@ -303,8 +314,8 @@ impl Transactions {
         }
         let mut stall = None;
         if let Some(refused) = inner.refusals.get(&(p, offset)) {
-            let event = refused.iter().find(|(r, _)| *r == Role::Event);
-            if let Some((_, reason)) = event {
+            let event = refused.iter().find(|(r, ..)| *r == Role::Event);
+            if let Some((_, reason, _)) = event {
                 // The broker will never take this event: keep the request (and
                 // end its chain here), as at-least-once does.
                 records = vec![dead_letter(
@@ -312,13 +323,31 @@ impl Transactions {
                     &format!("the event could not be published: {reason}"),
                 )];
             }
-            let blocked = refused.iter().find(|(role, _)| {
+            let recheck_too_large = refused
+                .iter()
+                .find(|(r, _, too_large)| *r == Role::Recheck && *too_large);
+            if let Some((_, reason, _)) = recheck_too_large {
+                // A re-check record too large for its topic ends the chain: the
+                // request is kept as a dead letter instead of the re-check.
+                if records
+                    .iter()
+                    .any(|o| Role::of(&o.destination) == Role::Recheck)
+                {
+                    records.retain(|o| Role::of(&o.destination) != Role::Recheck);
+                    records.push(dead_letter(
+                        RejectCode::RecheckTooLarge,
+                        &format!("the re-check record could not be published: {reason}"),
+                    ));
+                }
+            }
+            let blocked = refused.iter().find(|(role, _, too_large)| {
                 records
                     .iter()
                     .any(|out| Role::of(&out.destination) == *role)
                     && *role != Role::Event
+                    && !(*role == Role::Recheck && *too_large)
             });
-            if let Some((role, reason)) = blocked {
+            if let Some((role, reason, _)) = blocked {
                 stall = Some(format!(
                     "the broker refuses the {} record of offset {offset}: {reason}",
                     match role {
@@ -434,7 +463,7 @@ impl Transactions {
                                 .refusals
                                 .entry((p, offset))
                                 .or_default()
-                                .push((tag.role, reason));
+                                .push((tag.role, reason, false));
                             self.rewind(inner, &[p], None);
                             return;
                         }
@@ -650,11 +679,12 @@ impl Transactions {
     }
 
     fn note_refusals(&self, inner: &mut Inner) {
-        for (tag, reason) in self.producer.take_refusals() {
+        for r in self.producer.take_refusals() {
             if inner.refusals.len() >= MAX_REFUSALS {
                 break;
             }
-            tracing::warn!(topic = %self.topic, partition = tag.partition, offset = tag.offset, role = ?tag.role, %reason, "the broker refused a record permanently; the work is redone without it");
+            let tag = r.tag;
+            tracing::warn!(topic = %self.topic, partition = tag.partition, offset = tag.offset, role = ?tag.role, reason = %r.reason, "the broker refused a record permanently; the work is redone without it");
             self.metrics.publish_refused(match tag.role {
                 Role::Event => "events",
                 Role::DeadLetter => "dead_letters",
@@ -664,7 +694,7 @@ impl Transactions {
                 .refusals
                 .entry((tag.partition, tag.offset))
                 .or_default()
-                .push((tag.role, reason));
+                .push((tag.role, r.reason, r.too_large));
         }
     }
 
@@ -995,11 +1025,11 @@ mod tests {
             offset: 0,
             role: Role::Event,
         };
-        f.producer
-            .refusals
-            .lock()
-            .unwrap()
-            .push((tag, "MSG_SIZE_TOO_LARGE".into()));
+        f.producer.refusals.lock().unwrap().push(Refusal {
+            tag,
+            reason: "MSG_SIZE_TOO_LARGE".into(),
+            too_large: true,
+        });
         f.producer
             .commits
             .lock()
@@ -1026,6 +1056,52 @@ mod tests {
     }
 
     #[test]
+    fn a_recheck_record_refused_for_its_size_ends_the_chain_with_a_dead_letter() {
+        let f = fixture(1000);
+        let a = job(&f, 0, 0);
+        finish(
+            &f,
+            &a,
+            vec![
+                out(Destination::Events),
+                out(Destination::Recheck(Arc::from("r"))),
+            ],
+        );
+        let tag = RecordTag {
+            partition: 0,
+            offset: 0,
+            role: Role::Recheck,
+        };
+        f.producer.refusals.lock().unwrap().push(Refusal {
+            tag,
+            reason: "MSG_SIZE_TOO_LARGE".into(),
+            too_large: true,
+        });
+        f.producer
+            .commits
+            .lock()
+            .unwrap()
+            .push(Err(TxnError::Abortable("a record failed".into())));
+        assert_eq!(f.txn.commit(), Settled::Aborted(vec![0]));
+        let redo = job(&f, 0, 0);
+        finish(
+            &f,
+            &redo,
+            vec![
+                out(Destination::Events),
+                out(Destination::Recheck(Arc::from("r"))),
+            ],
+        );
+        assert_eq!(
+            sent(&f),
+            vec![(0, Role::Event), (0, Role::DeadLetter)],
+            "the event stays, the chain ends"
+        );
+        assert!(!f.ledger.is_stalled(0));
+        assert_eq!(f.txn.commit(), Settled::Committed(vec![(0, 1)]));
+    }
+
+    #[test]
     fn a_refused_dead_letter_stalls_its_partition_only_and_is_retried_alone() {
         let f = fixture(1000);
         let a = job(&f, 0, 0);
@@ -1035,11 +1111,11 @@ mod tests {
             offset: 0,
             role: Role::DeadLetter,
         };
-        f.producer
-            .refusals
-            .lock()
-            .unwrap()
-            .push((tag, "TOPIC_AUTHORIZATION_FAILED".into()));
+        f.producer.refusals.lock().unwrap().push(Refusal {
+            tag,
+            reason: "TOPIC_AUTHORIZATION_FAILED".into(),
+            too_large: false,
+        });
         f.producer
             .commits
             .lock()

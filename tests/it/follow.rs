@@ -633,3 +633,140 @@ async fn an_end_marker_stops_a_recheck_scheduled_by_a_repeat() {
     );
     app.stop().await;
 }
+
+/// Audit: a followed request whose headers brought its re-check record just over
+/// the producer's 1,000,000-byte limit froze its partition for good (refused at
+/// every retry and after every restart). Now the input's largest headers are
+/// left off the re-check record; a record that cannot fit even without them
+/// (its key alone is too large) ends the chain at that check, published as the
+/// last, and the request is dead-lettered as `recheck_too_large`. Either way the
+/// partition goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recheck_record_too_large_never_freezes_a_partition() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-big", &[1]).await;
+    let sim = simulator(SimOptions::default()).await;
+    let producer =
+        RawProducer::with(broker.bootstrap(), &[("message.max.bytes", "3000000")]).unwrap();
+    let big = vec![b'h'; 400_000];
+    let value = |id: &str| format!(r#"{{"connector_transaction_id":"{id}","follow":true}}"#);
+    // Headers of 1,000,000 bytes: with the chain's own headers the re-check record would
+    // be just over 1,000,000 bytes.
+    let (p1, _) = producer
+        .send(
+            &t.input,
+            Some(0),
+            Some(b"open-big-headers"),
+            Some(value("open-big-headers").as_bytes()),
+            &[
+                ("trace", b"t-1"),
+                ("blob-a", &big),
+                ("blob-b", &big),
+                ("blob-c", &big[..200_000]),
+            ],
+        )
+        .await
+        .unwrap();
+    // A key of 999,990 bytes: no re-check record can hold it.
+    let key = vec![b'k'; 999_990];
+    producer
+        .send(
+            &t.input,
+            Some(0),
+            Some(&key),
+            Some(value("open-big-key").as_bytes()),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (_, last) = producer
+        .send(
+            &t.input,
+            Some(0),
+            Some(b"after"),
+            Some(value("success-after").as_bytes()),
+            &[],
+        )
+        .await
+        .unwrap();
+    let extra = follow_table(r#"[["1s", 3]]"#, "changes");
+    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), &extra))
+        .await
+        .unwrap();
+    let out = read_outputs_settled(broker.bootstrap(), &t, 4, WAIT, Duration::from_secs(3)).await;
+    let first = events_of(&out, &t, "open-big-headers");
+    assert!(!first.is_empty());
+    assert!(!first[0]["next_check_at"].is_null(), "its chain goes on");
+    let second = events_of(&out, &t, "open-big-key");
+    assert_eq!(
+        summary(&second),
+        vec![(1, "STARTED".into(), false, false)],
+        "published as the last"
+    );
+    let letters: Vec<&RawRecord> = out.iter().filter(|r| r.topic == t.dlq).collect();
+    assert_eq!(letters.len(), 1, "one dead letter");
+    assert_eq!(
+        letters[0].header("paysync-error-code").as_deref(),
+        Some("recheck_too_large")
+    );
+    assert_eq!(
+        letters[0].header("paysync-key-truncated").as_deref(),
+        Some("true")
+    );
+    assert!(letters[0].key.as_ref().unwrap().len() < 999_990);
+    assert_eq!(
+        events_of(&out, &t, "success-after").len(),
+        1,
+        "the partition went on"
+    );
+    // Its offsets are committed past all three: nothing freezes.
+    let mut committed = Vec::new();
+    for _ in 0..100 {
+        committed =
+            committed_offsets(broker.bootstrap(), &t.group, &t.input, t.partitions).unwrap();
+        if committed[0] > last {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        committed[0] > last,
+        "committed {committed:?}, last offset {last} (partition {p1})"
+    );
+    let metrics = app.metrics().render();
+    assert_eq!(
+        sum_metric(&metrics, "paysync_recheck_headers_dropped_total", &[]),
+        1.0,
+        "one 400 KB header was left off"
+    );
+    // The chain with its headers dropped goes on to its next check.
+    let recheck = format!("{}.recheck.1s", t.input);
+    let records = tokio::task::spawn_blocking({
+        let b = broker.bootstrap().to_owned();
+        move || {
+            paysync::kafka::tools::TopicReader::new(&b, &[(&recheck, 2)])
+                .unwrap()
+                .read(2, WAIT)
+        }
+    })
+    .await
+    .unwrap();
+    // The other record there is the end marker of `success-after` (final at once).
+    let records: Vec<_> = records
+        .into_iter()
+        .filter(|r| r.key.as_deref() == Some(&b"open-big-headers"[..]))
+        .collect();
+    assert_eq!(records.len(), 1);
+    let names: Vec<String> = records[0]
+        .headers
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(
+        records[0].header("trace").as_deref(),
+        Some("t-1"),
+        "small headers stay: {names:?} (key {} bytes)",
+        records[0].key.as_ref().map_or(0, Vec::len)
+    );
+    app.stop().await;
+}
