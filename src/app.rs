@@ -491,7 +491,20 @@ pub async fn start_with(
     // each with its own consumer, ledger and in-flight bound.
     let started = async {
         factory.start(&settings.kafka.input_topic, false).await?;
-        for topic in settings.recheck_topics().into_values() {
+        let mut rechecks: Vec<String> = settings.recheck_topics().into_values().collect();
+        // Re-check topics the schedules no longer name still hold chains.
+        match existing_recheck_topics(&factory).await {
+            Ok(found) => {
+                for topic in found {
+                    if !rechecks.contains(&topic) {
+                        tracing::warn!(topic = %topic, "consuming a re-check topic the schedules no longer name (a schedule change); its chains go on with the connector's current schedule");
+                        rechecks.push(topic);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the re-check topics yet; looking again later"),
+        }
+        for topic in rechecks {
             factory.start(&topic, true).await?;
         }
         Ok::<(), StartupError>(())
@@ -556,7 +569,7 @@ pub async fn start_with(
             supervisor.token(),
         ),
     );
-    if !settings.recheck_topics().is_empty() || has_recheck_topics(&factory).await {
+    if !settings.recheck_topics().is_empty() || lock(&engines).len() > 1 {
         let factory = factory.clone();
         let token = supervisor.token();
         supervisor.spawn(
@@ -711,12 +724,6 @@ async fn existing_recheck_topics(factory: &EngineFactory) -> Result<Vec<String>,
         })
         .await
         .unwrap_or_else(|| Err("the discovery thread failed".into()))
-}
-
-async fn has_recheck_topics(factory: &EngineFactory) -> bool {
-    existing_recheck_topics(factory)
-        .await
-        .is_ok_and(|t| !t.is_empty())
 }
 
 /// Consumes every re-check topic found under the prefix, at start-up and every

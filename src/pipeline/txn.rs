@@ -199,13 +199,17 @@ enum Phase {
     Committing,
 }
 
+/// A refused record of one input: its role, the broker's reason, and whether
+/// it was refused for its size.
+type Refused = (Role, String, bool);
+
 struct Inner {
     phase: Phase,
     parts: HashMap<i32, Part>,
     open: Open,
     /// Refused records by the input record they answer: (partition, offset) ->
     /// roles refused, with the broker's reason and whether it was the size.
-    refusals: HashMap<(i32, i64), Vec<(Role, String, bool)>>,
+    refusals: HashMap<(i32, i64), Vec<Refused>>,
     /// Partitions rewound since the engine last looked.
     rewound: Vec<i32>,
     /// Records buffered (not yet handed over).

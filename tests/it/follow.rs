@@ -770,3 +770,174 @@ async fn a_recheck_record_too_large_never_freezes_a_partition() {
     );
     app.stop().await;
 }
+
+/// Audit: twenty chains waiting in `<input>.recheck.3s`, then a restart whose
+/// schedule uses 4 s instead: no chain ever ended (nobody read the 3 s topic any
+/// more). Now every re-check topic under the prefix is consumed: each waiting
+/// re-check runs at the due time it was written with and its chain goes on with
+/// the current schedule, here to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_change_never_orphans_a_chain() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-schedule", &[3, 4]).await;
+    let sim = simulator(SimOptions::default()).await;
+    let n = 20;
+    for i in 0..n {
+        send(&broker, &t, &format!("open-sched-{i}"), true).await;
+    }
+    let first = paysync::app::start(settings(
+        broker.bootstrap(),
+        &t,
+        &sim.base_url(),
+        &follow_table(r#"[["3s", 3]]"#, "every_check"),
+    ))
+    .await
+    .unwrap();
+    let checks = read_outputs(broker.bootstrap(), &t, n, WAIT).await;
+    assert_eq!(checks.len(), n, "every first check published");
+    first.stop().await;
+    // The new schedule names only 4 s; the 3 s topic still holds 20 re-checks.
+    let app = paysync::app::start(settings(
+        broker.bootstrap(),
+        &t,
+        &sim.base_url(),
+        &follow_table(r#"[["4s", 2]]"#, "every_check"),
+    ))
+    .await
+    .unwrap();
+    let recheck_3s = format!("{}.recheck.3s", t.input);
+    assert!(
+        app.consumed_topics().contains(&recheck_3s),
+        "the 3 s topic is consumed: {:?}",
+        app.consumed_topics()
+    );
+    // Checks 2 (from the 3 s topic) and 3 (4 s later, the last slot of the new
+    // schedule) for each chain.
+    let out =
+        read_outputs_settled(broker.bootstrap(), &t, 3 * n, WAIT, Duration::from_secs(2)).await;
+    for i in 0..n {
+        let id = format!("open-sched-{i}");
+        let events = summary(&events_of(&out, &t, &id));
+        assert_eq!(
+            events,
+            vec![
+                (1, "STARTED".into(), false, true),
+                (2, "STARTED".into(), false, true),
+                (3, "STARTED".into(), false, false),
+            ],
+            "{id}: the chain went on with the current schedule and ended"
+        );
+    }
+    let metrics = app.metrics().render();
+    assert_eq!(
+        sum_metric(
+            &metrics,
+            "paysync_chains_ended_total",
+            &[("outcome", "exhausted")]
+        ),
+        n as f64
+    );
+    assert!(metrics.contains(&format!(
+        "paysync_pending_rechecks{{topic=\"{recheck_3s}\"}}"
+    )));
+    app.stop().await;
+}
+
+/// A chain whose connector has no follow table any more (the table was removed)
+/// ends at its next check, published as the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_whose_connector_lost_its_follow_table_ends_published_as_last() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-gone", &[2]).await;
+    let sim = simulator(SimOptions::default()).await;
+    send(&broker, &t, "open-gone", true).await;
+    let first = paysync::app::start(settings(
+        broker.bootstrap(),
+        &t,
+        &sim.base_url(),
+        &follow_table(r#"[["2s", 5]]"#, "changes"),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(read_outputs(broker.bootstrap(), &t, 1, WAIT).await.len(), 1);
+    first.stop().await;
+    let app = paysync::app::start(settings(broker.bootstrap(), &t, &sim.base_url(), ""))
+        .await
+        .unwrap();
+    let out = read_outputs_settled(broker.bootstrap(), &t, 2, WAIT, Duration::from_secs(4)).await;
+    assert_eq!(
+        summary(&events_of(&out, &t, "open-gone")),
+        vec![
+            (1, "STARTED".into(), false, true),
+            (2, "STARTED".into(), false, false)
+        ],
+        "ended at check 2, published although unchanged"
+    );
+    app.stop().await;
+}
+
+/// Audit: a due re-check waited for the record that scheduled it to be
+/// committed, forever and silently. The wait is now bounded
+/// (`processing.recheck_gate_timeout`); past it the re-check runs, and the wait is
+/// logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recheck_waiting_for_a_commit_that_never_comes_runs_after_the_gate_timeout() {
+    let broker = Broker::new();
+    let t = follow_topics(&broker, "follow-gate", &[1]).await;
+    let sim = simulator(SimOptions::default()).await;
+    let recheck = format!("{}.recheck.1s", t.input);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    // A re-check scheduled by an input offset that will never be committed.
+    let origin = format!("{}:0:7", t.input);
+    let never = format!("{}:0:999999", t.input);
+    let (now, first_seen) = (now.to_string(), (now - 1000).to_string());
+    RawProducer::new(broker.bootstrap())
+        .unwrap()
+        .send(
+            &recheck,
+            Some(0),
+            Some(b"open-gate"),
+            Some(br#"{"connector_transaction_id":"open-gate","follow":true}"#),
+            &[
+                ("paysync-follow-origin", origin.as_bytes()),
+                ("paysync-follow-scheduled-by", never.as_bytes()),
+                ("paysync-follow-check", b"2"),
+                ("paysync-follow-first-seen", first_seen.as_bytes()),
+                ("paysync-follow-due", now.as_bytes()),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut s = settings(
+        broker.bootstrap(),
+        &t,
+        &sim.base_url(),
+        &follow_table(r#"[["1s", 1]]"#, "changes"),
+    );
+    s.processing.recheck_gate_timeout = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let app = paysync::app::start(s).await.unwrap();
+    let out = read_outputs(broker.bootstrap(), &t, 1, WAIT).await;
+    assert_eq!(
+        summary(&events_of(&out, &t, "open-gate")),
+        vec![(2, "STARTED".into(), false, false)],
+        "the re-check ran (and, the schedule used up, ended its chain)"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "not before the gate timeout"
+    );
+    let metrics = app.metrics().render();
+    assert_eq!(
+        sum_metric(
+            &metrics,
+            "paysync_recheck_gate_timeouts_total",
+            &[("topic", recheck.as_str())]
+        ),
+        1.0
+    );
+    app.stop().await;
+}
