@@ -1,5 +1,5 @@
 //! The paysync benchmark: throughput, latency, memory and CPU of the real `paysync`
-//! binary against a real Kafka-protocol broker (tansu) and the CM.com simulator,
+//! binary against a real Kafka broker (Apache Kafka) and the CM.com simulator,
 //! compared with the limit (the simulator's own capacity, the broker's
 //! produce-plus-consume capacity) and with a naive sequential consumer.
 //!
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use paysync::demo::simulator::{Latency, SimOptions, Simulator, SIM_CLIENT_ID, SIM_CLIENT_SECRET};
 use paysync::demo::stack::{
-    free_addr, proc_usage, PaysyncProcess, StackSettings, TansuProcess, Topics,
+    free_addr, proc_usage, KafkaProcess, PaysyncProcess, StackSettings, Topics,
 };
 use paysync::kafka::admin::create_topics;
 use paysync::kafka::tools::RawProducer;
@@ -117,9 +117,10 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
 
 // ---- broker -------------------------------------------------------------------------
 
-/// The broker: `PAYSYNC_BENCH_BROKERS`, or a tansu started for the run.
+/// The broker: `PAYSYNC_BENCH_BROKERS`, or Apache Kafka started for the run
+/// (`tests/kafka/broker.sh`).
 struct Broker {
-    _tansu: Option<TansuProcess>,
+    _kafka: Option<KafkaProcess>,
     bootstrap: String,
 }
 
@@ -127,14 +128,14 @@ impl Broker {
     fn start() -> Broker {
         if let Ok(b) = std::env::var("PAYSYNC_BENCH_BROKERS") {
             return Broker {
-                _tansu: None,
+                _kafka: None,
                 bootstrap: b,
             };
         }
-        let tansu = TansuProcess::start().expect("tansu is on PATH (bench/run.sh installs it)");
+        let kafka = KafkaProcess::start().expect("Apache Kafka starts (Java 17 and Maven)");
         Broker {
-            bootstrap: tansu.bootstrap().to_owned(),
-            _tansu: Some(tansu),
+            bootstrap: kafka.bootstrap().to_owned(),
+            _kafka: Some(kafka),
         }
     }
 }
@@ -1565,7 +1566,7 @@ fn machine() -> String {
         / 1024.0
         / 1024.0;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores ({cpu}), {mem:.0} GiB RAM, Linux {}; broker tansu 0.6.0 (in memory), simulator and paysync on the same machine", kernel.trim())
+    format!("{cores} cores ({cpu}), {mem:.0} GiB RAM, Linux {}; broker Apache Kafka (one KRaft node, tests/kafka/broker.sh), simulator and paysync on the same machine", kernel.trim())
 }
 
 fn markdown(machine: &str, results: &[ScenarioResult]) -> String {

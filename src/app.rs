@@ -156,7 +156,11 @@ impl RunningApp {
 
     /// Waits until a supervised task ends unexpectedly; returns it.
     pub async fn failed(&mut self) -> Option<Ended> {
-        self.failures.next().await
+        let ended = self.failures.next().await;
+        if let Some(e) = &ended {
+            self.metrics.task_ended(&e.task);
+        }
+        ended
     }
 
     /// Stops fetching, drains, commits, flushes and leaves the groups.
@@ -502,7 +506,9 @@ pub async fn start_with(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list the re-check topics yet; looking again later"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the re-check topics yet; looking again later")
+            }
         }
         for topic in rechecks {
             factory.start(&topic, true).await?;

@@ -1,7 +1,7 @@
 //! A local stack, written once for the demo, the tests and the benchmark: the
 //! settings of a paysync that talks to a given broker and the built-in simulator
 //! (every simulated connector configured with the simulator's credentials), free
-//! ports, unique topic names, a tansu broker process, and paysync as a child
+//! ports, unique topic names, an Apache Kafka process, and paysync as a child
 //! process with its settings file and log in a scratch directory.
 
 use std::net::SocketAddr;
@@ -120,50 +120,63 @@ max_backoff = "200ms"
     }
 }
 
-/// A tansu broker as a child process (in memory), stopped on drop.
-pub struct TansuProcess {
-    child: Child,
+/// Apache Kafka as a child process: one KRaft node started by
+/// `tests/kafka/broker.sh` in a scratch directory (the jars come from Maven
+/// Central once, cached outside the repository), stopped on drop. For the chaos
+/// run and the benchmark; tests take `PAYSYNC_TEST_BROKERS` instead.
+pub struct KafkaProcess {
+    dir: PathBuf,
     bootstrap: String,
 }
 
-impl TansuProcess {
-    /// Starts `tansu broker` on a free port and waits until it accepts connections.
-    pub fn start() -> Result<TansuProcess, String> {
-        let port = free_addr().port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start tansu (is it on PATH?): {e}"))?;
-        let bootstrap = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&bootstrap).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("tansu did not listen on {bootstrap}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+impl KafkaProcess {
+    fn script(command: &str, dir: &Path) -> Result<String, String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka/broker.sh");
+        let out = Command::new(&script)
+            .arg(command)
+            .arg(dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} {command} failed", script.display()));
         }
-        Ok(TansuProcess { child, bootstrap })
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Starts a fresh node on free ports.
+    pub fn start() -> Result<KafkaProcess, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "paysync-kafka-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let bootstrap = Self::script("start", &dir)?;
+        Ok(KafkaProcess { dir, bootstrap })
     }
 
     /// Its bootstrap servers.
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
     }
+
+    /// Stops the node (SIGTERM, a clean shutdown) and starts it again on the same
+    /// ports and data.
+    pub fn restart(&self) -> Result<(), String> {
+        Self::script("restart", &self.dir).map(drop)
+    }
+
+    /// Where its data and `server.log` are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
-impl Drop for TansuProcess {
+impl Drop for KafkaProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = Self::script("kill", &self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

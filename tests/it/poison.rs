@@ -477,7 +477,12 @@ async fn healthz_fails_when_the_consumer_loop_dies() {
     assert_eq!(get(addr, "readyz").await.0, 503);
     // The supervisor stops the app with an error naming the task (`paysync
     // run` exits 1 with it).
+    let metrics = app.metrics();
     let result = paysync::app::serve_until(app, std::future::pending()).await;
+    assert_eq!(
+        paysync::telemetry::sum_metric(&metrics.render(), "paysync_tasks_ended_total", &[]),
+        1.0
+    );
     let err = result.expect_err("a task ended");
     assert_eq!(err.exit_code(), 1);
     assert!(
