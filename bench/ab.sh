@@ -17,9 +17,6 @@ base_ref=${1:?usage: bench/ab.sh BASE_REF [ROUNDS]}
 rounds=${2:-5}
 shift $(( $# < 2 ? $# : 2 ))
 export PATH="$HOME/.cargo/bin:$PATH"
-if ! command -v tansu >/dev/null 2>&1; then
-  cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
-fi
 work=$(mktemp -d)
 trap 'git worktree remove --force "$work/base" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 git worktree add --detach "$work/base" "$base_ref" >/dev/null

@@ -3,14 +3,11 @@
 #   bench/run.sh            # every scenario (about 15 minutes on 2 cores)
 #   bench/run.sh --quick    # a tenth of the requests
 #   bench/run.sh --only latency-50ms,cpu-0ms
-# Needs tansu (installed with cargo when missing) and Python 3 (matplotlib is
-# installed into bench/.venv). Results: bench/results/{results.md,results.json,*.png}.
+# Needs Java 17 and Maven (the benchmark starts Apache Kafka with
+# tests/kafka/broker.sh) and Python 3 (matplotlib is installed into bench/.venv). Results: bench/results/{results.md,results.json,*.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-if ! command -v tansu >/dev/null 2>&1; then
-  cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
-fi
 cargo bench --bench pipeline -- "$@"
 if [ ! -x bench/.venv/bin/python ]; then
   python3 -m venv bench/.venv

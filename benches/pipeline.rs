@@ -1014,12 +1014,14 @@ fn parse_variant(spec: &str) -> Variant {
     }
 }
 
-/// The A/B's load: connector latency, paysync's `max_in_flight`, requests per round.
+/// The A/B's load: connector latency, paysync's `max_in_flight`, requests per round,
+/// and (`--paced RATE`) a paced run per round for end-to-end latency.
 #[derive(Debug, Clone, Copy, Serialize)]
 struct AbLoad {
     latency_ms: u64,
     in_flight: usize,
     n: usize,
+    paced_rate: Option<f64>,
 }
 
 impl AbLoad {
@@ -1037,6 +1039,42 @@ struct AbResult {
     throughput_rps: Vec<f64>,
     cpu_us_per_request: Vec<f64>,
     peak_rss_mb: Vec<f64>,
+    /// Paced runs: end-to-end latency (request produced to event read), ms.
+    e2e_p50_ms: Vec<f64>,
+    e2e_p99_ms: Vec<f64>,
+}
+
+/// One paced run of a variant (paysync only): `rate` requests per second for
+/// ten seconds; end-to-end latency percentiles (ms).
+async fn ab_paced(
+    brokers: &str,
+    base_url: &str,
+    v: &Variant,
+    round: usize,
+    load: AbLoad,
+    rate: f64,
+) -> Option<Percentiles> {
+    let Runner::Paysync { bin, env } = &v.runner else {
+        return None;
+    };
+    let t = topics(&format!("abp-{}-{round}", v.name));
+    create_topics(
+        brokers,
+        &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
+    )
+    .await
+    .unwrap();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let p = Paysync::spawn_bin(bin, brokers, &t, base_url, load.in_flight, "", &env);
+    let count = (rate * 10.0) as usize;
+    let latencies = paced_latencies(brokers, &t, rate, count).await;
+    p.stop();
+    let pct = percentiles(latencies);
+    eprintln!(
+        "   {} round {round}: paced {rate:.0} req/s, end to end p50 {:.1} ms p99 {:.1} ms",
+        v.name, pct.p50, pct.p99
+    );
+    Some(pct)
 }
 
 /// One backlog run of a variant: (throughput, CPU µs per request, peak RSS MiB).
@@ -1206,6 +1244,21 @@ async fn ab(broker: &Broker, variants: &[Variant], rounds: usize, load: AbLoad) 
             out[i].throughput_rps.push(rps);
             out[i].cpu_us_per_request.push(us);
             out[i].peak_rss_mb.push(rss);
+            if let Some(rate) = load.paced_rate {
+                if let Some(p) = ab_paced(
+                    &broker.bootstrap,
+                    &sim.base_url(),
+                    &variants[i],
+                    round,
+                    load,
+                    rate,
+                )
+                .await
+                {
+                    out[i].e2e_p50_ms.push(p.p50);
+                    out[i].e2e_p99_ms.push(p.p99);
+                }
+            }
         }
     }
     sim.stop().await;
@@ -1239,13 +1292,20 @@ fn ab_markdown(machine: &str, load: AbLoad, results: &[AbResult]) -> String {
             load.in_flight, load.latency_ms
         ));
     }
-    md.push_str("| variant | rounds × requests | throughput median (range) | of Little's law (median) | CPU µs/request median (range) | peak RSS MiB median |\n|---|---|---|---|---|---|\n");
+    md.push_str("| variant | rounds × requests | throughput median (range) | of Little's law (median) | CPU µs/request median (range) | peak RSS MiB median | e2e p50 ms median (range) | e2e p99 ms median (range) |\n|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let ratio = limit.map_or(String::new(), |l| {
             format!("{:.2}", median(&r.throughput_rps) / l)
         });
+        let latency = |v: &[f64]| {
+            if v.is_empty() {
+                "".to_owned()
+            } else {
+                format!("{:.1} ({})", median(v), range(v))
+            }
+        };
         md.push_str(&format!(
-            "| {} | {} × {} | {:.0} ({}) | {ratio} | {:.1} ({}) | {:.1} |\n",
+            "| {} | {} × {} | {:.0} ({}) | {ratio} | {:.1} ({}) | {:.1} | {} | {} |\n",
             r.variant,
             r.rounds,
             r.n,
@@ -1254,6 +1314,198 @@ fn ab_markdown(machine: &str, load: AbLoad, results: &[AbResult]) -> String {
             median(&r.cpu_us_per_request),
             range(&r.cpu_us_per_request),
             median(&r.peak_rss_mb),
+            latency(&r.e2e_p50_ms),
+            latency(&r.e2e_p99_ms),
+        ));
+    }
+    md
+}
+
+// ---- adaptive concurrency ------------------------------------------------------------
+
+/// One run against a processor that rate-limits its credential.
+#[derive(Debug, Default, Serialize)]
+struct AdaptiveResult {
+    /// The processor's limit (calls per second per credential) for the first
+    /// half; half of it for the second.
+    limit: f64,
+    variant: String,
+    /// Answered (not throttled) calls per second, from paysync's start.
+    answered_per_s: Vec<u64>,
+    /// Calls answered 429 per second.
+    throttled_per_s: Vec<u64>,
+    /// The first second at which answered calls reached 0.9 of the limit.
+    reached_90_at_s: Option<usize>,
+    /// Mean answered calls per second over seconds 10 to 20 (at the limit).
+    mean_at_limit: f64,
+    /// Calls answered 429 over the whole run, as a share of all calls.
+    share_429: f64,
+    /// Mean answered calls per second over seconds 30 to 40 (at half the limit).
+    mean_after_halving: f64,
+    /// Seconds after the halving until 429s stayed under 5% of the calls of a
+    /// second (three seconds in a row).
+    followed_after_s: Option<usize>,
+    /// Requests that ended as failed checks (`connector_error`): none may come
+    /// from throttling.
+    error_events: u64,
+    /// The account's concurrency limit at the end (paysync's gauge).
+    final_limit: f64,
+}
+
+const ADAPTIVE_HALF: u64 = 20;
+
+/// Seconds `[from, to)` of a per-second series, averaged.
+fn mean_of(series: &[u64], from: usize, to: usize) -> f64 {
+    let slice: Vec<u64> = series.iter().skip(from).take(to - from).copied().collect();
+    slice.iter().sum::<u64>() as f64 / slice.len().max(1) as f64
+}
+
+async fn adaptive_once(
+    broker: &Broker,
+    limit: f64,
+    variant: &str,
+    concurrency: Option<usize>,
+) -> AdaptiveResult {
+    let sim = Simulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimOptions {
+            latency: Latency::Fixed(Duration::from_millis(50)),
+            rate_limit: Some(limit),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let t = topics(&format!("adaptive-{variant}-{limit}"));
+    create_topics(
+        &broker.bootstrap,
+        &[(&t.input, PARTITIONS), (&t.output, PARTITIONS), (&t.dlq, 1)],
+    )
+    .await
+    .unwrap();
+    // More than the processor allows over the whole run.
+    let n = (limit * 2.0 * ADAPTIVE_HALF as f64 * 1.2) as usize;
+    let (b, input) = (broker.bootstrap.clone(), t.input.clone());
+    tokio::task::spawn_blocking(move || load_backlog(&b, &input, n, Keys::Uniform))
+        .await
+        .unwrap();
+    let fixed = concurrency.map(|c| c.to_string());
+    let mut env = vec![("PAYSYNC_LOG__LEVEL", "warn")];
+    if let Some(c) = &fixed {
+        env.push(("PAYSYNC_CONNECTORS__CM__CONCURRENCY", c.as_str()));
+    }
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_paysync"));
+    let p = Paysync::spawn_bin(&bin, &broker.bootstrap, &t, &sim.base_url(), 500, "", &env);
+    let offset = sim.answered_by_second().len();
+    tokio::time::sleep(Duration::from_secs(ADAPTIVE_HALF)).await;
+    sim.set_rate_limit(Some(limit / 2.0));
+    tokio::time::sleep(Duration::from_secs(ADAPTIVE_HALF)).await;
+    let metrics = reqwest::get(format!("http://{}/metrics", p.0.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap_or_default();
+    p.stop();
+    let end = offset + 2 * ADAPTIVE_HALF as usize;
+    let cut = |v: Vec<u64>| -> Vec<u64> {
+        let mut v: Vec<u64> = v.into_iter().skip(offset).take(end - offset).collect();
+        v.resize(end - offset, 0);
+        v
+    };
+    let answered = cut(sim.answered_by_second());
+    let throttled = cut(sim.throttled_by_second());
+    sim.stop().await;
+    let half = ADAPTIVE_HALF as usize;
+    let share_429 = throttled.iter().sum::<u64>() as f64
+        / (throttled.iter().sum::<u64>() + answered.iter().sum::<u64>()).max(1) as f64;
+    let followed_after_s = (half..2 * half)
+        .find(|&s| {
+            (s..(s + 3).min(2 * half)).all(|i| {
+                let calls = answered[i] + throttled[i];
+                (throttled[i] as f64) < 0.05 * calls.max(1) as f64
+            })
+        })
+        .map(|s| s - half);
+    let result = AdaptiveResult {
+        limit,
+        variant: variant.to_owned(),
+        reached_90_at_s: answered.iter().position(|a| *a as f64 >= 0.9 * limit),
+        mean_at_limit: mean_of(&answered, 10, half),
+        mean_after_halving: mean_of(&answered, half + 10, 2 * half),
+        share_429,
+        followed_after_s,
+        error_events: paysync::telemetry::sum_metric(
+            &metrics,
+            "paysync_requests_total",
+            &[("outcome", "connector_error")],
+        ) as u64,
+        final_limit: paysync::telemetry::sum_metric(
+            &metrics,
+            "paysync_connector_concurrency_limit",
+            &[("connector", "cm")],
+        ),
+        answered_per_s: answered,
+        throttled_per_s: throttled,
+    };
+    eprintln!(
+        "   N={limit} {variant}: reached 0.9 N at {:?} s, mean {:.0}/s at N, {:.1}% 429, mean {:.0}/s at N/2 (followed after {:?} s), {} error events, limit {:.1}",
+        result.reached_90_at_s,
+        result.mean_at_limit,
+        result.share_429 * 100.0,
+        result.mean_after_halving,
+        result.followed_after_s,
+        result.error_events,
+        result.final_limit
+    );
+    result
+}
+
+/// For processors that allow 50, 200 and 1,000 calls per second per credential
+/// (50 ms each), adaptive concurrency against fixed limits twice too high and
+/// twice too low; the limit halves half-way through.
+async fn adaptive_bench(broker: &Broker, quick: bool) -> Vec<AdaptiveResult> {
+    let limits: &[f64] = if quick {
+        &[200.0]
+    } else {
+        &[50.0, 200.0, 1000.0]
+    };
+    let mut out = Vec::new();
+    for &limit in limits {
+        // Little's law: limit × 50 ms calls in flight fit the first half.
+        let right = (limit * 0.05).max(1.0);
+        for (variant, concurrency) in [
+            ("adaptive", None),
+            ("fixed-2x-too-high", Some((right * 2.0).ceil() as usize)),
+            (
+                "fixed-2x-too-low",
+                Some(((right / 2.0).floor() as usize).max(1)),
+            ),
+        ] {
+            out.push(adaptive_once(broker, limit, variant, concurrency).await);
+        }
+    }
+    out
+}
+
+fn adaptive_markdown(machine: &str, results: &[AdaptiveResult]) -> String {
+    let mut md = String::from("# Adaptive concurrency against a rate-limited processor\n\n");
+    md.push_str(&format!("Machine: {machine}. The simulator allows N calls per second per credential (token bucket, burst N/10, 429 with `Retry-After: 1` beyond it), 50 ms per call; a backlog larger than it can serve; N halves after {ADAPTIVE_HALF} s. paysync with `max_in_flight = 500`.\n\n"));
+    md.push_str("| N/s | concurrency | reached 0.9 N after | answered/s at N (s 10–20) | 429 share | answered/s at N/2 (s 30–40) | 429s under 5% again after the halving | error events | limit at the end |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        md.push_str(&format!(
+            "| {:.0} | {} | {} | {:.0} ({:.2} N) | {:.1}% | {:.0} ({:.2} N/2) | {} | {} | {:.1} |\n",
+            r.limit,
+            r.variant,
+            r.reached_90_at_s.map_or("never".into(), |s| format!("{s} s")),
+            r.mean_at_limit,
+            r.mean_at_limit / r.limit,
+            r.share_429 * 100.0,
+            r.mean_after_halving,
+            r.mean_after_halving / (r.limit / 2.0),
+            r.followed_after_s.map_or("not within 20 s".into(), |s| format!("{s} s")),
+            r.error_events,
+            r.final_limit,
         ));
     }
     md
@@ -1678,6 +1930,7 @@ fn main() {
             latency_ms: number("--latency-ms").unwrap_or(0),
             in_flight: number("--in-flight").map_or(256, |v| v as usize),
             n: number("--requests").map_or(if quick { 10_000 } else { 50_000 }, |v| v as usize),
+            paced_rate: number("--paced").map(|r| r as f64),
         };
         let results = rt.block_on(ab(&broker, &variants, rounds, load));
         std::fs::create_dir_all(&out).unwrap();
@@ -1689,6 +1942,20 @@ fn main() {
         .unwrap();
         let md = ab_markdown(&machine, load, &results);
         std::fs::write(out.join("ab.md"), &md).unwrap();
+        let _ = std::io::stdout().write_all(md.as_bytes());
+        return;
+    }
+    if args.iter().any(|a| a == "--adaptive") {
+        let results = rt.block_on(adaptive_bench(&broker, quick));
+        std::fs::create_dir_all(&out).unwrap();
+        let json = serde_json::json!({"machine": machine, "quick": quick, "results": results});
+        std::fs::write(
+            out.join("adaptive.json"),
+            serde_json::to_string_pretty(&json).unwrap(),
+        )
+        .unwrap();
+        let md = adaptive_markdown(&machine, &results);
+        std::fs::write(out.join("adaptive.md"), &md).unwrap();
         let _ = std::io::stdout().write_all(md.as_bytes());
         return;
     }

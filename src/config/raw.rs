@@ -266,8 +266,17 @@ pub(super) struct RawConnector {
     pub retry: RawRetry,
     pub circuit: RawCircuit,
     pub rate_limit: Option<RawRateLimit>,
+    pub concurrency: RawConcurrency,
     pub accounts: BTreeMap<String, serde_json::Value>,
     pub follow: Option<RawFollow>,
+}
+
+/// `"adaptive"` or a number of calls in flight.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub(super) enum RawConcurrency {
+    Fixed(i64),
+    Word(String),
 }
 
 impl Default for RawConnector {
@@ -282,6 +291,7 @@ impl Default for RawConnector {
             retry: RawRetry::default(),
             circuit: RawCircuit::default(),
             rate_limit: None,
+            concurrency: RawConcurrency::Word("adaptive".into()),
             accounts: BTreeMap::new(),
             follow: None,
         }
@@ -342,6 +352,7 @@ pub(super) struct RawFollow {
     pub schedule: Vec<(String, i64)>,
     #[serde(deserialize_with = "lenient_string")]
     pub publish: String,
+    pub share: f64,
 }
 
 impl Default for RawFollow {
@@ -350,6 +361,9 @@ impl Default for RawFollow {
         RawFollow {
             schedule: vec![("60s".into(), 1), ("300s".into(), 5)],
             publish: "changes".into(),
+            // Re-checks take at most 30% of an account's window while fresh
+            // requests wait (all of it when none do).
+            share: 0.3,
         }
     }
 }

@@ -8,8 +8,8 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::raw::{
-    RawApiKeyAccount, RawClientCredentialsAccount, RawConnector, RawFollow, RawKafka,
-    RawProcessing, RawRegistry, RawSettings, SecretSource,
+    RawApiKeyAccount, RawClientCredentialsAccount, RawConcurrency, RawConnector, RawFollow,
+    RawKafka, RawProcessing, RawRegistry, RawSettings, SecretSource,
 };
 use super::{
     ConfigError, ConnectorSettings, EventSettings, FollowSettings, Guarantee, HttpSettings,
@@ -20,6 +20,7 @@ use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credential
 use crate::connectors::breaker::BreakerSettings;
 use crate::connectors::gateway::{GatewaySettings, RateLimit};
 use crate::connectors::http::Http2;
+use crate::connectors::limit::Concurrency;
 use crate::connectors::registry;
 use crate::connectors::retry::RetrySettings;
 
@@ -433,7 +434,12 @@ fn account(
     }
 }
 
-fn connector(name: &str, c: RawConnector, env: Env<'_>) -> Result<ConnectorSettings, ConfigError> {
+fn connector(
+    name: &str,
+    c: RawConnector,
+    env: Env<'_>,
+    max_in_flight: usize,
+) -> Result<ConnectorSettings, ConfigError> {
     let key = |k: &str| format!("connectors.{name}.{k}");
     let Some(translator) = registry::get(name) else {
         return Err(ConfigError::new(
@@ -511,9 +517,23 @@ fn connector(name: &str, c: RawConnector, env: Env<'_>) -> Result<ConnectorSetti
         }
     };
     let follow = c.follow.map(|f| follow(&key("follow"), f)).transpose()?;
+    let concurrency = match c.concurrency {
+        RawConcurrency::Word(w) if w == "adaptive" => Concurrency::Adaptive,
+        RawConcurrency::Fixed(n) => {
+            Concurrency::Fixed(bounded_u32(&key("concurrency"), n, 1, 100_000)?)
+        }
+        RawConcurrency::Word(w) => {
+            return Err(ConfigError::new(
+                key("concurrency"),
+                format!("`{w}` is neither \"adaptive\" nor a number of calls in flight"),
+            ))
+        }
+    };
     Ok(ConnectorSettings {
-        follow,
         gateway: GatewaySettings {
+            concurrency,
+            concurrency_ceiling: max_in_flight,
+            recheck_share: follow.as_ref().map_or(0.3, |f| f.share),
             base_url,
             connect_timeout: duration(&key("connect_timeout"), c.connect_timeout)?,
             request_timeout: duration(&key("request_timeout"), c.request_timeout)?,
@@ -540,6 +560,7 @@ fn connector(name: &str, c: RawConnector, env: Env<'_>) -> Result<ConnectorSetti
             rate_limit,
             accounts,
         },
+        follow,
     })
 }
 
@@ -578,7 +599,17 @@ fn follow(key: &str, f: RawFollow) -> Result<FollowSettings, ConfigError> {
             ))
         }
     };
-    Ok(FollowSettings { schedule, publish })
+    if !(0.0..=1.0).contains(&f.share) {
+        return Err(ConfigError::new(
+            format!("{key}.share"),
+            format!("{} is not a share between 0 and 1", f.share),
+        ));
+    }
+    Ok(FollowSettings {
+        schedule,
+        publish,
+        share: f.share,
+    })
 }
 
 impl RawSettings {
@@ -618,7 +649,7 @@ impl RawSettings {
         };
         let mut connectors = BTreeMap::new();
         for (name, c) in self.connectors {
-            let settings = connector(&name, c, env)?;
+            let settings = connector(&name, c, env, processing.max_in_flight)?;
             connectors.insert(name, settings);
         }
         if !connectors.contains_key(&processing.default_connector) {

@@ -49,8 +49,12 @@ pub enum Permit {
 pub enum Verdict {
     /// The connector answered (a status, or a permanent error such as 404).
     Answered,
-    /// A retryable failure (timeout, transport, 408, 429, 5xx).
+    /// A retryable failure (timeout, transport, 408, 5xx).
     Failed,
+    /// 429: the processor throttles this credential. It is up and answering,
+    /// so this neither counts as a failure nor resets the run of failures; a
+    /// throttled probe shows it is up.
+    Throttled,
 }
 
 /// The breaker of one connector.
@@ -137,7 +141,8 @@ impl CircuitBreaker {
         let mut phase = self.lock();
         let now = Instant::now();
         match (*phase, permit, verdict) {
-            (_, _, Verdict::Answered) => {
+            (Phase::HalfOpen { .. }, Permit::Probe, Verdict::Throttled)
+            | (_, _, Verdict::Answered) => {
                 if !matches!(*phase, Phase::Closed { failures: 0 }) {
                     self.set(&mut phase, Phase::Closed { failures: 0 }, metrics);
                 }
@@ -167,6 +172,7 @@ impl CircuitBreaker {
             }
             // A call that was already under way when the circuit opened.
             (Phase::Open { .. } | Phase::HalfOpen { .. }, _, Verdict::Failed) => {}
+            (_, _, Verdict::Throttled) => {}
         }
     }
 }

@@ -17,6 +17,7 @@ use url::Url;
 use super::auth::{Account, AuthScheme, Authorization, ClientCredentials, Credentials};
 use super::breaker::{BreakerSettings, CircuitBreaker};
 use super::http::{Http2, HttpExecutor, TransportError};
+use super::limit::{AccountLimiter, Concurrency, Priority, Signal};
 use super::retry::{CheckResult, RetryPolicy, RetrySettings};
 use super::token::{Clock, TokenCache};
 use super::{
@@ -61,6 +62,13 @@ pub struct GatewaySettings {
     pub circuit: BreakerSettings,
     /// Client-side rate limit for the whole connector.
     pub rate_limit: Option<RateLimit>,
+    /// Calls each account may have in flight: learned (AIMD) or fixed.
+    pub concurrency: Concurrency,
+    /// The ceiling of a learned limit (`processing.max_in_flight`).
+    pub concurrency_ceiling: usize,
+    /// Re-checks' share of an account's window while fresh requests wait
+    /// (`follow.share`).
+    pub recheck_share: f64,
     /// Merchant accounts by `merchant_id`.
     pub accounts: BTreeMap<String, Account>,
 }
@@ -100,6 +108,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     limiter: Option<DefaultDirectRateLimiter>,
     account_limiters: HashMap<String, DefaultDirectRateLimiter>,
+    /// Calls in flight per account (adaptive or fixed).
+    concurrency: HashMap<String, AccountLimiter>,
     policy: RetryPolicy,
 }
 
@@ -165,7 +175,24 @@ impl Gateway {
             })
             .collect();
         let policy = RetryPolicy::new(connector.name(), settings.retry.clone(), settings.circuit);
+        let concurrency = settings
+            .accounts
+            .keys()
+            .map(|account| {
+                let (m, name, acc) = (metrics.clone(), connector.name(), account.clone());
+                (
+                    account.clone(),
+                    AccountLimiter::new(
+                        settings.concurrency,
+                        settings.concurrency_ceiling,
+                        settings.recheck_share,
+                        Box::new(move |limit| m.set_concurrency_limit(name, &acc, limit)),
+                    ),
+                )
+            })
+            .collect();
         Ok(Gateway {
+            concurrency,
             connector,
             settings,
             http,
@@ -222,7 +249,26 @@ impl Gateway {
     /// A status check with retries, the circuit breaker and rate limits: the
     /// connector's report, or the failure to publish.
     pub async fn check(&self, request: &StatusCheckRequest, http: &HttpRequest) -> CheckResult {
-        self.policy.run(self, request, http, None).await
+        self.check_with(request, http, Priority::Fresh, None).await
+    }
+
+    /// [`Gateway::check`] as `priority` (a follow-mode re-check yields to fresh
+    /// requests in its account's window), ending by `deadline` when given.
+    pub async fn check_with(
+        &self,
+        request: &StatusCheckRequest,
+        http: &HttpRequest,
+        priority: Priority,
+        deadline: Option<tokio::time::Instant>,
+    ) -> CheckResult {
+        self.policy
+            .run(self, request, http, priority, deadline)
+            .await
+    }
+
+    /// The learned (or fixed) concurrency limit of an account.
+    pub fn concurrency_limit(&self, account: &str) -> Option<f64> {
+        self.concurrency.get(account).map(AccountLimiter::limit)
     }
 
     /// [`Gateway::check`] that ends by `deadline` whatever happens (an open
@@ -233,7 +279,8 @@ impl Gateway {
         http: &HttpRequest,
         deadline: tokio::time::Instant,
     ) -> CheckResult {
-        self.policy.run(self, request, http, Some(deadline)).await
+        self.check_with(request, http, Priority::Fresh, Some(deadline))
+            .await
     }
 
     async fn fetch_token(
@@ -353,6 +400,7 @@ impl Gateway {
         &self,
         request: &StatusCheckRequest,
         http_request: &HttpRequest,
+        priority: Priority,
     ) -> CallRecord {
         let mut calls = 0;
         let mut refreshed = false;
@@ -367,9 +415,30 @@ impl Gateway {
                 }
             };
             self.wait_for_permit(&request.merchant_id).await;
+            // A place in the account's window (token requests do not count).
+            let window = match self.concurrency.get(&request.merchant_id) {
+                Some(l) => Some(l.acquire(priority).await),
+                None => None,
+            };
             calls += 1;
             let started = Instant::now();
             let response = self.http.send(http_request, Some(&authorization)).await;
+            let signal = match &response {
+                Ok(r) if r.status == 429 => {
+                    self.metrics.throttled(self.name(), &request.merchant_id);
+                    Signal::Throttled(
+                        r.header("retry-after")
+                            .and_then(|v| super::parse_retry_after(v, SystemTime::now())),
+                    )
+                }
+                Ok(r) if r.status == 503 => Signal::Overloaded,
+                Ok(_) => Signal::Answered,
+                Err(TransportError::Timeout) => Signal::Overloaded,
+                Err(_) => Signal::Unknown,
+            };
+            if let Some(w) = window {
+                w.finish(signal);
+            }
             let code = response
                 .as_ref()
                 .map_or_else(|e| e.label().to_owned(), |r| r.status.to_string());

@@ -21,6 +21,7 @@ pub mod breaker;
 pub mod cm;
 pub mod gateway;
 pub mod http;
+pub mod limit;
 pub mod mollie;
 pub mod registry;
 pub mod retry;

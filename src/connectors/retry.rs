@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::breaker::{BreakerSettings, CircuitBreaker, Verdict};
 use super::gateway::Gateway;
-use super::{CallError, HttpRequest};
+use super::limit::Priority;
+use super::{CallError, HttpRequest, RetryReason};
 use crate::domain::event::CheckFailure;
 use crate::domain::{StatusCheckRequest, StatusReport};
 
@@ -89,16 +90,17 @@ impl RetryPolicy {
         client: &Gateway,
         request: &StatusCheckRequest,
         http_request: &HttpRequest,
+        priority: Priority,
         deadline: Option<tokio::time::Instant>,
     ) -> CheckResult {
         let mut attempts = 0;
         let Some(deadline) = deadline else {
             return self
-                .attempt(client, request, http_request, &mut attempts)
+                .attempt(client, request, http_request, priority, &mut attempts)
                 .await;
         };
         let started = Instant::now();
-        let attempt = self.attempt(client, request, http_request, &mut attempts);
+        let attempt = self.attempt(client, request, http_request, priority, &mut attempts);
         match tokio::time::timeout_at(deadline, attempt).await {
             Ok(result) => result,
             Err(_) => CheckResult {
@@ -125,6 +127,7 @@ impl RetryPolicy {
         client: &Gateway,
         request: &StatusCheckRequest,
         http_request: &HttpRequest,
+        priority: Priority,
         attempts: &mut u32,
     ) -> CheckResult {
         let metrics = client.metrics();
@@ -133,7 +136,7 @@ impl RetryPolicy {
         let mut retries = 0;
         loop {
             let permit = self.breaker.acquire(metrics).await;
-            let record = client.call_once(request, http_request).await;
+            let record = client.call_once(request, http_request, priority).await;
             *attempts += record.calls;
             let attempts = *attempts;
             let (failure, reason, retry_after) = match record.outcome {
@@ -150,6 +153,28 @@ impl RetryPolicy {
                         outcome: Err(f),
                         attempts,
                     };
+                }
+                Err(CallError::Retryable {
+                    reason: RetryReason::RateLimited,
+                    retry_after,
+                    ..
+                }) => {
+                    // Throttling, not failure: the request waits for the
+                    // Retry-After (jittered, so throttled requests do not all
+                    // come back together) without spending its retry budget, and
+                    // the circuit breaker, which is for outages, does not count it.
+                    self.breaker.record(permit, Verdict::Throttled, metrics);
+                    metrics.connector_retry(client.name(), RetryReason::RateLimited.label());
+                    let wait = retry_after
+                        .unwrap_or(self.settings.initial_backoff)
+                        .min(self.settings.max_retry_after)
+                        .mul_f64(1.0 + fastrand::f64() * 0.25);
+                    tracing::debug!(
+                        wait_ms = wait.as_millis() as u64,
+                        "throttled by the connector; waiting"
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
                 }
                 Err(CallError::Retryable {
                     failure,

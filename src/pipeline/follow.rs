@@ -25,7 +25,7 @@ pub enum PublishMode {
 }
 
 /// A connector's follow schedule (`[connectors.<name>.follow]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FollowSettings {
     /// `(delay, count)` tiers after the first check; each delay counts from the
     /// previous check.
@@ -33,6 +33,9 @@ pub struct FollowSettings {
     pub schedule: Vec<(Duration, u32)>,
     /// Which checks are published.
     pub publish: PublishMode,
+    /// Re-checks' share of an account's concurrency window while fresh requests
+    /// wait (0 to 1).
+    pub share: f64,
 }
 
 fn ser_tiers<S: serde::Serializer>(tiers: &[(Duration, u32)], s: S) -> Result<S::Ok, S::Error> {
@@ -484,6 +487,7 @@ mod tests {
         FollowSettings {
             schedule: vec![(Duration::from_secs(1), 2), (Duration::from_secs(5), 1)],
             publish,
+            share: 0.3,
         }
     }
 
@@ -531,6 +535,7 @@ mod tests {
         let d = FollowSettings {
             schedule: vec![(Duration::from_secs(60), 1), (Duration::from_secs(300), 5)],
             publish: PublishMode::Changes,
+            share: 0.3,
         };
         assert_eq!(d.delay_after(1), Some(Duration::from_secs(60)));
         assert_eq!(d.delay_after(2), Some(Duration::from_secs(300)));

@@ -17,6 +17,7 @@ use crate::codec::{
     decode_request, DecodeOptions, EventEncoder, RawHeader, RejectCode, Rejection, SourcePosition,
 };
 use crate::connectors::gateway::Gateway;
+use crate::connectors::limit::Priority;
 use crate::connectors::retry::CheckResult;
 use crate::connectors::HttpRequest;
 use crate::domain::event::{check_event_id, check_integrity, Envelope, SecretFields};
@@ -388,7 +389,12 @@ impl Processor {
                 return self.skipped(request, c, "the chain has moved past this check");
             }
         }
-        let result = check(connector, request, http, None).await;
+        let priority = if chain.as_ref().is_some_and(|c| c.check > 1) {
+            Priority::Recheck
+        } else {
+            Priority::Fresh
+        };
+        let result = check_as(connector, request, http, priority, None).await;
         let outcome = if result.outcome.is_ok() {
             Outcome::Synced
         } else {
@@ -629,10 +635,19 @@ pub async fn check(
     http: &HttpRequest,
     deadline: Option<tokio::time::Instant>,
 ) -> CheckResult {
-    let mut result = match deadline {
-        None => gateway.check(request, http).await,
-        Some(d) => gateway.check_until(request, http, d).await,
-    };
+    check_as(gateway, request, http, Priority::Fresh, deadline).await
+}
+
+/// [`check`] as `priority`: a follow-mode re-check yields to fresh requests in
+/// its account's concurrency window.
+pub async fn check_as(
+    gateway: &Gateway,
+    request: &StatusCheckRequest,
+    http: &HttpRequest,
+    priority: Priority,
+    deadline: Option<tokio::time::Instant>,
+) -> CheckResult {
+    let mut result = gateway.check_with(request, http, priority, deadline).await;
     if let Ok(report) = &result.outcome {
         if let Err(failure) = check_integrity(request, report) {
             result.outcome = Err(failure);

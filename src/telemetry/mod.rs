@@ -55,6 +55,8 @@ pub struct Metrics {
     recheck_headers_dropped: IntCounterVec,
     recheck_topics: IntGauge,
     tasks_ended: IntCounterVec,
+    concurrency_limit: prometheus::GaugeVec,
+    throttled: IntCounterVec,
 }
 
 /// Outcome of one request (`paysync_requests_total{outcome}`).
@@ -345,6 +347,21 @@ impl Metrics {
                 "Supervised tasks that ended on their own (a consumer loop, the HTTP server, a background loop): paysync then stops.",
                 &["task"],
             ),
+            concurrency_limit: prometheus::GaugeVec::new(
+                Opts::new(
+                    "paysync_connector_concurrency_limit",
+                    "Status calls an account may have in flight: learned (AIMD) or fixed; below 1, a fraction of one call per round trip.",
+                ),
+                &["connector", "account"],
+            )
+            .and_then(|g| r.register(Box::new(g.clone())).map(|()| g))
+            .unwrap_or_else(|e| panic!("metric paysync_connector_concurrency_limit: {e}")),
+            throttled: counter(
+                r,
+                "paysync_connector_throttled_total",
+                "Status calls the connector answered 429 (throttling: waited out, not failures).",
+                &["connector", "account"],
+            ),
             registry,
         };
         for o in [Outcome::Synced, Outcome::ConnectorError, Outcome::Invalid] {
@@ -431,6 +448,20 @@ impl Metrics {
     pub fn set_recheck_topics(&self, n: usize) {
         self.recheck_topics
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An account's concurrency limit changed.
+    pub fn set_concurrency_limit(&self, connector: &str, account: &str, limit: f64) {
+        self.concurrency_limit
+            .with_label_values(&[connector, account])
+            .set(limit);
+    }
+
+    /// A status call was answered 429.
+    pub fn throttled(&self, connector: &str, account: &str) {
+        self.throttled
+            .with_label_values(&[connector, account])
+            .inc();
     }
 
     /// A supervised task ended on its own.

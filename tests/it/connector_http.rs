@@ -85,7 +85,9 @@ async fn fixture() -> Fixture {
 impl Fixture {
     async fn call(&self, req: &StatusCheckRequest) -> paysync::connectors::gateway::CallRecord {
         let http = self.client.prepare(req).unwrap();
-        self.client.call_once(req, &http).await
+        self.client
+            .call_once(req, &http, paysync::connectors::limit::Priority::Fresh)
+            .await
     }
 }
 
@@ -156,7 +158,10 @@ async fn concurrent_calls_share_one_token_request() {
         .await;
     let req = request();
     let http = f.client.prepare(&req).unwrap();
-    let calls = (0..20).map(|_| f.client.call_once(&req, &http));
+    let calls = (0..20).map(|_| {
+        f.client
+            .call_once(&req, &http, paysync::connectors::limit::Priority::Fresh)
+    });
     let results = futures::future::join_all(calls).await;
     assert!(results.iter().all(|r| r.outcome.is_ok()));
     assert_eq!(requests_to(&f.server, TOKEN_PATH).await, 1);

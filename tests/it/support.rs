@@ -48,6 +48,9 @@ pub fn gateway_settings(connector: &str, base: &str) -> GatewaySettings {
             max_cooldown: Duration::from_millis(400),
         },
         rate_limit: None,
+        concurrency: paysync::connectors::limit::Concurrency::Adaptive,
+        concurrency_ceiling: 256,
+        recheck_share: 0.3,
         accounts,
     }
 }

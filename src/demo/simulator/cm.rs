@@ -87,7 +87,7 @@ async fn transaction(
     {
         return StatusCode::NOT_FOUND.into_response();
     }
-    let scenario = match state.answer(&id).await {
+    let scenario = match state.answer(&id, "cm").await {
         Answer::Response(r) => return r,
         Answer::Body(s) => s,
     };

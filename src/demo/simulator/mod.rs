@@ -123,6 +123,9 @@ pub struct SimOptions {
     pub token_ttl_secs: u64,
     /// How fast `progress-` and `notyet-` transactions move.
     pub progress_step: Duration,
+    /// Get Transaction calls per second per credential (token bucket, burst a
+    /// tenth; 429 with `Retry-After: 1` beyond it); `None`: no limit.
+    pub rate_limit: Option<f64>,
 }
 
 impl Default for SimOptions {
@@ -132,6 +135,7 @@ impl Default for SimOptions {
             error_rate: 0.0,
             token_ttl_secs: 3600,
             progress_step: Duration::from_secs(2),
+            rate_limit: None,
         }
     }
 }
@@ -165,10 +169,62 @@ impl Drop for Concurrent<'_> {
     }
 }
 
+/// A per-credential rate limit: a token bucket of `per_second` calls a second
+/// with a burst of a tenth of that; beyond it, 429 with `Retry-After: 1`, as a
+/// processor's API gateway answers.
+struct RateLimits {
+    /// Calls per second per credential (f64 bits; 0: no limit). Changeable while
+    /// running, to see a client follow.
+    per_second: AtomicU64,
+    buckets: Mutex<HashMap<String, (f64, std::time::Instant)>>,
+    throttled: AtomicU64,
+    /// Answered (not throttled) Get Transaction calls, by second since start.
+    answered_by_second: Mutex<Vec<u64>>,
+    /// Calls answered 429, by second since start.
+    throttled_by_second: Mutex<Vec<u64>>,
+    started: std::time::Instant,
+}
+
+impl RateLimits {
+    /// True when `credential` may make a call now.
+    fn admit(&self, credential: &str) -> bool {
+        let rate = f64::from_bits(self.per_second.load(Ordering::Relaxed));
+        if rate <= 0.0 {
+            return true;
+        }
+        let burst = (rate / 10.0).max(1.0);
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, at) = buckets.entry(credential.to_owned()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn answered(&self) {
+        self.count(&self.answered_by_second);
+    }
+
+    fn count(&self, series: &Mutex<Vec<u64>>) {
+        let second = self.started.elapsed().as_secs() as usize;
+        let mut v = series.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() <= second {
+            v.resize(second + 1, 0);
+        }
+        v[second] += 1;
+    }
+}
+
 /// What the simulated connectors share: options, counters, per-id call counts.
 pub struct SimState {
     options: SimOptions,
     counters: Counters,
+    limits: RateLimits,
     /// Calls per id, only for the prefixes whose answer depends on it.
     calls: Mutex<HashMap<String, u32>>,
     /// When each call of a time-dependent id came (`progress-`, `notyet-`).
@@ -241,12 +297,25 @@ pub enum Answer {
 }
 
 impl SimState {
-    /// Counts a status call, applies latency and the random error rate, and
-    /// resolves first-call scenarios. Connectors then render `Answer::Body`.
-    pub async fn answer(&self, id: &str) -> Answer {
+    /// Counts a status call of `credential`, applies its rate limit, latency and
+    /// the random error rate, and resolves first-call scenarios. Connectors then
+    /// render `Answer::Body`.
+    pub async fn answer(&self, id: &str, credential: &str) -> Answer {
         self.counters
             .status_requests
             .fetch_add(1, Ordering::Relaxed);
+        if !self.limits.admit(credential) {
+            self.limits.throttled.fetch_add(1, Ordering::Relaxed);
+            self.limits.count(&self.limits.throttled_by_second);
+            return Answer::Response(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "1")],
+                    "rate limit exceeded",
+                )
+                    .into_response(),
+            );
+        }
         let _concurrent = Concurrent::enter(&self.counters);
         let delay = self.options.latency.sample();
         if !delay.is_zero() {
@@ -255,6 +324,7 @@ impl SimState {
         if self.options.error_rate > 0.0 && fastrand::f64() < self.options.error_rate {
             return Answer::Response((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response());
         }
+        self.limits.answered();
         let scenario = match id {
             i if i.starts_with("progress-") || i.starts_with("notyet-") => self.moving(id),
             _ => Scenario::of(id),
@@ -341,6 +411,14 @@ impl Simulator {
             calls: Mutex::new(HashMap::new()),
             timeline: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
+            limits: RateLimits {
+                per_second: AtomicU64::new(options.rate_limit.unwrap_or(0.0).to_bits()),
+                buckets: Mutex::new(HashMap::new()),
+                throttled: AtomicU64::new(0),
+                answered_by_second: Mutex::new(Vec::new()),
+                throttled_by_second: Mutex::new(Vec::new()),
+                started: std::time::Instant::now(),
+            },
         });
         let mut app = Router::new().route("/healthz", get(|| async { "ok\n" }));
         for connector in SIMULATED {
@@ -404,6 +482,39 @@ impl Simulator {
             .get(id)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Changes the per-credential rate limit while running (`None`: no limit).
+    pub fn set_rate_limit(&self, per_second: Option<f64>) {
+        self.state
+            .limits
+            .per_second
+            .store(per_second.unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Calls answered 429 by the rate limit.
+    pub fn throttled(&self) -> u64 {
+        self.state.limits.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Get Transaction calls answered (not throttled), per second since the start.
+    pub fn answered_by_second(&self) -> Vec<u64> {
+        self.state
+            .limits
+            .answered_by_second
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Calls answered 429, per second since the start.
+    pub fn throttled_by_second(&self) -> Vec<u64> {
+        self.state
+            .limits
+            .throttled_by_second
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The most Get Transaction calls ever served at the same time.

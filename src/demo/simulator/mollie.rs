@@ -61,7 +61,7 @@ async fn payment(
             "Missing authentication, or failed to authenticate",
         );
     }
-    let scenario = match state.answer(&id).await {
+    let scenario = match state.answer(&id, "mollie").await {
         Answer::Response(r) => return r,
         Answer::Body(s) => s,
     };
