@@ -215,8 +215,10 @@ struct State {
     fixed: Option<usize>,
     in_flight: usize,
     rechecks_in_flight: usize,
-    fresh: VecDeque<oneshot::Sender<()>>,
-    rechecks: VecDeque<oneshot::Sender<()>>,
+    /// Waiting calls; a slot is handed to a waiter (counted in `in_flight`
+    /// before it wakes) together with when it may start (pacing).
+    fresh: VecDeque<oneshot::Sender<Instant>>,
+    rechecks: VecDeque<oneshot::Sender<Instant>>,
     /// Pacing: when the next call may start.
     next_start: Instant,
 }
@@ -238,10 +240,29 @@ impl State {
 }
 
 /// What an attempt to start a call came to.
-enum Next<'a> {
-    Go(Permit<'a>),
-    Sleep(Instant),
-    Queue(oneshot::Receiver<()>),
+enum Next {
+    /// A slot (already counted), usable from then on (pacing).
+    Go(Instant),
+    /// Queued: a slot will be handed over.
+    Queue(oneshot::Receiver<Instant>),
+}
+
+/// A queued call: if it is dropped after a slot was handed to it, the slot goes
+/// back.
+struct Waiting<'a> {
+    limiter: &'a AccountLimiter,
+    priority: Priority,
+    rx: oneshot::Receiver<Instant>,
+    received: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.received && self.rx.try_recv().is_ok() {
+            self.limiter
+                .release(self.priority, Signal::Unknown, Duration::ZERO);
+        }
+    }
 }
 
 /// The limit of one (connector, account), applied to its calls.
@@ -322,24 +343,43 @@ impl AccountLimiter {
     /// Waits for room in the account's window (and, below one call in flight,
     /// for the pacing interval).
     pub async fn acquire(&self, priority: Priority) -> Permit<'_> {
-        loop {
-            let next = self.try_acquire(priority);
-            match next {
-                Next::Go(permit) => return permit,
-                Next::Sleep(at) => tokio::time::sleep_until(at).await,
-                Next::Queue(rx) => {
-                    let _ = rx.await;
-                }
+        let start_at = match self.try_acquire(priority) {
+            Next::Go(at) => at,
+            Next::Queue(rx) => {
+                let mut waiting = Waiting {
+                    limiter: self,
+                    priority,
+                    rx,
+                    received: false,
+                };
+                let at = (&mut waiting.rx).await;
+                waiting.received = true;
+                // The sender never drops unanswered (a waiter is only ever
+                // removed to be handed a slot).
+                at.unwrap_or_else(|_| Instant::now())
             }
-        }
+        };
+        // The slot is counted: a permit owns it from here, even while it waits
+        // for its pacing interval.
+        let mut permit = Permit {
+            limiter: self,
+            priority,
+            started: Instant::now(),
+            done: false,
+        };
+        tokio::time::sleep_until(start_at).await;
+        permit.started = Instant::now();
+        permit
     }
 
-    fn try_acquire(&self, priority: Priority) -> Next<'_> {
+    fn try_acquire(&self, priority: Priority) -> Next {
         let mut s = self.lock();
         let now = Instant::now();
         let allowed = s.room()
-            && (priority == Priority::Fresh || s.recheck_room(self.share))
-            && (priority == Priority::Recheck || !s.fresh.iter().any(|w| !w.is_closed()));
+            && match priority {
+                Priority::Fresh => s.fresh.is_empty(),
+                Priority::Recheck => s.rechecks.is_empty() && s.recheck_room(self.share),
+            };
         if !allowed {
             let (tx, rx) = oneshot::channel();
             match priority {
@@ -348,27 +388,24 @@ impl AccountLimiter {
             }
             return Next::Queue(rx);
         }
-        if let Some(spacing) = s.law.spacing().filter(|_| s.fixed.is_none()) {
-            if now < s.next_start {
-                return Next::Sleep(s.next_start);
-            }
-            s.next_start = now + spacing;
-        }
         Next::Go(self.take(&mut s, priority, now))
     }
 
-    fn take(&self, s: &mut State, priority: Priority, now: Instant) -> Permit<'_> {
+    /// Counts a call in and returns when it may start.
+    fn take(&self, s: &mut State, priority: Priority, now: Instant) -> Instant {
         s.in_flight += 1;
         if priority == Priority::Recheck {
             s.rechecks_in_flight += 1;
         }
         let in_flight = s.in_flight;
         s.law.started(in_flight, now);
-        Permit {
-            limiter: self,
-            priority,
-            started: now,
-            done: false,
+        match s.law.spacing().filter(|_| s.fixed.is_none()) {
+            Some(spacing) => {
+                let at = s.next_start.max(now);
+                s.next_start = at + spacing;
+                at
+            }
+            None => now,
         }
     }
 
@@ -387,27 +424,40 @@ impl AccountLimiter {
         self.wake(&mut s);
     }
 
-    /// Wakes waiters the window has room for: fresh ones first; re-checks while
-    /// no fresh one waits, or within their share.
+    /// Hands slots the window has room for to waiters: fresh ones first;
+    /// re-checks while no fresh one waits, or within their share.
     fn wake(&self, s: &mut State) {
-        let mut room = s.concurrency().saturating_sub(s.in_flight);
-        while room > 0 {
-            if let Some(tx) = s.fresh.pop_front() {
-                if tx.send(()).is_ok() {
-                    room -= 1;
-                }
-                continue;
+        loop {
+            if !s.room() {
+                return;
             }
-            if !s.recheck_room(self.share) {
-                break;
-            }
-            match s.rechecks.pop_front() {
-                Some(tx) => {
-                    if tx.send(()).is_ok() {
-                        room -= 1;
-                    }
+            let priority = if let Some(front) = s.fresh.front() {
+                if front.is_closed() {
+                    s.fresh.pop_front();
+                    continue;
                 }
-                None => break,
+                Priority::Fresh
+            } else if !s.rechecks.is_empty() && s.recheck_room(self.share) {
+                if s.rechecks.front().is_some_and(oneshot::Sender::is_closed) {
+                    s.rechecks.pop_front();
+                    continue;
+                }
+                Priority::Recheck
+            } else {
+                return;
+            };
+            let tx = match priority {
+                Priority::Fresh => s.fresh.pop_front(),
+                Priority::Recheck => s.rechecks.pop_front(),
+            };
+            let Some(tx) = tx else { return };
+            let at = self.take(s, priority, Instant::now());
+            if tx.send(at).is_err() {
+                // Gone since: the slot goes back.
+                s.in_flight = s.in_flight.saturating_sub(1);
+                if priority == Priority::Recheck {
+                    s.rechecks_in_flight = s.rechecks_in_flight.saturating_sub(1);
+                }
             }
         }
     }
@@ -591,5 +641,49 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_waiters_leak_no_slot_and_the_bound_always_holds() {
+        let limiter = std::sync::Arc::new(AccountLimiter::new(
+            Concurrency::Fixed(3),
+            100,
+            0.3,
+            Box::new(|_| {}),
+        ));
+        let running = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let (l, r, m) = (limiter.clone(), running.clone(), most.clone());
+            let p = if i % 3 == 0 {
+                Priority::Recheck
+            } else {
+                Priority::Fresh
+            };
+            tasks.push(tokio::spawn(async move {
+                let permit = l.acquire(p).await;
+                let now = r.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                m.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(ms(5 + i % 7)).await;
+                r.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                permit.finish(Signal::Answered);
+            }));
+        }
+        // Cancel a third of them, wherever they are (waiting, or holding a slot).
+        tokio::time::sleep(ms(20)).await;
+        for t in tasks.iter().step_by(3) {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+        let s = limiter.lock();
+        assert_eq!(
+            (s.in_flight, s.rechecks_in_flight),
+            (0, 0),
+            "every slot came back"
+        );
     }
 }
