@@ -19,6 +19,7 @@
 //! | [`kafka`] | the engine loop, rdkafka callbacks (`context`), partition queues, the producers (idempotent and transactional), redrive, topics; the only rdkafka code | Kafka |
 //! | [`schema_registry`] | Confluent Schema Registry client (event schema id at start-up, accepted request schema ids) | HTTP |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
+//! | [`webhooks`] | the webhook intake: routes, limits, a request produced and acknowledged before 200 | HTTP server, Kafka |
 //! | [`supervisor`] | the long-running tasks and helper threads: one `JoinSet`, one cancellation, a failure named and the process stopped | none |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
 //! | [`demo`] | `paysync demo`, the connector simulator, the local stack for tests and the benchmark | in-process |
@@ -40,3 +41,4 @@ pub mod schema_registry;
 pub mod server;
 pub mod supervisor;
 pub mod telemetry;
+pub mod webhooks;

@@ -535,8 +535,13 @@ fn from_object(
             }
         },
     };
+    request.from_webhook = header(headers, WEBHOOK_SOURCE.0)? == Some(WEBHOOK_SOURCE.1);
     Ok(request)
 }
+
+/// The header (name, value) paysync's webhook intake puts on the requests it
+/// produces.
+pub const WEBHOOK_SOURCE: (&str, &str) = ("x-request-source", "webhook");
 
 #[cfg(test)]
 mod tests {

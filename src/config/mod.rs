@@ -293,8 +293,39 @@ pub struct Settings {
     pub events: EventSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Webhook intake, when `[webhooks]` exists.
+    pub webhooks: Option<WebhookSettings>,
     /// Connectors by name; a connector is on when its table exists.
     pub connectors: BTreeMap<String, ConnectorSettings>,
+}
+
+/// `[webhooks]`: processors' webhooks become status-check requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookSettings {
+    /// Its own listener (not the metrics port).
+    pub listen: SocketAddr,
+    /// Webhook-triggered checks follow the payment (when the connector has a
+    /// follow table).
+    pub follow: bool,
+    /// Larger bodies are answered 413.
+    pub max_body_bytes: usize,
+    /// How long a webhook waits for the broker's acknowledgement of its request
+    /// before it is answered 503.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Accepted webhooks per connector and merchant, per second (token bucket).
+    pub requests_per_second: u32,
+    /// The bucket's burst.
+    pub burst: u32,
+    /// Repeated webhooks for one transaction within this produce one request.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    /// A client has this long to send the request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client has this long to send the body.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
 }
 
 /// Where settings come from.
@@ -358,6 +389,11 @@ impl Settings {
         ];
         topics.extend(self.recheck_topics().into_values());
         topics
+    }
+
+    /// A connector's account, if configured.
+    pub fn account(&self, connector: &str, merchant: &str) -> Option<&crate::connectors::auth::Account> {
+        self.connectors.get(connector)?.gateway.accounts.get(merchant)
     }
 
     /// The re-check topic of every delay a connector with follow mode uses.

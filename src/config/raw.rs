@@ -83,7 +83,48 @@ pub(super) struct RawSettings {
     pub http: RawHttp,
     pub events: RawEvents,
     pub log: RawLog,
+    pub webhooks: Option<RawWebhooks>,
     pub connectors: BTreeMap<String, RawConnector>,
+}
+
+/// `[webhooks]`: the intake is on when the table exists.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawWebhooks {
+    #[serde(deserialize_with = "lenient_string")]
+    pub listen: String,
+    pub follow: bool,
+    pub max_body_bytes: i64,
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    pub requests_per_second: i64,
+    pub burst: Option<i64>,
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+}
+
+impl Default for RawWebhooks {
+    fn default() -> Self {
+        RawWebhooks {
+            listen: "0.0.0.0:9465".into(),
+            // A webhook says a payment changed: follow it until final.
+            follow: true,
+            max_body_bytes: 64 * 1024,
+            ack_timeout: Duration::from_secs(10),
+            // Per connector and merchant account: well above a processor's
+            // webhook rate for one merchant, well below what would flood the
+            // connector with checks.
+            requests_per_second: 100,
+            burst: None,
+            dedupe_window: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -385,6 +426,10 @@ pub(super) struct RawClientCredentialsAccount {
     pub client_secret: SecretSource,
     #[serde(default)]
     pub requests_per_second: Option<i64>,
+    #[serde(default)]
+    pub webhook_secret: Option<SecretSource>,
+    #[serde(default)]
+    pub webhook_path_token: Option<SecretSource>,
 }
 
 /// An account of a static-API-key connector.
@@ -394,4 +439,8 @@ pub(super) struct RawApiKeyAccount {
     pub api_key: SecretSource,
     #[serde(default)]
     pub requests_per_second: Option<i64>,
+    #[serde(default)]
+    pub webhook_secret: Option<SecretSource>,
+    #[serde(default)]
+    pub webhook_path_token: Option<SecretSource>,
 }

@@ -9,12 +9,12 @@ use url::Url;
 
 use super::raw::{
     RawApiKeyAccount, RawClientCredentialsAccount, RawConcurrency, RawConnector, RawFollow,
-    RawKafka, RawProcessing, RawRegistry, RawSettings, SecretSource,
+    RawKafka, RawProcessing, RawRegistry, RawSettings, RawWebhooks, SecretSource,
 };
 use super::{
     ConfigError, ConnectorSettings, EventSettings, FollowSettings, Guarantee, HttpSettings,
     KafkaProperties, KafkaSettings, LogFormat, LogSettings, ProcessingSettings, PublishMode,
-    RegistrySettings, Settings, DEAD_LETTER_RESERVE,
+    RegistrySettings, Settings, WebhookSettings, DEAD_LETTER_RESERVE,
 };
 use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credentials};
 use crate::connectors::breaker::BreakerSettings;
@@ -411,6 +411,23 @@ fn account(
         v.map(|r| bounded_u32(&format!("{key}.requests_per_second"), r, 1, 1_000_000))
             .transpose()
     };
+    let webhook_secret = |v: &Option<SecretSource>| {
+        v.as_ref()
+            .map(|src| secret(&format!("{key}.webhook_secret"), src, env))
+            .transpose()
+    };
+    let path_token = |v: &Option<SecretSource>| -> Result<Option<SecretString>, ConfigError> {
+        let k = format!("{key}.webhook_path_token");
+        let t = v.as_ref().map(|src| secret(&k, src, env)).transpose()?;
+        if let Some(t) = &t {
+            use secrecy::ExposeSecret;
+            let v = t.expose_secret();
+            if v.len() < 16 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(ConfigError::new(k, "must be at least 16 characters of [A-Za-z0-9_-] (it is a path segment and a secret)"));
+            }
+        }
+        Ok(t)
+    };
     match scheme {
         AuthScheme::OAuth2ClientCredentials(_) => {
             let a: RawClientCredentialsAccount = serde_json::from_value(raw).map_err(shape)?;
@@ -420,6 +437,8 @@ fn account(
                     client_secret: secret(&format!("{key}.client_secret"), &a.client_secret, env)?,
                 }),
                 requests_per_second: rps(a.requests_per_second)?,
+                webhook_secret: webhook_secret(&a.webhook_secret)?,
+                webhook_path_token: path_token(&a.webhook_path_token)?,
             })
         }
         AuthScheme::BearerApiKey => {
@@ -429,6 +448,8 @@ fn account(
                     api_key: secret(&format!("{key}.api_key"), &a.api_key, env)?,
                 },
                 requests_per_second: rps(a.requests_per_second)?,
+                webhook_secret: webhook_secret(&a.webhook_secret)?,
+                webhook_path_token: path_token(&a.webhook_path_token)?,
             })
         }
     }
@@ -612,6 +633,26 @@ fn follow(key: &str, f: RawFollow) -> Result<FollowSettings, ConfigError> {
     })
 }
 
+fn webhooks(w: RawWebhooks) -> Result<WebhookSettings, ConfigError> {
+    let rps = bounded_u32("webhooks.requests_per_second", w.requests_per_second, 1, 1_000_000)?;
+    Ok(WebhookSettings {
+        listen: w.listen.parse().map_err(|_| {
+            ConfigError::new(
+                "webhooks.listen",
+                format!("`{}` is not an address like 0.0.0.0:9465", w.listen),
+            )
+        })?,
+        follow: w.follow,
+        max_body_bytes: bounded("webhooks.max_body_bytes", w.max_body_bytes, 64, 16 * 1024 * 1024)?,
+        ack_timeout: duration("webhooks.ack_timeout", w.ack_timeout)?,
+        requests_per_second: rps,
+        burst: bounded_u32("webhooks.burst", w.burst.unwrap_or(i64::from(rps) * 2), 1, 10_000_000)?,
+        dedupe_window: duration("webhooks.dedupe_window", w.dedupe_window)?,
+        header_read_timeout: duration("webhooks.header_read_timeout", w.header_read_timeout)?,
+        body_read_timeout: duration("webhooks.body_read_timeout", w.body_read_timeout)?,
+    })
+}
+
 impl RawSettings {
     pub(super) fn validate(self, env: Env<'_>) -> Result<Settings, ConfigError> {
         let kafka = kafka(self.kafka, env)?;
@@ -666,7 +707,17 @@ impl RawSettings {
                 )
             });
         }
+        let webhooks = self.webhooks.map(webhooks).transpose()?;
+        if let Some(w) = &webhooks {
+            if w.listen == http.listen && w.listen.port() != 0 {
+                return Err(ConfigError::new(
+                    "webhooks.listen",
+                    "must differ from http.listen (the intake has its own listener)",
+                ));
+            }
+        }
         Ok(Settings {
+            webhooks,
             kafka,
             schema_registry,
             processing,

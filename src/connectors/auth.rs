@@ -118,6 +118,20 @@ pub struct Account {
     pub credentials: Credentials,
     /// Optional rate limit for this account's calls (besides the connector's).
     pub requests_per_second: Option<u32>,
+    /// Webhook intake: the secret its signed webhooks are verified with.
+    #[serde(serialize_with = "masked_opt")]
+    pub webhook_secret: Option<SecretString>,
+    /// Webhook intake: a secret path segment its webhook route must carry
+    /// (`/webhooks/<connector>/<merchant_id>/<token>`).
+    #[serde(serialize_with = "masked_opt")]
+    pub webhook_path_token: Option<SecretString>,
+}
+
+fn masked_opt<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("********"),
+        None => s.serialize_none(),
+    }
 }
 
 impl Account {
@@ -129,6 +143,8 @@ impl Account {
                 client_secret: SecretString::from(client_secret.to_owned()),
             }),
             requests_per_second: None,
+            webhook_secret: None,
+            webhook_path_token: None,
         }
     }
 
@@ -139,6 +155,8 @@ impl Account {
                 api_key: SecretString::from(key.to_owned()),
             },
             requests_per_second: None,
+            webhook_secret: None,
+            webhook_path_token: None,
         }
     }
 }

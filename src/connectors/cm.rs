@@ -15,7 +15,10 @@ use super::{
 };
 use crate::codec::{RejectCode, Rejection};
 use crate::domain::event::{CheckFailure, ConnectorErrorDetails, ErrorInfo, FailureCode};
-use crate::domain::{Money, PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport};
+use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
+use crate::domain::{
+    Money, PaymentMethodType, PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport,
+};
 
 /// The CM.com connector.
 #[derive(Debug, Clone, Copy, Default)]
@@ -347,6 +350,43 @@ impl Connector for CmConnector {
                 | PaymentStatus::FAILURE
         )
     }
+
+    /// CM.com's webhook: JSON `{"createdAt", "event", "transaction", "reference",
+    /// "payment"}`, `transaction` being the id to check. It carries no signature
+    /// (CM.com documents none) and no payment method, which its Get Transaction
+    /// path needs: the URL the merchant gives CM.com names it
+    /// (`?method=<UCS PaymentMethodType>`), and a webhook without it is refused.
+    fn read_webhook(&self, webhook: &Webhook<'_>) -> Result<WebhookCheck, WebhookError> {
+        #[derive(Deserialize)]
+        struct Wire {
+            transaction: Option<serde_json::Value>,
+        }
+        let wire: Wire = serde_json::from_slice(webhook.body)
+            .map_err(|e| WebhookError::Malformed(format!("the body is not CM.com's JSON: {e}")))?;
+        let id = match wire.transaction {
+            Some(serde_json::Value::String(id)) => id,
+            Some(_) => return Err(WebhookError::Malformed("`transaction` is not a string".into())),
+            None => return Err(WebhookError::Malformed("no `transaction`".into())),
+        };
+        let method = webhook.query("method").ok_or_else(|| {
+            WebhookError::Malformed(
+                "CM.com webhooks need the payment method in the URL: ?method=<UCS PaymentMethodType>, e.g. ?method=IDEAL".into(),
+            )
+        })?;
+        let method = PaymentMethodType::parse(method)
+            .filter(|m| method_segment(m.as_str()).is_some())
+            .ok_or_else(|| {
+                WebhookError::Malformed(format!(
+                    "`method` is not a payment method CM.com has a Get Transaction endpoint for (one of {})",
+                    PAYMENT_METHODS.iter().map(|(m, _)| *m).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+        Ok(WebhookCheck::Check {
+            transaction_id: webhook::transaction_id(&id)?,
+            method: Some(method),
+            event_id: None,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -471,5 +511,33 @@ mod tests {
             .unwrap_err();
         assert_eq!(bad.code, FailureCode::AuthenticationFailed);
         assert!(!bad.message.contains("echo"));
+    }
+
+    #[test]
+    fn webhooks_name_the_transaction_and_the_url_names_the_method() {
+        let c = CmConnector;
+        let body = br#"{"createdAt":"2026-11-30T10:00:00Z","event":"payment.updated","transaction":"9f3c2a1e-7b","reference":"order-1","payment":"p-1"}"#;
+        let q = |m: &str| vec![("method".to_owned(), m.to_owned())];
+        let w = |body: &'static [u8], query: &'static [(String, String)]| Webhook {
+            body,
+            headers: &[],
+            query,
+            secret: None,
+        };
+        let ideal: &'static [(String, String)] = Box::leak(q("IDEAL").into_boxed_slice());
+        match c.read_webhook(&w(body, ideal)).unwrap() {
+            WebhookCheck::Check { transaction_id, method, event_id } => {
+                assert_eq!(transaction_id.as_str(), "9f3c2a1e-7b");
+                assert_eq!(method.unwrap().as_str(), "IDEAL");
+                assert_eq!(event_id, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.read_webhook(&w(body, &[])).unwrap_err().status(), 400, "no method");
+        let paypal: &'static [(String, String)] = Box::leak(q("PAYPAL").into_boxed_slice());
+        assert_eq!(c.read_webhook(&w(body, paypal)).unwrap_err().status(), 400);
+        for bad in [&b"not json"[..], br#"{"event":"x"}"#, br#"{"transaction":7}"#, br#"{"transaction":"../etc"}"#] {
+            assert_eq!(c.read_webhook(&w(bad, ideal)).unwrap_err().status(), 400, "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

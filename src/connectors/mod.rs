@@ -11,7 +11,9 @@
 //! The [`gateway::Gateway`] does everything else for every connector: the HTTP
 //! executor ([`http`], the only HTTP client code), the auth schemes ([`auth`]: the
 //! OAuth2 token cache with single flight and one refresh on 401, or a static key),
-//! retries ([`retry`]), the circuit breaker ([`breaker`]) and rate limits.
+//! retries ([`retry`]), the circuit breaker ([`breaker`]), rate limits and
+//! adaptive concurrency ([`limit`]). [`webhook`] holds what connectors share to
+//! read their webhooks.
 //!
 //! Adding a connector: one file beside `cm.rs` implementing [`Connector`], and one
 //! line in [`registry`].
@@ -26,6 +28,7 @@ pub mod mollie;
 pub mod registry;
 pub mod retry;
 pub mod token;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -228,6 +231,16 @@ pub trait Connector: Send + Sync + 'static {
     /// True when `status` will not change any more for this connector (follow mode
     /// stops there).
     fn is_final(&self, status: PaymentStatus) -> bool;
+
+    /// Reads a webhook this connector sends (pure): the payment to check, or why
+    /// it is ignored or refused. The default takes none.
+    fn read_webhook(
+        &self,
+        webhook: &webhook::Webhook<'_>,
+    ) -> Result<webhook::WebhookCheck, webhook::WebhookError> {
+        let _ = webhook;
+        Err(webhook::WebhookError::Unsupported)
+    }
 }
 
 /// `base` with `segments` appended, each percent-encoded as one path segment.

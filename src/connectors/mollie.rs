@@ -14,6 +14,7 @@ use super::{
 };
 use crate::codec::Rejection;
 use crate::domain::event::{CheckFailure, ConnectorErrorDetails, ErrorInfo};
+use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
 use crate::domain::{Money, PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport};
 
 /// The Mollie connector.
@@ -307,6 +308,59 @@ impl Connector for MollieConnector {
                 | PaymentStatus::FAILURE
         )
     }
+
+    /// Mollie's two webhooks. Classic: a form body `id=tr_...`, unsigned (it
+    /// only triggers a check). Signed events (next-gen): JSON with `entityId`,
+    /// signed with `X-Mollie-Signature: sha256=<hex HMAC-SHA256 of the raw body>`
+    /// under the account's `webhook_secret`; with a secret configured, a bad or
+    /// missing signature is refused (while a secret rotates the header may come
+    /// twice, and either may match). Ids that are not payments (`ord_`, `re_`,
+    /// `chb_`, ...) are ignored.
+    fn read_webhook(&self, webhook: &Webhook<'_>) -> Result<WebhookCheck, WebhookError> {
+        let payment = |id: &str, event_id: Option<String>| {
+            if !id.starts_with("tr_") {
+                return Ok(WebhookCheck::Ignore("not a payment"));
+            }
+            Ok(WebhookCheck::Check {
+                transaction_id: webhook::transaction_id(id)?,
+                method: None,
+                event_id,
+            })
+        };
+        if !webhook.is_json() {
+            let fields = webhook::form_fields(webhook.body);
+            let id = fields
+                .iter()
+                .find(|(k, _)| k == "id")
+                .map(|(_, v)| v.as_str())
+                .ok_or_else(|| WebhookError::Malformed("a classic webhook needs `id=`".into()))?;
+            return payment(id, None);
+        }
+        if let Some(secret) = webhook.secret {
+            if !webhook::hmac_sha256_matches(
+                secret,
+                webhook.body,
+                webhook.header_values("x-mollie-signature"),
+            ) {
+                return Err(WebhookError::BadSignature);
+            }
+        }
+        #[derive(Deserialize)]
+        struct Event {
+            id: Option<String>,
+            #[serde(rename = "entityId")]
+            entity_id: Option<String>,
+        }
+        let event: Event = serde_json::from_slice(webhook.body)
+            .map_err(|e| WebhookError::Malformed(format!("the body is not a Mollie event: {e}")))?;
+        let id = event
+            .entity_id
+            .ok_or_else(|| WebhookError::Malformed("an event needs `entityId`".into()))?;
+        let event_id = event.id.filter(|i| {
+            !i.is_empty() && i.len() <= 64 && i.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+        payment(&id, event_id)
+    }
 }
 
 #[cfg(test)]
@@ -369,5 +423,50 @@ mod tests {
                 .contains("authorization"),
             "the gateway adds credentials"
         );
+    }
+
+    #[test]
+    fn classic_and_signed_webhooks_and_ids_that_are_not_payments() {
+        use secrecy::SecretString;
+        let c = MollieConnector;
+        let form: &[(String, String)] = &[];
+        let w = |body: &'static [u8], headers: Vec<(String, String)>, secret: Option<&'static SecretString>| {
+            let headers: &'static [(String, String)] = Box::leak(headers.into_boxed_slice());
+            Webhook { body, headers, query: form, secret }
+        };
+        let json = || vec![("content-type".to_owned(), "application/json".to_owned())];
+        let check = |r: Result<WebhookCheck, WebhookError>| match r {
+            Ok(WebhookCheck::Check { transaction_id, event_id, .. }) => (transaction_id.as_str().to_owned(), event_id),
+            other => panic!("{other:?}"),
+        };
+        // Classic, unsigned; a secret configured does not matter for it.
+        let secret: &'static SecretString = Box::leak(Box::new(SecretString::from("whsec_abc".to_owned())));
+        assert_eq!(check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], None))), ("tr_WDqYK6vllg".into(), None));
+        assert_eq!(check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], Some(secret)))), ("tr_WDqYK6vllg".into(), None));
+        assert_eq!(c.read_webhook(&w(b"id=ord_kEn1PlbGa", vec![], None)).unwrap(), WebhookCheck::Ignore("not a payment"));
+        assert_eq!(c.read_webhook(&w(b"nothing=here", vec![], None)).unwrap_err().status(), 400);
+        // Signed events.
+        let body: &'static [u8] = br#"{"resource":"event","id":"event_GvJ8WHrp5isUdRub9CJyH","type":"payment-link.paid","entityId":"tr_5B8cwPMGnU","createdAt":"2026-11-30T10:00:00+00:00"}"#;
+        let signed = |sig: &str| {
+            let mut h = json();
+            h.push(("x-mollie-signature".to_owned(), sig.to_owned()));
+            h
+        };
+        let good = webhook::hmac_sha256_header("whsec_abc", body);
+        assert_eq!(
+            check(c.read_webhook(&w(body, signed(&good), Some(secret)))),
+            ("tr_5B8cwPMGnU".into(), Some("event_GvJ8WHrp5isUdRub9CJyH".into()))
+        );
+        let old = webhook::hmac_sha256_header("whsec_old", body);
+        let mut both = signed(&old);
+        both.push(("x-mollie-signature".to_owned(), good.clone()));
+        check(c.read_webhook(&w(body, both, Some(secret))));
+        assert_eq!(c.read_webhook(&w(body, signed(&old), Some(secret))).unwrap_err(), WebhookError::BadSignature);
+        assert_eq!(c.read_webhook(&w(body, json(), Some(secret))).unwrap_err(), WebhookError::BadSignature, "missing");
+        // Without a secret configured, an event only triggers a check.
+        check(c.read_webhook(&w(body, json(), None)));
+        let refund: &'static [u8] = br#"{"id":"event_1","entityId":"re_4qqhO89gsT"}"#;
+        assert_eq!(c.read_webhook(&w(refund, json(), None)).unwrap(), WebhookCheck::Ignore("not a payment"));
+        assert_eq!(c.read_webhook(&w(b"{\"id\":1}", json(), None)).unwrap_err().status(), 400);
     }
 }

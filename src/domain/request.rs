@@ -245,6 +245,10 @@ pub struct StatusCheckRequest {
     pub merchant_request_id: Option<String>,
     /// Keep re-checking on the connector's schedule until the status is final.
     pub follow: bool,
+    /// It came from paysync's webhook intake (`x-request-source: webhook`): a
+    /// webhook only names a payment, so an id the connector does not know (404)
+    /// publishes nothing: a forged webhook cannot put events on the topic.
+    pub from_webhook: bool,
 }
 
 impl fmt::Debug for StatusCheckRequest {
@@ -291,6 +295,7 @@ impl StatusCheckRequest {
             payment_experience: None,
             merchant_request_id: None,
             follow: false,
+            from_webhook: false,
         }
     }
 }

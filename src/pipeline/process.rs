@@ -20,7 +20,7 @@ use crate::connectors::gateway::Gateway;
 use crate::connectors::limit::Priority;
 use crate::connectors::retry::CheckResult;
 use crate::connectors::HttpRequest;
-use crate::domain::event::{check_event_id, check_integrity, Envelope, SecretFields};
+use crate::domain::event::{check_event_id, check_integrity, Envelope, FailureCode, SecretFields};
 use crate::domain::{PaymentStatus, PaymentStatusEvent, StatusCheckRequest};
 use crate::pipeline::follow::{self, Chain, ChainEnd, FollowSettings, Position};
 use crate::pipeline::ledger::Epoch;
@@ -401,6 +401,14 @@ impl Processor {
             Outcome::ConnectorError
         };
         if let Err(failure) = &result.outcome {
+            if request.from_webhook && failure.code == FailureCode::TransactionNotFound {
+                // A webhook only names a payment: one the connector does not know
+                // publishes nothing (a forged id cannot put events on the topic),
+                // and no chain starts from it.
+                self.metrics.webhook_check_not_found(&request.connector);
+                tracing::info!("the connector does not know the transaction a webhook named; nothing is published");
+                return Vec::new();
+            }
             tracing::warn!(code = failure.code.as_str(), message = %failure.message, "status check failed");
         }
         let status = result

@@ -57,6 +57,9 @@ pub struct Metrics {
     tasks_ended: IntCounterVec,
     concurrency_limit: prometheus::GaugeVec,
     throttled: IntCounterVec,
+    webhooks: IntCounterVec,
+    webhook_duration: HistogramVec,
+    webhook_not_found: IntCounterVec,
 }
 
 /// Outcome of one request (`paysync_requests_total{outcome}`).
@@ -356,6 +359,32 @@ impl Metrics {
             )
             .and_then(|g| r.register(Box::new(g.clone())).map(|()| g))
             .unwrap_or_else(|e| panic!("metric paysync_connector_concurrency_limit: {e}")),
+            webhooks: counter(
+                r,
+                "paysync_webhooks_total",
+                "Webhooks received, by connector and outcome (accepted, duplicate, ignored, bad_signature, malformed, not_found, too_large, throttled, unavailable, timeout).",
+                &["connector", "outcome"],
+            ),
+            webhook_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "paysync_webhook_duration_seconds",
+                        "From a webhook's arrival to its answer (the broker's acknowledgement of its request included).",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["connector"],
+                )
+                .unwrap_or_else(|e| panic!("metric paysync_webhook_duration_seconds: {e}"));
+                r.register(Box::new(h.clone()))
+                    .unwrap_or_else(|e| panic!("register paysync_webhook_duration_seconds: {e}"));
+                h
+            },
+            webhook_not_found: counter(
+                r,
+                "paysync_webhook_checks_not_found_total",
+                "Webhook-triggered checks the connector answered 404: nothing published.",
+                &["connector"],
+            ),
             throttled: counter(
                 r,
                 "paysync_connector_throttled_total",
@@ -455,6 +484,19 @@ impl Metrics {
         self.concurrency_limit
             .with_label_values(&[connector, account])
             .set(limit);
+    }
+
+    /// A webhook was answered with `outcome` after `took`.
+    pub fn webhook(&self, connector: &str, outcome: &str, took: Duration) {
+        self.webhooks.with_label_values(&[connector, outcome]).inc();
+        self.webhook_duration
+            .with_label_values(&[connector])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A webhook-triggered check found no such transaction.
+    pub fn webhook_check_not_found(&self, connector: &str) {
+        self.webhook_not_found.with_label_values(&[connector]).inc();
     }
 
     /// A status call was answered 429.
