@@ -32,6 +32,7 @@ use crate::pipeline::txn::Transactions;
 use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
 use crate::supervisor::{Ended, Failures, Lifetime, Supervisor};
+use crate::webhooks::{self, Intake};
 use crate::telemetry::Metrics;
 
 /// Why paysync could not start. `main` maps the kind to the exit code: 2 for a
@@ -74,8 +75,10 @@ pub enum StartupError {
     #[error("paysync stopped: {0}")]
     Stopped(Ended),
     /// The HTTP server could not listen.
-    #[error("cannot listen on {addr} (http.listen): {source}")]
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Listen {
+        /// The setting that names the address.
+        key: &'static str,
         /// The address.
         addr: SocketAddr,
         /// Why.
@@ -117,6 +120,9 @@ pub struct RunningApp {
     publisher: Arc<Publisher>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
+    /// The webhook intake's address, when `[webhooks]` is on.
+    webhook_addr: Option<SocketAddr>,
+    intake: Option<Arc<Intake>>,
     ready: Probe,
 }
 
@@ -129,6 +135,11 @@ impl RunningApp {
     /// The address the HTTP server listens on.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The address the webhook intake listens on, when `[webhooks]` is on.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook_addr
     }
 
     /// True once the consumer joined its group and the topics were found, while
@@ -171,7 +182,13 @@ impl RunningApp {
             .iter()
             .filter_map(|e| e.txn_producer.clone())
             .collect();
+        let intake = self.intake.clone();
         let flushed = tokio::task::spawn_blocking(move || {
+            // Webhooks already answered were acknowledged by the broker; this
+            // only waits for the ones cut off by shutdown.
+            if let Some(intake) = intake {
+                intake.flush(Duration::from_secs(5));
+            }
             for p in txn_producers {
                 p.flush(Duration::from_secs(10));
             }
@@ -473,13 +490,22 @@ pub async fn start_with(
             source,
         })?,
     );
-    let addr = settings.http.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartupError::Listen { addr, source })?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|source| StartupError::Listen { addr, source })?;
+    let (listener, http_addr) = bind("http.listen", settings.http.listen).await?;
+    // The webhook intake binds before anything consumes, so a port in use stops
+    // start-up instead of leaving a half-running instance.
+    let intake = match &settings.webhooks {
+        None => None,
+        Some(w) => {
+            let (listener, addr) = bind("webhooks.listen", w.listen).await?;
+            let intake = Intake::new(&settings, w, metrics.clone()).map_err(|source| {
+                StartupError::Kafka {
+                    client: "webhook producer",
+                    source,
+                }
+            })?;
+            Some((listener, addr, Arc::new(intake)))
+        }
+    };
     let settings = Arc::new(settings);
     let engines: Engines = Arc::new(Mutex::new(Vec::new()));
     let factory = EngineFactory {
@@ -540,6 +566,7 @@ pub async fn start_with(
             Ok(())
         })
     };
+    let intake_ready = intake.as_ref().map(|(_, _, i)| i.clone());
     let ready: Probe = {
         let engines = engines.clone();
         let topics_ok = topics_ok.clone();
@@ -556,6 +583,9 @@ pub async fn start_with(
                 .all(|e| crate::kafka::engine::has_joined(&e.consumer))
             {
                 return Err("waiting to join the consumer groups".into());
+            }
+            if let Some(intake) = &intake_ready {
+                intake.ready()?;
             }
             let now = std::time::Instant::now();
             for e in engines.iter() {
@@ -593,6 +623,16 @@ pub async fn start_with(
     supervisor.spawn("http server", Lifetime::UntilShutdown, async move {
         server::serve(listener, state, token).await
     });
+    let webhook_addr = intake.as_ref().map(|(_, addr, _)| *addr);
+    let intake = intake.map(|(listener, addr, intake)| {
+        let token = supervisor.token();
+        let serving = intake.clone();
+        supervisor.spawn("webhook intake", Lifetime::UntilShutdown, async move {
+            webhooks::serve(listener, serving, token).await
+        });
+        tracing::info!(listen = %addr, "webhook intake listening");
+        intake
+    });
     let k = &settings.kafka;
     tracing::info!(
         brokers = %k.brokers,
@@ -611,8 +651,25 @@ pub async fn start_with(
         publisher,
         metrics,
         http_addr,
+        webhook_addr,
+        intake,
         ready,
     })
+}
+
+/// Binds a listener for the setting `key`; returns it with its address (the
+/// port the system chose for port 0).
+async fn bind(
+    key: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartupError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Listen { key, addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartupError::Listen { key, addr, source })?;
+    Ok((listener, local))
 }
 
 struct AliveGuard(Arc<AtomicBool>);

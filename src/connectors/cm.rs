@@ -361,8 +361,7 @@ impl Connector for CmConnector {
         struct Wire {
             transaction: Option<serde_json::Value>,
         }
-        let wire: Wire = serde_json::from_slice(webhook.body)
-            .map_err(|e| WebhookError::Malformed(format!("the body is not CM.com's JSON: {e}")))?;
+        let wire: Wire = webhook::json_body(webhook.body, "CM.com's webhook JSON")?;
         let id = match wire.transaction {
             Some(serde_json::Value::String(id)) => id,
             Some(_) => return Err(WebhookError::Malformed("`transaction` is not a string".into())),

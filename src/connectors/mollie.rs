@@ -351,8 +351,7 @@ impl Connector for MollieConnector {
             #[serde(rename = "entityId")]
             entity_id: Option<String>,
         }
-        let event: Event = serde_json::from_slice(webhook.body)
-            .map_err(|e| WebhookError::Malformed(format!("the body is not a Mollie event: {e}")))?;
+        let event: Event = webhook::json_body(webhook.body, "a Mollie event")?;
         let id = event
             .entity_id
             .ok_or_else(|| WebhookError::Malformed("an event needs `entityId`".into()))?;

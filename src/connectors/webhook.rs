@@ -50,6 +50,26 @@ impl Webhook<'_> {
     }
 }
 
+/// Reads a webhook's JSON body as `T`; the error names what was expected and
+/// where parsing stopped, never the bytes found (a caller's input is not echoed).
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, WebhookError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let kind = match e.classify() {
+            serde_json::error::Category::Io | serde_json::error::Category::Syntax => "not JSON",
+            serde_json::error::Category::Data => "JSON of the wrong shape",
+            serde_json::error::Category::Eof => "cut short",
+        };
+        WebhookError::Malformed(format!(
+            "the body is not {what}: {kind} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
 /// What a webhook asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookCheck {

@@ -4,8 +4,10 @@
 //! `paysync run` does. Sample requests cover every status, a retried 5xx, an
 //! honoured 429, failed checks, invalid requests, and one payment followed until
 //! it is final (a 1 s schedule; the simulator moves it from open to authorized to
-//! paid). Each event is printed as one JSON line, each dead letter with its
-//! reason, then a summary table with the followed chain.
+//! paid). Two payments arrive as webhooks through the intake's real HTTP path
+//! (a CM.com webhook and a signed Mollie event). Each event is printed as one
+//! JSON line, each dead letter with its reason, then a summary table with the
+//! followed chain and the webhooks' answers.
 
 pub mod simulator;
 pub mod stack;
@@ -25,7 +27,9 @@ const INPUT: &str = "payment-status-requests";
 const OUTPUT: &str = "payment-status-events";
 const DLQ: &str = "payment-status-requests.dlq";
 /// The demo's follow schedule for CM.com: every second, up to ten times.
-const FOLLOW: &str = "[connectors.cm.follow]\nschedule = [[\"1s\", 10]]\npublish = \"changes\"\n";
+const FOLLOW: &str = "[connectors.cm.follow]\nschedule = [[\"1s\", 10]]\npublish = \"changes\"\n[webhooks]\nlisten = \"127.0.0.1:0\"\n";
+/// The demo Mollie account's webhook secret (signed events are verified with it).
+const MOLLIE_WEBHOOK_SECRET: &str = "demo-webhook-secret";
 const RECHECK: &str = "payment-status-requests.recheck.1s";
 /// The followed sample.
 const FOLLOWED: &str = "progress-1015";
@@ -175,6 +179,51 @@ fn samples() -> Vec<(String, Vec<(&'static str, &'static str)>)> {
     out
 }
 
+/// Sends the demo's webhooks to the intake at `addr`, as the processors would:
+/// a CM.com webhook (the method in the URL) and a signed Mollie event. Returns
+/// what was sent with the answer's status.
+async fn send_webhooks(addr: SocketAddr) -> Result<Vec<(String, u16)>, String> {
+    let client = reqwest::Client::new();
+    let mollie_event = r#"{"resource":"event","id":"event_demo0001","type":"payment-link.paid","entityId":"tr_success-3002","createdAt":"2026-11-21T10:00:00+00:00"}"#;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, MOLLIE_WEBHOOK_SECRET.as_bytes());
+    let signature: String = ring::hmac::sign(&key, mollie_event.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let sends = [
+        (
+            "cm: transaction success-3001 (?method=IDEAL)",
+            client
+                .post(format!("http://{addr}/webhooks/cm/default?method=IDEAL"))
+                .header("content-type", "application/json")
+                .body(r#"{"createdAt":"2026-11-21T10:00:00Z","event":"StatusChanged","transaction":"success-3001","reference":"order-77","payment":"pay-1"}"#),
+        ),
+        (
+            "mollie: signed event for tr_success-3002",
+            client
+                .post(format!("http://{addr}/webhooks/mollie/default"))
+                .header("content-type", "application/json")
+                .header("x-mollie-signature", format!("sha256={signature}"))
+                .body(mollie_event),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (what, request) in sends {
+        let status = request
+            .send()
+            .await
+            .map_err(|e| format!("webhook ({what}): {e}"))?
+            .status()
+            .as_u16();
+        if status != 200 {
+            return Err(format!("webhook ({what}) answered {status}"));
+        }
+        out.push((what.to_owned(), status));
+    }
+    Ok(out)
+}
+
 /// Demo options.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -227,7 +276,14 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
         }
         Err(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
     };
-    let settings = demo_settings(&broker.bootstrap(), &sim.base_url(), listen)?;
+    let mut settings = demo_settings(&broker.bootstrap(), &sim.base_url(), listen)?;
+    if let Some(account) = settings
+        .connectors
+        .get_mut("mollie")
+        .and_then(|c| c.gateway.accounts.get_mut("default"))
+    {
+        account.webhook_secret = Some(MOLLIE_WEBHOOK_SECRET.into());
+    }
     let app = crate::app::start(settings)
         .await
         .map_err(|e| e.to_string())?;
@@ -253,7 +309,9 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
             )
             .await?;
     }
-    let total = samples.len();
+    let webhook_addr = app.webhook_addr().ok_or("the demo's webhook intake is off")?;
+    let webhooks = send_webhooks(webhook_addr).await?;
+    let total = samples.len() + webhooks.len();
     // One record per request, plus the followed chain's two changes of status.
     let expected = total + 2;
 
@@ -359,6 +417,10 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
         "re-checks scheduled (follow mode)",
         sum_metric(&metrics_text, "paysync_rechecks_scheduled_total", &[]) as u64
     );
+    let _ = writeln!(out, "  webhooks (POST to the intake, answered after the broker's ack):");
+    for (what, status) in &webhooks {
+        let _ = writeln!(out, "    {what:<56} {status:>7}");
+    }
     chain.sort_by_key(|e| e["check_number"].as_i64());
     let _ = writeln!(out, "  followed {FOLLOWED} (published checks):");
     for e in &chain {

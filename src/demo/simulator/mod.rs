@@ -20,6 +20,8 @@
 //! | `notyet-` | 404 until one `progress_step` after its first call, then paid (a payment the connector does not show yet) |
 //! | anything else | paid |
 //!
+//! A leading `tr_` (Mollie's payment ids) is ignored: `tr_success-1` is paid.
+//!
 //! Every transaction is 12.00 EUR. Optional latency (fixed, or normal, or long
 //! tail) and a random 5xx rate make it a load target.
 
@@ -281,6 +283,8 @@ impl Scenario {
             ("ratelimited-", Scenario::RateLimited),
             ("malformed-", Scenario::Malformed),
         ];
+        // Mollie-style ids (`tr_success-1`) answer by what follows `tr_`.
+        let id = id.strip_prefix("tr_").unwrap_or(id);
         PREFIXES
             .iter()
             .find(|(p, _)| id.starts_with(p))
@@ -325,7 +329,7 @@ impl SimState {
             return Answer::Response((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response());
         }
         self.limits.answered();
-        let scenario = match id {
+        let scenario = match id.strip_prefix("tr_").unwrap_or(id) {
             i if i.starts_with("progress-") || i.starts_with("notyet-") => self.moving(id),
             _ => Scenario::of(id),
         };
