@@ -32,8 +32,8 @@ use crate::pipeline::txn::Transactions;
 use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
 use crate::supervisor::{Ended, Failures, Lifetime, Supervisor};
-use crate::webhooks::{self, Intake};
 use crate::telemetry::Metrics;
+use crate::webhooks::{self, Intake};
 
 /// Why paysync could not start. `main` maps the kind to the exit code: 2 for a
 /// configuration that cannot work, 1 for everything else.

@@ -136,7 +136,8 @@ impl Intake {
             let Some(connector) = registry::get(name) else {
                 continue;
             };
-            let per_second = NonZeroU32::new(webhooks.requests_per_second).unwrap_or(NonZeroU32::MIN);
+            let per_second =
+                NonZeroU32::new(webhooks.requests_per_second).unwrap_or(NonZeroU32::MIN);
             let burst = NonZeroU32::new(webhooks.burst).unwrap_or(per_second);
             let accounts = c
                 .gateway
@@ -155,7 +156,13 @@ impl Intake {
                     )
                 })
                 .collect();
-            routes.insert(name.clone(), ConnectorRoute { connector, accounts });
+            routes.insert(
+                name.clone(),
+                ConnectorRoute {
+                    connector,
+                    accounts,
+                },
+            );
         }
         Ok(Intake {
             settings: webhooks.clone(),
@@ -233,7 +240,11 @@ async fn handle(
     };
     let label = route.connector.name();
     let Some(account) = route.accounts.get(merchant.as_str()) else {
-        return (label, "not_found", answer(StatusCode::NOT_FOUND, "no such webhook route", None));
+        return (
+            label,
+            "not_found",
+            answer(StatusCode::NOT_FOUND, "no such webhook route", None),
+        );
     };
     // An account with a path token has only the route that carries it.
     let token_ok = match (&account.path_token, token) {
@@ -242,13 +253,21 @@ async fn handle(
         _ => false,
     };
     if !token_ok {
-        return (label, "not_found", answer(StatusCode::NOT_FOUND, "no such webhook route", None));
+        return (
+            label,
+            "not_found",
+            answer(StatusCode::NOT_FOUND, "no such webhook route", None),
+        );
     }
     if account.bucket.check().is_err() {
         return (
             label,
             "throttled",
-            answer(StatusCode::TOO_MANY_REQUESTS, "too many webhooks for this account", Some(1)),
+            answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many webhooks for this account",
+                Some(1),
+            ),
         );
     }
     let limit = intake.settings.max_body_bytes;
@@ -256,7 +275,11 @@ async fn handle(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|l| l > limit as u64) {
-        return (label, "too_large", answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large", None));
+        return (
+            label,
+            "too_large",
+            answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large", None),
+        );
     }
     let bytes = match tokio::time::timeout(
         intake.settings.body_read_timeout,
@@ -266,10 +289,22 @@ async fn handle(
     {
         Ok(Ok(b)) => b,
         Ok(Err(_)) => {
-            return (label, "too_large", answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large", None))
+            return (
+                label,
+                "too_large",
+                answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large", None),
+            )
         }
         Err(_) => {
-            return (label, "timeout", answer(StatusCode::REQUEST_TIMEOUT, "body not received in time", None))
+            return (
+                label,
+                "timeout",
+                answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body not received in time",
+                    None,
+                ),
+            )
         }
     };
     let header_list: Vec<(String, String)> = headers
@@ -277,7 +312,11 @@ async fn handle(
         .filter_map(|(k, v)| Some((k.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_owned())))
         .collect();
     let query_list: Vec<(String, String)> = query
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
         .unwrap_or_default();
     let webhook = Webhook {
         body: &bytes,
@@ -292,7 +331,11 @@ async fn handle(
             event_id,
         }) => (transaction_id, method, event_id),
         Ok(WebhookCheck::Ignore(why)) => {
-            return (label, "ignored", answer(StatusCode::OK, &format!("ignored: {why}"), None))
+            return (
+                label,
+                "ignored",
+                answer(StatusCode::OK, &format!("ignored: {why}"), None),
+            )
         }
         Err(e) => {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
@@ -311,7 +354,11 @@ async fn handle(
         .unwrap_or_else(|p| p.into_inner())
         .seen_within(&key, intake.settings.dedupe_window)
     {
-        return (label, "duplicate", answer(StatusCode::OK, "accepted (a repeat)", None));
+        return (
+            label,
+            "duplicate",
+            answer(StatusCode::OK, "accepted (a repeat)", None),
+        );
     }
     let request_id = match &event_id {
         Some(id) => format!("webhook:{label}:{id}"),
@@ -331,10 +378,12 @@ async fn handle(
     let record: FutureRecord<'_, str, str> = FutureRecord::to(&intake.input_topic)
         .key(transaction_id.as_str())
         .payload(value.as_str())
-        .headers(rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-            key: WEBHOOK_SOURCE.0,
-            value: Some(WEBHOOK_SOURCE.1),
-        }));
+        .headers(
+            rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: WEBHOOK_SOURCE.0,
+                value: Some(WEBHOOK_SOURCE.1),
+            }),
+        );
     let unavailable = |why: &str| {
         (
             label,
@@ -377,7 +426,11 @@ async fn handle(
             (
                 label,
                 "timeout",
-                answer(StatusCode::SERVICE_UNAVAILABLE, "not stored in time: try again", Some(5)),
+                answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not stored in time: try again",
+                    Some(5),
+                ),
             )
         }
     }

@@ -500,3 +500,95 @@ fn retry_after_values() {
         })
         .unwrap();
 }
+
+/// What every connector's webhook reader must hold to, for any body, headers and
+/// query: no panic; a check names a transaction id that obeys the input
+/// contract's rule; a refusal is a 4xx whose message does not echo the body.
+fn check_webhook(
+    connector: &dyn Connector,
+    body: &[u8],
+    headers: &[(String, String)],
+    query: &[(String, String)],
+    secret: Option<&secrecy::SecretString>,
+) {
+    use paysync::connectors::webhook::{Webhook, WebhookCheck};
+    let webhook = Webhook {
+        body,
+        headers,
+        query,
+        secret,
+    };
+    match connector.read_webhook(&webhook) {
+        Ok(WebhookCheck::Check { transaction_id, .. }) => {
+            assert!(TransactionId::parse(transaction_id.as_str()).is_ok());
+        }
+        Ok(WebhookCheck::Ignore(why)) => assert!(!why.is_empty()),
+        Err(e) => {
+            assert!((400..500).contains(&e.status()));
+            let message = e.to_string();
+            // A body of 12+ printable bytes never reaches the message verbatim.
+            if let Ok(text) = std::str::from_utf8(body) {
+                let text = text.trim();
+                if text.len() >= 12 {
+                    assert!(!message.contains(text), "{message:?} echoes the body");
+                }
+            }
+        }
+    }
+}
+
+/// A webhook body: arbitrary bytes, or JSON/form shaped like the processors'
+/// (with arbitrary values where the ids go).
+fn webhook_body() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..300),
+        (json_value(), json_value()).prop_map(|(a, b)| {
+            json!({"createdAt": "2026-11-21T10:00:00Z", "event": "x", "transaction": a, "reference": b})
+                .to_string()
+                .into_bytes()
+        }),
+        (json_value(), json_value()).prop_map(|(id, entity)| {
+            json!({"resource": "event", "id": id, "entityId": entity})
+                .to_string()
+                .into_bytes()
+        }),
+        ".{0,80}".prop_map(|v| format!("id={v}").into_bytes()),
+        "(tr|ord|re|chb)_[A-Za-z0-9%./-]{0,40}".prop_map(|v| format!("id={v}").into_bytes()),
+    ]
+}
+
+#[test]
+fn webhooks_of_arbitrary_bytes_headers_and_queries() {
+    let secret = secrecy::SecretString::from("whsec_fuzz".to_owned());
+    let strategy = (
+        webhook_body(),
+        proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("content-type".to_owned()),
+                    Just("x-mollie-signature".to_owned()),
+                    "[a-z-]{1,12}"
+                ],
+                ".{0,80}",
+            ),
+            0..4,
+        ),
+        proptest::collection::vec(
+            (
+                prop_oneof![Just("method".to_owned()), "[a-z]{1,8}"],
+                ".{0,20}",
+            ),
+            0..3,
+        ),
+        any::<bool>(),
+    );
+    for connector in connectors() {
+        runner()
+            .run(&strategy, |(body, headers, query, signed)| {
+                let secret = signed.then_some(&secret);
+                check_webhook(connector.as_ref(), &body, &headers, &query, secret);
+                Ok(())
+            })
+            .unwrap();
+    }
+}

@@ -392,8 +392,16 @@ impl Settings {
     }
 
     /// A connector's account, if configured.
-    pub fn account(&self, connector: &str, merchant: &str) -> Option<&crate::connectors::auth::Account> {
-        self.connectors.get(connector)?.gateway.accounts.get(merchant)
+    pub fn account(
+        &self,
+        connector: &str,
+        merchant: &str,
+    ) -> Option<&crate::connectors::auth::Account> {
+        self.connectors
+            .get(connector)?
+            .gateway
+            .accounts
+            .get(merchant)
     }
 
     /// The re-check topic of every delay a connector with follow mode uses.

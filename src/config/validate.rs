@@ -422,7 +422,11 @@ fn account(
         if let Some(t) = &t {
             use secrecy::ExposeSecret;
             let v = t.expose_secret();
-            if v.len() < 16 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            if v.len() < 16
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
                 return Err(ConfigError::new(k, "must be at least 16 characters of [A-Za-z0-9_-] (it is a path segment and a secret)"));
             }
         }
@@ -634,7 +638,12 @@ fn follow(key: &str, f: RawFollow) -> Result<FollowSettings, ConfigError> {
 }
 
 fn webhooks(w: RawWebhooks) -> Result<WebhookSettings, ConfigError> {
-    let rps = bounded_u32("webhooks.requests_per_second", w.requests_per_second, 1, 1_000_000)?;
+    let rps = bounded_u32(
+        "webhooks.requests_per_second",
+        w.requests_per_second,
+        1,
+        1_000_000,
+    )?;
     Ok(WebhookSettings {
         listen: w.listen.parse().map_err(|_| {
             ConfigError::new(
@@ -643,10 +652,20 @@ fn webhooks(w: RawWebhooks) -> Result<WebhookSettings, ConfigError> {
             )
         })?,
         follow: w.follow,
-        max_body_bytes: bounded("webhooks.max_body_bytes", w.max_body_bytes, 64, 16 * 1024 * 1024)?,
+        max_body_bytes: bounded(
+            "webhooks.max_body_bytes",
+            w.max_body_bytes,
+            64,
+            16 * 1024 * 1024,
+        )?,
         ack_timeout: duration("webhooks.ack_timeout", w.ack_timeout)?,
         requests_per_second: rps,
-        burst: bounded_u32("webhooks.burst", w.burst.unwrap_or(i64::from(rps) * 2), 1, 10_000_000)?,
+        burst: bounded_u32(
+            "webhooks.burst",
+            w.burst.unwrap_or(i64::from(rps) * 2),
+            1,
+            10_000_000,
+        )?,
         dedupe_window: duration("webhooks.dedupe_window", w.dedupe_window)?,
         header_read_timeout: duration("webhooks.header_read_timeout", w.header_read_timeout)?,
         body_read_timeout: duration("webhooks.body_read_timeout", w.body_read_timeout)?,

@@ -8,6 +8,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 use url::Url;
 
+use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
 use super::{
     deserialization_failure, raw_status, rfc3339_to_unix, url_with_segments, AccessToken,
     AuthScheme, ClientCredentials, Connector, ErrorBody, HttpRequest, HttpResponse, Method,
@@ -15,7 +16,6 @@ use super::{
 };
 use crate::codec::{RejectCode, Rejection};
 use crate::domain::event::{CheckFailure, ConnectorErrorDetails, ErrorInfo, FailureCode};
-use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
 use crate::domain::{
     Money, PaymentMethodType, PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport,
 };
@@ -364,7 +364,11 @@ impl Connector for CmConnector {
         let wire: Wire = webhook::json_body(webhook.body, "CM.com's webhook JSON")?;
         let id = match wire.transaction {
             Some(serde_json::Value::String(id)) => id,
-            Some(_) => return Err(WebhookError::Malformed("`transaction` is not a string".into())),
+            Some(_) => {
+                return Err(WebhookError::Malformed(
+                    "`transaction` is not a string".into(),
+                ))
+            }
             None => return Err(WebhookError::Malformed("no `transaction`".into())),
         };
         let method = webhook.query("method").ok_or_else(|| {
@@ -525,18 +529,36 @@ mod tests {
         };
         let ideal: &'static [(String, String)] = Box::leak(q("IDEAL").into_boxed_slice());
         match c.read_webhook(&w(body, ideal)).unwrap() {
-            WebhookCheck::Check { transaction_id, method, event_id } => {
+            WebhookCheck::Check {
+                transaction_id,
+                method,
+                event_id,
+            } => {
                 assert_eq!(transaction_id.as_str(), "9f3c2a1e-7b");
                 assert_eq!(method.unwrap().as_str(), "IDEAL");
                 assert_eq!(event_id, None);
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(c.read_webhook(&w(body, &[])).unwrap_err().status(), 400, "no method");
+        assert_eq!(
+            c.read_webhook(&w(body, &[])).unwrap_err().status(),
+            400,
+            "no method"
+        );
         let paypal: &'static [(String, String)] = Box::leak(q("PAYPAL").into_boxed_slice());
         assert_eq!(c.read_webhook(&w(body, paypal)).unwrap_err().status(), 400);
-        for bad in [&b"not json"[..], br#"{"event":"x"}"#, br#"{"transaction":7}"#, br#"{"transaction":"../etc"}"#] {
-            assert_eq!(c.read_webhook(&w(bad, ideal)).unwrap_err().status(), 400, "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"not json"[..],
+            br#"{"event":"x"}"#,
+            br#"{"transaction":7}"#,
+            br#"{"transaction":"../etc"}"#,
+        ] {
+            assert_eq!(
+                c.read_webhook(&w(bad, ideal)).unwrap_err().status(),
+                400,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -8,13 +8,13 @@
 use serde::{Deserialize, Deserializer};
 use url::Url;
 
+use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
 use super::{
     deserialization_failure, raw_status, url_with_segments, AuthScheme, Connector, ErrorBody,
     HttpRequest, HttpResponse, Method,
 };
 use crate::codec::Rejection;
 use crate::domain::event::{CheckFailure, ConnectorErrorDetails, ErrorInfo};
-use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
 use crate::domain::{Money, PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport};
 
 /// The Mollie connector.
@@ -356,7 +356,10 @@ impl Connector for MollieConnector {
             .entity_id
             .ok_or_else(|| WebhookError::Malformed("an event needs `entityId`".into()))?;
         let event_id = event.id.filter(|i| {
-            !i.is_empty() && i.len() <= 64 && i.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            !i.is_empty()
+                && i.len() <= 64
+                && i.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         });
         payment(&id, event_id)
     }
@@ -429,21 +432,48 @@ mod tests {
         use secrecy::SecretString;
         let c = MollieConnector;
         let form: &[(String, String)] = &[];
-        let w = |body: &'static [u8], headers: Vec<(String, String)>, secret: Option<&'static SecretString>| {
+        let w = |body: &'static [u8],
+                 headers: Vec<(String, String)>,
+                 secret: Option<&'static SecretString>| {
             let headers: &'static [(String, String)] = Box::leak(headers.into_boxed_slice());
-            Webhook { body, headers, query: form, secret }
+            Webhook {
+                body,
+                headers,
+                query: form,
+                secret,
+            }
         };
         let json = || vec![("content-type".to_owned(), "application/json".to_owned())];
         let check = |r: Result<WebhookCheck, WebhookError>| match r {
-            Ok(WebhookCheck::Check { transaction_id, event_id, .. }) => (transaction_id.as_str().to_owned(), event_id),
+            Ok(WebhookCheck::Check {
+                transaction_id,
+                event_id,
+                ..
+            }) => (transaction_id.as_str().to_owned(), event_id),
             other => panic!("{other:?}"),
         };
         // Classic, unsigned; a secret configured does not matter for it.
-        let secret: &'static SecretString = Box::leak(Box::new(SecretString::from("whsec_abc".to_owned())));
-        assert_eq!(check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], None))), ("tr_WDqYK6vllg".into(), None));
-        assert_eq!(check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], Some(secret)))), ("tr_WDqYK6vllg".into(), None));
-        assert_eq!(c.read_webhook(&w(b"id=ord_kEn1PlbGa", vec![], None)).unwrap(), WebhookCheck::Ignore("not a payment"));
-        assert_eq!(c.read_webhook(&w(b"nothing=here", vec![], None)).unwrap_err().status(), 400);
+        let secret: &'static SecretString =
+            Box::leak(Box::new(SecretString::from("whsec_abc".to_owned())));
+        assert_eq!(
+            check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], None))),
+            ("tr_WDqYK6vllg".into(), None)
+        );
+        assert_eq!(
+            check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], Some(secret)))),
+            ("tr_WDqYK6vllg".into(), None)
+        );
+        assert_eq!(
+            c.read_webhook(&w(b"id=ord_kEn1PlbGa", vec![], None))
+                .unwrap(),
+            WebhookCheck::Ignore("not a payment")
+        );
+        assert_eq!(
+            c.read_webhook(&w(b"nothing=here", vec![], None))
+                .unwrap_err()
+                .status(),
+            400
+        );
         // Signed events.
         let body: &'static [u8] = br#"{"resource":"event","id":"event_GvJ8WHrp5isUdRub9CJyH","type":"payment-link.paid","entityId":"tr_5B8cwPMGnU","createdAt":"2026-11-30T10:00:00+00:00"}"#;
         let signed = |sig: &str| {
@@ -452,20 +482,56 @@ mod tests {
             h
         };
         let good = webhook::hmac_sha256_header("whsec_abc", body);
+        // The same signature from another implementation (Python's hmac module:
+        // hmac.new(b"whsec_abc", body, hashlib.sha256).hexdigest()).
+        let independent = "sha256=64f83fe25c93fc94fcc2030289c5328b6d457e543aec9abe4fab885aaad3cf91";
+        assert_eq!(good, independent);
+        check(c.read_webhook(&w(body, signed(independent), Some(secret))));
+        // Upper-case hex is the same signature.
+        check(
+            c.read_webhook(&w(
+                body,
+                signed(
+                    &independent
+                        .to_ascii_uppercase()
+                        .replace("SHA256=", "sha256="),
+                ),
+                Some(secret),
+            )),
+        );
         assert_eq!(
             check(c.read_webhook(&w(body, signed(&good), Some(secret)))),
-            ("tr_5B8cwPMGnU".into(), Some("event_GvJ8WHrp5isUdRub9CJyH".into()))
+            (
+                "tr_5B8cwPMGnU".into(),
+                Some("event_GvJ8WHrp5isUdRub9CJyH".into())
+            )
         );
         let old = webhook::hmac_sha256_header("whsec_old", body);
         let mut both = signed(&old);
         both.push(("x-mollie-signature".to_owned(), good.clone()));
         check(c.read_webhook(&w(body, both, Some(secret))));
-        assert_eq!(c.read_webhook(&w(body, signed(&old), Some(secret))).unwrap_err(), WebhookError::BadSignature);
-        assert_eq!(c.read_webhook(&w(body, json(), Some(secret))).unwrap_err(), WebhookError::BadSignature, "missing");
+        assert_eq!(
+            c.read_webhook(&w(body, signed(&old), Some(secret)))
+                .unwrap_err(),
+            WebhookError::BadSignature
+        );
+        assert_eq!(
+            c.read_webhook(&w(body, json(), Some(secret))).unwrap_err(),
+            WebhookError::BadSignature,
+            "missing"
+        );
         // Without a secret configured, an event only triggers a check.
         check(c.read_webhook(&w(body, json(), None)));
         let refund: &'static [u8] = br#"{"id":"event_1","entityId":"re_4qqhO89gsT"}"#;
-        assert_eq!(c.read_webhook(&w(refund, json(), None)).unwrap(), WebhookCheck::Ignore("not a payment"));
-        assert_eq!(c.read_webhook(&w(b"{\"id\":1}", json(), None)).unwrap_err().status(), 400);
+        assert_eq!(
+            c.read_webhook(&w(refund, json(), None)).unwrap(),
+            WebhookCheck::Ignore("not a payment")
+        );
+        assert_eq!(
+            c.read_webhook(&w(b"{\"id\":1}", json(), None))
+                .unwrap_err()
+                .status(),
+            400
+        );
     }
 }

@@ -183,12 +183,23 @@ mod tests {
             "sha256=f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
         );
         assert!(hmac_sha256_matches(&secret, body, [good.as_str()]));
-        assert!(hmac_sha256_matches(&secret, body, [&good["sha256=".len()..]]));
+        assert!(hmac_sha256_matches(
+            &secret,
+            body,
+            [&good["sha256=".len()..]]
+        ));
         let other = hmac_sha256_header("old_secret", body);
-        assert!(hmac_sha256_matches(&secret, body, [other.as_str(), good.as_str()]), "either of two");
+        assert!(
+            hmac_sha256_matches(&secret, body, [other.as_str(), good.as_str()]),
+            "either of two"
+        );
         assert!(!hmac_sha256_matches(&secret, body, [other.as_str()]));
         assert!(!hmac_sha256_matches(&secret, b"tampered", [good.as_str()]));
-        assert!(!hmac_sha256_matches(&secret, body, ["sha256=zz", "", "sha256="]));
+        assert!(!hmac_sha256_matches(
+            &secret,
+            body,
+            ["sha256=zz", "", "sha256="]
+        ));
         assert!(!hmac_sha256_matches(&secret, body, std::iter::empty()));
     }
 }

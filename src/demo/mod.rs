@@ -185,12 +185,10 @@ fn samples() -> Vec<(String, Vec<(&'static str, &'static str)>)> {
 async fn send_webhooks(addr: SocketAddr) -> Result<Vec<(String, u16)>, String> {
     let client = reqwest::Client::new();
     let mollie_event = r#"{"resource":"event","id":"event_demo0001","type":"payment-link.paid","entityId":"tr_success-3002","createdAt":"2026-11-21T10:00:00+00:00"}"#;
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, MOLLIE_WEBHOOK_SECRET.as_bytes());
-    let signature: String = ring::hmac::sign(&key, mollie_event.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let signature = crate::connectors::webhook::hmac_sha256_header(
+        MOLLIE_WEBHOOK_SECRET,
+        mollie_event.as_bytes(),
+    );
     let sends = [
         (
             "cm: transaction success-3001 (?method=IDEAL)",
@@ -204,7 +202,7 @@ async fn send_webhooks(addr: SocketAddr) -> Result<Vec<(String, u16)>, String> {
             client
                 .post(format!("http://{addr}/webhooks/mollie/default"))
                 .header("content-type", "application/json")
-                .header("x-mollie-signature", format!("sha256={signature}"))
+                .header("x-mollie-signature", signature)
                 .body(mollie_event),
         ),
     ];
@@ -309,7 +307,9 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
             )
             .await?;
     }
-    let webhook_addr = app.webhook_addr().ok_or("the demo's webhook intake is off")?;
+    let webhook_addr = app
+        .webhook_addr()
+        .ok_or("the demo's webhook intake is off")?;
     let webhooks = send_webhooks(webhook_addr).await?;
     let total = samples.len() + webhooks.len();
     // One record per request, plus the followed chain's two changes of status.
@@ -417,7 +417,10 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
         "re-checks scheduled (follow mode)",
         sum_metric(&metrics_text, "paysync_rechecks_scheduled_total", &[]) as u64
     );
-    let _ = writeln!(out, "  webhooks (POST to the intake, answered after the broker's ack):");
+    let _ = writeln!(
+        out,
+        "  webhooks (POST to the intake, answered after the broker's ack):"
+    );
     for (what, status) in &webhooks {
         let _ = writeln!(out, "    {what:<56} {status:>7}");
     }

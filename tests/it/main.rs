@@ -15,3 +15,4 @@ mod poison;
 mod registry;
 mod resilience;
 mod support;
+mod webhooks;
