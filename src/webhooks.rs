@@ -130,7 +130,15 @@ impl Intake {
         webhooks: &WebhookSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = super::kafka::producer_config(&settings.kafka).create()?;
+        let mut config = super::kafka::producer_config(&settings.kafka);
+        // librdkafka gives up on a record by the time the webhook is answered 503,
+        // so a 503 rarely leaves a late copy behind (the retry maps to the same
+        // request id either way).
+        config.set(
+            "message.timeout.ms",
+            webhooks.ack_timeout.as_millis().max(1).to_string(),
+        );
+        let producer: FutureProducer = config.create()?;
         let mut routes = HashMap::new();
         for (name, c) in &settings.connectors {
             let Some(connector) = registry::get(name) else {

@@ -1,0 +1,382 @@
+//! The webhook intake benchmark: an open-loop load at fixed offered rates
+//! against the real `paysync` binary (release build) with `[webhooks]` on,
+//! Apache Kafka (`tests/kafka/broker.sh`, or `PAYSYNC_BENCH_BROKERS`) and the
+//! connector simulator. Every webhook is a new payment: a third CM.com JSON
+//! webhooks, a third Mollie classic form webhooks, a third signed Mollie events
+//! (an HMAC-SHA256 each). paysync checks each one it accepts and publishes its
+//! event while the load runs, so the intake competes with the whole pipeline.
+//!
+//! Open loop: request `i` is due at `start + i / rate` and its latency counts
+//! from then, not from when it was sent, so a stalled generator or server shows
+//! up in the figures instead of hiding (no coordinated omission). The latency is
+//! from the request to paysync's 200, which comes only after the broker
+//! acknowledged the request record (`acks=all`).
+//!
+//! The load generator, the simulator, the broker (a JVM) and paysync share this
+//! machine's cores; the figures are for that, not for paysync alone.
+//!
+//! `cargo bench --bench webhooks -- [--rates 1000,2500,5000,7500] [--seconds 10]
+//! [--rounds 3] [--out DIR]`: the rates in turn, `rounds` times over (one row
+//! per run, a rate is held when every run held it); writes `webhooks.json` and
+//! `webhooks.md` (default `bench/results/webhooks/`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use paysync::connectors::webhook::hmac_sha256_header;
+use paysync::demo::simulator::{SimOptions, Simulator};
+use paysync::demo::stack::{free_addr, KafkaProcess, PaysyncProcess, StackSettings, Topics};
+use paysync::kafka::admin::create_topics;
+use paysync::telemetry::sum_metric;
+use serde::Serialize;
+
+const SECRET: &str = "whsec_bench_secret";
+const PARTITIONS: i32 = 8;
+
+/// One rate's figures.
+#[derive(Debug, Serialize)]
+struct RateResult {
+    round: usize,
+    offered_per_s: f64,
+    seconds: f64,
+    sent: usize,
+    ok: usize,
+    /// Answers other than 200, by status (0: no answer, a transport error).
+    other: Vec<(u16, usize)>,
+    /// 200s per second over the run.
+    accepted_per_s: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    /// paysync's CPU seconds per 1,000 webhooks (intake and the checks they start).
+    paysync_cpu_ms_per_webhook: f64,
+    /// How long after the last webhook the last of their events was published.
+    events_drained_after_s: f64,
+    /// Every webhook answered 200 with p99 under 50 ms.
+    held: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    broker: String,
+    results: Vec<RateResult>,
+}
+
+fn args() -> (Vec<f64>, f64, usize, PathBuf) {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let rates = value("--rates")
+        .unwrap_or_else(|| "1000,2500,5000,7500".into())
+        .split(',')
+        .map(|r| r.trim().parse().expect("--rates R,R,..."))
+        .collect();
+    let seconds = value("--seconds").map_or(10.0, |s| s.parse().expect("--seconds S"));
+    let rounds = value("--rounds").map_or(3, |s| s.parse().expect("--rounds R"));
+    let out = value("--out").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results/webhooks"),
+        PathBuf::from,
+    );
+    (rates, seconds, rounds, out)
+}
+
+/// A webhook: (path and query, content type, extra header, body).
+fn webhook(i: usize, tag: &str) -> (String, &'static str, Option<String>, String) {
+    match i % 3 {
+        0 => (
+            "cm/default?method=IDEAL".into(),
+            "application/json",
+            None,
+            format!(
+                r#"{{"createdAt":"2026-12-02T09:00:00Z","event":"StatusChanged","transaction":"success-{tag}-{i}","reference":"order-{i}","payment":"pay-{i}"}}"#
+            ),
+        ),
+        1 => (
+            "mollie/default".into(),
+            "application/x-www-form-urlencoded",
+            None,
+            format!("id=tr_success-{tag}-{i}"),
+        ),
+        _ => {
+            let body = format!(
+                r#"{{"resource":"event","id":"event_{tag}_{i}","type":"payment-link.paid","entityId":"tr_success-{tag}-{i}","createdAt":"2026-12-02T09:00:00+00:00"}}"#
+            );
+            let signature = hmac_sha256_header(SECRET, body.as_bytes());
+            (
+                "mollie/signed".into(),
+                "application/json",
+                Some(signature),
+                body,
+            )
+        }
+    }
+}
+
+async fn published(http: SocketAddr) -> f64 {
+    let Ok(r) = reqwest::get(format!("http://{http}/metrics")).await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    sum_metric(&text, "paysync_events_published_total", &[])
+}
+
+async fn run_rate(
+    client: &reqwest::Client,
+    intake: SocketAddr,
+    paysync: &PaysyncProcess,
+    rate: f64,
+    seconds: f64,
+    published_before: f64,
+) -> RateResult {
+    let n = (rate * seconds).round() as usize;
+    let tag = format!("r{}", rate as u64);
+    // Bodies are made before the clock starts.
+    let requests: Vec<_> = (0..n).map(|i| webhook(i, &tag)).collect();
+    let answers: Arc<Mutex<Vec<(f64, u16)>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let cpu_before = paysync.usage().1;
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (path, content_type, signature, body)) in requests.into_iter().enumerate() {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let mut request = client
+            .post(format!("http://{intake}/webhooks/{path}"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(s) = signature {
+            request = request.header("x-mollie-signature", s);
+        }
+        let answers = answers.clone();
+        tasks.spawn(async move {
+            let status = match request.send().await {
+                Ok(r) => {
+                    let s = r.status().as_u16();
+                    let _ = r.bytes().await;
+                    s
+                }
+                Err(_) => 0,
+            };
+            let ms = due.elapsed().as_secs_f64() * 1000.0;
+            answers.lock().unwrap().push((ms, status));
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let sent_all = start.elapsed().as_secs_f64();
+    let cpu = paysync.usage().1 - cpu_before;
+    let answers = std::mem::take(&mut *answers.lock().unwrap());
+    let ok = answers.iter().filter(|(_, s)| *s == 200).count();
+    let mut other: std::collections::BTreeMap<u16, usize> = Default::default();
+    for (_, s) in answers.iter().filter(|(_, s)| *s != 200) {
+        *other.entry(*s).or_default() += 1;
+    }
+    let mut ms: Vec<f64> = answers.iter().map(|(m, _)| *m).collect();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+    // The events of the accepted webhooks.
+    let last_sent = Instant::now();
+    let deadline = last_sent + Duration::from_secs(120);
+    while published(paysync.http).await < published_before + ok as f64 && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained = last_sent.elapsed().as_secs_f64();
+    let p99 = at(0.99);
+    RateResult {
+        round: 0,
+        offered_per_s: rate,
+        seconds: sent_all,
+        sent: n,
+        ok,
+        other: other.into_iter().collect(),
+        accepted_per_s: ok as f64 / sent_all,
+        p50_ms: at(0.5),
+        p90_ms: at(0.9),
+        p99_ms: p99,
+        p999_ms: at(0.999),
+        max_ms: *ms.last().unwrap(),
+        paysync_cpu_ms_per_webhook: cpu * 1000.0 / n as f64,
+        events_drained_after_s: drained,
+        held: ok == n && p99 < 50.0,
+    }
+}
+
+fn markdown(report: &Report) -> String {
+    let mut out = format!(
+        "Webhook intake, open loop ({}; broker: {}). Latency from each webhook's due time to paysync's 200 (after the broker's ack).\n\n\
+         | offered /s | run | sent | 200 | other | accepted /s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | paysync CPU ms / webhook | events drained after | held |\n\
+         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        report.machine, report.broker
+    );
+    for r in &report.results {
+        let other = if r.other.is_empty() {
+            "none".to_owned()
+        } else {
+            r.other
+                .iter()
+                .map(|(s, n)| format!("{n}× {s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| {:.0} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} s | {} |\n",
+            r.offered_per_s,
+            r.round,
+            r.sent,
+            r.ok,
+            other,
+            r.accepted_per_s,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.max_ms,
+            r.paysync_cpu_ms_per_webhook,
+            r.events_drained_after_s,
+            if r.held { "yes" } else { "no" }
+        ));
+    }
+    let mut rates: Vec<f64> = report.results.iter().map(|r| r.offered_per_s).collect();
+    rates.dedup();
+    let held = rates
+        .iter()
+        .filter(|rate| {
+            report
+                .results
+                .iter()
+                .filter(|r| r.offered_per_s == **rate)
+                .all(|r| r.held)
+        })
+        .fold(None::<f64>, |m, r| Some(m.map_or(*r, |m| m.max(*r))));
+    match held {
+        Some(r) => out.push_str(&format!(
+            "\nHighest offered rate held in every run (all answered 200, p99 under 50 ms): {r:.0}/s.\n"
+        )),
+        None => out.push_str("\nNo offered rate was held in every run.\n"),
+    }
+    out
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|m| m.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cores} cores, {model}; generator, simulator, broker and paysync on the same cores")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let (rates, seconds, rounds, out) = args();
+    let (_kafka, brokers, broker_name) = match std::env::var("PAYSYNC_BENCH_BROKERS") {
+        Ok(b) => (None, b.clone(), format!("PAYSYNC_BENCH_BROKERS={b}")),
+        Err(_) => {
+            let k = KafkaProcess::start().expect("Apache Kafka starts (Java 17 and Maven)");
+            let b = k.bootstrap().to_owned();
+            (Some(k), b, "Apache Kafka 4.1.1, one KRaft node".to_owned())
+        }
+    };
+    let sim = Simulator::start("127.0.0.1:0".parse().unwrap(), SimOptions::default())
+        .await
+        .unwrap();
+    let t = Topics::unique("bench-webhooks", PARTITIONS);
+    create_topics(&brokers, &t.specs()).await.unwrap();
+    let intake = free_addr();
+    let http = free_addr();
+    let mollie = paysync::demo::simulator::mollie::ACCOUNT;
+    // The per-account rate limit is raised: the load comes from three accounts.
+    let extra = format!(
+        "[webhooks]\nlisten = \"{intake}\"\nrequests_per_second = 1000000\n\
+         [connectors.mollie.accounts.signed]\n{mollie}webhook_secret = \"{SECRET}\"\n"
+    );
+    let toml = StackSettings {
+        brokers: &brokers,
+        topics: &t,
+        simulator: &sim.base_url(),
+        listen: http,
+        extra: &extra,
+    }
+    .toml();
+    let mut paysync = PaysyncProcess::spawn(
+        env!("CARGO_BIN_EXE_paysync").as_ref(),
+        &toml,
+        http,
+        &[("PAYSYNC_LOG__LEVEL", "warn")],
+    )
+    .unwrap();
+    let ready = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://{http}/readyz")).await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < ready,
+            "paysync not ready:\n{}",
+            paysync.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .unwrap();
+    // Warm-up: connections, the token, the JIT of the broker.
+    let _ = run_rate(&client, intake, &paysync, 500.0, 2.0, published(http).await).await;
+    let mut results = Vec::new();
+    for round in 1..=rounds {
+        for &rate in &rates {
+            let before = published(http).await;
+            let mut r = run_rate(&client, intake, &paysync, rate, seconds, before).await;
+            r.round = round;
+            eprintln!(
+            "round {round}, {:>6.0}/s: {} of {} answered 200, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms{}",
+            r.offered_per_s,
+            r.ok,
+            r.sent,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.max_ms,
+            if r.held { "" } else { " (not held)" }
+        );
+            results.push(r);
+        }
+    }
+    results.sort_by(|a, b| {
+        a.offered_per_s
+            .total_cmp(&b.offered_per_s)
+            .then(a.round.cmp(&b.round))
+    });
+    paysync.signal("TERM");
+    paysync.wait_exit(Duration::from_secs(60));
+    sim.stop().await;
+    let report = Report {
+        machine: machine(),
+        broker: broker_name,
+        results,
+    };
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("webhooks.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    let md = markdown(&report);
+    std::fs::write(out.join("webhooks.md"), &md).unwrap();
+    println!("{md}");
+}
