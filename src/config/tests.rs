@@ -326,3 +326,53 @@ fn follow_mode_tables_and_their_topics() {
         assert!(err.key.starts_with(key), "{table}: {err}");
     }
 }
+
+#[test]
+fn webhook_intake_settings_defaults_and_errors() {
+    // Off without the table.
+    assert!(load(MINIMAL, &[]).unwrap().webhooks.is_none());
+    let s = load(&format!("{MINIMAL}[webhooks]\n"), &[]).unwrap();
+    let w = s.webhooks.as_ref().unwrap();
+    assert_eq!(w.listen.port(), 9465);
+    assert!(w.follow);
+    assert_eq!(w.max_body_bytes, 65536);
+    assert_eq!(w.ack_timeout, Duration::from_secs(10));
+    assert_eq!((w.requests_per_second, w.burst), (100, 200));
+    assert_eq!(w.dedupe_window, Duration::from_secs(60));
+    assert_eq!(w.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(w.body_read_timeout, Duration::from_secs(10));
+    // Zero turns deduplication off; a zero ack timeout is refused.
+    let s = load(&format!("{MINIMAL}[webhooks]\ndedupe_window = \"0s\"\n"), &[]).unwrap();
+    assert_eq!(s.webhooks.unwrap().dedupe_window, Duration::ZERO);
+    let cases: &[(&str, &str)] = &[
+        ("[webhooks]\nack_timeout = \"0s\"\n", "webhooks.ack_timeout"),
+        ("[webhooks]\nlisten = \"port 80\"\n", "webhooks.listen"),
+        ("[webhooks]\nmax_body_bytes = 1\n", "webhooks.max_body_bytes"),
+        ("[webhooks]\nrequests_per_second = 0\n", "webhooks.requests_per_second"),
+        ("[webhooks]\nheader_read_timeout = \"0s\"\n", "webhooks.header_read_timeout"),
+        (
+            "[connectors.mollie.accounts.shop]\napi_key = \"test_abcdefghijklmnopqrstuvwxyz0123\"\nwebhook_path_token = \"short\"\n",
+            "connectors.mollie.accounts.shop.webhook_path_token",
+        ),
+        (
+            "[connectors.mollie.accounts.shop]\napi_key = \"test_abcdefghijklmnopqrstuvwxyz0123\"\nwebhook_path_token = \"has/a/slash/in/it/abc\"\n",
+            "connectors.mollie.accounts.shop.webhook_path_token",
+        ),
+    ];
+    for (toml, key) in cases {
+        let e = load(&format!("{MINIMAL}{toml}"), &[]).unwrap_err();
+        assert_eq!(e.key, *key, "{toml}: {e}");
+    }
+    // Webhook secrets and path tokens are masked like the other secrets.
+    let s = load(
+        &format!(
+            "{MINIMAL}[connectors.mollie.accounts.shop]\napi_key = \"test_abcdefghijklmnopqrstuvwxyz0123\"\nwebhook_secret = \"whsec_do_not_print\"\nwebhook_path_token = \"pt_do_not_print_0123\"\n"
+        ),
+        &[],
+    )
+    .unwrap();
+    let shown = format!("{s:?}\n{}", s.to_masked_toml());
+    for secret in ["whsec_do_not_print", "pt_do_not_print_0123"] {
+        assert!(!shown.contains(secret), "{secret} leaked");
+    }
+}

@@ -423,11 +423,12 @@ fn account(
             use secrecy::ExposeSecret;
             let v = t.expose_secret();
             if v.len() < 16
+                || v.len() > 128
                 || !v
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
-                return Err(ConfigError::new(k, "must be at least 16 characters of [A-Za-z0-9_-] (it is a path segment and a secret)"));
+                return Err(ConfigError::new(k, "must be 16 to 128 characters of [A-Za-z0-9_-] (it is a path segment and a secret)"));
             }
         }
         Ok(t)
@@ -666,7 +667,12 @@ fn webhooks(w: RawWebhooks) -> Result<WebhookSettings, ConfigError> {
             1,
             10_000_000,
         )?,
-        dedupe_window: duration("webhooks.dedupe_window", w.dedupe_window)?,
+        // Zero turns deduplication off.
+        dedupe_window: if w.dedupe_window.is_zero() {
+            Duration::ZERO
+        } else {
+            duration("webhooks.dedupe_window", w.dedupe_window)?
+        },
         header_read_timeout: duration("webhooks.header_read_timeout", w.header_read_timeout)?,
         body_read_timeout: duration("webhooks.body_read_timeout", w.body_read_timeout)?,
     })

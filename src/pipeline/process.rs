@@ -401,10 +401,15 @@ impl Processor {
             Outcome::ConnectorError
         };
         if let Err(failure) = &result.outcome {
-            if request.from_webhook && failure.code == FailureCode::TransactionNotFound {
+            let first_check = chain.is_none_or(|c| c.check <= 1);
+            if request.from_webhook
+                && first_check
+                && failure.code == FailureCode::TransactionNotFound
+            {
                 // A webhook only names a payment: one the connector does not know
                 // publishes nothing (a forged id cannot put events on the topic),
-                // and no chain starts from it.
+                // and no chain starts from it. (A chain it started, which found
+                // the payment, ends as any chain does.)
                 self.metrics.webhook_check_not_found(&request.connector);
                 tracing::info!("the connector does not know the transaction a webhook named; nothing is published");
                 return Vec::new();
