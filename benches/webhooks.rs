@@ -52,8 +52,13 @@ struct RateResult {
     p99_ms: f64,
     p999_ms: f64,
     max_ms: f64,
-    /// paysync's CPU seconds per 1,000 webhooks (intake and the checks they start).
+    /// paysync's CPU milliseconds per webhook (intake and the checks they start).
     paysync_cpu_ms_per_webhook: f64,
+    /// Cores busy on average during the run: paysync, the broker (when this
+    /// benchmark started it), and this process (load generator and simulator).
+    cores_paysync: f64,
+    cores_broker: Option<f64>,
+    cores_generator_and_simulator: f64,
     /// How long after the last webhook the last of their events was published.
     events_drained_after_s: f64,
     /// Every webhook answered 200 with p99 under 50 ms.
@@ -129,7 +134,13 @@ async fn published(http: SocketAddr) -> f64 {
     sum_metric(&text, "paysync_events_published_total", &[])
 }
 
+/// CPU seconds of this process (load generator and simulator).
+fn own_cpu() -> f64 {
+    paysync::demo::stack::proc_usage(std::process::id()).1
+}
+
 async fn run_rate(
+    broker_pid: Option<u32>,
     client: &reqwest::Client,
     intake: SocketAddr,
     paysync: &PaysyncProcess,
@@ -143,6 +154,8 @@ async fn run_rate(
     let requests: Vec<_> = (0..n).map(|i| webhook(i, &tag)).collect();
     let answers: Arc<Mutex<Vec<(f64, u16)>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let cpu_before = paysync.usage().1;
+    let broker_before = broker_pid.map(|p| paysync::demo::stack::proc_usage(p).1);
+    let own_before = own_cpu();
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (path, content_type, signature, body)) in requests.into_iter().enumerate() {
@@ -173,6 +186,10 @@ async fn run_rate(
     while tasks.join_next().await.is_some() {}
     let sent_all = start.elapsed().as_secs_f64();
     let cpu = paysync.usage().1 - cpu_before;
+    let broker_cpu = broker_pid
+        .zip(broker_before)
+        .map(|(p, b)| paysync::demo::stack::proc_usage(p).1 - b);
+    let own = own_cpu() - own_before;
     let answers = std::mem::take(&mut *answers.lock().unwrap());
     let ok = answers.iter().filter(|(_, s)| *s == 200).count();
     let mut other: std::collections::BTreeMap<u16, usize> = Default::default();
@@ -205,6 +222,9 @@ async fn run_rate(
         p999_ms: at(0.999),
         max_ms: *ms.last().unwrap(),
         paysync_cpu_ms_per_webhook: cpu * 1000.0 / n as f64,
+        cores_paysync: cpu / sent_all,
+        cores_broker: broker_cpu.map(|b| b / sent_all),
+        cores_generator_and_simulator: own / sent_all,
         events_drained_after_s: drained,
         held: ok == n && p99 < 50.0,
     }
@@ -213,8 +233,8 @@ async fn run_rate(
 fn markdown(report: &Report) -> String {
     let mut out = format!(
         "Webhook intake, open loop ({}; broker: {}). Latency from each webhook's due time to paysync's 200 (after the broker's ack).\n\n\
-         | offered /s | run | sent | 200 | other | accepted /s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | paysync CPU ms / webhook | events drained after | held |\n\
-         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+         | offered /s | run | sent | 200 | other | accepted /s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | paysync CPU ms / webhook | cores busy: paysync / broker / generator+simulator | events drained after | held |\n\
+         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
         report.machine, report.broker
     );
     for r in &report.results {
@@ -228,7 +248,7 @@ fn markdown(report: &Report) -> String {
                 .join(", ")
         };
         out.push_str(&format!(
-            "| {:.0} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} s | {} |\n",
+            "| {:.0} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2} / {} / {:.2} | {:.1} s | {} |\n",
             r.offered_per_s,
             r.round,
             r.sent,
@@ -241,6 +261,9 @@ fn markdown(report: &Report) -> String {
             r.p999_ms,
             r.max_ms,
             r.paysync_cpu_ms_per_webhook,
+            r.cores_paysync,
+            r.cores_broker.map_or("?".to_owned(), |c| format!("{c:.2}")),
+            r.cores_generator_and_simulator,
             r.events_drained_after_s,
             if r.held { "yes" } else { "no" }
         ));
@@ -281,7 +304,7 @@ fn machine() -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let (rates, seconds, rounds, out) = args();
-    let (_kafka, brokers, broker_name) = match std::env::var("PAYSYNC_BENCH_BROKERS") {
+    let (kafka, brokers, broker_name) = match std::env::var("PAYSYNC_BENCH_BROKERS") {
         Ok(b) => (None, b.clone(), format!("PAYSYNC_BENCH_BROKERS={b}")),
         Err(_) => {
             let k = KafkaProcess::start().expect("Apache Kafka starts (Java 17 and Maven)");
@@ -335,13 +358,14 @@ async fn main() {
         .pool_max_idle_per_host(1024)
         .build()
         .unwrap();
+    let broker_pid = kafka.as_ref().and_then(KafkaProcess::pid);
     // Warm-up: connections, the token, the JIT of the broker.
-    let _ = run_rate(&client, intake, &paysync, 500.0, 2.0, published(http).await).await;
+    let _ = run_rate(broker_pid, &client, intake, &paysync, 500.0, 2.0, published(http).await).await;
     let mut results = Vec::new();
     for round in 1..=rounds {
         for &rate in &rates {
             let before = published(http).await;
-            let mut r = run_rate(&client, intake, &paysync, rate, seconds, before).await;
+            let mut r = run_rate(broker_pid, &client, intake, &paysync, rate, seconds, before).await;
             r.round = round;
             eprintln!(
             "round {round}, {:>6.0}/s: {} of {} answered 200, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms{}",

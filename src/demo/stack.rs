@@ -167,6 +167,15 @@ impl KafkaProcess {
         Self::script("restart", &self.dir).map(drop)
     }
 
+    /// The broker's process id (for CPU accounting), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Where its data and `server.log` are.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -401,7 +401,7 @@ impl Processor {
             Outcome::ConnectorError
         };
         if let Err(failure) = &result.outcome {
-            let first_check = chain.is_none_or(|c| c.check <= 1);
+            let first_check = chain.as_ref().is_none_or(|c| c.check <= 1);
             if request.from_webhook
                 && first_check
                 && failure.code == FailureCode::TransactionNotFound
