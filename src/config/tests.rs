@@ -342,7 +342,11 @@ fn webhook_intake_settings_defaults_and_errors() {
     assert_eq!(w.header_read_timeout, Duration::from_secs(5));
     assert_eq!(w.body_read_timeout, Duration::from_secs(10));
     // Zero turns deduplication off; a zero ack timeout is refused.
-    let s = load(&format!("{MINIMAL}[webhooks]\ndedupe_window = \"0s\"\n"), &[]).unwrap();
+    let s = load(
+        &format!("{MINIMAL}[webhooks]\ndedupe_window = \"0s\"\n"),
+        &[],
+    )
+    .unwrap();
     assert_eq!(s.webhooks.unwrap().dedupe_window, Duration::ZERO);
     let cases: &[(&str, &str)] = &[
         ("[webhooks]\nack_timeout = \"0s\"\n", "webhooks.ack_timeout"),
