@@ -339,17 +339,21 @@ fn markdown(report: &Report) -> String {
         if runs.is_empty() {
             continue;
         }
-        let held = runs
+        // The highest rate below which every rate was held in every run.
+        let mut rates: Vec<f64> = runs.iter().map(|r| r.offered_per_s).collect();
+        rates.sort_by(f64::total_cmp);
+        rates.dedup();
+        let held = rates
             .iter()
-            .map(|r| r.offered_per_s)
-            .filter(|rate| {
+            .take_while(|rate| {
                 runs.iter()
-                    .filter(|r| r.offered_per_s == *rate)
+                    .filter(|r| r.offered_per_s == **rate)
                     .all(|r| r.held)
             })
-            .fold(None::<f64>, |m, r| Some(m.map_or(r, |m| m.max(r))));
+            .last()
+            .copied();
         out.push_str(&match held {
-            Some(r) => format!("\n{scenario:?}: highest offered rate held in every run (every webhook accepted, p99 under 50 ms): {r:.0}/s."),
+            Some(r) => format!("\n{scenario:?}: every offered rate up to {r:.0}/s held in every run (every webhook accepted, p99 under 50 ms)."),
             None => format!("\n{scenario:?}: no offered rate was held in every run."),
         });
     }
@@ -470,8 +474,12 @@ async fn main() {
         }
     };
     let broker_pid = kafka.as_ref().and_then(KafkaProcess::pid);
+    // Idle connections are dropped before the intake would close them (its
+    // header_read_timeout also bounds an idle keep-alive connection), so a
+    // request never races a server-side close.
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
     let mut results = Vec::new();

@@ -306,7 +306,7 @@ async fn handle(
         Err(_) => {
             return (
                 label,
-                "timeout",
+                "slow_body",
                 answer(
                     StatusCode::REQUEST_TIMEOUT,
                     "body not received in time",

@@ -638,7 +638,7 @@ async fn the_intake_limits_each_account_and_slow_clients() {
         sum_metric(
             &metrics,
             "paysync_webhooks_total",
-            &[("outcome", "timeout")]
+            &[("outcome", "slow_body")]
         ),
         1.0
     );
