@@ -193,7 +193,9 @@ mod tests {
     #[test]
     fn credentials_never_print() {
         let a = Account::client_credentials("id-1", "very-secret");
-        let b = Account::api_key("live_secret_key");
+        let mut b = Account::api_key("live_secret_key");
+        b.webhook_secret = Some(SecretString::from("whsec-do-not-print".to_owned()));
+        b.webhook_path_token = Some(SecretString::from("path-do-not-print".to_owned()));
         for shown in [
             format!("{a:?}"),
             format!("{b:?}"),
@@ -201,12 +203,18 @@ mod tests {
             serde_json::to_string(&b).unwrap(),
             format!(
                 "{:?}",
-                Authorization::bearer(&SecretString::from("tok".to_owned()))
+                Authorization::bearer(&SecretString::from("bearer-do-not-print".to_owned()))
             ),
         ] {
-            assert!(!shown.contains("very-secret"), "{shown}");
-            assert!(!shown.contains("live_secret_key"), "{shown}");
-            assert!(!shown.contains("tok"), "{shown}");
+            for secret in [
+                "very-secret",
+                "live_secret_key",
+                "whsec-do-not-print",
+                "path-do-not-print",
+                "bearer-do-not-print",
+            ] {
+                assert!(!shown.contains(secret), "{shown}");
+            }
         }
         assert!(serde_json::to_string(&a).unwrap().contains("id-1"));
     }
