@@ -1173,6 +1173,18 @@ async fn ab_once(
                 mean("paysync_connector_request_duration_seconds"),
                 mean("paysync_processing_duration_seconds"),
             );
+            let commits = paysync::telemetry::sum_metric(
+                &text,
+                "paysync_transaction_commit_seconds_count",
+                &[],
+            );
+            if commits > 0.0 {
+                eprintln!(
+                    "   {} round {round}: {commits} transactions, commit mean {:.2} ms",
+                    v.name,
+                    mean("paysync_transaction_commit_seconds"),
+                );
+            }
         }
     }
     stop();

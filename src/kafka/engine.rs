@@ -98,7 +98,16 @@ impl Engine {
     /// Consumes until `shutdown` is cancelled, then drains in-flight work within
     /// the drain timeout, commits and returns.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut commit_tick = tokio::time::interval(self.settings.commit_interval);
+        // Exactly once: a transaction is due `transaction_interval` after it
+        // opened, and a tick of that same period would find it a hair short and
+        // commit only at the next one (every record would wait up to twice the
+        // interval); ticking at a quarter of it bounds the overshoot.
+        let tick_every = if self.txn.is_some() {
+            (self.settings.commit_interval / 4).max(Duration::from_millis(1))
+        } else {
+            self.settings.commit_interval
+        };
+        let mut commit_tick = tokio::time::interval(tick_every);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending_tick = tokio::time::interval(PENDING_EVERY);
         pending_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -595,7 +595,10 @@ impl Transactions {
             inner.phase = Phase::Committing;
             let open = std::mem::take(&mut inner.open);
             drop(inner);
+            let started = Instant::now();
             let result = self.commit_with_retries(&positions);
+            self.metrics
+                .transaction_commit(&self.topic, started.elapsed());
             let mut inner = self.lock();
             let settled = match result {
                 Ok(()) => {

@@ -48,6 +48,7 @@ pub struct Metrics {
     follow_checks_skipped: IntCounterVec,
     ready: IntGauge,
     recheck_lateness: HistogramVec,
+    transaction_commit: HistogramVec,
     pending_rechecks: IntGaugeVec,
     transactions: IntCounterVec,
     pending_records: IntGaugeVec,
@@ -173,6 +174,17 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(recheck_lateness.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let transaction_commit = HistogramVec::new(
+            HistogramOpts::new(
+                "paysync_transaction_commit_seconds",
+                "Exactly once: how long a transaction's commit took (its offsets and the commit itself, retries included), seconds.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["topic"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(transaction_commit.clone()))
             .unwrap_or_else(|e| panic!("{e}"));
         let internal_errors = IntCounter::new(
             "paysync_internal_errors_total",
@@ -308,6 +320,7 @@ impl Metrics {
                 &["connector"],
             ),
             recheck_lateness,
+            transaction_commit,
             pending_rechecks: gauge_vec(
                 r,
                 "paysync_pending_rechecks",
@@ -581,6 +594,13 @@ impl Metrics {
         self.follow_checks_skipped
             .with_label_values(&[connector])
             .inc();
+    }
+
+    /// A transaction's commit of `topic`'s engine took this long.
+    pub fn transaction_commit(&self, topic: &str, took: Duration) {
+        self.transaction_commit
+            .with_label_values(&[topic])
+            .observe(took.as_secs_f64());
     }
 
     /// A re-check was taken this long after it was due.
