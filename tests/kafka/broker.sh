@@ -160,6 +160,8 @@ case "${cmd}" in
     dir=${2:?usage: broker.sh start DIR}
     mkdir -p "${dir}"
     dir=$(cd "${dir}" && pwd)
+    [[ -e "${dir}/data/meta.properties" ]] &&
+      die "${dir} already holds a formatted node: 'restart ${dir}' starts it again, or remove ${dir} for a new one"
     fetch
     configure "${dir}"
     : >"${dir}/server.log"
