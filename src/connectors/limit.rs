@@ -13,7 +13,8 @@
 //!   used;
 //! - *multiplicative decrease*: a 429 multiplies it by [`DECREASE`], at most
 //!   once per window (the calls already in flight when the limit was exceeded
-//!   answer together), and a `Retry-After` holds it there (no growth) until that
+//!   answer together), but not below [`SERVED_SHARE`] of the concurrency the
+//!   processor was recently serving, and a `Retry-After` holds it there (no growth) until that
 //!   time has passed. 503s and timeouts decrease it the same way once they are
 //!   more than [`OVERLOAD_SHARE`] of a window's calls: an overloaded processor
 //!   fails many calls, while a few scattered ones are failures for the retries
@@ -41,6 +42,11 @@ pub const DECREASE: f64 = 0.7;
 /// The share of a window's calls answered 503 or timing out above which the
 /// processor counts as overloaded.
 pub const OVERLOAD_SHARE: f64 = 0.2;
+/// After back-pressure the limit stays at least this share of the concurrency
+/// the processor was recently serving.
+pub const SERVED_SHARE: f64 = 0.9;
+/// The weight of one window's answered rate in the smoothed rate.
+const RATE_WEIGHT: f64 = 0.1;
 /// The lowest limit: one call per 50 round trips.
 pub const MIN_LIMIT: f64 = 0.02;
 /// The round trip assumed before one was measured.
@@ -73,6 +79,10 @@ pub struct Aimd {
     /// Calls that ended in this window, and how many of them were overloaded.
     window_calls: u32,
     window_overloaded: u32,
+    /// Calls answered in this window (any status but 429, 503 or a timeout).
+    window_answered: u32,
+    /// Smoothed answered calls per second over recent windows.
+    answered_rate: Option<f64>,
     /// Smoothed round trip of answered calls.
     rtt: Option<Duration>,
     /// No growth before this (a `Retry-After`).
@@ -91,6 +101,8 @@ impl Aimd {
             window_decreased: false,
             window_calls: 0,
             window_overloaded: 0,
+            window_answered: 0,
+            answered_rate: None,
             rtt: None,
             hold_until: None,
         }
@@ -135,6 +147,7 @@ impl Aimd {
         self.window_calls += 1;
         let pressure = match signal {
             Signal::Answered => {
+                self.window_answered += 1;
                 self.rtt = Some(match self.rtt {
                     None => latency,
                     Some(r) => r.mul_f64(0.8) + latency.mul_f64(0.2),
@@ -157,11 +170,25 @@ impl Aimd {
         };
         if pressure {
             if !self.window_decreased {
-                self.limit = (self.limit * DECREASE).max(MIN_LIMIT);
+                self.limit = self.decreased();
                 self.window_decreased = true;
             }
             self.slow_start = false;
         }
+    }
+
+    /// The limit after a back-pressure signal: `DECREASE` of it, or, when
+    /// higher, just under what the processor has recently been answering (its
+    /// answered rate times the round trip), since that much it did serve. A
+    /// 429's `Retry-After` holds the limit for a while, so a cut far below the
+    /// served rate would leave capacity unused for all of that time.
+    fn decreased(&self) -> f64 {
+        let served = self
+            .answered_rate
+            .map_or(0.0, |r| r * self.rtt().as_secs_f64() * SERVED_SHARE);
+        (self.limit * DECREASE)
+            .max(served.min(self.limit * SERVED_SHARE))
+            .max(MIN_LIMIT)
     }
 
     /// Ends the window when a round trip has passed: grows the limit if it was
@@ -170,6 +197,12 @@ impl Aimd {
         if now.saturating_duration_since(self.window_start) < self.rtt() {
             return;
         }
+        let elapsed = now.saturating_duration_since(self.window_start);
+        let sample = f64::from(self.window_answered) / elapsed.as_secs_f64();
+        self.answered_rate = Some(match self.answered_rate {
+            None => sample,
+            Some(r) => r * (1.0 - RATE_WEIGHT) + sample * RATE_WEIGHT,
+        });
         let held = self.hold_until.is_some_and(|h| now < h);
         if self.window_full && !self.window_decreased && !held {
             self.limit = if self.slow_start {
@@ -188,6 +221,7 @@ impl Aimd {
         self.window_decreased = false;
         self.window_calls = 0;
         self.window_overloaded = 0;
+        self.window_answered = 0;
     }
 }
 
@@ -519,6 +553,31 @@ mod tests {
         assert!(
             mean > 8.5,
             "mean limit {mean} of a capacity of 10: {seen:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_cuts_to_just_under_the_served_rate_not_below_it() {
+        let mut now = Instant::now();
+        let mut law = Aimd::new(500.0, now);
+        // Capacity 20 in flight: after the first overshoot the law saws there,
+        // and the processor has been answering about 20 calls per 50 ms window.
+        run(&mut law, 20.0, 40, &mut now);
+        let before = law.limit();
+        // A window that fills 21 calls: the processor throttles.
+        now += ms(50);
+        for i in 1..=21 {
+            law.started(i, now);
+        }
+        law.ended(Signal::Throttled(Some(Duration::from_secs(1))), ms(50), now);
+        let after = law.limit();
+        // In this model a window over capacity is answered with 429s only, so
+        // the answered rate averages below 20 per window: the cut lands between
+        // DECREASE of the limit and the limit, at SERVED_SHARE of that rate.
+        assert!(
+            after > before * DECREASE + 1.0 && after < before,
+            "{before} -> {after}: a cut to DECREASE alone would be {}",
+            before * DECREASE
         );
     }
 
