@@ -198,11 +198,14 @@ impl Aimd {
             return;
         }
         let elapsed = now.saturating_duration_since(self.window_start);
-        let sample = f64::from(self.window_answered) / elapsed.as_secs_f64();
-        self.answered_rate = Some(match self.answered_rate {
-            None => sample,
-            Some(r) => r * (1.0 - RATE_WEIGHT) + sample * RATE_WEIGHT,
-        });
+        // A zero-length window (a round trip measured as zero) has no rate.
+        if !elapsed.is_zero() {
+            let sample = f64::from(self.window_answered) / elapsed.as_secs_f64();
+            self.answered_rate = Some(match self.answered_rate {
+                None => sample,
+                Some(r) => r * (1.0 - RATE_WEIGHT) + sample * RATE_WEIGHT,
+            });
+        }
         let held = self.hold_until.is_some_and(|h| now < h);
         if self.window_full && !self.window_decreased && !held {
             self.limit = if self.slow_start {

@@ -30,6 +30,37 @@ fn webhook_settings(listen: SocketAddr, more: &str) -> String {
     )
 }
 
+/// paysync with `[webhooks]` (`more` of its keys) on `broker`, a CM.com and
+/// Mollie simulator, fresh topics; ready to take webhooks.
+struct Intake {
+    brokers: String,
+    t: Topics,
+    sim: paysync::demo::simulator::Simulator,
+    listen: SocketAddr,
+    process: Process,
+}
+
+async fn intake(broker: &Broker, name: &str, partitions: i32, more: &str) -> Intake {
+    let brokers = broker.bootstrap().to_owned();
+    let t = broker.topics(name, partitions).await;
+    let sim = simulator(SimOptions::default()).await;
+    let listen = free_addr();
+    let process = Process::spawn(
+        &brokers,
+        &t,
+        &sim.base_url(),
+        &webhook_settings(listen, more),
+    );
+    process.wait_ready(Duration::from_secs(60)).await;
+    Intake {
+        brokers,
+        t,
+        sim,
+        listen,
+        process,
+    }
+}
+
 struct Answer {
     status: u16,
     retry_after: Option<String>,
@@ -83,17 +114,13 @@ impl InputReader {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_of_every_format_become_checks_and_nothing_else_does() {
     let broker = Broker::new();
-    let brokers = broker.bootstrap().to_owned();
-    let t = broker.topics("webhooks", 2).await;
-    let sim = simulator(SimOptions::default()).await;
-    let listen = free_addr();
-    let process = Process::spawn(
-        &brokers,
-        &t,
-        &sim.base_url(),
-        &webhook_settings(listen, "max_body_bytes = 1024"),
-    );
-    process.wait_ready(Duration::from_secs(60)).await;
+    let Intake {
+        brokers,
+        t,
+        sim,
+        listen,
+        process,
+    } = intake(&broker, "webhooks", 2, "max_body_bytes = 1024").await;
     let base = format!("http://{listen}/webhooks");
     let mut input = InputReader::new(&brokers, &t);
     const FORM: &str = "application/x-www-form-urlencoded";
@@ -467,17 +494,13 @@ async fn webhooks_of_every_format_become_checks_and_nothing_else_does() {
 async fn a_webhook_is_answered_503_while_the_broker_is_down_and_200_once_it_is_back() {
     // Fault injection needs the mock cluster.
     let broker = Broker::mock();
-    let brokers = broker.bootstrap().to_owned();
-    let t = broker.topics("webhooks-down", 1).await;
-    let sim = simulator(SimOptions::default()).await;
-    let listen = free_addr();
-    let process = Process::spawn(
-        &brokers,
-        &t,
-        &sim.base_url(),
-        &webhook_settings(listen, "ack_timeout = \"1s\""),
-    );
-    process.wait_ready(Duration::from_secs(60)).await;
+    let Intake {
+        brokers,
+        t,
+        sim,
+        listen,
+        process,
+    } = intake(&broker, "webhooks-down", 1, "ack_timeout = \"1s\"").await;
     let url = format!("http://{listen}/webhooks/mollie/default");
     const FORM: &str = "application/x-www-form-urlencoded";
     let mut input = InputReader::new(&brokers, &t);
@@ -542,21 +565,15 @@ async fn a_webhook_is_answered_503_while_the_broker_is_down_and_200_once_it_is_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_intake_limits_each_account_and_slow_clients() {
-    let broker = Broker::mock();
-    let brokers = broker.bootstrap().to_owned();
-    let t = broker.topics("webhooks-limits", 1).await;
-    let sim = simulator(SimOptions::default()).await;
-    let listen = free_addr();
-    let process = Process::spawn(
-        &brokers,
-        &t,
-        &sim.base_url(),
-        &webhook_settings(
-            listen,
-            "requests_per_second = 1\nburst = 2\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"",
-        ),
-    );
-    process.wait_ready(Duration::from_secs(60)).await;
+    let broker = Broker::new();
+    let settings = "requests_per_second = 1\nburst = 2\n\
+                    header_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"";
+    let Intake {
+        sim,
+        listen,
+        process,
+        ..
+    } = intake(&broker, "webhooks-limits", 1, settings).await;
     const FORM: &str = "application/x-www-form-urlencoded";
 
     // Five at once for one account: the burst of two passes, the rest are 429
