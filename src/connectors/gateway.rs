@@ -437,7 +437,7 @@ impl Gateway {
                 Err(_) => Signal::Unknown,
             };
             if let Some(w) = window {
-                w.finish(signal);
+                w.finish(signal).await;
             }
             let code = response
                 .as_ref()
