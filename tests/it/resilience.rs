@@ -1,6 +1,7 @@
 //! Resilience against scripted mock connectors: transient 5xx, timeouts, 429
 //! storms with Retry-After, token expiry and revocation with many calls in flight,
-//! an outage longer than the retry budget, slow answers and the rate limiter.
+//! an outage longer than the retry budget, slow answers, the rate limiter, and
+//! adaptive concurrency against the simulator's per-credential rate limit.
 //! Every check must end with exactly one result, and no transient fault that
 //! recovers may become an error or a FAILURE.
 
@@ -431,4 +432,83 @@ async fn the_rate_limit_spaces_calls_and_waiting_is_measured_not_an_error() {
         "waits add up (0 + 50 ms + … + 500 ms)"
     );
     let _ = &r.server;
+}
+
+/// A backlog of `n` checks at once through a gateway with `concurrency`
+/// against the simulator limiting its credential to `per_second` calls a
+/// second (429 with `Retry-After: 1` beyond it), 50 ms a call. Returns the
+/// results, the simulator's (429s, status calls) and the account's limit.
+async fn against_a_rate_limit(
+    concurrency: paysync::connectors::limit::Concurrency,
+    per_second: f64,
+    n: usize,
+) -> (Vec<CheckResult>, (u64, u64), f64) {
+    let sim = simulator(paysync::demo::simulator::SimOptions {
+        latency: paysync::demo::simulator::Latency::Fixed(Duration::from_millis(50)),
+        rate_limit: Some(per_second),
+        ..Default::default()
+    })
+    .await;
+    let mut settings = gateway_settings("cm", &sim.base_url());
+    settings.accounts.insert(
+        "default".to_string(),
+        paysync::connectors::auth::Account::client_credentials(
+            paysync::demo::simulator::SIM_CLIENT_ID,
+            paysync::demo::simulator::SIM_CLIENT_SECRET,
+        ),
+    );
+    settings.concurrency = concurrency;
+    settings.request_timeout = Duration::from_secs(2);
+    let metrics = Arc::new(Metrics::new());
+    let client = Arc::new(cm_client(
+        settings,
+        metrics.clone(),
+        ManualClock::new().clock(),
+    ));
+    let checks = (0..n).map(|i| {
+        let client = client.clone();
+        let id = format!("success-{i}");
+        let req = StatusCheckRequest::new(TransactionId::parse(&id).unwrap(), "cm", "default", &id);
+        async move {
+            let http = client.prepare(&req).unwrap();
+            client.check(&req, &http).await
+        }
+    });
+    let results = futures::future::join_all(checks).await;
+    let limit = client.concurrency_limit("default").unwrap();
+    let calls = (sim.throttled(), sim.status_requests());
+    sim.stop().await;
+    (results, calls, limit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_concurrency_learns_a_rate_limit_and_no_check_fails_for_throttling() {
+    use paysync::connectors::limit::Concurrency;
+    // 100 calls a second of 50 ms: 5 in flight fit. A backlog of 300 at once.
+    let (results, (throttled, calls), limit) =
+        against_a_rate_limit(Concurrency::Adaptive, 100.0, 300).await;
+    // Every check ends with its real status: throttling is waited out, never an error.
+    assert_eq!(results.len(), 300);
+    for r in &results {
+        match &r.outcome {
+            Ok(report) => assert_eq!(report.status, PaymentStatus::CHARGED),
+            Err(f) => panic!("throttling became an error: {f:?}"),
+        }
+    }
+    // It learned: well under the ceiling of 256, near the 5 that fit.
+    assert!((1.0..=12.0).contains(&limit), "limit {limit}");
+    let share = throttled as f64 / calls as f64;
+    // The same backlog with a fixed concurrency four times too high: most of
+    // its calls are refused.
+    let (fixed_results, (fixed_throttled, fixed_calls), _) =
+        against_a_rate_limit(Concurrency::Fixed(20), 100.0, 300).await;
+    assert!(fixed_results.iter().all(|r| r.outcome.is_ok()));
+    let fixed_share = fixed_throttled as f64 / fixed_calls as f64;
+    eprintln!(
+        "429s: adaptive {throttled} of {calls} calls (limit {limit:.1}), fixed 20 {fixed_throttled} of {fixed_calls}"
+    );
+    assert!(
+        share <= 0.15 && fixed_share > 3.0 * share,
+        "429s: adaptive {throttled} of {calls} calls, fixed 20 {fixed_throttled} of {fixed_calls}"
+    );
 }
