@@ -109,7 +109,7 @@ pub struct Gateway {
     limiter: Option<DefaultDirectRateLimiter>,
     account_limiters: HashMap<String, DefaultDirectRateLimiter>,
     /// Calls in flight per account (adaptive or fixed).
-    concurrency: HashMap<String, AccountLimiter>,
+    concurrency: HashMap<String, Arc<AccountLimiter>>,
     policy: RetryPolicy,
 }
 
@@ -182,12 +182,12 @@ impl Gateway {
                 let (m, name, acc) = (metrics.clone(), connector.name(), account.clone());
                 (
                     account.clone(),
-                    AccountLimiter::new(
+                    Arc::new(AccountLimiter::new(
                         settings.concurrency,
                         settings.concurrency_ceiling,
                         settings.recheck_share,
                         Box::new(move |limit| m.set_concurrency_limit(name, &acc, limit)),
-                    ),
+                    )),
                 )
             })
             .collect();
@@ -268,7 +268,7 @@ impl Gateway {
 
     /// The learned (or fixed) concurrency limit of an account.
     pub fn concurrency_limit(&self, account: &str) -> Option<f64> {
-        self.concurrency.get(account).map(AccountLimiter::limit)
+        self.concurrency.get(account).map(|l| l.limit())
     }
 
     /// [`Gateway::check`] that ends by `deadline` whatever happens (an open
@@ -437,7 +437,7 @@ impl Gateway {
                 Err(_) => Signal::Unknown,
             };
             if let Some(w) = window {
-                w.finish(signal).await;
+                w.finish(signal);
             }
             let code = response
                 .as_ref()

@@ -14,8 +14,8 @@
 //! - *multiplicative decrease*: a 429 multiplies it by [`DECREASE`], at most
 //!   once per window (the calls already in flight when the limit was exceeded
 //!   answer together), but not below [`SERVED_SHARE`] of the concurrency the
-//!   processor was recently serving, and a `Retry-After` holds it there (no growth) until that
-//!   time has passed. 503s and timeouts decrease it the same way once they are
+//!   processor was recently serving, and a `Retry-After` holds it there (no
+//!   growth) until that time has passed. 503s and timeouts decrease it the same way once they are
 //!   more than [`OVERLOAD_SHARE`] of a window's calls: an overloaded processor
 //!   fails many calls, while a few scattered ones are failures for the retries
 //!   and the circuit breaker, not a reason to slow down;
@@ -24,13 +24,19 @@
 //!   the limit rounded up as the bound on calls in flight. Whole calls are too
 //!   coarse there (against 50 calls a second of 50 ms, 2 calls in flight make
 //!   40 a second and 3 make 60), and below one call in flight (a fast
-//!   processor with a low rate limit) a rate is all that is left. While paced
-//!   a fully used window grows the limit by [`PACED_GROWTH`] of itself, and a
-//!   call given its start before a cut takes a new one at the slower rate;
+//!   processor with a low rate limit) a rate is all that is left, though never
+//!   slower than one call per [`MAX_SPACING`]. While paced
+//!   a fully used window grows the limit by [`PACED_GROWTH`] of itself per
+//!   round trip it lasted (calls can be many round trips apart; at most a
+//!   doubling at once), and
+//!   after a decrease the next start is one new spacing after the last call's:
+//!   calls given a start at the old rate take new ones;
 //! - *turned-away calls keep their place for a round trip*: a 429 or 503 that
 //!   comes back in a millisecond does not free its place before a round trip
-//!   has passed since the call started, so a throttling processor sees at most
-//!   the limit's calls per round trip instead of a flood of retries.
+//!   has passed since the call started (its caller goes on at once, to wait out
+//!   the `Retry-After`), so a throttling processor sees at most the limit's
+//!   calls per round trip instead of a flood of retries. This holds for a fixed
+//!   concurrency too; held places do not count as use of the window.
 //!
 //! The ceiling is `processing.max_in_flight`; token buckets stay ceilings too.
 //! [`AccountLimiter`] applies the limit to calls: fresh requests go before
@@ -38,7 +44,7 @@
 //! `follow.share` of it while fresh requests wait.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -63,6 +69,10 @@ pub const PACE_BELOW: f64 = 16.0;
 /// While paced, a fully used window grows the limit by this share of itself
 /// (at most one call).
 pub const PACED_GROWTH: f64 = 0.1;
+/// Pacing never goes slower than one call per this, whatever the limit: a
+/// processor that refuses even that is for the retries (each refused request
+/// waits its `Retry-After`), and the limit must still hear answers to recover.
+pub const MAX_SPACING: Duration = Duration::from_secs(1);
 /// The lowest limit: one call per 50 round trips.
 pub const MIN_LIMIT: f64 = 0.02;
 /// The round trip assumed before one was measured.
@@ -103,6 +113,8 @@ pub struct Aimd {
     rtt: Option<Duration>,
     /// No growth before this (a `Retry-After`).
     hold_until: Option<Instant>,
+    /// Decreases so far.
+    decreases: u64,
 }
 
 impl Aimd {
@@ -121,6 +133,7 @@ impl Aimd {
             answered_rate: None,
             rtt: None,
             hold_until: None,
+            decreases: 0,
         }
     }
 
@@ -132,6 +145,11 @@ impl Aimd {
     /// The smoothed round trip.
     pub fn rtt(&self) -> Duration {
         self.rtt.unwrap_or(FIRST_RTT)
+    }
+
+    /// Back-pressure decreases so far.
+    pub fn decreases(&self) -> u64 {
+        self.decreases
     }
 
     /// True while slow start lasts.
@@ -159,8 +177,11 @@ impl Aimd {
     /// While paced: the time between two call starts, a round trip divided
     /// by the limit.
     pub fn spacing(&self) -> Option<Duration> {
-        self.paced()
-            .then(|| self.rtt().div_f64(self.limit.max(MIN_LIMIT)))
+        self.paced().then(|| {
+            self.rtt()
+                .div_f64(self.limit.max(MIN_LIMIT))
+                .min(MAX_SPACING)
+        })
     }
 
     /// A call starts with `in_flight` calls (itself included) running.
@@ -209,6 +230,7 @@ impl Aimd {
             if !self.window_decreased {
                 self.limit = self.decreased();
                 self.window_decreased = true;
+                self.decreases += 1;
             }
             self.slow_start = false;
         }
@@ -236,11 +258,16 @@ impl Aimd {
         }
         let elapsed = now.saturating_duration_since(self.window_start);
         // A zero-length window (a round trip measured as zero) has no rate.
+        // Weighted by the round trips it lasted: a window that ends at a
+        // call many round trips later (calls are rare when refused or paced)
+        // stands for all of them.
+        let windows = (elapsed.as_secs_f64() / self.rtt().as_secs_f64()).max(1.0);
         if !elapsed.is_zero() {
             let sample = f64::from(self.window_answered) / elapsed.as_secs_f64();
+            let weight = 1.0 - (1.0 - RATE_WEIGHT).powf(windows);
             self.answered_rate = Some(match self.answered_rate {
                 None => sample,
-                Some(r) => r * (1.0 - RATE_WEIGHT) + sample * RATE_WEIGHT,
+                Some(r) => r * (1.0 - weight) + sample * weight,
             });
         }
         let held = self.hold_until.is_some_and(|h| now < h);
@@ -248,9 +275,14 @@ impl Aimd {
             self.limit = if self.slow_start {
                 self.limit * 2.0
             } else if self.paced() {
-                // A tenth of itself: one whole call would be a step of a
-                // quarter or more of the rate at four calls or fewer.
-                self.limit + (self.limit * PACED_GROWTH).min(1.0)
+                // A tenth of itself per round trip: one whole call would be a
+                // step of a quarter or more of the rate at four calls or fewer.
+                // A paced window ends at a call, and at a low limit calls are
+                // many round trips apart: every round trip since counts (all
+                // of them had calls waiting), at most a doubling at once.
+                let windows = windows.floor().min(64.0);
+                let grown = self.limit * (1.0 + PACED_GROWTH).powf(windows).min(2.0);
+                grown.min(self.limit + windows)
             } else {
                 self.limit + 1.0
             }
@@ -287,17 +319,19 @@ pub enum Concurrency {
 struct State {
     law: Aimd,
     fixed: Option<usize>,
+    /// Places taken: calls in flight, waiting for their pacing interval, or
+    /// held after a refusal.
     in_flight: usize,
     rechecks_in_flight: usize,
+    /// Of `in_flight`, places held after a refusal (not use of the window).
+    held: usize,
     /// Waiting calls; a slot is handed to a waiter (counted in `in_flight`
     /// before it wakes) together with when it may start (pacing).
     fresh: VecDeque<oneshot::Sender<(Instant, u64)>>,
     rechecks: VecDeque<oneshot::Sender<(Instant, u64)>>,
-    /// Pacing: when the next call may start.
+    /// Pacing: when the next call may start, and when the last one did.
     next_start: Instant,
-    /// Decreases of the limit so far (a paced call given its start before
-    /// one takes a new start).
-    cuts: u64,
+    last_start: Instant,
 }
 
 impl State {
@@ -319,7 +353,7 @@ impl State {
 /// What an attempt to start a call came to.
 enum Next {
     /// A slot (already counted), usable from then on (pacing), given when
-    /// the limit had been cut so many times.
+    /// the limit had been decreased so many times.
     Go((Instant, u64)),
     /// Queued: a slot will be handed over.
     Queue(oneshot::Receiver<(Instant, u64)>),
@@ -337,7 +371,7 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if !self.received && self.rx.try_recv().is_ok() {
-            self.limiter.free(self.priority);
+            self.limiter.free(self.priority, false);
         }
     }
 }
@@ -350,37 +384,46 @@ pub struct AccountLimiter {
 }
 
 /// A call's place in its account's window; give it back with [`Permit::finish`].
-pub struct Permit<'a> {
-    limiter: &'a AccountLimiter,
+pub struct Permit {
+    limiter: Arc<AccountLimiter>,
     priority: Priority,
     started: Instant,
     done: bool,
 }
 
-impl Permit<'_> {
-    /// The call ended with `signal`. The law hears it at once; a call the
-    /// processor turned away (429, 503, a timeout) keeps its place until a
-    /// round trip has passed since it started, so that answers that come back
-    /// in a millisecond do not free places a thousand times faster than real
-    /// calls would: a throttling processor sees at most the limit's calls per
-    /// round trip, not a flood.
-    pub async fn finish(mut self, signal: Signal) {
-        let latency = self.started.elapsed();
-        let hold = self.limiter.record(signal, latency);
-        if let Some(hold) = hold {
-            tokio::time::sleep_until(self.started + hold).await;
-        }
+impl Permit {
+    /// The call ended with `signal`. The law hears it at once, and the caller
+    /// goes on at once; but the place of a call the processor turned away
+    /// (429, 503) faster than a round trip stays taken until a round trip has
+    /// passed since the call started, so that refusals that come back in a
+    /// millisecond do not free places a thousand times faster than real calls
+    /// would: a throttling processor sees at most the limit's calls per round
+    /// trip, not a flood.
+    pub fn finish(mut self, signal: Signal) {
         self.done = true;
-        self.limiter.free(self.priority);
+        let latency = self.started.elapsed();
+        let Some(hold) = self.limiter.record(signal, latency) else {
+            self.limiter.free(self.priority, false);
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.limiter.free(self.priority, false);
+            return;
+        };
+        self.limiter.lock().held += 1;
+        let (limiter, priority, until) = (self.limiter.clone(), self.priority, self.started + hold);
+        runtime.spawn(async move {
+            tokio::time::sleep_until(until).await;
+            limiter.free(priority, true);
+        });
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         if !self.done {
-            // Cancelled: whatever the call heard (if anything) was already
-            // recorded, or is unknown.
-            self.limiter.free(self.priority);
+            // Cancelled: whatever the call heard is unknown.
+            self.limiter.free(self.priority, false);
         }
     }
 }
@@ -410,8 +453,9 @@ impl AccountLimiter {
                 rechecks_in_flight: 0,
                 fresh: VecDeque::new(),
                 rechecks: VecDeque::new(),
+                held: 0,
                 next_start: now,
-                cuts: 0,
+                last_start: now,
             }),
             share: share.clamp(0.0, 1.0),
             on_limit,
@@ -428,14 +472,14 @@ impl AccountLimiter {
         s.fixed.map_or(s.law.limit(), |n| n as f64)
     }
 
-    /// Waits for room in the account's window (and, below one call in flight,
-    /// for the pacing interval).
-    pub async fn acquire(&self, priority: Priority) -> Permit<'_> {
+    /// Waits for room in the account's window (and, while paced, for the
+    /// pacing interval).
+    pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Permit {
         let start = match self.try_acquire(priority) {
             Next::Go(at) => at,
             Next::Queue(rx) => {
                 let mut waiting = Waiting {
-                    limiter: self,
+                    limiter: self.as_ref(),
                     priority,
                     rx,
                     received: false,
@@ -450,7 +494,7 @@ impl AccountLimiter {
         // The slot is counted: a permit owns it from here, even while it waits
         // for its pacing interval.
         let mut permit = Permit {
-            limiter: self,
+            limiter: self.clone(),
             priority,
             started: Instant::now(),
             done: false,
@@ -469,17 +513,23 @@ impl AccountLimiter {
         permit
     }
 
-    /// A paced call given `at` to start when `cuts` decreases had happened:
-    /// if the limit has been cut since, a new start at the new, slower rate.
+    /// A paced call given `at` to start after `cuts` decreases: starts now,
+    /// unless the limit has been decreased since; then it takes a new start
+    /// at the new, slower rate.
     fn repace(&self, at: Instant, cuts: u64) -> Option<(Instant, u64)> {
         let mut s = self.lock();
-        if s.cuts == cuts {
-            return None;
+        let spacing = s.law.spacing().filter(|_| s.fixed.is_none());
+        match spacing {
+            Some(spacing) if s.law.decreases() != cuts => {
+                let next = s.next_start.max(Instant::now());
+                s.next_start = next + spacing;
+                Some((next, s.law.decreases()))
+            }
+            _ => {
+                s.last_start = s.last_start.max(at);
+                None
+            }
         }
-        let spacing = s.law.spacing().filter(|_| s.fixed.is_none())?;
-        let next = s.next_start.max(at);
-        s.next_start = next + spacing;
-        Some((next, s.cuts))
     }
 
     fn try_acquire(&self, priority: Priority) -> Next {
@@ -507,8 +557,8 @@ impl AccountLimiter {
         if priority == Priority::Recheck {
             s.rechecks_in_flight += 1;
         }
-        let in_flight = s.in_flight;
-        s.law.started(in_flight, now);
+        let using = s.in_flight - s.held;
+        s.law.started(using, now);
         match s.law.spacing().filter(|_| s.fixed.is_none()) {
             Some(spacing) => {
                 let at = s.next_start.max(now);
@@ -516,9 +566,9 @@ impl AccountLimiter {
                 if at > now {
                     s.law.saturated(now);
                 }
-                (at, s.cuts)
+                (at, s.law.decreases())
             }
-            None => (now, s.cuts),
+            None => (now, s.law.decreases()),
         }
     }
 
@@ -527,13 +577,18 @@ impl AccountLimiter {
     fn record(&self, signal: Signal, latency: Duration) -> Option<Duration> {
         let mut s = self.lock();
         let before = s.law.limit();
+        let decreases = s.law.decreases();
         s.law.ended(signal, latency, Instant::now());
         let after = s.law.limit();
         if s.fixed.is_none() && (after - before).abs() > f64::EPSILON {
             (self.on_limit)(after);
         }
-        if after < before {
-            s.cuts += 1;
+        if s.law.decreases() != decreases {
+            // Calls given a start at the old rate take new ones (see
+            // `repace`): the next start is a new spacing after the last one.
+            if let Some(spacing) = s.law.spacing() {
+                s.next_start = s.last_start + spacing;
+            }
         }
         let rtt = s.law.rtt();
         // The limit may have shrunk: nothing to wake, only fewer places.
@@ -542,10 +597,14 @@ impl AccountLimiter {
             .filter(|rtt| latency < *rtt)
     }
 
-    /// Gives a call's place back and hands free places to waiters.
-    fn free(&self, priority: Priority) {
+    /// Gives a call's place back (`held`: one held after a refusal) and hands
+    /// free places to waiters.
+    fn free(&self, priority: Priority, held: bool) {
         let mut s = self.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
+        if held {
+            s.held = s.held.saturating_sub(1);
+        }
         if priority == Priority::Recheck {
             s.rechecks_in_flight = s.rechecks_in_flight.saturating_sub(1);
         }
@@ -771,12 +830,12 @@ mod tests {
                 let permit = l.acquire(p).await;
                 o.lock().unwrap().push(i);
                 tokio::time::sleep(ms(1000)).await;
-                permit.finish(Signal::Answered).await;
+                permit.finish(Signal::Answered);
             }));
             tokio::task::yield_now().await;
         }
         for p in held.drain(..2) {
-            p.finish(Signal::Answered).await;
+            p.finish(Signal::Answered);
         }
         tokio::time::sleep(ms(10)).await;
         assert_eq!(
@@ -787,7 +846,7 @@ mod tests {
         // Eight re-checks still hold slots: more than 30% of ten, so a re-check
         // waits while a fresh request waits; with none waiting, they get the rest.
         for p in held.drain(..) {
-            p.finish(Signal::Answered).await;
+            p.finish(Signal::Answered);
         }
         tokio::time::sleep(ms(10)).await;
         let mut order = order.lock().unwrap().clone();
@@ -822,7 +881,7 @@ mod tests {
                 m.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                 tokio::time::sleep(ms(5 + i % 7)).await;
                 r.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                permit.finish(Signal::Answered).await;
+                permit.finish(Signal::Answered);
             }));
         }
         // Cancel a third of them, wherever they are (waiting, or holding a slot).
@@ -911,12 +970,10 @@ mod tests {
                     };
                     if admitted {
                         tokio::time::sleep(ms(50)).await;
-                        permit.finish(Signal::Answered).await;
+                        permit.finish(Signal::Answered);
                         s.lock().unwrap()[second].0 += 1;
                     } else {
-                        permit
-                            .finish(Signal::Throttled(Some(Duration::from_secs(1))))
-                            .await;
+                        permit.finish(Signal::Throttled(Some(Duration::from_secs(1))));
                         s.lock().unwrap()[second].1 += 1;
                         tokio::time::sleep(Duration::from_secs(1).mul_f64(1.0 + rng.f64() * 0.25))
                             .await;
@@ -959,54 +1016,128 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_turned_away_call_keeps_its_place_for_a_round_trip() {
-        let limiter = AccountLimiter::new(Concurrency::Fixed(1), 100, 0.3, Box::new(|_| {}));
+    async fn a_turned_away_call_keeps_its_place_for_a_round_trip_but_its_caller_goes_on() {
+        let limiter = Arc::new(AccountLimiter::new(
+            Concurrency::Fixed(1),
+            100,
+            0.3,
+            Box::new(|_| {}),
+        ));
         let permit = limiter.acquire(Priority::Fresh).await;
         tokio::time::sleep(ms(40)).await;
-        permit.finish(Signal::Answered).await;
-        // A 429 in a millisecond: the place comes back a round trip (40 ms)
-        // after the call started, not at once.
+        permit.finish(Signal::Answered);
+        // A 429 in a millisecond: its caller goes on at once (to wait out the
+        // Retry-After), while the place comes back a round trip (40 ms) after
+        // the call started, not at once.
         let start = Instant::now();
         let permit = limiter.acquire(Priority::Fresh).await;
         tokio::time::sleep(ms(1)).await;
-        permit.finish(Signal::Throttled(None)).await;
-        let _next = limiter.acquire(Priority::Fresh).await;
-        assert_eq!(Instant::now() - start, ms(40));
+        permit.finish(Signal::Throttled(None));
+        assert_eq!(Instant::now() - start, ms(1), "finish does not wait");
+        let next = tokio::spawn({
+            let l = limiter.clone();
+            async move {
+                let _p = l.acquire(Priority::Fresh).await;
+                Instant::now()
+            }
+        });
+        assert_eq!(next.await.unwrap() - start, ms(40));
+        // A call that was answered frees its place at once.
+        let permit = limiter.acquire(Priority::Fresh).await;
+        let at = Instant::now();
+        permit.finish(Signal::Answered);
+        let _p = limiter.acquire(Priority::Fresh).await;
+        assert_eq!(Instant::now(), at);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_paced_call_given_its_start_before_a_cut_takes_a_slower_one() {
-        let limiter = AccountLimiter::new(Concurrency::Adaptive, 100, 0.3, Box::new(|_| {}));
-        // Back-pressure once: paced from now on, at a limit of a few calls.
+    async fn a_paced_call_given_its_start_before_a_cut_takes_one_at_the_new_rate() {
+        let limiter = Arc::new(AccountLimiter::new(
+            Concurrency::Adaptive,
+            100,
+            0.3,
+            Box::new(|_| {}),
+        ));
+        // Back-pressure once (a round trip of 100 ms): paced from now on, at a
+        // limit of a few calls.
         let permit = limiter.acquire(Priority::Fresh).await;
         tokio::time::sleep(ms(100)).await;
-        permit.finish(Signal::Throttled(None)).await;
+        permit.finish(Signal::Throttled(None));
         let limit = limiter.limit();
         assert!(limit < PACE_BELOW);
         let spacing = ms(100).div_f64(limit);
         // Into the next window (one decrease per window).
-        tokio::time::sleep(ms(100)).await;
+        tokio::time::sleep(ms(200)).await;
         let start = Instant::now();
         let first = limiter.acquire(Priority::Fresh).await;
-        // The second is given a start one spacing later; a 429 of the first
-        // cuts the limit meanwhile, so it starts a (longer) spacing after that.
-        let (tx, rx) = oneshot::channel();
-        let waiter = async {
-            let p = limiter.acquire(Priority::Fresh).await;
-            tx.send(Instant::now()).unwrap();
-            p.finish(Signal::Answered).await;
-        };
-        let cutter = async {
-            tokio::time::sleep(spacing / 2).await;
-            first.finish(Signal::Throttled(None)).await;
-        };
-        tokio::join!(waiter, cutter);
-        let started = rx.await.unwrap() - start;
+        // The second is given a start one (old) spacing later; a 429 of the
+        // first decreases the limit meanwhile, so it starts one new spacing
+        // after the first instead.
+        let waiter = tokio::spawn({
+            let l = limiter.clone();
+            async move {
+                let _p = l.acquire(Priority::Fresh).await;
+                Instant::now()
+            }
+        });
+        tokio::time::sleep(spacing / 2).await;
+        first.finish(Signal::Throttled(None));
         let cut = limiter.limit();
         assert!(cut < limit);
+        let new_spacing = ms(100).div_f64(cut);
+        let started = waiter.await.unwrap() - start;
         assert!(
-            started > spacing + spacing / 10,
-            "started {started:?} after the cut; given {spacing:?} before it"
+            started.abs_diff(new_spacing) <= ms(1),
+            "started {started:?} after the first; the new spacing is {new_spacing:?}, the old {spacing:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_seconds_of_refusing_everything_the_limit_recovers_within_seconds() {
+        // A processor that answers every call in 50 ms, except from 2 s to 5 s,
+        // when it refuses every call at once (429, `Retry-After: 1`): the limit
+        // falls to its floor, then, once answers come again (after the last
+        // Retry-After), grows back. 100 requests always waiting.
+        let limiter = Arc::new(AccountLimiter::new(
+            Concurrency::Adaptive,
+            500,
+            0.3,
+            Box::new(|_| {}),
+        ));
+        let start = Instant::now();
+        let storm = start + Duration::from_secs(2)..start + Duration::from_secs(5);
+        let end = start + Duration::from_secs(12);
+        let mut tasks = Vec::new();
+        for w in 0..100 {
+            let (l, storm) = (limiter.clone(), storm.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(w);
+                while Instant::now() < end {
+                    let permit = l.acquire(Priority::Fresh).await;
+                    if storm.contains(&Instant::now()) {
+                        permit.finish(Signal::Throttled(Some(Duration::from_secs(1))));
+                        // The retry loop's wait: the Retry-After, jittered.
+                        tokio::time::sleep(Duration::from_secs(1).mul_f64(1.0 + rng.f64() * 0.25))
+                            .await;
+                    } else {
+                        tokio::time::sleep(ms(50)).await;
+                        permit.finish(Signal::Answered);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep_until(storm.end).await;
+        let floor = limiter.limit();
+        assert!(floor < 0.5, "the limit fell during the refusals: {floor}");
+        // Refusals end at 5 s; the last Retry-After at most 1 s later.
+        tokio::time::sleep_until(storm.end + Duration::from_secs(6)).await;
+        let recovered = limiter.limit();
+        assert!(
+            recovered >= 8.0,
+            "6 s after the refusals ended the limit is {recovered} (from {floor})"
+        );
+        for t in tasks {
+            t.await.unwrap();
+        }
     }
 }

@@ -239,8 +239,13 @@ async fn a_429_storm_with_retry_after_is_honoured() {
             success(id)
         }
     });
+    // Every request's first call is refused, whatever the rate: to the adaptive
+    // limit that is a processor refusing everything, and it slows to a call a
+    // second (its unit tests cover that). This test is about each request's
+    // retry, so the concurrency is fixed.
     let r = rig(script.clone(), |s| {
-        s.retry.initial_backoff = Duration::from_millis(1)
+        s.retry.initial_backoff = Duration::from_millis(1);
+        s.concurrency = paysync::connectors::limit::Concurrency::Fixed(64);
     })
     .await;
     let ids = ids("busy", 50);
