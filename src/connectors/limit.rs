@@ -414,7 +414,10 @@ impl Permit {
     pub fn finish(mut self, signal: Signal) {
         self.done = true;
         let latency = self.started.elapsed();
-        let runtime = tokio::runtime::Handle::try_current().ok();
+        // Only a refusal can be held, on a timer of the runtime.
+        let runtime = matches!(signal, Signal::Throttled(_) | Signal::Overloaded)
+            .then(tokio::runtime::Handle::try_current)
+            .and_then(Result::ok);
         let hold = self.limiter.record(signal, latency, runtime.is_some());
         match (hold, runtime) {
             (Some(hold), Some(runtime)) => {
@@ -582,9 +585,10 @@ impl AccountLimiter {
         })
     }
 
-    /// Tells the law how a call ended; returns how long after its start the
-    /// call keeps its place when the processor turned it away (if it `can_hold`:
-    /// counted as held from here).
+    /// Tells the law how a call ended. A call that `can_hold` (the processor
+    /// turned it away, and a timer can give its place back) and ended within a
+    /// round trip is counted as held from here; returns how long after its
+    /// start it keeps its place.
     fn record(&self, signal: Signal, latency: Duration, can_hold: bool) -> Option<Duration> {
         let mut s = self.lock();
         let before = s.law.limit();
@@ -603,8 +607,7 @@ impl AccountLimiter {
         }
         // The limit may have shrunk: nothing to wake, only fewer places.
         let rtt = s.law.rtt();
-        let refused = matches!(signal, Signal::Throttled(_) | Signal::Overloaded);
-        let hold = (can_hold && refused && latency < rtt).then_some(rtt);
+        let hold = (can_hold && latency < rtt).then_some(rtt);
         if hold.is_some() {
             s.held += 1;
         }
