@@ -142,16 +142,7 @@ impl Respond for TokenRef {
 impl Rig {
     /// Runs one check per id, all concurrently.
     async fn check_all(&self, ids: &[String]) -> Vec<CheckResult> {
-        let futures = ids.iter().map(|id| {
-            let client = self.client.clone();
-            let req =
-                StatusCheckRequest::new(TransactionId::parse(id).unwrap(), "cm", "default", id);
-            async move {
-                let http = client.prepare(&req).unwrap();
-                client.check(&req, &http).await
-            }
-        });
-        futures::future::join_all(futures).await
+        check_all(&self.client, ids).await
     }
 
     fn token_requests(&self) -> u64 {
@@ -167,6 +158,19 @@ impl Rig {
             &labels,
         )
     }
+}
+
+/// Runs one check per id through `client`, all concurrently.
+async fn check_all(client: &Arc<Gateway>, ids: &[String]) -> Vec<CheckResult> {
+    let futures = ids.iter().map(|id| {
+        let client = client.clone();
+        let req = StatusCheckRequest::new(TransactionId::parse(id).unwrap(), "cm", "default", id);
+        async move {
+            let http = client.prepare(&req).unwrap();
+            client.check(&req, &http).await
+        }
+    });
+    futures::future::join_all(futures).await
 }
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
@@ -464,22 +468,12 @@ async fn against_a_rate_limit(
     );
     settings.concurrency = concurrency;
     settings.request_timeout = Duration::from_secs(2);
-    let metrics = Arc::new(Metrics::new());
     let client = Arc::new(cm_client(
         settings,
-        metrics.clone(),
+        Arc::new(Metrics::new()),
         ManualClock::new().clock(),
     ));
-    let checks = (0..n).map(|i| {
-        let client = client.clone();
-        let id = format!("success-{i}");
-        let req = StatusCheckRequest::new(TransactionId::parse(&id).unwrap(), "cm", "default", &id);
-        async move {
-            let http = client.prepare(&req).unwrap();
-            client.check(&req, &http).await
-        }
-    });
-    let results = futures::future::join_all(checks).await;
+    let results = check_all(&client, &ids("success", n)).await;
     let limit = client.concurrency_limit("default").unwrap();
     let calls = (sim.throttled(), sim.status_requests());
     sim.stop().await;
