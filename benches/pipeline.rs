@@ -500,14 +500,14 @@ async fn baseline(
             continue;
         };
         started.get_or_insert_with(Instant::now);
-        let incoming = paysync::pipeline::process::Incoming {
+        let incoming = paysync::pipeline::record::Incoming {
             topic: topic.clone(),
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec),
             headers: Vec::new(),
-            received: Instant::now(),
+            received: paysync::clock::Instant::now(),
             recheck: false,
         };
         let epoch = ledger.epoch(m.partition());

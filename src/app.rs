@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,15 +18,19 @@ use crate::config::{ConfigError, Guarantee, Settings};
 use crate::connectors::gateway::{Gateway, GatewayError};
 use crate::connectors::registry;
 use crate::connectors::token::system_clock;
-use crate::kafka::commits::CommitBoard;
-use crate::kafka::engine::{create_consumer, Engine, EngineConsumer, EngineSettings};
-use crate::kafka::producer::Publisher;
-use crate::kafka::queues::{Gate, Queues};
-use crate::kafka::transactions::{ConsumerHandle, KafkaTxnProducer};
+use crate::kafka::producer::KafkaProducer;
+use crate::kafka::source::KafkaSource;
+use crate::kafka::transactions::KafkaTxnProducer;
 use crate::kafka::{admin, consumer_config, producer_config};
-use crate::pipeline::dispatch::{DispatchSettings, Dispatcher, Sink};
+use crate::pipeline::board::CommitBoard;
+use crate::pipeline::committer::{Committer, Mode};
+use crate::pipeline::dispatch::{DispatchSettings, Dispatcher};
+use crate::pipeline::engine::{Engine, EngineSettings};
 use crate::pipeline::ledger::Ledger;
 use crate::pipeline::process::{FollowPlan, Processor};
+use crate::pipeline::publish::Publisher;
+use crate::pipeline::queues::{Gate, Queues};
+use crate::pipeline::source::Source;
 use crate::pipeline::txn::Transactions;
 use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
@@ -100,7 +103,8 @@ impl StartupError {
 /// One engine the app runs: what the probes look at.
 struct EngineEntry {
     topic: String,
-    consumer: Arc<EngineConsumer>,
+    source: Arc<KafkaSource>,
+    committer: Arc<Committer>,
     ledger: Arc<Ledger>,
     alive: Arc<AtomicBool>,
     /// Exactly once: its transactional producer (flushed at shutdown).
@@ -117,7 +121,7 @@ pub struct RunningApp {
     supervisor: Supervisor,
     failures: Failures,
     engines: Engines,
-    publisher: Arc<Publisher>,
+    producer: Arc<KafkaProducer>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     /// The webhook intake's address, when `[webhooks]` is on.
@@ -177,7 +181,7 @@ impl RunningApp {
     /// Stops fetching, drains, commits, flushes and leaves the groups.
     pub async fn stop(self) {
         self.supervisor.stop().await;
-        let publisher = self.publisher.clone();
+        let producer = self.producer.clone();
         let txn_producers: Vec<_> = lock(&self.engines)
             .iter()
             .filter_map(|e| e.txn_producer.clone())
@@ -192,7 +196,9 @@ impl RunningApp {
             for p in txn_producers {
                 p.flush(Duration::from_secs(10));
             }
-            publisher.flush(Duration::from_secs(30))
+            producer
+                .flush(Duration::from_secs(30))
+                .map_err(|e| format!("producer flush: {e}"))
         })
         .await;
         match flushed {
@@ -248,6 +254,7 @@ struct EngineFactory {
     settings: Arc<Settings>,
     processor: Arc<Processor>,
     publisher: Arc<Publisher>,
+    producer: Arc<KafkaProducer>,
     metrics: Arc<Metrics>,
     board: Arc<CommitBoard>,
     supervisor: Supervisor,
@@ -261,100 +268,64 @@ impl EngineFactory {
         let s = &self.settings;
         let k = &s.kafka;
         let exactly_once = s.processing.guarantee == Guarantee::ExactlyOnce;
-        let group = if recheck {
-            format!(
-                "{}.{}",
-                k.group_id,
-                recheck_suffix(&k.recheck_topic_prefix, topic)
-            )
-        } else {
-            k.group_id.clone()
+        let suffix = recheck.then(|| recheck_suffix(&k.recheck_topic_prefix, topic));
+        let group = match &suffix {
+            Some(suffix) => format!("{}.{suffix}", k.group_id),
+            None => k.group_id.clone(),
         };
         let ledger = Arc::new(Ledger::new());
-        let engine_settings = EngineSettings {
-            input_topic: topic.to_owned(),
-            recheck,
-            max_in_flight: s.processing.max_in_flight,
-            max_queued_per_key: s.processing.max_queued_per_key,
-            commit_interval: if exactly_once {
-                s.processing.transaction_interval
-            } else {
-                k.commit_interval
-            },
-            drain_timeout: s.processing.shutdown_timeout,
-        };
         let mut config = consumer_config(k);
         config.set("group.id", &group);
-        let consumer = Arc::new(
-            create_consumer(
-                &config,
-                &engine_settings,
-                ledger.clone(),
-                self.metrics.clone(),
-                self.board.clone(),
-            )
-            .map_err(|source| StartupError::Kafka {
-                client: "consumer",
-                source,
+        let source = Arc::new(
+            KafkaSource::new(&config, topic, recheck, self.metrics.clone()).map_err(|source| {
+                StartupError::Kafka {
+                    client: "consumer",
+                    source,
+                }
             })?,
         );
-        self.board.register(topic, &consumer);
-        let (sink, txn, txn_producer) = if exactly_once {
-            let id = if recheck {
-                format!(
-                    "{}-{}.{}",
-                    k.transactional_id_prefix,
-                    k.instance_id,
-                    recheck_suffix(&k.recheck_topic_prefix, topic)
-                )
-            } else {
-                format!("{}-{}", k.transactional_id_prefix, k.instance_id)
+        let dyn_source: Arc<dyn Source> = source.clone();
+        self.board.register(&dyn_source);
+        let (mode, interval, txn_producer) = if exactly_once {
+            let id = match &suffix {
+                Some(suffix) => format!("{}-{}.{suffix}", k.transactional_id_prefix, k.instance_id),
+                None => format!("{}-{}", k.transactional_id_prefix, k.instance_id),
             };
-            let weak = Arc::downgrade(&consumer);
-            let (config, topic2, id2) = (producer_config(k), topic.to_owned(), id.clone());
-            let (events, dlq) = (k.output_topic.clone(), k.dead_letter_topic.clone());
-            let producer = tokio::task::spawn_blocking(move || {
-                KafkaTxnProducer::start(
-                    &config,
-                    &id2,
-                    weak,
-                    &topic2,
-                    &events,
-                    &dlq,
-                    TXN_INIT_TIMEOUT,
-                )
-            })
-            .await
-            .map_err(|e| StartupError::Transactions {
-                id: id.clone(),
-                reason: e.to_string(),
-            })?
-            .map_err(|e| StartupError::Transactions {
-                id: id.clone(),
-                reason: e.to_string(),
-            })?;
-            let producer = Arc::new(producer);
+            let producer = Arc::new(self.transactional_producer(&id, &source, topic).await?);
             let txn = Arc::new(Transactions::new(
                 producer.clone(),
-                Arc::new(ConsumerHandle {
-                    consumer: Arc::downgrade(&consumer),
-                    topic: topic.to_owned(),
-                }),
+                dyn_source.clone(),
                 ledger.clone(),
                 self.metrics.clone(),
-                topic,
                 s.processing.transaction_interval,
                 s.processing.max_pending_records,
             ));
-            let _ = consumer.context().txn.set(txn.clone());
             tracing::info!(transactional_id = %id, topic, "exactly once: transactions initialized");
-            (Sink::Transactions(txn.clone()), Some(txn), Some(producer))
+            (
+                Mode::ExactlyOnce(txn),
+                s.processing.transaction_interval,
+                Some(producer),
+            )
         } else {
-            (Sink::Acks(self.publisher.clone()), None, None)
+            (
+                Mode::AtLeastOnce(self.publisher.clone()),
+                k.commit_interval,
+                None,
+            )
         };
+        let committer = Arc::new(Committer::new(
+            dyn_source.clone(),
+            ledger.clone(),
+            self.metrics.clone(),
+            self.board.clone(),
+            mode,
+            interval,
+            s.processing.shutdown_timeout,
+        ));
+        source.attach(&committer);
         let dispatcher = Dispatcher::new(
             self.processor.clone(),
-            sink,
+            committer.sink(),
             ledger.clone(),
             self.metrics.clone(),
             DispatchSettings {
@@ -372,12 +343,16 @@ impl EngineFactory {
         });
         let queues = Queues::new(topic, recheck, self.metrics.clone(), gate);
         let engine = Engine::new(
-            consumer.clone(),
+            dyn_source,
             queues,
             dispatcher,
-            txn,
+            committer.clone(),
             self.metrics.clone(),
-            engine_settings,
+            EngineSettings {
+                input_topic: topic.to_owned(),
+                recheck,
+                drain_timeout: s.processing.shutdown_timeout,
+            },
         );
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
@@ -388,13 +363,13 @@ impl EngineFactory {
             async move {
                 // Flips liveness off however the loop ends: returned, panicked or aborted.
                 let _alive = AliveGuard(flag);
-                engine.run(shutdown).await;
-                Ok(())
+                engine.run(shutdown).await.map_err(|e| e.to_string())
             },
         );
         lock(&self.engines).push(EngineEntry {
             topic: topic.to_owned(),
-            consumer,
+            source,
+            committer,
             ledger,
             alive,
             txn_producer,
@@ -407,6 +382,30 @@ impl EngineFactory {
                 .count(),
         );
         Ok(())
+    }
+
+    /// Exactly once: the transactional producer `id` of the engine reading
+    /// `source` (initializing it fences an older producer with the same id).
+    async fn transactional_producer(
+        &self,
+        id: &str,
+        source: &Arc<KafkaSource>,
+        topic: &str,
+    ) -> Result<KafkaTxnProducer, StartupError> {
+        let k = &self.settings.kafka;
+        let weak = Arc::downgrade(source.consumer());
+        let (config, topic, id2) = (producer_config(k), topic.to_owned(), id.to_owned());
+        let (events, dlq) = (k.output_topic.clone(), k.dead_letter_topic.clone());
+        let fail = |reason: String| StartupError::Transactions {
+            id: id.to_owned(),
+            reason,
+        };
+        tokio::task::spawn_blocking(move || {
+            KafkaTxnProducer::start(&config, &id2, weak, &topic, &events, &dlq, TXN_INIT_TIMEOUT)
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(e.to_string()))
     }
 }
 
@@ -478,18 +477,20 @@ pub async fn start_with(
         // follow-mode guards against repeats (end markers, chain marks) go.
         .with_repeat_guards(!exactly_once),
     );
-    let publisher = Arc::new(
-        Publisher::new(
-            &producer_config(&settings.kafka),
-            &settings.kafka.output_topic,
-            &settings.kafka.dead_letter_topic,
-            metrics.clone(),
-        )
-        .map_err(|source| StartupError::Kafka {
-            client: "producer",
-            source,
+    let producer = Arc::new(
+        KafkaProducer::new(&producer_config(&settings.kafka)).map_err(|source| {
+            StartupError::Kafka {
+                client: "producer",
+                source,
+            }
         })?,
     );
+    let publisher = Arc::new(Publisher::new(
+        producer.clone(),
+        &settings.kafka.output_topic,
+        &settings.kafka.dead_letter_topic,
+        metrics.clone(),
+    ));
     let (listener, http_addr) = bind("http.listen", settings.http.listen).await?;
     // The webhook intake binds before anything consumes, so a port in use stops
     // start-up instead of leaving a half-running instance.
@@ -512,6 +513,7 @@ pub async fn start_with(
         settings: settings.clone(),
         processor,
         publisher: publisher.clone(),
+        producer: producer.clone(),
         metrics: metrics.clone(),
         board: CommitBoard::new(),
         supervisor: supervisor.clone(),
@@ -578,17 +580,17 @@ pub async fn start_with(
                 return Err("waiting for the topics to exist".into());
             }
             let engines = lock(&engines);
-            if !engines
-                .iter()
-                .all(|e| crate::kafka::engine::has_joined(&e.consumer))
-            {
+            if !engines.iter().all(|e| e.source.joined()) {
                 return Err("waiting to join the consumer groups".into());
             }
             if let Some(intake) = &intake_ready {
                 intake.ready()?;
             }
-            let now = std::time::Instant::now();
+            let now = crate::clock::Instant::now();
             for e in engines.iter() {
+                e.committer
+                    .ready()
+                    .map_err(|why| format!("{}: {why}", e.topic))?;
                 readiness(&e.ledger.health(now), stuck_after)
                     .map_err(|why| format!("{}: {why}", e.topic))?;
             }
@@ -599,7 +601,7 @@ pub async fn start_with(
         "topic check",
         Lifetime::MayFinish,
         check_topics(
-            publisher.clone(),
+            producer.clone(),
             settings.topics(),
             topics_ok,
             supervisor.token(),
@@ -648,7 +650,7 @@ pub async fn start_with(
         supervisor,
         failures,
         engines,
-        publisher,
+        producer,
         metrics,
         http_addr,
         webhook_addr,
@@ -741,18 +743,18 @@ async fn refresh_request_ids(
 
 /// Waits until the topics exist (readiness); logs what is missing meanwhile.
 async fn check_topics(
-    publisher: Arc<Publisher>,
+    producer: Arc<KafkaProducer>,
     topics: Vec<String>,
     ok: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let mut delay = Duration::from_millis(200);
     loop {
-        let p = publisher.clone();
+        let p = producer.clone();
         let t = topics.clone();
         let result = tokio::task::spawn_blocking(move || {
             let names: Vec<&str> = t.iter().map(String::as_str).collect();
-            admin::missing_topics(p.producer(), &names, Duration::from_secs(5))
+            admin::missing_topics(p.client(), &names, Duration::from_secs(5))
         })
         .await;
         match result {
@@ -778,12 +780,12 @@ async fn check_topics(
 /// Re-check topics under the prefix that exist in the cluster (a schedule
 /// change can leave records in topics the schedules no longer name).
 async fn existing_recheck_topics(factory: &EngineFactory) -> Result<Vec<String>, String> {
-    let publisher = factory.publisher.clone();
+    let producer = factory.producer.clone();
     let prefix = factory.settings.kafka.recheck_topic_prefix.clone();
     factory
         .supervisor
         .blocking("re-check topic discovery", move || {
-            admin::topics_with_prefix(publisher.producer(), &prefix, Duration::from_secs(10))
+            admin::topics_with_prefix(producer.client(), &prefix, Duration::from_secs(10))
         })
         .await
         .unwrap_or_else(|| Err("the discovery thread failed".into()))

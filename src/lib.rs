@@ -15,8 +15,9 @@
 //! | [`connectors`] | pure translators (`Connector`, one file each) and their registry; the one `Gateway` that does their I/O (auth schemes, retries, circuit breaker, rate limits; `http.rs` is the only HTTP client code) | HTTP |
 //! | [`config`] | settings from TOML + environment, validation, secrets | reads files/env at start-up |
 //! | [`telemetry`] | Prometheus metrics, tracing | none |
-//! | [`pipeline`] | offset watermarks, per-key scheduling, the partition ledger, message processing, the job life cycle (`dispatch`), exactly-once bookkeeping (`txn`), dead letters for redrive (`letters`) | connector calls |
-//! | [`kafka`] | the engine loop, rdkafka callbacks (`context`), partition queues, the producers (idempotent and transactional), redrive, topics; the only rdkafka code | Kafka |
+//! | [`clock`] | the clocks the delivery core reads (tokio's, and a wall clock a simulation can fix) | none |
+//! | [`pipeline`] | the engine loop over a consumer `Source`, partition queues, offset watermarks, per-key scheduling, the partition ledger, message processing, the job life cycle (`dispatch`), the delivery strategy of each guarantee (`committer`, `publish`, exactly-once bookkeeping `txn`), dead letters for redrive (`letters`) | connector calls |
+//! | [`kafka`] | the rdkafka `Source` and its callbacks, the producers (idempotent and transactional), redrive, topics; the only rdkafka code | Kafka |
 //! | [`schema_registry`] | Confluent Schema Registry client (event schema id at start-up, accepted request schema ids) | HTTP |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
 //! | [`webhooks`] | the webhook intake: routes, limits, a request produced and acknowledged before 200 | HTTP server, Kafka |
@@ -30,6 +31,7 @@
 
 pub mod app;
 pub mod check;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod connectors;

@@ -1,18 +1,14 @@
 //! Everything that talks to Kafka (the only module that uses rdkafka): client
-//! configuration, the [`engine`] loop (over the broker-free dispatcher), its
-//! rdkafka callbacks ([`context`]) and partition [`queues`], the idempotent
-//! [`producer`] (at least once) and the transactional one ([`transactions`],
-//! exactly once), [`redrive`], [`headers`] as bytes, and [`admin`] helpers for
-//! topics.
+//! configuration, the engine's consumer ([`source`], the rdkafka
+//! implementation of `pipeline::source::Source`), the idempotent [`producer`]
+//! (at least once) and the transactional one ([`transactions`], exactly once),
+//! [`redrive`], [`headers`] as bytes, and [`admin`] helpers for topics.
 
 pub mod admin;
-pub mod commits;
-pub mod context;
-pub mod engine;
 pub mod headers;
 pub mod producer;
-pub mod queues;
 pub mod redrive;
+pub mod source;
 pub mod tools;
 pub mod transactions;
 

@@ -1,7 +1,6 @@
 //! Exactly once on rdkafka: the transactional producer of one engine (one
-//! consumer group) and the consumer as the transactions see it. The bookkeeping
-//! (what goes into which transaction, what an abort rewinds) is
-//! [`crate::pipeline::txn`]'s; this is only the client.
+//! consumer group). The bookkeeping (what goes into which transaction, what an
+//! abort rewinds) is [`crate::pipeline::txn`]'s; this is only the client.
 //!
 //! Each engine has its own producer, `<transactional_id_prefix>-<instance_id>`
 //! for the input engine and `…-<instance_id>.recheck.<seconds>s` for a re-check
@@ -10,19 +9,24 @@
 //! rebalance in one group never waits for another group's transaction. A member
 //! that restarts with its instance id fences its predecessor's producers and
 //! aborts their open transactions at once (`init_transactions`).
+//!
+//! librdkafka's transactional calls block for up to [`CALL_TIMEOUT`]: they run
+//! on tokio's blocking threads, never on a runtime worker (which also serves
+//! the probes and the webhook intake), and never under a lock.
 
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use super::context::EngineConsumer;
-use super::producer::{classify, ErrorKind};
-use crate::pipeline::process::{Destination, Outgoing};
-use crate::pipeline::txn::{RecordSource, RecordTag, Refusal, SendError, TxnError, TxnProducer};
+use super::producer::{classify, too_large, ErrorKind};
+use super::source::EngineConsumer;
+use crate::pipeline::record::{Destination, Outgoing};
+use crate::pipeline::txn::{RecordTag, Refusal, SendError, TxnError, TxnProducer};
 
 /// How long a transactional call may block before it counts as timed out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,23 +43,15 @@ impl ProducerContext for TxnContext {
     type DeliveryOpaque = Box<RecordTag>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, tag: Box<RecordTag>) {
-        if let Err((e, _)) = result {
-            let permanent = matches!(e, KafkaError::MessageProduction(code) if classify(*code) == ErrorKind::Permanent);
-            if permanent {
-                let too_large = matches!(
-                    e,
-                    KafkaError::MessageProduction(
-                        RDKafkaErrorCode::MessageSizeTooLarge
-                            | RDKafkaErrorCode::InvalidMessageSize
-                    )
-                );
+        if let Err((KafkaError::MessageProduction(code), _)) = result {
+            if classify(*code) == ErrorKind::Permanent {
                 self.refusals
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(Refusal {
                         tag: *tag,
-                        reason: e.to_string(),
-                        too_large,
+                        reason: KafkaError::MessageProduction(*code).to_string(),
+                        too_large: too_large(*code),
                     });
             }
         }
@@ -91,9 +87,19 @@ fn create(config: &ClientConfig, refusals: &Arc<Mutex<Vec<Refusal>>>) -> Result<
 }
 
 /// What a transactional call's error asks for.
-fn txn_error(e: KafkaError) -> TxnError {
+pub fn txn_error(e: KafkaError) -> TxnError {
     let text = e.to_string();
     match &e {
+        KafkaError::Transaction(r)
+            if matches!(
+                r.code(),
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+            ) =>
+        {
+            TxnError::Fenced(text)
+        }
         KafkaError::Transaction(r) if r.txn_requires_abort() => TxnError::Abortable(text),
         KafkaError::Transaction(r) if r.is_fatal() => TxnError::Fatal(text),
         KafkaError::Transaction(r) if r.is_retriable() => TxnError::Retriable(text),
@@ -105,10 +111,20 @@ fn txn_error(e: KafkaError) -> TxnError {
     }
 }
 
+/// Runs a blocking client call on a blocking thread.
+async fn off_runtime<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, TxnError> + Send + 'static,
+) -> Result<T, TxnError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or_else(|e| Err(TxnError::Fatal(format!("the client call failed: {e}"))))
+}
+
 impl KafkaTxnProducer {
     /// Creates the producer with `transactional.id = id` and initializes its
-    /// transactions (fencing an older producer with the same id). Fails when
-    /// the broker has no transaction coordinator for it within `init_timeout`.
+    /// transactions (fencing an older producer with the same id). Blocking: fails
+    /// when the broker has no transaction coordinator for it within
+    /// `init_timeout`.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         base: &ClientConfig,
@@ -119,32 +135,7 @@ impl KafkaTxnProducer {
         dead_letter_topic: &str,
         init_timeout: Duration,
     ) -> Result<Self, KafkaError> {
-        let mut config = base.clone();
-        config.set("transactional.id", id);
-        if config.get("transaction.timeout.ms").is_none() {
-            // A member that never comes back blocks read_committed readers of its
-            // partitions for at most this long (README, exactly once).
-            config.set("transaction.timeout.ms", "10000");
-        }
-        if config.get("retry.backoff.ms").is_none() {
-            // A transaction that follows a commit at once finds the coordinator
-            // still writing the commit's markers (CONCURRENT_TRANSACTIONS) and
-            // retries after this backoff: librdkafka's 100 ms put 100 ms into
-            // every commit cycle on Apache Kafka (the Java client waits 20 ms).
-            config.set("retry.backoff.ms", "10");
-        }
-        // librdkafka requires a record's delivery timeout within the transaction's.
-        let txn_ms: u64 = config
-            .get("transaction.timeout.ms")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10_000);
-        let msg_ms: u64 = config
-            .get("message.timeout.ms")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(300_000);
-        if msg_ms > txn_ms {
-            config.set("message.timeout.ms", txn_ms.to_string());
-        }
+        let config = transactional_config(base, id);
         let refusals = Arc::new(Mutex::new(Vec::new()));
         let producer = create(&config, &refusals)?;
         producer.init_transactions(init_timeout)?;
@@ -173,7 +164,43 @@ impl KafkaTxnProducer {
     }
 }
 
+/// A producer configuration for `transactional.id = id`, with paysync's
+/// transactional defaults.
+pub fn transactional_config(base: &ClientConfig, id: &str) -> ClientConfig {
+    let mut config = base.clone();
+    config.set("transactional.id", id);
+    if config.get("transaction.timeout.ms").is_none() {
+        // A member that never comes back blocks read_committed readers of its
+        // partitions for at most this long (README, exactly once).
+        config.set("transaction.timeout.ms", "10000");
+    }
+    if config.get("retry.backoff.ms").is_none() {
+        // A transaction that follows a commit at once finds the coordinator
+        // still writing the commit's markers (CONCURRENT_TRANSACTIONS) and
+        // retries after this backoff: librdkafka's 100 ms put 100 ms into
+        // every commit cycle on Apache Kafka (the Java client waits 20 ms).
+        config.set("retry.backoff.ms", "10");
+    }
+    // librdkafka requires a record's delivery timeout within the transaction's.
+    let txn_ms: u64 = config
+        .get("transaction.timeout.ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let msg_ms: u64 = config
+        .get("message.timeout.ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    if msg_ms > txn_ms {
+        config.set("message.timeout.ms", txn_ms.to_string());
+    }
+    config
+}
+
 impl TxnProducer for KafkaTxnProducer {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
     fn begin(&self) -> Result<(), TxnError> {
         self.current().begin_transaction().map_err(txn_error)
     }
@@ -204,101 +231,75 @@ impl TxnProducer for KafkaTxnProducer {
             }
             Err((e @ KafkaError::MessageProduction(code), _)) => match classify(code) {
                 ErrorKind::Fatal => Err(SendError::Fatal(e.to_string())),
-                ErrorKind::Permanent => Err(SendError::Refused(e.to_string())),
+                ErrorKind::Permanent => Err(SendError::Refused {
+                    reason: e.to_string(),
+                    too_large: too_large(code),
+                }),
                 ErrorKind::Retriable => Err(SendError::QueueFull),
             },
             Err((e, _)) => Err(SendError::Fatal(e.to_string())),
         }
     }
 
-    fn commit(&self, positions: &[(i32, i64)]) -> Result<(), TxnError> {
+    fn send_offsets<'a>(
+        &'a self,
+        positions: &'a [(i32, i64)],
+    ) -> BoxFuture<'a, Result<(), TxnError>> {
         let producer = self.current();
-        if !positions.is_empty() {
-            let consumer = self
-                .consumer
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let positions = positions.to_vec();
+        Box::pin(off_runtime(move || {
+            let consumer = consumer
                 .upgrade()
                 .ok_or_else(|| TxnError::Fatal("the consumer is gone".into()))?;
             let metadata = consumer
                 .group_metadata()
                 .ok_or_else(|| TxnError::Abortable("no consumer group metadata yet".into()))?;
             let mut tpl = TopicPartitionList::new();
-            for (p, o) in positions {
-                tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))
+            for (p, o) in &positions {
+                tpl.add_partition_offset(&topic, *p, Offset::Offset(*o))
                     .map_err(|e| TxnError::Fatal(e.to_string()))?;
             }
             producer
                 .send_offsets_to_transaction(&tpl, &metadata, CALL_TIMEOUT)
-                .map_err(txn_error)?;
-        }
-        producer.commit_transaction(CALL_TIMEOUT).map_err(txn_error)
+                .map_err(txn_error)
+        }))
     }
 
-    fn abort(&self) -> Result<(), TxnError> {
-        self.current()
-            .abort_transaction(CALL_TIMEOUT)
-            .map_err(txn_error)
+    fn commit(&self) -> BoxFuture<'_, Result<(), TxnError>> {
+        let producer = self.current();
+        Box::pin(off_runtime(move || {
+            producer.commit_transaction(CALL_TIMEOUT).map_err(txn_error)
+        }))
     }
 
-    fn rebuild(&self) -> Result<(), TxnError> {
-        tracing::warn!(transactional_id = %self.id, "rebuilding the transactional producer");
-        let producer =
-            create(&self.config, &self.refusals).map_err(|e| TxnError::Fatal(e.to_string()))?;
-        producer
-            .init_transactions(CALL_TIMEOUT)
-            .map_err(|e| TxnError::Fatal(e.to_string()))?;
-        *self.producer.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(producer);
-        self.refusals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        Ok(())
+    fn abort(&self) -> BoxFuture<'_, Result<(), TxnError>> {
+        let producer = self.current();
+        Box::pin(off_runtime(move || {
+            producer.abort_transaction(CALL_TIMEOUT).map_err(txn_error)
+        }))
+    }
+
+    fn rebuild(&self) -> BoxFuture<'_, Result<(), TxnError>> {
+        let config = self.config.clone();
+        let refusals = self.refusals.clone();
+        Box::pin(async move {
+            let producer = off_runtime(move || {
+                let producer =
+                    create(&config, &refusals).map_err(|e| TxnError::Fatal(e.to_string()))?;
+                producer
+                    .init_transactions(CALL_TIMEOUT)
+                    .map_err(txn_error)?;
+                Ok(producer)
+            })
+            .await?;
+            *self.producer.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(producer);
+            Ok(())
+        })
     }
 
     fn take_refusals(&self) -> Vec<Refusal> {
         std::mem::take(&mut *self.refusals.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-/// The engine's consumer, as the transactions need it (weak: the consumer owns
-/// the transactions through its context).
-pub struct ConsumerHandle {
-    /// The consumer.
-    pub consumer: Weak<EngineConsumer>,
-    /// The topic it consumes.
-    pub topic: String,
-}
-
-impl RecordSource for ConsumerHandle {
-    fn seek(&self, partition: i32, offset: i64) {
-        let Some(consumer) = self.consumer.upgrade() else {
-            return;
-        };
-        if let Err(e) = consumer.seek(
-            &self.topic,
-            partition,
-            Offset::Offset(offset),
-            Duration::ZERO,
-        ) {
-            tracing::warn!(partition, offset, error = %e, "seek after a rewind failed");
-        }
-    }
-
-    fn committed(&self, partitions: &[i32]) -> Result<Vec<(i32, i64)>, String> {
-        let consumer = self.consumer.upgrade().ok_or("the consumer is gone")?;
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition(&self.topic, *p);
-        }
-        let committed = consumer
-            .committed_offsets(tpl, CALL_TIMEOUT)
-            .map_err(|e| e.to_string())?;
-        Ok(committed
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
-            .collect())
     }
 }

@@ -18,7 +18,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -26,25 +25,13 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::ledger::{Arrival, Epoch, GapDecision, GapPolicy, Ledger, Ticket};
-use super::process::{Destination, Incoming, Milestone, Outgoing, PipelineJob, Work};
+use super::record::{Destination, Handler, Incoming, Milestone, Outgoing, PipelineJob, Work};
 use super::scheduler::{Admission, Scheduler};
 use super::txn::Transactions;
 use super::PublishGate;
+use crate::clock::Instant;
 use crate::codec::RejectCode;
 use crate::telemetry::{Metrics, Outcome};
-
-/// What the dispatcher asks of message processing: the `Processor` in paysync,
-/// fakes in tests.
-pub trait Handler: Send + Sync + 'static {
-    /// Decodes and routes a record (no I/O).
-    fn prepare(&self, incoming: Incoming, epoch: Epoch) -> PipelineJob;
-    /// Runs a job to the records it publishes, in order.
-    fn process<'a>(&'a self, job: &'a PipelineJob) -> BoxFuture<'a, Vec<Outgoing>>;
-    /// The dead letter of a record (for an event the broker refuses).
-    fn dead_letter(&self, incoming: &Incoming, code: RejectCode, message: &str) -> Outgoing;
-    /// Every record of a job was delivered.
-    fn done(&self, job: &PipelineJob);
-}
 
 /// Whether a record reached the broker (at least once).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -658,7 +645,7 @@ mod tests {
             key: Some(key.as_bytes().to_vec()),
             value: Some(ms.to_string().into_bytes()),
             headers: Vec::new(),
-            received: std::time::Instant::now(),
+            received: crate::clock::Instant::now(),
             recheck: false,
         }
     }
@@ -761,7 +748,6 @@ mod tests {
             Arc::new(FakeSource::default()),
             ledger.clone(),
             Arc::new(Metrics::new()),
-            "in",
             Duration::from_millis(100),
             1000,
         ));
@@ -793,7 +779,7 @@ mod tests {
             "in offset order"
         );
         assert_eq!(
-            txn.commit(),
+            txn.commit().await,
             crate::pipeline::txn::Settled::Committed(vec![(0, 3)])
         );
     }
@@ -809,7 +795,6 @@ mod tests {
             source.clone(),
             ledger.clone(),
             Arc::new(Metrics::new()),
-            "in",
             Duration::from_millis(100),
             1000,
         ));
@@ -826,7 +811,7 @@ mod tests {
             producer.open.lock().unwrap().is_empty(),
             "1 finished but waits for 0"
         );
-        assert_eq!(txn.commit(), crate::pipeline::txn::Settled::Nothing);
+        assert_eq!(txn.commit().await, crate::pipeline::txn::Settled::Nothing);
         while let Ok(Some(done)) =
             tokio::time::timeout(Duration::from_millis(1), d.next_done()).await
         {
@@ -842,7 +827,7 @@ mod tests {
                 "injected".into(),
             )));
         assert_eq!(
-            txn.commit(),
+            txn.commit().await,
             crate::pipeline::txn::Settled::Aborted(vec![0])
         );
         assert_eq!(source.seeks.lock().unwrap().clone(), vec![(0, 0)]);
@@ -854,7 +839,7 @@ mod tests {
         d.on_record(record(0, 1, "quick", 10));
         settle(&mut d).await;
         assert_eq!(
-            txn.commit(),
+            txn.commit().await,
             crate::pipeline::txn::Settled::Committed(vec![(0, 2)])
         );
         let committed: Vec<i64> = producer

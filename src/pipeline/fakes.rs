@@ -1,11 +1,15 @@
-//! Fakes of the Kafka seams for broker-free tests: a transactional producer that
-//! records what it is asked and fails as scripted, and a record source that
-//! records seeks.
+//! Fakes of the Kafka seams for broker-free unit tests: a transactional
+//! producer that records what it is asked and fails as scripted, and a source
+//! that records seeks and answers committed positions.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use super::process::Outgoing;
-use super::txn::{RecordSource, RecordTag, Refusal, SendError, TxnError, TxnProducer};
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+
+use super::record::{Incoming, Outgoing};
+use super::source::{Source, SourceEvent};
+use super::txn::{RecordTag, Refusal, SendError, TxnError, TxnProducer};
 
 /// A producer that records what it is asked and fails as scripted.
 #[derive(Default)]
@@ -13,73 +17,168 @@ pub struct FakeProducer {
     pub log: Mutex<Vec<String>>,
     /// Results of the next commits (Ok when empty).
     pub commits: Mutex<Vec<Result<(), TxnError>>>,
+    /// Results of the next sends (Ok when empty).
+    pub sends: Mutex<Vec<Result<(), SendError>>>,
+    /// Results of the next rebuilds (Ok when empty).
+    pub rebuilds: Mutex<Vec<Result<(), TxnError>>>,
     pub refusals: Mutex<Vec<Refusal>>,
     /// Records in the open transaction (cleared on commit/abort).
     pub open: Mutex<Vec<RecordTag>>,
     /// Records of committed transactions, in order.
     pub committed: Mutex<Vec<RecordTag>>,
+    /// Positions of the open transaction.
+    pub offsets: Mutex<Vec<(i32, i64)>>,
+    /// Positions of committed transactions.
     pub positions: Mutex<Vec<Vec<(i32, i64)>>>,
 }
 
+fn next<T>(script: &Mutex<Vec<Result<(), T>>>) -> Result<(), T> {
+    let mut s = script.lock().unwrap();
+    if s.is_empty() {
+        Ok(())
+    } else {
+        s.remove(0)
+    }
+}
+
 impl TxnProducer for FakeProducer {
+    fn id(&self) -> &str {
+        "fake"
+    }
     fn begin(&self) -> Result<(), TxnError> {
         self.log.lock().unwrap().push("begin".into());
         Ok(())
     }
     fn send(&self, _out: &Outgoing, tag: RecordTag) -> Result<(), SendError> {
+        next(&self.sends)?;
         self.open.lock().unwrap().push(tag);
         Ok(())
     }
-    fn commit(&self, positions: &[(i32, i64)]) -> Result<(), TxnError> {
+    fn send_offsets<'a>(
+        &'a self,
+        positions: &'a [(i32, i64)],
+    ) -> BoxFuture<'a, Result<(), TxnError>> {
+        self.log.lock().unwrap().push("offsets".into());
+        self.offsets.lock().unwrap().extend_from_slice(positions);
+        Box::pin(async { Ok(()) })
+    }
+    fn commit(&self) -> BoxFuture<'_, Result<(), TxnError>> {
         self.log.lock().unwrap().push("commit".into());
-        let next = {
-            let mut c = self.commits.lock().unwrap();
-            if c.is_empty() {
-                Ok(())
-            } else {
-                c.remove(0)
-            }
-        };
-        if next.is_ok() {
+        let result = next(&self.commits);
+        if result.is_ok() {
             let mut open = self.open.lock().unwrap();
             self.committed.lock().unwrap().append(&mut open);
-            self.positions.lock().unwrap().push(positions.to_vec());
+            let offsets = std::mem::take(&mut *self.offsets.lock().unwrap());
+            self.positions.lock().unwrap().push(offsets);
         }
-        next
+        Box::pin(async move { result })
     }
-    fn abort(&self) -> Result<(), TxnError> {
+    fn abort(&self) -> BoxFuture<'_, Result<(), TxnError>> {
         self.log.lock().unwrap().push("abort".into());
         self.open.lock().unwrap().clear();
-        Ok(())
+        self.offsets.lock().unwrap().clear();
+        Box::pin(async { Ok(()) })
     }
-    fn rebuild(&self) -> Result<(), TxnError> {
+    fn rebuild(&self) -> BoxFuture<'_, Result<(), TxnError>> {
         self.log.lock().unwrap().push("rebuild".into());
-        self.open.lock().unwrap().clear();
-        Ok(())
+        let result = next(&self.rebuilds);
+        if result.is_ok() {
+            self.open.lock().unwrap().clear();
+            self.offsets.lock().unwrap().clear();
+        }
+        Box::pin(async move { result })
     }
     fn take_refusals(&self) -> Vec<Refusal> {
         std::mem::take(&mut *self.refusals.lock().unwrap())
     }
 }
 
-#[derive(Default)]
-pub struct FakeSource {
-    pub seeks: Mutex<Vec<(i32, i64)>>,
-    pub committed: Mutex<Vec<(i32, i64)>>,
-}
-
-impl RecordSource for FakeSource {
-    fn seek(&self, partition: i32, offset: i64) {
-        self.seeks.lock().unwrap().push((partition, offset));
-    }
-    fn committed(&self, partitions: &[i32]) -> Result<Vec<(i32, i64)>, String> {
-        Ok(self
-            .committed
+impl FakeProducer {
+    /// How many times `call` was made.
+    pub fn calls(&self, call: &str) -> usize {
+        self.log
             .lock()
             .unwrap()
             .iter()
-            .filter(|(p, _)| partitions.contains(p))
-            .copied()
-            .collect())
+            .filter(|l| *l == call)
+            .count()
+    }
+}
+
+/// A source that records seeks and answers committed positions (failing the
+/// first `fail_committed` asks).
+pub struct FakeSource {
+    pub topic: Arc<str>,
+    pub seeks: Mutex<Vec<(i32, i64)>>,
+    pub committed: Mutex<Vec<(i32, i64)>>,
+    pub fail_committed: Mutex<usize>,
+    pub asked: Mutex<usize>,
+}
+
+impl Default for FakeSource {
+    fn default() -> Self {
+        FakeSource {
+            topic: Arc::from("in"),
+            seeks: Mutex::default(),
+            committed: Mutex::default(),
+            fail_committed: Mutex::default(),
+            asked: Mutex::default(),
+        }
+    }
+}
+
+impl Source for FakeSource {
+    fn topic(&self) -> &Arc<str> {
+        &self.topic
+    }
+    fn poll(&self) -> Vec<SourceEvent> {
+        Vec::new()
+    }
+    fn read(&self, _partition: i32) -> Option<Incoming> {
+        None
+    }
+    fn release(&self, _partitions: &[i32]) {}
+    fn seek(&self, partition: i32, offset: i64) {
+        self.seeks.lock().unwrap().push((partition, offset));
+    }
+    fn commit(&self, _positions: &[(i32, i64)]) {}
+    fn commit_sync<'a>(
+        &'a self,
+        _positions: &'a [(i32, i64)],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn committed<'a>(
+        &'a self,
+        partitions: &'a [i32],
+    ) -> BoxFuture<'a, Result<Vec<(i32, i64)>, String>> {
+        *self.asked.lock().unwrap() += 1;
+        let mut fail = self.fail_committed.lock().unwrap();
+        let result = if *fail > 0 {
+            *fail -= 1;
+            Err("the coordinator is loading".to_owned())
+        } else {
+            Ok(self
+                .committed
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(p, _)| partitions.contains(p))
+                .copied()
+                .collect())
+        };
+        Box::pin(async move { result })
+    }
+    fn watermarks(&self, _partition: i32) -> BoxFuture<'_, Result<(i64, i64), String>> {
+        Box::pin(async { Ok((0, 0)) })
+    }
+    fn wake(&self) -> Arc<Notify> {
+        Arc::new(Notify::new())
+    }
+    fn assigned(&self) -> Vec<i32> {
+        Vec::new()
+    }
+    fn joined(&self) -> bool {
+        true
     }
 }

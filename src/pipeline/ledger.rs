@@ -4,12 +4,17 @@
 //! while its partition is still owned under the same *epoch* (assignment
 //! generation), so no event is published for a partition after it was handed over.
 //!
-//! It is a `std::sync::Mutex` plus a `Condvar`: never held across an `.await`, and
-//! waited on only by the rebalance callback and shutdown (from blocking context).
+//! It is a `std::sync::Mutex`, never held across an `.await`, plus a `Notify`
+//! that revocation and shutdown wait on (asynchronously, on tokio's clock, so a
+//! simulation can run them in virtual time).
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::clock::Instant;
 
 use super::tracker::OffsetTracker;
 
@@ -177,7 +182,7 @@ impl super::PublishGate for Ticket {
 #[derive(Debug, Default)]
 pub struct Ledger {
     inner: Mutex<Inner>,
-    changed: Condvar,
+    changed: Notify,
 }
 
 impl Ledger {
@@ -275,7 +280,7 @@ impl Ledger {
             }
         }
         drop(inner);
-        self.changed.notify_all();
+        self.changed.notify_waiters();
     }
 
     /// A running job ended: `published` when its event or dead letter was
@@ -295,7 +300,7 @@ impl Ledger {
             }
         }
         drop(inner);
-        self.changed.notify_all();
+        self.changed.notify_waiters();
     }
 
     /// Marks an offset finished without ending its job (exactly once: the
@@ -358,7 +363,7 @@ impl Ledger {
         part.committed = old.committed;
         part.revoked = old.revoked;
         drop(inner);
-        self.changed.notify_all();
+        self.changed.notify_waiters();
         to
     }
 
@@ -366,7 +371,7 @@ impl Ledger {
     /// more) but keeps their state readable, after waiting up to `deadline` for
     /// their running jobs: exactly once commits their finished work before they
     /// go. Returns how many jobs were still running (abandoned).
-    pub fn freeze(&self, partitions: &[i32], deadline: Duration) -> usize {
+    pub async fn freeze(&self, partitions: &[i32], deadline: Duration) -> usize {
         let running = |inner: &Inner| {
             partitions
                 .iter()
@@ -374,10 +379,9 @@ impl Ledger {
                 .map(|p| p.running)
                 .sum::<usize>()
         };
-        let guard = self.lock();
-        let mut guard = self.wait_until(guard, Instant::now() + deadline, &|inner| {
-            running(inner) == 0
-        });
+        self.wait_until(deadline_after(deadline), &|inner| running(inner) == 0)
+            .await;
+        let mut guard = self.lock();
         let abandoned = running(&guard);
         for p in partitions {
             if let Some(part) = guard.parts.get_mut(p) {
@@ -498,39 +502,44 @@ impl Ledger {
     /// `finish_deadline` passes), then marks them revoked so that abandoned jobs
     /// cannot publish, waits for publishes already under way (up to
     /// `publish_deadline`), and returns the positions to commit before the
-    /// partitions move. Blocking: call from a blocking context.
-    pub fn revoke(
+    /// partitions move.
+    pub async fn revoke(
         &self,
         partitions: &[i32],
         finish_deadline: Duration,
         publish_deadline: Duration,
     ) -> Vec<Position> {
-        let owned = |inner: &Inner, f: &dyn Fn(&Part) -> usize| {
+        let owned = |inner: &Inner, f: &(dyn Fn(&Part) -> usize + Sync)| {
             partitions
                 .iter()
                 .filter_map(|p| inner.parts.get(p))
                 .map(f)
                 .sum::<usize>()
         };
-        let guard = self.lock();
-        let mut guard = self.wait_until(guard, Instant::now() + finish_deadline, &|inner| {
+        self.wait_until(deadline_after(finish_deadline), &|inner| {
             owned(inner, &|p| p.running) == 0
-        });
-        let abandoned = owned(&guard, &|p| p.running);
-        if abandoned > 0 {
-            tracing::warn!(
-                abandoned,
-                "revocation deadline passed; unfinished work will be redone by the next owner"
-            );
-        }
-        for p in partitions {
-            if let Some(part) = guard.parts.get_mut(p) {
-                part.revoked = true;
+        })
+        .await;
+        {
+            let mut guard = self.lock();
+            let abandoned = owned(&guard, &|p| p.running);
+            if abandoned > 0 {
+                tracing::warn!(
+                    abandoned,
+                    "revocation deadline passed; unfinished work will be redone by the next owner"
+                );
+            }
+            for p in partitions {
+                if let Some(part) = guard.parts.get_mut(p) {
+                    part.revoked = true;
+                }
             }
         }
-        let mut guard = self.wait_until(guard, Instant::now() + publish_deadline, &|inner| {
+        self.wait_until(deadline_after(publish_deadline), &|inner| {
             owned(inner, &|p| p.publishing) == 0
-        });
+        })
+        .await;
+        let mut guard = self.lock();
         let mut positions = Vec::new();
         for p in partitions {
             if let Some(part) = guard.parts.remove(p) {
@@ -547,25 +556,28 @@ impl Ledger {
         positions
     }
 
-    fn wait_until<'a>(
-        &self,
-        mut guard: MutexGuard<'a, Inner>,
-        deadline: Instant,
-        done: &dyn Fn(&Inner) -> bool,
-    ) -> MutexGuard<'a, Inner> {
-        while !done(&guard) {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
+    /// Waits until `done` holds or `deadline` passes.
+    async fn wait_until(&self, deadline: Instant, done: &(dyn Fn(&Inner) -> bool + Sync)) {
+        loop {
+            // Registered before looking, so a change in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(&self.lock()) {
+                return;
             }
-            guard = self
-                .changed
-                .wait_timeout(guard, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
         }
-        guard
     }
+}
+
+/// `now + wait`, saturating (a deadline from configuration never overflows).
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
 }
 
 #[cfg(test)]
@@ -601,14 +613,14 @@ mod tests {
         assert!(matches!(l.arrive(1, 40), Arrival::Accepted(_)));
     }
 
-    #[test]
-    fn stale_epochs_cannot_accept_start_or_publish() {
+    #[tokio::test]
+    async fn stale_epochs_cannot_accept_start_or_publish() {
         let l = Ledger::new();
         let e = l.epoch(0);
         assert!(l.accept(0, e, 5));
         assert!(!l.accept(0, e, 5), "re-delivery of a tracked offset");
         assert!(l.start(0, e));
-        l.revoke(&[0], Duration::ZERO, Duration::ZERO);
+        l.revoke(&[0], Duration::ZERO, Duration::ZERO).await;
         assert!(!l.begin_publish(0, e));
         let e2 = l.epoch(0);
         assert_ne!(e, e2);
@@ -616,8 +628,8 @@ mod tests {
         assert!(l.accept(0, e2, 5));
     }
 
-    #[test]
-    fn revoke_waits_for_running_work_and_returns_its_position() {
+    #[tokio::test(start_paused = true)]
+    async fn revoke_waits_for_running_work_and_returns_its_position() {
         let l = Arc::new(Ledger::new());
         let e = l.epoch(3);
         for o in 0..3 {
@@ -627,8 +639,8 @@ mod tests {
         l.start(3, e);
         let worker = {
             let l = l.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 assert!(l.begin_publish(3, e));
                 l.end_publish(3, e);
                 l.finish(3, e, 0, true);
@@ -637,9 +649,17 @@ mod tests {
                 l.finish(3, e, 1, true);
             })
         };
+        let started = Instant::now();
         // Offset 2 was accepted but never started (queued): not waited for.
-        let positions = l.revoke(&[3], Duration::from_secs(5), Duration::from_secs(5));
-        worker.join().unwrap();
+        let positions = l
+            .revoke(&[3], Duration::from_secs(5), Duration::from_secs(5))
+            .await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(50),
+            "woken at once"
+        );
+        worker.await.unwrap();
         assert_eq!(positions.len(), 1);
         assert_eq!(positions[0].watermark, 2);
         assert!(l.positions().is_empty());
@@ -686,8 +706,8 @@ mod tests {
         assert!(!l.is_stalled(0));
     }
 
-    #[test]
-    fn revoke_abandons_work_after_the_deadline() {
+    #[tokio::test(start_paused = true)]
+    async fn revoke_abandons_work_after_the_deadline() {
         let l = Ledger::new();
         let e = l.epoch(0);
         l.accept(0, e, 10);
@@ -697,7 +717,9 @@ mod tests {
         l.begin_publish(0, e);
         l.end_publish(0, e);
         l.finish(0, e, 11, true);
-        let positions = l.revoke(&[0], Duration::from_millis(10), Duration::from_millis(10));
+        let positions = l
+            .revoke(&[0], Duration::from_millis(10), Duration::from_millis(10))
+            .await;
         assert_eq!(
             positions[0].watermark, 10,
             "10 is unfinished: commit stays before it"

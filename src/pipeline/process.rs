@@ -11,8 +11,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use std::time::{Instant, SystemTime};
 
+use crate::clock::now_ms;
 use crate::codec::{
     decode_request, DecodeOptions, EventEncoder, RawHeader, RejectCode, Rejection, SourcePosition,
 };
@@ -22,134 +22,12 @@ use crate::connectors::retry::CheckResult;
 use crate::connectors::HttpRequest;
 use crate::domain::event::{check_event_id, check_integrity, Envelope, FailureCode, SecretFields};
 use crate::domain::{PaymentStatus, PaymentStatusEvent, StatusCheckRequest};
-use crate::pipeline::follow::{self, Chain, ChainEnd, FollowSettings, Position};
+use crate::pipeline::follow::{self, Chain, ChainEnd, FollowSettings};
 use crate::pipeline::ledger::Epoch;
-use crate::pipeline::scheduler::Job;
+use crate::pipeline::record::{
+    Destination, Handler, Incoming, Milestone, Outgoing, PipelineJob, RecordHeader, Work,
+};
 use crate::telemetry::{Metrics, Outcome};
-
-/// A consumed message, detached from the consumer.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    /// Source topic.
-    pub topic: Arc<str>,
-    /// Source partition.
-    pub partition: i32,
-    /// Source offset.
-    pub offset: i64,
-    /// Kafka key.
-    pub key: Option<Vec<u8>>,
-    /// Kafka value.
-    pub value: Option<Vec<u8>>,
-    /// Kafka headers in order, as bytes (names may not be UTF-8, values may be null).
-    pub headers: Vec<RecordHeader>,
-    /// When it was consumed.
-    pub received: Instant,
-    /// It comes from a re-check topic (its chain state is in its headers).
-    pub recheck: bool,
-}
-
-impl Incoming {
-    /// Where it sits in Kafka.
-    pub fn position(&self) -> Position {
-        Position {
-            topic: self.topic.to_string(),
-            partition: self.partition,
-            offset: self.offset,
-        }
-    }
-}
-
-/// A Kafka header as bytes: name, and value (null when the producer sent none).
-pub type RecordHeader = (Vec<u8>, Option<Vec<u8>>);
-
-/// What a job does.
-pub enum Work {
-    /// Check the status of a payment.
-    Check {
-        /// The request.
-        request: Box<StatusCheckRequest>,
-        /// The prepared connector request.
-        http: Box<HttpRequest>,
-        /// The connector's gateway.
-        connector: Arc<Gateway>,
-        /// The follow chain this check belongs to, when followed.
-        chain: Option<Chain>,
-    },
-    /// Dead-letter the message.
-    Reject(Rejection),
-}
-
-/// One consumed message on its way through the engine.
-pub struct PipelineJob {
-    /// The message.
-    pub incoming: Incoming,
-    /// Ownership epoch of its partition.
-    pub epoch: Epoch,
-    /// Ordering key: connector and transaction id.
-    pub key: Option<String>,
-    /// What to do.
-    pub work: Work,
-}
-
-impl Job for PipelineJob {
-    fn partition(&self) -> i32 {
-        self.incoming.partition
-    }
-    fn key(&self) -> Option<&str> {
-        self.key.as_deref()
-    }
-}
-
-/// Which output a record goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Destination {
-    /// The event topic.
-    Events,
-    /// The dead-letter topic.
-    DeadLetters,
-    /// A re-check topic (follow mode): the chain's next check.
-    Recheck(Arc<str>),
-}
-
-/// What a record means once the broker has it (for metrics).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Milestone {
-    /// A re-check was scheduled for `connector` after `delay_secs`.
-    RecheckScheduled {
-        /// Connector.
-        connector: String,
-        /// Delay in seconds.
-        delay_secs: u64,
-    },
-    /// A chain of `connector` ended.
-    ChainEnded {
-        /// Connector.
-        connector: String,
-        /// How.
-        end: ChainEnd,
-    },
-}
-
-/// A record to publish.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    /// Where to.
-    pub destination: Destination,
-    /// Key.
-    pub key: Option<Vec<u8>>,
-    /// Value.
-    pub value: Option<Vec<u8>>,
-    /// Headers, written byte for byte.
-    pub headers: Vec<RecordHeader>,
-    /// Bounded label: the status or the dead-letter reason.
-    pub label: &'static str,
-    /// Request outcome for metrics.
-    pub outcome: Outcome,
-    /// For logs: status or reason, with the message for dead letters.
-    pub summary: Cow<'static, str>,
-    /// What it means for a follow chain, if anything.
-    pub milestone: Option<Milestone>,
-}
 
 /// Follow mode for every connector that has it, and the re-check topics.
 #[derive(Debug, Clone, Default)]
@@ -687,20 +565,6 @@ fn status_summary(event: &PaymentStatusEvent) -> Cow<'static, str> {
     }
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn rfc3339_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 /// Bytes a record costs against the producer's `message.max.bytes`, with a
 /// margin for the framing librdkafka adds (varints, attributes, timestamps).
 pub fn record_size(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[RecordHeader]) -> usize {
@@ -735,7 +599,7 @@ pub fn dead_letter(
         header("paysync-source-topic", &incoming.topic),
         header("paysync-source-partition", &incoming.partition.to_string()),
         header("paysync-source-offset", &incoming.offset.to_string()),
-        header("paysync-failed-at", &rfc3339_now()),
+        header("paysync-failed-at", &crate::clock::rfc3339_now()),
         // Written by paysync after the input's own headers, so it is the one a
         // redrive reads (see `letters`): it survives dead-lettering.
         header(
@@ -802,7 +666,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     crate::connectors::sanitize(&text)
 }
 
-impl super::dispatch::Handler for Processor {
+impl Handler for Processor {
     fn prepare(&self, incoming: Incoming, epoch: Epoch) -> PipelineJob {
         Processor::prepare(self, incoming, epoch)
     }
@@ -826,6 +690,7 @@ impl super::dispatch::Handler for Processor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Instant;
 
     #[test]
     fn a_recheck_record_drops_input_headers_largest_first_to_fit() {

@@ -1,9 +1,9 @@
 //! Exactly-once bookkeeping, free of Kafka types: what goes into which
 //! transaction, which input positions a transaction may commit, and what an
-//! abort rewinds. The Kafka side is two small traits: a [`TxnProducer`] (begin,
-//! send, commit with the input positions, abort, rebuild) and a [`RecordSource`]
-//! (seek, the broker's committed positions); tests drive this module with fakes
-//! of both.
+//! abort rewinds. The Kafka side is the [`TxnProducer`] trait (begin, send,
+//! the input positions, commit, abort, rebuild) and the engine's
+//! [`Source`] (seek, the broker's committed positions); tests and the
+//! deterministic simulation drive this module with fakes of both.
 //!
 //! The rule: a transaction holds the records of finished work *and* the input
 //! positions they answer, and nothing past a partition's contiguous watermark.
@@ -13,36 +13,54 @@
 //! the partition's position moves past them. After a crash the group restarts
 //! exactly where the last committed transaction left it: work finished beyond
 //! the watermark was never in a committed transaction, so it is neither lost nor
-//! repeated. (The alternative, recording finished offsets in the commit's
-//! metadata and skipping them after a restart, avoids the wait behind a slow
-//! offset; the README gives the measurements behind the choice.)
+//! repeated.
 //!
 //! A finished job leaves its `max_in_flight` slot as soon as its records are in
 //! the buffer; buffered and uncommitted records together are bounded by
 //! `processing.max_pending_records` (the engine stops reading and commits early
 //! at the bound).
 //!
+//! Nothing here blocks a thread: the lock is held only to buffer records and to
+//! queue them into the open transaction (`begin` and `send`, which librdkafka
+//! applies locally without a network round trip); the broker calls (the
+//! positions, commit, abort, a new producer, the committed positions) are
+//! awaited with the lock released, one settlement at a time.
+//!
 //! Failures:
-//! - an *abortable* error aborts the transaction and rewinds every partition it
-//!   held work for to its last committed position (a new ledger epoch, so jobs
-//!   still running for it cannot finish into the next transaction; the engine
-//!   drops their queued jobs and refetches);
-//! - a record the broker refused permanently is remembered by the input record it
-//!   answers: when that work is redone, a refused event becomes a
-//!   `publish_refused` dead letter, and a refused dead letter or re-check record
-//!   stalls its partition (loudly, as in at-least-once) and is retried alone in
-//!   a transaction of its own, with a doubling backoff, so the other partitions'
-//!   transactions never abort for it again;
-//! - a *fatal* error (fenced, a commit that timed out) rebuilds the producer
-//!   (which aborts or completes whatever the old one left open) and rewinds every
-//!   partition to the position the broker has committed.
+//! - a record refused, whether by the broker after the fact or by the client
+//!   when it is queued (too large, unknown topic), dooms the open transaction:
+//!   it is aborted as a whole and every partition it held is rewound to its last
+//!   committed position (a new ledger epoch, so jobs still running for it cannot
+//!   finish into the next transaction; the engine drops their queued jobs and
+//!   refetches). The refusal is remembered by the input record it answers: when
+//!   that work is redone, a refused event becomes a `publish_refused` dead
+//!   letter, and a refused dead letter or re-check record stalls its partition
+//!   (loudly, as in at-least-once) and is retried alone in a transaction of its
+//!   own, with a doubling backoff, so the other partitions' transactions never
+//!   abort for it again;
+//! - a call that timed out is retried alone: the positions again, or the commit
+//!   again (never the positions while the commit is under way); a commit that
+//!   still has no answer has an unknown outcome;
+//! - a fatal error (an unknown outcome, an unusable producer, a fence) rebuilds
+//!   the producer, which aborts or completes whatever the old one left open, and
+//!   rewinds every partition to the position the broker has committed, asked
+//!   until it answers. A fence can follow a transaction that outlived its
+//!   timeout, so one rebuild is allowed; a rebuilt producer fenced again before
+//!   it committed means another instance holds the transactional id, and the
+//!   engine stops (the process exits naming the id). Rebuilds in a row without
+//!   a commit are bounded too.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use super::ledger::{Epoch, Ledger};
-use super::process::{Destination, Milestone, Outgoing, PipelineJob};
+use super::record::{Destination, Milestone, Outgoing, PipelineJob};
+use super::source::Source;
+use crate::clock::Instant;
 use crate::codec::RejectCode;
 use crate::telemetry::{Metrics, Outcome};
 
@@ -78,6 +96,15 @@ impl Role {
             Destination::Recheck(_) => Role::Recheck,
         }
     }
+
+    /// The metric label of its topic's role.
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Event => "events",
+            Role::DeadLetter => "dead_letters",
+            Role::Recheck => "rechecks",
+        }
+    }
 }
 
 /// A record the broker refused permanently.
@@ -96,8 +123,14 @@ pub struct Refusal {
 pub enum SendError {
     /// The producer's queue is full: try again later.
     QueueFull,
-    /// The producer refuses it outright (too large for `message.max.bytes`, ...).
-    Refused(String),
+    /// The producer refuses it outright (too large for `message.max.bytes`, an
+    /// unknown topic, ...).
+    Refused {
+        /// Why.
+        reason: String,
+        /// Refused for its size.
+        too_large: bool,
+    },
     /// The producer is unusable: rebuild it.
     Fatal(String),
 }
@@ -109,8 +142,9 @@ pub enum TxnError {
     Retriable(String),
     /// Abort the transaction; the producer stays usable.
     Abortable(String),
-    /// The producer is unusable (fenced, or a commit whose outcome is unknown):
-    /// rebuild it.
+    /// Another producer with the same transactional id took over.
+    Fenced(String),
+    /// The producer is unusable: rebuild it.
     Fatal(String),
 }
 
@@ -119,37 +153,36 @@ impl std::fmt::Display for TxnError {
         match self {
             TxnError::Retriable(e) => write!(f, "retriable: {e}"),
             TxnError::Abortable(e) => write!(f, "abortable: {e}"),
+            TxnError::Fenced(e) => write!(f, "fenced: {e}"),
             TxnError::Fatal(e) => write!(f, "fatal: {e}"),
         }
     }
 }
 
-/// A transactional producer (the Kafka side implements it on rdkafka).
+/// A transactional producer (the Kafka side implements it on rdkafka, running
+/// its blocking calls off the runtime's workers).
 pub trait TxnProducer: Send + Sync {
-    /// Opens a transaction.
+    /// The transactional id.
+    fn id(&self) -> &str;
+    /// Opens a transaction (a local state change: no network round trip).
     fn begin(&self) -> Result<(), TxnError>;
-    /// Queues a record into the open transaction.
+    /// Queues a record into the open transaction (never waits).
     fn send(&self, out: &Outgoing, tag: RecordTag) -> Result<(), SendError>;
     /// Adds the input positions (partition, next offset to read) to the open
-    /// transaction, fenced by the consumer group's metadata, and commits it.
-    /// Blocking.
-    fn commit(&self, positions: &[(i32, i64)]) -> Result<(), TxnError>;
-    /// Aborts the open transaction. Blocking.
-    fn abort(&self) -> Result<(), TxnError>;
-    /// Replaces an unusable producer by a new one with the same transactional id
-    /// (which fences the old one and settles whatever it left open). Blocking.
-    fn rebuild(&self) -> Result<(), TxnError>;
+    /// transaction, fenced by the consumer group's metadata.
+    fn send_offsets<'a>(
+        &'a self,
+        positions: &'a [(i32, i64)],
+    ) -> BoxFuture<'a, Result<(), TxnError>>;
+    /// Commits the open transaction.
+    fn commit(&self) -> BoxFuture<'_, Result<(), TxnError>>;
+    /// Aborts the open transaction.
+    fn abort(&self) -> BoxFuture<'_, Result<(), TxnError>>;
+    /// Replaces an unusable producer by a new one with the same transactional
+    /// id (which fences the old one and settles whatever it left open).
+    fn rebuild(&self) -> BoxFuture<'_, Result<(), TxnError>>;
     /// Records the broker refused permanently since the last call.
     fn take_refusals(&self) -> Vec<Refusal>;
-}
-
-/// The consumer, as transactions need it.
-pub trait RecordSource: Send + Sync {
-    /// Fetch `partition` again from `offset`.
-    fn seek(&self, partition: i32, offset: i64);
-    /// The positions the broker has committed for these partitions (after a
-    /// producer rebuild, the only ones known for sure).
-    fn committed(&self, partitions: &[i32]) -> Result<Vec<(i32, i64)>, String>;
 }
 
 /// A refused record's partition waits; its record is retried alone.
@@ -182,7 +215,7 @@ struct Open {
     began: Option<Instant>,
     records: usize,
     /// Partitions with records or progress in it.
-    partitions: HashSet<i32>,
+    partitions: BTreeSet<i32>,
     /// (outcome, consumed at) of each job whose records it holds.
     jobs: Vec<(Option<Outcome>, Instant)>,
     /// (role, label, milestone) of each record.
@@ -199,21 +232,32 @@ enum Phase {
     Committing,
 }
 
+/// Why the open transaction cannot commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Doom {
+    /// A record was refused when queued: abort it.
+    Abort(String),
+    /// The producer failed when queueing: rebuild it.
+    Rebuild(String),
+}
+
 /// A refused record of one input: its role, the broker's reason, and whether
 /// it was refused for its size.
 type Refused = (Role, String, bool);
 
 struct Inner {
     phase: Phase,
-    parts: HashMap<i32, Part>,
+    parts: BTreeMap<i32, Part>,
     open: Open,
-    /// Refused records by the input record they answer: (partition, offset) ->
-    /// roles refused, with the broker's reason and whether it was the size.
-    refusals: HashMap<(i32, i64), Vec<Refused>>,
+    doomed: Option<Doom>,
+    /// Refused records by the input record they answer.
+    refusals: BTreeMap<(i32, i64), Vec<Refused>>,
     /// Partitions rewound since the engine last looked.
     rewound: Vec<i32>,
     /// Records buffered (not yet handed over).
     buffered: usize,
+    /// Producers rebuilt since the last commit.
+    rebuilds: u32,
 }
 
 /// What a commit came to.
@@ -227,22 +271,28 @@ pub enum Settled {
     Aborted(Vec<i32>),
     /// The producer was rebuilt; these partitions were rewound.
     Rebuilt(Vec<i32>),
+    /// The engine must stop (another instance holds the transactional id, or
+    /// the producer cannot be rebuilt): why.
+    Stopped(String),
 }
 
 /// The transactions of one engine (one consumer group, one transactional
-/// producer). Shared by the engine, the jobs' tasks and the revocation callback;
-/// the lock is never held across producer I/O other than queueing a record.
+/// producer). Shared by the engine, the jobs' tasks and the revocation.
 pub struct Transactions {
     producer: Arc<dyn TxnProducer>,
-    source: Arc<dyn RecordSource>,
+    source: Arc<dyn Source>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
     topic: String,
     max_pending: usize,
     interval: Duration,
     inner: Mutex<Inner>,
-    /// Signalled when a commit ends.
-    settled: Condvar,
+    /// One settlement (commit, abort, rebuild) at a time.
+    turn: tokio::sync::Mutex<()>,
+    /// A rebuild is under way (readiness fails meanwhile).
+    rebuilding: AtomicBool,
+    /// Why the engine must stop, once it must.
+    stopped: Mutex<Option<String>>,
     /// First and longest wait before a stalled record is tried again.
     stall_backoff: (Duration, Duration),
 }
@@ -251,9 +301,12 @@ pub struct Transactions {
 /// [`STALL_MAX_BACKOFF`].
 const STALL_FIRST_BACKOFF: Duration = Duration::from_secs(2);
 const STALL_MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Retries of a commit that failed with a retriable error before the producer
-/// is rebuilt.
-const COMMIT_RETRIES: u32 = 3;
+/// Retries of a call that timed out before its outcome counts as unknown.
+const CALL_RETRIES: u32 = 3;
+/// Producers rebuilt in a row without a commit before the engine stops.
+pub const MAX_REBUILDS: u32 = 5;
+/// Attempts to create one new producer before the engine stops.
+const REBUILD_ATTEMPTS: u32 = 8;
 /// Refusals remembered at most (each is one input record awaiting its redo).
 const MAX_REFUSALS: usize = 100_000;
 
@@ -261,30 +314,33 @@ impl Transactions {
     /// Bookkeeping for the engine of `topic`.
     pub fn new(
         producer: Arc<dyn TxnProducer>,
-        source: Arc<dyn RecordSource>,
+        source: Arc<dyn Source>,
         ledger: Arc<Ledger>,
         metrics: Arc<Metrics>,
-        topic: &str,
         interval: Duration,
         max_pending: usize,
     ) -> Self {
         Transactions {
             producer,
+            topic: source.topic().to_string(),
             source,
             ledger,
             metrics,
-            topic: topic.to_owned(),
             max_pending: max_pending.max(1),
             interval,
             inner: Mutex::new(Inner {
                 phase: Phase::Idle,
-                parts: HashMap::new(),
+                parts: BTreeMap::new(),
                 open: Open::default(),
-                refusals: HashMap::new(),
+                doomed: None,
+                refusals: BTreeMap::new(),
                 rewound: Vec::new(),
                 buffered: 0,
+                rebuilds: 0,
             }),
-            settled: Condvar::new(),
+            turn: tokio::sync::Mutex::new(()),
+            rebuilding: AtomicBool::new(false),
+            stopped: Mutex::new(None),
             stall_backoff: (STALL_FIRST_BACKOFF, STALL_MAX_BACKOFF),
         }
     }
@@ -297,6 +353,11 @@ impl Transactions {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The transactional id.
+    pub fn id(&self) -> &str {
+        self.producer.id()
     }
 
     /// A job finished with `records` (in publish order). They wait for the
@@ -316,51 +377,10 @@ impl Transactions {
         if !self.ledger.owns(p, job.epoch) {
             return false;
         }
-        let mut stall = None;
-        if let Some(refused) = inner.refusals.get(&(p, offset)) {
-            let event = refused.iter().find(|(r, ..)| *r == Role::Event);
-            if let Some((_, reason, _)) = event {
-                // The broker will never take this event: keep the request (and
-                // end its chain here), as at-least-once does.
-                records = vec![dead_letter(
-                    RejectCode::PublishRefused,
-                    &format!("the event could not be published: {reason}"),
-                )];
-            }
-            let recheck_too_large = refused
-                .iter()
-                .find(|(r, _, too_large)| *r == Role::Recheck && *too_large);
-            if let Some((_, reason, _)) = recheck_too_large {
-                // A re-check record too large for its topic ends the chain: the
-                // request is kept as a dead letter instead of the re-check.
-                if records
-                    .iter()
-                    .any(|o| Role::of(&o.destination) == Role::Recheck)
-                {
-                    records.retain(|o| Role::of(&o.destination) != Role::Recheck);
-                    records.push(dead_letter(
-                        RejectCode::RecheckTooLarge,
-                        &format!("the re-check record could not be published: {reason}"),
-                    ));
-                }
-            }
-            let blocked = refused.iter().find(|(role, _, too_large)| {
-                records
-                    .iter()
-                    .any(|out| Role::of(&out.destination) == *role)
-                    && *role != Role::Event
-                    && !(*role == Role::Recheck && *too_large)
-            });
-            if let Some((role, reason, _)) = blocked {
-                stall = Some(format!(
-                    "the broker refuses the {} record of offset {offset}: {reason}",
-                    match role {
-                        Role::DeadLetter => "dead-letter",
-                        _ => "re-check",
-                    }
-                ));
-            }
-        }
+        let stall = inner
+            .refusals
+            .get(&(p, offset))
+            .and_then(|refused| redo_refused(refused, &mut records, offset, dead_letter));
         let n = records.len();
         let outcome = records.first().map(|r| r.outcome);
         let part = inner.parts.entry(p).or_default();
@@ -408,9 +428,10 @@ impl Transactions {
 
     /// Hands every buffered record below its partition's watermark to the open
     /// transaction, in offset order (a new transaction is begun as needed).
-    /// Stops at a full producer queue (the next call goes on).
+    /// Stops at a full producer queue (the next call goes on) and at a doomed
+    /// transaction.
     fn pump(&self, inner: &mut Inner) {
-        if inner.phase == Phase::Committing {
+        if inner.phase == Phase::Committing || inner.doomed.is_some() {
             return;
         }
         let partitions: Vec<i32> = inner
@@ -434,6 +455,7 @@ impl Transactions {
                 if inner.phase == Phase::Idle {
                     if let Err(e) = self.producer.begin() {
                         tracing::error!(topic = %self.topic, error = %e, "cannot begin a transaction");
+                        inner.doomed = Some(Doom::Rebuild(e.to_string()));
                         return;
                     }
                     inner.phase = Phase::Open;
@@ -453,22 +475,27 @@ impl Transactions {
                             let out = finished.records.remove(0);
                             inner.open.records += 1;
                             inner.buffered = inner.buffered.saturating_sub(1);
+                            inner.open.partitions.insert(p);
                             inner
                                 .open
                                 .published
                                 .push((tag.role, out.label, out.milestone));
                         }
                         Err(SendError::QueueFull) => return,
-                        Err(SendError::Refused(reason) | SendError::Fatal(reason)) => {
-                            // Refused before it reached the transaction: as if the
-                            // broker had refused it (the transaction is still
-                            // good), remembered for the redo.
-                            inner
-                                .refusals
-                                .entry((p, offset))
-                                .or_default()
-                                .push((tag.role, reason, false));
-                            self.rewind(inner, &[p], None);
+                        Err(SendError::Refused { reason, too_large }) => {
+                            // As if the broker had refused it: the transaction
+                            // may already hold this partition's earlier records,
+                            // which must not commit without their position.
+                            tracing::warn!(topic = %self.topic, partition = p, offset, role = ?tag.role, reason = %reason, "the producer refused a record; the transaction is aborted and the work redone without it");
+                            self.metrics.publish_refused(tag.role.label());
+                            remember(inner, tag, reason.clone(), too_large);
+                            inner.open.partitions.insert(p);
+                            inner.doomed = Some(Doom::Abort(reason));
+                            return;
+                        }
+                        Err(SendError::Fatal(reason)) => {
+                            inner.open.partitions.insert(p);
+                            inner.doomed = Some(Doom::Rebuild(reason));
                             return;
                         }
                     }
@@ -486,8 +513,7 @@ impl Transactions {
             .set_pending_records(&self.topic, inner.buffered + inner.open.records);
     }
 
-    /// Hands over what became ready (the engine calls this after a queue-full
-    /// stop, and on its tick).
+    /// Hands over what became ready (the engine calls this on its tick).
     pub fn pump_now(&self) {
         let mut inner = self.lock();
         self.pump(&mut inner);
@@ -505,13 +531,16 @@ impl Transactions {
         self.pending_records() >= self.max_pending
     }
 
-    /// True when the open transaction should be committed now: it is
-    /// `transaction_interval` old or holds half the pending-record bound, or a
-    /// stalled record is due for a retry.
+    /// True when the open transaction should be settled now: it is
+    /// `transaction_interval` old, holds half the pending-record bound, or is
+    /// doomed; or a stalled record is due for a retry.
     pub fn due(&self) -> bool {
         let inner = self.lock();
         if inner.phase == Phase::Committing {
             return false;
+        }
+        if inner.doomed.is_some() {
+            return true;
         }
         let now = Instant::now();
         let stall_due = inner
@@ -522,13 +551,21 @@ impl Transactions {
         let old = inner
             .open
             .began
-            .is_none_or(|b| now.duration_since(b) >= self.interval);
+            .is_none_or(|b| now.saturating_duration_since(b) >= self.interval);
         stall_due || something && (old || inner.open.records >= self.max_pending / 2)
     }
 
-    /// True while a commit is under way.
-    pub fn committing(&self) -> bool {
-        self.lock().phase == Phase::Committing
+    /// True while a rebuild of the producer is under way.
+    pub fn rebuilding(&self) -> bool {
+        self.rebuilding.load(Ordering::Acquire)
+    }
+
+    /// Why the engine must stop, once it must.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A partition's position moved past its last commit.
@@ -545,118 +582,134 @@ impl Transactions {
         std::mem::take(&mut self.lock().rewound)
     }
 
-    /// Commits the open transaction with the positions its work reached (waiting
-    /// for a commit already under way first), then retries a stalled record
-    /// whose time has come. Blocking: call from a blocking thread or the
-    /// revocation callback.
-    pub fn commit(&self) -> Settled {
-        let mut inner = self.lock();
-        while inner.phase == Phase::Committing {
-            inner = self.settled.wait(inner).unwrap_or_else(|p| p.into_inner());
-        }
-        self.pump(&mut inner);
-        // The positions: every partition whose watermark moved past its last
-        // commit, up to the first record still buffered.
-        let mut positions: Vec<(i32, i64)> = Vec::new();
-        let owned: Vec<i32> = inner
+    /// The positions a commit now may reach: every partition whose watermark
+    /// moved past its last commit, up to the first record still buffered.
+    fn positions(&self, inner: &Inner) -> Vec<(i32, i64)> {
+        let owned: BTreeSet<i32> = inner
             .parts
             .keys()
+            .chain(inner.open.partitions.iter())
             .copied()
-            .chain(inner.open.partitions.iter().copied())
-            .collect::<HashSet<_>>()
-            .into_iter()
             .collect();
-        for p in owned {
-            let (Some(w), Some(c)) = (self.ledger.watermark(p), self.ledger.restart_position(p))
-            else {
-                continue;
-            };
-            let first_buffered = inner
-                .parts
-                .get(&p)
-                .and_then(|part| part.buffer.keys().next().copied());
-            let position = first_buffered.map_or(w, |b| b.min(w));
-            if position > c {
-                positions.push((p, position));
-            }
+        owned
+            .into_iter()
+            .filter_map(|p| {
+                let w = self.ledger.watermark(p)?;
+                let c = self.ledger.restart_position(p)?;
+                let first_buffered = inner
+                    .parts
+                    .get(&p)
+                    .and_then(|part| part.buffer.keys().next().copied());
+                let position = first_buffered.map_or(w, |b| b.min(w));
+                (position > c).then_some((p, position))
+            })
+            .collect()
+    }
+
+    /// Settles the open transaction (waiting for a settlement already under way
+    /// first): commits it with the positions its work reached, or aborts it, or
+    /// rebuilds the producer; then retries a stalled record whose time has come.
+    pub async fn commit(&self) -> Settled {
+        let _turn = self.turn.lock().await;
+        if let Some(why) = self.stopped() {
+            return Settled::Stopped(why);
         }
-        positions.sort_unstable();
-        let settled = if positions.is_empty() && inner.phase != Phase::Open {
-            Settled::Nothing
-        } else {
-            if inner.phase == Phase::Idle {
-                // Progress without records (skipped or empty work): a transaction
-                // of positions only.
-                if let Err(e) = self.producer.begin() {
-                    tracing::error!(topic = %self.topic, error = %e, "cannot begin a transaction");
-                    return Settled::Nothing;
-                }
-            }
-            inner.phase = Phase::Committing;
-            let open = std::mem::take(&mut inner.open);
-            drop(inner);
-            let started = Instant::now();
-            let result = self.commit_with_retries(&positions);
-            self.metrics
-                .transaction_commit(&self.topic, started.elapsed());
+        let prepared = {
             let mut inner = self.lock();
-            let settled = match result {
-                Ok(()) => {
-                    for (p, o) in &positions {
-                        self.ledger.committed(*p, *o);
-                    }
-                    self.account(&open);
-                    self.metrics.transaction(&self.topic, "committed");
-                    Settled::Committed(positions)
-                }
-                Err(TxnError::Abortable(e)) => {
-                    tracing::warn!(topic = %self.topic, error = %e, "transaction aborted; its partitions are rewound to their last commit");
-                    if let Err(e) = self.producer.abort() {
-                        tracing::warn!(topic = %self.topic, error = %e, "aborting failed; rebuilding the producer");
-                        return self.rebuild(inner);
-                    }
-                    self.note_refusals(&mut inner);
-                    let mut rewound: Vec<i32> = open.partitions.iter().copied().collect();
-                    rewound.extend(positions.iter().map(|(p, _)| *p));
-                    rewound.sort_unstable();
-                    rewound.dedup();
-                    self.rewind(&mut inner, &rewound, None);
-                    self.metrics.transaction(&self.topic, "aborted");
-                    Settled::Aborted(rewound)
-                }
-                Err(e) => {
-                    tracing::warn!(topic = %self.topic, error = %e, "the transactional producer must be rebuilt");
-                    return self.rebuild(inner);
-                }
-            };
-            inner.phase = Phase::Idle;
-            self.retry_stall(&mut inner);
             self.pump(&mut inner);
-            drop(inner);
-            self.settled.notify_all();
-            return settled;
+            let positions = self.positions(&inner);
+            if positions.is_empty() && inner.phase != Phase::Open && inner.doomed.is_none() {
+                None
+            } else {
+                let mut doomed = inner.doomed.take();
+                if inner.phase == Phase::Idle && doomed.is_none() {
+                    // Progress without records (skipped or empty work): a
+                    // transaction of positions only.
+                    if let Err(e) = self.producer.begin() {
+                        doomed = Some(Doom::Rebuild(e.to_string()));
+                    }
+                }
+                inner.phase = Phase::Committing;
+                Some((positions, std::mem::take(&mut inner.open), doomed))
+            }
         };
-        drop(inner);
-        let mut inner = self.lock();
-        self.retry_stall(&mut inner);
-        self.pump(&mut inner);
+        let settled = match prepared {
+            None => Settled::Nothing,
+            Some((positions, open, doomed)) => self.settle(positions, open, doomed).await,
+        };
+        if matches!(settled, Settled::Stopped(_)) {
+            return settled;
+        }
+        if let Some(stop) = self.retry_stalls().await {
+            return stop;
+        }
+        self.pump_now();
         settled
     }
 
-    fn commit_with_retries(&self, positions: &[(i32, i64)]) -> Result<(), TxnError> {
-        let mut tries = 0;
-        loop {
-            match self.producer.commit(positions) {
-                Err(TxnError::Retriable(e)) if tries < COMMIT_RETRIES => {
-                    tries += 1;
-                    tracing::warn!(topic = %self.topic, error = %e, tries, "commit failed; retrying");
+    async fn settle(
+        &self,
+        positions: Vec<(i32, i64)>,
+        open: Open,
+        doomed: Option<Doom>,
+    ) -> Settled {
+        let started = Instant::now();
+        let result = match doomed {
+            Some(Doom::Abort(reason)) => Err(TxnError::Abortable(reason)),
+            Some(Doom::Rebuild(reason)) => Err(TxnError::Fatal(reason)),
+            None => self.commit_open(&positions).await,
+        };
+        self.metrics
+            .transaction_commit(&self.topic, started.elapsed());
+        match result {
+            Ok(()) => {
+                for (p, o) in &positions {
+                    self.ledger.committed(*p, *o);
                 }
-                // A commit whose outcome stays unknown: only a new producer
-                // (which settles the old one's transaction) tells.
-                Err(TxnError::Retriable(e)) => return Err(TxnError::Fatal(e)),
-                other => return other,
+                let mut inner = self.lock();
+                inner.rebuilds = 0;
+                inner.phase = Phase::Idle;
+                drop(inner);
+                self.account(&open);
+                self.metrics.transaction(&self.topic, "committed");
+                Settled::Committed(positions)
+            }
+            Err(TxnError::Abortable(e)) => {
+                tracing::warn!(topic = %self.topic, error = %e, "transaction aborted; its partitions are rewound to their last commit");
+                if let Err(e) = retrying(|| self.producer.abort()).await {
+                    tracing::warn!(topic = %self.topic, error = %e, "aborting failed; rebuilding the producer");
+                    return self.rebuild(e).await;
+                }
+                let mut inner = self.lock();
+                self.note_refusals(&mut inner);
+                let rewound: Vec<i32> = open
+                    .partitions
+                    .iter()
+                    .copied()
+                    .chain(positions.iter().map(|(p, _)| *p))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                self.rewind(&mut inner, &rewound, None);
+                inner.phase = Phase::Idle;
+                self.metrics.transaction(&self.topic, "aborted");
+                Settled::Aborted(rewound)
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "the transactional producer must be rebuilt");
+                self.rebuild(e).await
             }
         }
+    }
+
+    /// The positions, then the commit; each retried alone while it times out.
+    /// A commit that never answers has an unknown outcome: only a new producer
+    /// (which settles the old one's transaction) tells.
+    async fn commit_open(&self, positions: &[(i32, i64)]) -> Result<(), TxnError> {
+        if !positions.is_empty() {
+            retrying(|| self.producer.send_offsets(positions)).await?;
+        }
+        retrying(|| self.producer.commit()).await
     }
 
     /// Metrics of a committed transaction: its records are published, its jobs done.
@@ -687,50 +740,93 @@ impl Transactions {
 
     fn note_refusals(&self, inner: &mut Inner) {
         for r in self.producer.take_refusals() {
-            if inner.refusals.len() >= MAX_REFUSALS {
-                break;
-            }
             let tag = r.tag;
             tracing::warn!(topic = %self.topic, partition = tag.partition, offset = tag.offset, role = ?tag.role, reason = %r.reason, "the broker refused a record permanently; the work is redone without it");
-            self.metrics.publish_refused(match tag.role {
-                Role::Event => "events",
-                Role::DeadLetter => "dead_letters",
-                Role::Recheck => "rechecks",
-            });
-            inner
-                .refusals
-                .entry((tag.partition, tag.offset))
-                .or_default()
-                .push((tag.role, r.reason, r.too_large));
+            self.metrics.publish_refused(tag.role.label());
+            remember(inner, tag, r.reason, r.too_large);
         }
+    }
+
+    fn stop(&self, why: String) -> Settled {
+        tracing::error!(topic = %self.topic, transactional_id = %self.id(), reason = %why, "exactly once cannot go on: the engine stops");
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        self.rebuilding.store(false, Ordering::Release);
+        Settled::Stopped(why)
     }
 
     /// After a fatal error: a new producer, and every partition back to what the
     /// broker has committed.
-    fn rebuild(&self, mut inner: MutexGuard<'_, Inner>) -> Settled {
-        inner.phase = Phase::Committing;
-        drop(inner);
-        let mut delay = Duration::from_millis(200);
-        while let Err(e) = self.producer.rebuild() {
-            tracing::error!(topic = %self.topic, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot rebuild the transactional producer");
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(10));
+    async fn rebuild(&self, cause: TxnError) -> Settled {
+        {
+            let mut inner = self.lock();
+            inner.phase = Phase::Committing;
+            inner.doomed = None;
+            let fenced_again = matches!(cause, TxnError::Fenced(_)) && inner.rebuilds > 0;
+            if fenced_again {
+                return self.stop(format!(
+                    "the transactional producer `{}` was fenced again after it was rebuilt: another instance uses the same transactional id (kafka.instance_id must differ between instances); {cause}",
+                    self.id()
+                ));
+            }
+            inner.rebuilds += 1;
+            if inner.rebuilds > MAX_REBUILDS {
+                return self.stop(format!(
+                    "the transactional producer `{}` was rebuilt {MAX_REBUILDS} times without a commit; {cause}",
+                    self.id()
+                ));
+            }
         }
-        let mut inner = self.lock();
-        inner.open = Open::default();
-        let owned: Vec<i32> = inner.parts.keys().copied().collect();
-        let committed = match self.source.committed(&owned) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(topic = %self.topic, error = %e, "cannot read the committed positions; rewinding to the last known ones");
-                None
+        self.rebuilding.store(true, Ordering::Release);
+        self.metrics.transaction(&self.topic, "rebuilt");
+        tracing::warn!(topic = %self.topic, transactional_id = %self.id(), cause = %cause, "rebuilding the transactional producer");
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            match self.producer.rebuild().await {
+                Ok(()) => break,
+                Err(e @ TxnError::Fenced(_)) => {
+                    return self.stop(format!(
+                        "the transactional producer `{}` was fenced while it was rebuilt: another instance uses the same transactional id; {e}",
+                        self.id()
+                    ))
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= REBUILD_ATTEMPTS {
+                        return self.stop(format!(
+                            "cannot rebuild the transactional producer `{}` ({attempt} attempts): {e}",
+                            self.id()
+                        ));
+                    }
+                    tracing::error!(topic = %self.topic, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot rebuild the transactional producer");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        let owned: Vec<i32> = self.lock().parts.keys().copied().collect();
+        // Whether the last transaction landed is known only to the broker: its
+        // committed positions, asked until it answers (never the ledger's own).
+        let mut delay = Duration::from_millis(100);
+        let committed = loop {
+            match self.source.committed(&owned).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot read the committed positions after a rebuild; asking again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         };
-        self.rewind(&mut inner, &owned, committed.as_deref());
-        self.metrics.transaction(&self.topic, "rebuilt");
+        let mut inner = self.lock();
+        inner.open = Open::default();
+        // The new producer starts clean: records refused by the old one were
+        // aborted with its transaction and are redone.
+        let _ = self.producer.take_refusals();
+        self.rewind(&mut inner, &owned, Some(&committed));
         inner.phase = Phase::Idle;
         drop(inner);
-        self.settled.notify_all();
+        self.rebuilding.store(false, Ordering::Release);
         Settled::Rebuilt(owned)
     }
 
@@ -744,10 +840,11 @@ impl Transactions {
                 part.buffer.clear();
             }
             let known = self.ledger.rewind(p);
-            let target = to
-                .and_then(|t| t.iter().find(|(q, _)| *q == p).map(|(_, o)| *o))
-                .or(known);
-            if let Some(offset) = target {
+            let asked = to.and_then(|t| t.iter().find(|(q, _)| *q == p).map(|(_, o)| *o));
+            if let Some(offset) = asked {
+                self.ledger.committed(p, offset);
+            }
+            if let Some(offset) = asked.or(known) {
                 self.source.seek(p, offset);
             }
             inner.rewound.push(p);
@@ -757,28 +854,24 @@ impl Transactions {
 
     /// A stalled record whose time has come is tried alone: a transaction with
     /// just its records and its partition's position. Success resumes the
-    /// partition; failure doubles the wait.
-    fn retry_stall(&self, inner: &mut MutexGuard<'_, Inner>) {
+    /// partition; failure doubles the wait. Returns a stop, if it came to that.
+    async fn retry_stalls(&self) -> Option<Settled> {
         let now = Instant::now();
-        let due: Vec<(i32, i64)> = inner
-            .parts
-            .iter()
-            .filter_map(|(p, part)| {
-                let s = part.stall.as_ref()?;
-                (s.retry_at <= now).then_some((*p, s.offset))
-            })
-            .collect();
-        for (p, offset) in due {
-            let Some(epoch) = inner.parts.get(&p).and_then(|part| part.epoch) else {
-                continue;
-            };
-            let records: Vec<Outgoing> = inner
+        let due: Vec<(i32, i64, Epoch, Vec<Outgoing>)> = {
+            let inner = self.lock();
+            inner
                 .parts
-                .get(&p)
-                .and_then(|part| part.buffer.get(&offset))
-                .map(|f| f.records.clone())
-                .unwrap_or_default();
-            let probe = (|| {
+                .iter()
+                .filter_map(|(p, part)| {
+                    let s = part.stall.as_ref().filter(|s| s.retry_at <= now)?;
+                    let records = part.buffer.get(&s.offset)?.records.clone();
+                    Some((*p, s.offset, part.epoch?, records))
+                })
+                .collect()
+        };
+        for (p, offset, epoch, records) in due {
+            let _ = self.producer.take_refusals();
+            let probe = async {
                 self.producer.begin()?;
                 for out in &records {
                     let tag = RecordTag {
@@ -787,34 +880,58 @@ impl Transactions {
                         role: Role::of(&out.destination),
                     };
                     if let Err(e) = self.producer.send(out, tag) {
-                        return Err(TxnError::Abortable(format!("{e:?}")));
+                        return Err(match e {
+                            SendError::Fatal(e) => TxnError::Fatal(e),
+                            other => TxnError::Abortable(format!("{other:?}")),
+                        });
                     }
                 }
-                self.producer.commit(&[(p, offset + 1)])
-            })();
-            match probe {
+                let position = [(p, offset + 1)];
+                retrying(|| self.producer.send_offsets(&position)).await?;
+                retrying(|| self.producer.commit()).await
+            };
+            match probe.await {
                 Ok(()) => {
                     tracing::warn!(topic = %self.topic, partition = p, offset, "the refused record was accepted; partition resumed");
+                    let mut inner = self.lock();
                     let part = inner.parts.entry(p).or_default();
                     part.stall = None;
                     let n = part.buffer.remove(&offset).map_or(0, |f| f.records.len());
                     inner.buffered = inner.buffered.saturating_sub(n);
                     inner.refusals.remove(&(p, offset));
+                    inner.rebuilds = 0;
                     self.ledger.complete(p, epoch, offset);
                     self.ledger.committed(p, offset + 1);
                     self.ledger.set_stalled(p, epoch, None);
                 }
-                Err(e) => {
-                    let _ = self.producer.abort();
+                Err(TxnError::Abortable(e)) | Err(TxnError::Retriable(e)) => {
+                    let aborted = retrying(|| self.producer.abort()).await;
                     let _ = self.producer.take_refusals();
-                    let part = inner.parts.entry(p).or_default();
-                    if let Some(s) = part.stall.as_mut() {
-                        s.backoff = (s.backoff * 2).min(self.stall_backoff.1);
-                        s.retry_at = Instant::now() + s.backoff;
-                        tracing::error!(topic = %self.topic, partition = p, offset, reason = %s.reason, error = %e, retry_in_s = s.backoff.as_secs(), "partition still stalled: the record is refused");
+                    self.stall_again(p, offset, &e);
+                    if let Err(e) = aborted {
+                        self.lock().phase = Phase::Committing;
+                        let settled = self.rebuild(e).await;
+                        return matches!(settled, Settled::Stopped(_)).then_some(settled);
                     }
                 }
+                Err(e) => {
+                    self.lock().phase = Phase::Committing;
+                    let settled = self.rebuild(e).await;
+                    return matches!(settled, Settled::Stopped(_)).then_some(settled);
+                }
             }
+        }
+        None
+    }
+
+    /// A stalled record was refused again: the wait doubles.
+    fn stall_again(&self, p: i32, offset: i64, error: &str) {
+        let mut inner = self.lock();
+        let part = inner.parts.entry(p).or_default();
+        if let Some(s) = part.stall.as_mut() {
+            s.backoff = (s.backoff * 2).min(self.stall_backoff.1);
+            s.retry_at = Instant::now() + s.backoff;
+            tracing::error!(topic = %self.topic, partition = p, offset, reason = %s.reason, error = %error, retry_in_s = s.backoff.as_secs(), "partition still stalled: the record is refused");
         }
     }
 
@@ -832,11 +949,98 @@ impl Transactions {
     }
 }
 
+/// Remembers a refused record for the redo of the input it answers (bounded).
+fn remember(inner: &mut Inner, tag: RecordTag, reason: String, too_large: bool) {
+    if inner.refusals.len() >= MAX_REFUSALS
+        && !inner.refusals.contains_key(&(tag.partition, tag.offset))
+    {
+        return;
+    }
+    inner
+        .refusals
+        .entry((tag.partition, tag.offset))
+        .or_default()
+        .push((tag.role, reason, too_large));
+}
+
+/// The redo of an input whose records were refused before: a refused event
+/// becomes the `publish_refused` dead letter (its chain ends there), a re-check
+/// record refused for its size ends the chain with a `recheck_too_large` dead
+/// letter. Returns why the partition must stall, when a dead letter or re-check
+/// record the broker refuses for another reason is among the records.
+fn redo_refused(
+    refused: &[Refused],
+    records: &mut Vec<Outgoing>,
+    offset: i64,
+    dead_letter: &dyn Fn(RejectCode, &str) -> Outgoing,
+) -> Option<String> {
+    if let Some((_, reason, _)) = refused.iter().find(|(r, ..)| *r == Role::Event) {
+        *records = vec![dead_letter(
+            RejectCode::PublishRefused,
+            &format!("the event could not be published: {reason}"),
+        )];
+    }
+    let recheck_too_large = refused
+        .iter()
+        .find(|(r, _, too_large)| *r == Role::Recheck && *too_large);
+    if let Some((_, reason, _)) = recheck_too_large {
+        if records
+            .iter()
+            .any(|o| Role::of(&o.destination) == Role::Recheck)
+        {
+            records.retain(|o| Role::of(&o.destination) != Role::Recheck);
+            records.push(dead_letter(
+                RejectCode::RecheckTooLarge,
+                &format!("the re-check record could not be published: {reason}"),
+            ));
+        }
+    }
+    let blocked = refused.iter().find(|(role, _, too_large)| {
+        records
+            .iter()
+            .any(|out| Role::of(&out.destination) == *role)
+            && *role != Role::Event
+            && !(*role == Role::Recheck && *too_large)
+    });
+    blocked.map(|(role, reason, _)| {
+        format!(
+            "the broker refuses the {} record of offset {offset}: {reason}",
+            match role {
+                Role::DeadLetter => "dead-letter",
+                _ => "re-check",
+            }
+        )
+    })
+}
+
+/// Runs a transactional call, again while it times out (up to
+/// [`CALL_RETRIES`] times); a call that never answers is fatal (its outcome is
+/// unknown).
+async fn retrying<'a>(
+    mut call: impl FnMut() -> BoxFuture<'a, Result<(), TxnError>>,
+) -> Result<(), TxnError> {
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(TxnError::Retriable(e)) if tries < CALL_RETRIES => {
+                tries += 1;
+                tracing::warn!(error = %e, tries, "a transactional call timed out; calling it again");
+            }
+            Err(TxnError::Retriable(e)) => {
+                return Err(TxnError::Fatal(format!(
+                    "no answer after {tries} retries: {e}"
+                )))
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::Rejection;
-    use crate::pipeline::process::{Incoming, Work};
+    use crate::pipeline::record::{Incoming, Work};
     use std::borrow::Cow;
 
     use crate::pipeline::fakes::{FakeProducer, FakeSource};
@@ -857,7 +1061,6 @@ mod tests {
             source.clone(),
             ledger.clone(),
             Arc::new(Metrics::new()),
-            "in",
             Duration::from_millis(100),
             max_pending,
         )
@@ -923,8 +1126,8 @@ mod tests {
         open.iter().map(|t| (t.offset, t.role)).collect()
     }
 
-    #[test]
-    fn finished_work_is_handed_over_in_offset_order_and_committed_at_the_watermark() {
+    #[tokio::test(start_paused = true)]
+    async fn finished_work_is_handed_over_in_offset_order_and_committed_at_the_watermark() {
         let f = fixture(1000);
         let jobs: Vec<_> = (10..14).map(|o| job(&f, 0, o)).collect();
         finish(
@@ -950,38 +1153,38 @@ mod tests {
         );
         assert_eq!(f.txn.pending_records(), 4);
         // 13 is still running: the position stops before it.
-        assert_eq!(f.txn.commit(), Settled::Committed(vec![(0, 13)]));
+        assert_eq!(f.txn.commit().await, Settled::Committed(vec![(0, 13)]));
         assert_eq!(f.ledger.restart_position(0), Some(13));
         assert_eq!(f.txn.pending_records(), 0);
-        assert_eq!(f.txn.commit(), Settled::Nothing, "nothing new");
+        assert_eq!(f.txn.commit().await, Settled::Nothing, "nothing new");
         finish(&f, &jobs[3], Vec::new());
         assert_eq!(
-            f.txn.commit(),
+            f.txn.commit().await,
             Settled::Committed(vec![(0, 14)]),
             "work without records moves the position too"
         );
     }
 
-    #[test]
-    fn work_finished_beyond_the_watermark_is_never_in_a_committed_transaction() {
+    #[tokio::test(start_paused = true)]
+    async fn work_finished_beyond_the_watermark_is_never_in_a_committed_transaction() {
         let f = fixture(1000);
         let a = job(&f, 0, 0);
         let b = job(&f, 0, 1);
         finish(&f, &b, vec![out(Destination::Events)]);
         assert_eq!(
-            f.txn.commit(),
+            f.txn.commit().await,
             Settled::Nothing,
             "nothing below the watermark"
         );
         assert!(f.producer.committed.lock().unwrap().is_empty());
         assert_eq!(f.txn.pending_records(), 1, "buffered");
         finish(&f, &a, vec![out(Destination::Events)]);
-        assert_eq!(f.txn.commit(), Settled::Committed(vec![(0, 2)]));
+        assert_eq!(f.txn.commit().await, Settled::Committed(vec![(0, 2)]));
         assert_eq!(f.producer.committed.lock().unwrap().len(), 2);
     }
 
-    #[test]
-    fn an_abort_rewinds_the_partitions_it_held_and_their_running_work_goes_stale() {
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_rewinds_the_partitions_it_held_and_their_running_work_goes_stale() {
         let f = fixture(1000);
         let a = job(&f, 0, 5);
         let b = job(&f, 1, 7);
@@ -993,7 +1196,7 @@ mod tests {
             .lock()
             .unwrap()
             .push(Err(TxnError::Abortable("broker said no".into())));
-        assert_eq!(f.txn.commit(), Settled::Aborted(vec![0, 1]));
+        assert_eq!(f.txn.commit().await, Settled::Aborted(vec![0, 1]));
         assert!(f.producer.committed.lock().unwrap().is_empty());
         let seeks = f.source.seeks.lock().unwrap().clone();
         assert_eq!(
@@ -1011,12 +1214,12 @@ mod tests {
         // Redone from 5: committed once.
         let again = job(&f, 0, 5);
         finish(&f, &again, vec![out(Destination::Events)]);
-        assert_eq!(f.txn.commit(), Settled::Committed(vec![(0, 6)]));
+        assert_eq!(f.txn.commit().await, Settled::Committed(vec![(0, 6)]));
         assert_eq!(f.producer.committed.lock().unwrap().len(), 1);
     }
 
-    #[test]
-    fn a_refused_event_becomes_a_dead_letter_after_one_abort_not_a_loop() {
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_event_becomes_a_dead_letter_after_one_abort_not_a_loop() {
         let f = fixture(1000);
         let a = job(&f, 0, 0);
         finish(
@@ -1042,7 +1245,7 @@ mod tests {
             .lock()
             .unwrap()
             .push(Err(TxnError::Abortable("a record failed".into())));
-        assert_eq!(f.txn.commit(), Settled::Aborted(vec![0]));
+        assert_eq!(f.txn.commit().await, Settled::Aborted(vec![0]));
         let redo = job(&f, 0, 0);
         finish(
             &f,
@@ -1057,13 +1260,13 @@ mod tests {
             vec![(0, Role::DeadLetter)],
             "the event's request is dead-lettered, its chain ends"
         );
-        assert_eq!(f.txn.commit(), Settled::Committed(vec![(0, 1)]));
+        assert_eq!(f.txn.commit().await, Settled::Committed(vec![(0, 1)]));
         let log = f.producer.log.lock().unwrap().clone();
         assert_eq!(log.iter().filter(|l| *l == "abort").count(), 1);
     }
 
-    #[test]
-    fn a_recheck_record_refused_for_its_size_ends_the_chain_with_a_dead_letter() {
+    #[tokio::test(start_paused = true)]
+    async fn a_recheck_record_refused_for_its_size_ends_the_chain_with_a_dead_letter() {
         let f = fixture(1000);
         let a = job(&f, 0, 0);
         finish(
@@ -1089,7 +1292,7 @@ mod tests {
             .lock()
             .unwrap()
             .push(Err(TxnError::Abortable("a record failed".into())));
-        assert_eq!(f.txn.commit(), Settled::Aborted(vec![0]));
+        assert_eq!(f.txn.commit().await, Settled::Aborted(vec![0]));
         let redo = job(&f, 0, 0);
         finish(
             &f,
@@ -1105,11 +1308,11 @@ mod tests {
             "the event stays, the chain ends"
         );
         assert!(!f.ledger.is_stalled(0));
-        assert_eq!(f.txn.commit(), Settled::Committed(vec![(0, 1)]));
+        assert_eq!(f.txn.commit().await, Settled::Committed(vec![(0, 1)]));
     }
 
-    #[test]
-    fn a_refused_dead_letter_stalls_its_partition_only_and_is_retried_alone() {
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_dead_letter_stalls_its_partition_only_and_is_retried_alone() {
         let f = fixture(1000);
         let a = job(&f, 0, 0);
         finish(&f, &a, vec![out(Destination::DeadLetters)]);
@@ -1128,7 +1331,7 @@ mod tests {
             .lock()
             .unwrap()
             .push(Err(TxnError::Abortable("a record failed".into())));
-        assert_eq!(f.txn.commit(), Settled::Aborted(vec![0]));
+        assert_eq!(f.txn.commit().await, Settled::Aborted(vec![0]));
         // Redone: it stalls; partition 1 goes on.
         let redo = job(&f, 0, 0);
         let next = job(&f, 0, 1);
@@ -1149,7 +1352,7 @@ mod tests {
             vec![(0, Role::Event)],
             "partition 1's event; partition 0 waits"
         );
-        assert_eq!(f.txn.commit(), Settled::Committed(vec![(1, 1)]));
+        assert_eq!(f.txn.commit().await, Settled::Committed(vec![(1, 1)]));
         assert!(f.ledger.is_stalled(0), "the retry alone was refused");
         let aborts = |f: &Fixture| {
             f.producer
@@ -1166,14 +1369,14 @@ mod tests {
             "the first refusal and the retry's, nothing of partition 1's"
         );
         assert_eq!(
-            f.txn.commit(),
+            f.txn.commit().await,
             Settled::Nothing,
             "the retry runs in its own transaction"
         );
         assert!(!f.ledger.is_stalled(0), "accepted at the next retry");
         assert_eq!(f.ledger.restart_position(0), Some(1));
         assert_eq!(
-            f.txn.commit(),
+            f.txn.commit().await,
             Settled::Committed(vec![(0, 2)]),
             "then the rest"
         );
@@ -1195,8 +1398,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_fatal_error_rebuilds_the_producer_and_rewinds_to_what_the_broker_committed() {
+    #[tokio::test(start_paused = true)]
+    async fn a_fatal_error_rebuilds_the_producer_and_rewinds_to_what_the_broker_committed() {
         let f = fixture(1000);
         let a = job(&f, 0, 3);
         finish(&f, &a, vec![out(Destination::Events)]);
@@ -1207,7 +1410,7 @@ mod tests {
             Err(TxnError::Retriable("timed out".into())),
             Err(TxnError::Retriable("timed out".into())),
         ]);
-        assert_eq!(f.txn.commit(), Settled::Rebuilt(vec![0]));
+        assert_eq!(f.txn.commit().await, Settled::Rebuilt(vec![0]));
         assert!(f
             .producer
             .log
@@ -1221,8 +1424,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn pending_records_are_bounded_and_a_commit_is_due_early() {
+    #[tokio::test(start_paused = true)]
+    async fn pending_records_are_bounded_and_a_commit_is_due_early() {
         let f = fixture(4);
         for o in 0..2 {
             let j = job(&f, 0, o);
@@ -1235,7 +1438,154 @@ mod tests {
             finish(&f, &j, vec![out(Destination::Events)]);
         }
         assert!(f.txn.full());
-        f.txn.commit();
+        f.txn.commit().await;
         assert!(!f.txn.full());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_refused_when_queued_aborts_the_whole_transaction_and_rewinds_every_partition_it_held(
+    ) {
+        // The hole: the refused record's partition was rewound alone, while its
+        // earlier records stayed in the transaction and committed without the
+        // partition's position; the redo produced them again.
+        let f = fixture(1000);
+        let a = job(&f, 0, 0);
+        let b = job(&f, 0, 1);
+        let other = job(&f, 1, 0);
+        finish(&f, &a, vec![out(Destination::Events)]);
+        finish(&f, &other, vec![out(Destination::Events)]);
+        f.producer
+            .sends
+            .lock()
+            .unwrap()
+            .push(Err(SendError::Refused {
+                reason: "MSG_SIZE_TOO_LARGE".into(),
+                too_large: true,
+            }));
+        finish(&f, &b, vec![out(Destination::Events)]);
+        assert!(f.txn.due(), "a doomed transaction is settled at once");
+        assert_eq!(f.txn.commit().await, Settled::Aborted(vec![0, 1]));
+        assert!(f.producer.committed.lock().unwrap().is_empty());
+        assert_eq!(f.producer.calls("commit"), 0, "never committed");
+        assert_eq!(f.source.seeks.lock().unwrap().clone(), vec![(0, 0), (1, 0)]);
+        // Redone: 0's event and 1's dead letter (the event that can never be
+        // produced), partition 1's event; each committed once.
+        let a = job(&f, 0, 0);
+        let b = job(&f, 0, 1);
+        let other = job(&f, 1, 0);
+        finish(&f, &a, vec![out(Destination::Events)]);
+        finish(&f, &b, vec![out(Destination::Events)]);
+        finish(&f, &other, vec![out(Destination::Events)]);
+        assert_eq!(
+            f.txn.commit().await,
+            Settled::Committed(vec![(0, 2), (1, 1)])
+        );
+        let committed: Vec<(i32, i64, Role)> = f
+            .producer
+            .committed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| (t.partition, t.offset, t.role))
+            .collect();
+        assert_eq!(
+            committed,
+            vec![
+                (0, 0, Role::Event),
+                (0, 1, Role::DeadLetter),
+                (1, 0, Role::Event)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_that_times_out_is_retried_alone() {
+        let f = fixture(1000);
+        let a = job(&f, 0, 0);
+        finish(&f, &a, vec![out(Destination::Events)]);
+        f.producer
+            .commits
+            .lock()
+            .unwrap()
+            .push(Err(TxnError::Retriable("timed out".into())));
+        assert_eq!(f.txn.commit().await, Settled::Committed(vec![(0, 1)]));
+        assert_eq!(
+            f.producer.log.lock().unwrap().clone(),
+            vec!["begin", "offsets", "commit", "commit"],
+            "the positions are sent once, the commit again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_commit_outcome_asks_the_broker_until_it_answers() {
+        let f = fixture(1000);
+        let a = job(&f, 0, 3);
+        finish(&f, &a, vec![out(Destination::Events)]);
+        // The commit landed (the broker says 4), but its answer never came.
+        f.source.committed.lock().unwrap().push((0, 4));
+        *f.source.fail_committed.lock().unwrap() = 3;
+        f.producer
+            .commits
+            .lock()
+            .unwrap()
+            .extend((0..4).map(|_| Err(TxnError::Retriable("timed out".into()))));
+        assert_eq!(f.txn.commit().await, Settled::Rebuilt(vec![0]));
+        assert_eq!(*f.source.asked.lock().unwrap(), 4, "asked until answered");
+        assert_eq!(f.source.seeks.lock().unwrap().clone(), vec![(0, 4)]);
+        assert_eq!(f.ledger.restart_position(0), Some(4), "not redone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuilt_producer_fenced_again_stops_the_engine_naming_the_id() {
+        let f = fixture(1000);
+        let a = job(&f, 0, 0);
+        finish(&f, &a, vec![out(Destination::Events)]);
+        f.producer
+            .commits
+            .lock()
+            .unwrap()
+            .push(Err(TxnError::Fenced("PRODUCER_FENCED".into())));
+        assert_eq!(f.txn.commit().await, Settled::Rebuilt(vec![0]));
+        assert!(f.txn.stopped().is_none(), "one fence is forgiven");
+        let a = job(&f, 0, 0);
+        finish(&f, &a, vec![out(Destination::Events)]);
+        f.producer
+            .commits
+            .lock()
+            .unwrap()
+            .push(Err(TxnError::Fenced("PRODUCER_FENCED".into())));
+        let Settled::Stopped(why) = f.txn.commit().await else {
+            panic!("a second fence before any commit stops")
+        };
+        assert!(
+            why.contains("`fake`") && why.contains("another instance"),
+            "{why}"
+        );
+        assert_eq!(f.txn.stopped(), Some(why));
+        assert_eq!(f.producer.calls("rebuild"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_after_a_commit_is_forgiven_again() {
+        let f = fixture(1000);
+        for round in 0..3 {
+            let a = job(&f, 0, round);
+            finish(&f, &a, vec![out(Destination::Events)]);
+            f.producer
+                .commits
+                .lock()
+                .unwrap()
+                .push(Err(TxnError::Fenced("PRODUCER_FENCED".into())));
+            f.source.committed.lock().unwrap().clear();
+            f.source.committed.lock().unwrap().push((0, round));
+            assert_eq!(f.txn.commit().await, Settled::Rebuilt(vec![0]));
+            let a = job(&f, 0, round);
+            finish(&f, &a, vec![out(Destination::Events)]);
+            assert_eq!(
+                f.txn.commit().await,
+                Settled::Committed(vec![(0, round + 1)])
+            );
+        }
+        assert!(f.txn.stopped().is_none());
     }
 }

@@ -419,7 +419,7 @@ impl Metrics {
     }
 
     /// A request finished with this outcome.
-    pub fn request_done(&self, outcome: Outcome, started: std::time::Instant) {
+    pub fn request_done(&self, outcome: Outcome, started: crate::clock::Instant) {
         self.requests.with_label_values(&[outcome.label()]).inc();
         self.processing_duration
             .observe(started.elapsed().as_secs_f64());
@@ -753,7 +753,7 @@ mod tests {
         m.connector_retry("cm", "5xx");
         m.token_refresh("cm");
         m.set_in_flight(3);
-        m.request_done(Outcome::Synced, std::time::Instant::now());
+        m.request_done(Outcome::Synced, crate::clock::Instant::now());
         m.set_lag("in", 0, 10);
         m.set_commit("in", 0, 5, 1);
         let text = m.render();

@@ -1,10 +1,9 @@
-//! Partition queues: each assigned partition's messages are split into their own
-//! librdkafka queue, read round robin while the dispatcher has room for that
-//! partition. A queue that is not read fills up to librdkafka's prefetch bound
-//! (`queued.min.messages` / `queued.max.messages.kbytes` per partition) and
-//! librdkafka then stops fetching it, so flow control never pauses a partition
-//! and nothing is discarded and refetched: offsets reach the engine contiguously
-//! and in order.
+//! Reading the assigned partitions: round robin, each while the dispatcher has
+//! room for it. A partition that is not read fills up to the client's prefetch
+//! bound and is then not fetched (rdkafka: `queued.min.messages` /
+//! `queued.max.messages.kbytes` per partition), so flow control never pauses a
+//! partition and nothing is discarded and refetched: offsets reach the engine
+//! contiguously and in order.
 //!
 //! A re-check engine holds the head of each partition until it is due (its
 //! `paysync-follow-due` header) and reads nothing past it meanwhile: records in
@@ -14,22 +13,18 @@
 //! `read_committed` consumer sees a re-check only once the transaction that
 //! scheduled it committed), for at most `processing.recheck_gate_timeout`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::Consumer;
-use rdkafka::message::{BorrowedMessage, Message};
-
-use super::commits::CommitBoard;
-use super::context::{EngineConsumer, EngineContext};
-use crate::pipeline::dispatch::{Arrived, Dispatcher};
-use crate::pipeline::follow;
-use crate::pipeline::process::{now_ms, Incoming};
+use super::board::CommitBoard;
+use super::dispatch::{Arrived, Dispatcher};
+use super::follow;
+use super::record::Incoming;
+use super::source::Source;
+use crate::clock::now_ms;
 use crate::telemetry::Metrics;
 
-/// Messages read from one partition's queue before the next partition's turn.
+/// Records read from one partition before the next partition's turn.
 const READ_BATCH: usize = 64;
 
 /// How often a held re-check whose scheduling record is not yet committed is
@@ -45,23 +40,19 @@ pub struct Gate {
     pub timeout: Duration,
 }
 
-/// One assigned partition's own message queue, split from the consumer queue.
-struct Source {
+/// One assigned partition.
+struct Slot {
     partition: i32,
-    queue: PartitionQueue<EngineContext>,
-    /// The queue may hold messages: set by librdkafka when it becomes non-empty,
-    /// and by the engine when it stops reading before the queue ran dry.
-    ready: Arc<AtomicBool>,
     /// Re-check engines: the partition's head, read but not yet due, with its due
     /// time (ms since the epoch). Nothing past it is read until it is taken.
     held: Option<(Incoming, i64)>,
 }
 
-/// The partition queues of one engine.
+/// The assigned partitions of one engine.
 pub struct Queues {
     topic: Arc<str>,
     recheck: bool,
-    sources: Vec<Source>,
+    slots: Vec<Slot>,
     /// Round-robin start, so no partition is always first.
     rotate: usize,
     /// Re-check engines: when the earliest held head comes due (ms since the epoch).
@@ -79,141 +70,104 @@ impl Queues {
             metrics,
             topic: Arc::from(topic),
             recheck,
-            sources: Vec::new(),
+            slots: Vec::new(),
             rotate: 0,
             next_due: None,
             gate,
         }
     }
 
-    /// The topic.
-    pub(super) fn topic(&self) -> &Arc<str> {
-        &self.topic
-    }
-
     /// When the earliest held head comes due, if one is held.
-    pub(super) fn next_due(&self) -> Option<i64> {
+    pub fn next_due(&self) -> Option<i64> {
         self.next_due
     }
 
     /// The offset of a partition's held head (pending re-checks start there).
-    pub(super) fn held_offset(&self, partition: i32) -> Option<i64> {
-        self.sources
+    pub fn held_offset(&self, partition: i32) -> Option<i64> {
+        self.slots
             .iter()
             .find(|s| s.partition == partition)
             .and_then(|s| s.held.as_ref().map(|(m, _)| m.offset))
     }
 
-    /// Splits `partition`'s queue off the consumer queue (at every assignment:
-    /// an assignment re-forwards partitions to the consumer queue).
-    pub(super) fn split(&mut self, consumer: &Arc<EngineConsumer>, partition: i32) {
-        // Dropping an old handle of this partition's queue would switch off the
-        // new handle's wake-up callback: drop it first.
-        self.sources.retain(|s| s.partition != partition);
-        let Some(mut queue) = consumer.split_partition_queue(&self.topic, partition) else {
-            tracing::error!(partition, "cannot split the partition queue");
-            return;
-        };
-        let ready = Arc::new(AtomicBool::new(true));
-        let wake = consumer.context().wake.clone();
-        let flag = ready.clone();
-        queue.set_nonempty_callback(move || {
-            flag.store(true, Ordering::Release);
-            wake.notify_one();
-        });
-        self.sources.push(Source {
+    /// A partition was assigned (again: anything held for it goes).
+    pub fn add(&mut self, partition: i32) {
+        self.slots.retain(|s| s.partition != partition);
+        self.slots.push(Slot {
             partition,
-            queue,
-            ready,
             held: None,
         });
     }
 
-    /// A revoked partition's queue goes.
-    pub(super) fn remove(&mut self, partition: i32) {
-        self.sources.retain(|s| s.partition != partition);
+    /// A revoked partition goes.
+    pub fn remove(&mut self, partition: i32) {
+        self.slots.retain(|s| s.partition != partition);
     }
 
-    /// A rewound partition is fetched again: its held head goes too.
-    pub(super) fn drop_held(&mut self, partition: i32) {
-        if let Some(s) = self.sources.iter_mut().find(|s| s.partition == partition) {
+    /// A rewound partition is fetched again: its held head goes.
+    pub fn drop_held(&mut self, partition: i32) {
+        if let Some(s) = self.slots.iter_mut().find(|s| s.partition == partition) {
             s.held = None;
-            s.ready.store(true, Ordering::Release);
-        }
-    }
-
-    /// A backstop for a queue that holds something without having signalled it.
-    pub(super) fn mark_all_ready(&self) {
-        for source in &self.sources {
-            source.ready.store(true, Ordering::Release);
         }
     }
 
     /// Reads records the dispatcher has room for, round robin, and hands them to
     /// it. Returns whether it stopped with records left that could be taken now
     /// (batch limit), and the seeks the dispatcher asked for (gaps).
-    pub(super) fn read(&mut self, dispatcher: &mut Dispatcher) -> (bool, Vec<(i32, i64)>) {
+    pub fn read(
+        &mut self,
+        source: &dyn Source,
+        dispatcher: &mut Dispatcher,
+    ) -> (bool, Vec<(i32, i64)>) {
         self.next_due = None;
         let mut seeks = Vec::new();
-        if self.sources.is_empty() || dispatcher.saturated() {
+        if self.slots.is_empty() || dispatcher.saturated() {
             return (false, seeks);
         }
-        let count = self.sources.len();
+        let count = self.slots.len();
         self.rotate = (self.rotate + 1) % count;
         let first = self.rotate;
         let mut more = false;
         for i in (0..count).map(|i| (first + i) % count) {
-            let p = self.sources[i].partition;
+            let p = self.slots[i].partition;
             if !dispatcher.readable(p) {
                 continue;
             }
             // A re-check partition's head that may not be taken yet holds the partition.
-            if let Some((incoming, due)) = &self.sources[i].held {
+            if let Some((incoming, due)) = &self.slots[i].held {
                 let due = *due;
                 if let Some(wait) = self.wait_until(incoming, due) {
                     self.note_due(wait);
                     continue;
                 }
-                if let Some((incoming, due)) = self.sources[i].held.take() {
+                if let Some((incoming, due)) = self.slots[i].held.take() {
                     self.take_due(dispatcher, incoming, due, &mut seeks);
                 }
-                self.sources[i].ready.store(true, Ordering::Release);
-            }
-            if !self.sources[i].ready.swap(false, Ordering::AcqRel) {
-                continue;
             }
             let mut taken = 0;
             loop {
                 if !dispatcher.readable(p) {
-                    // Stopped before the queue ran dry: read it again later.
-                    self.sources[i].ready.store(true, Ordering::Release);
                     break;
                 }
                 if taken == READ_BATCH {
-                    self.sources[i].ready.store(true, Ordering::Release);
                     more = true;
                     break;
                 }
-                match self.sources[i].queue.poll(Duration::ZERO) {
-                    Some(Ok(m)) => {
-                        let incoming = incoming(&m, &self.topic, self.recheck);
-                        drop(m);
-                        taken += 1;
-                        if self.recheck {
-                            let due = follow::due_ms(&incoming.headers).unwrap_or(0);
-                            if let Some(wait) = self.wait_until(&incoming, due) {
-                                self.sources[i].held = Some((incoming, due));
-                                self.note_due(wait);
-                                break;
-                            }
-                            self.take_due(dispatcher, incoming, due, &mut seeks);
-                        } else if let Arrived::Seek(to) = dispatcher.on_record(incoming) {
-                            seeks.push((p, to));
-                            break;
-                        }
+                let Some(incoming) = source.read(p) else {
+                    break;
+                };
+                taken += 1;
+                if self.recheck {
+                    let due = follow::due_ms(&incoming.headers).unwrap_or(0);
+                    if let Some(wait) = self.wait_until(&incoming, due) {
+                        self.slots[i].held = Some((incoming, due));
+                        self.note_due(wait);
+                        break;
                     }
-                    Some(Err(e)) => tracing::warn!(partition = p, error = %e, "consume error"),
-                    None => break,
+                    self.take_due(dispatcher, incoming, due, &mut seeks);
+                } else if let Arrived::Seek(to) = dispatcher.on_record(incoming) {
+                    seeks.push((p, to));
+                    break;
                 }
             }
             if dispatcher.saturated() {
@@ -249,7 +203,7 @@ impl Queues {
             );
             return None;
         }
-        Some(now + GATE_POLL_MS)
+        Some(now.saturating_add(GATE_POLL_MS))
     }
 
     fn note_due(&mut self, due_ms: i64) {
@@ -273,24 +227,5 @@ impl Queues {
         if let Arrived::Seek(to) = dispatcher.on_record(incoming) {
             seeks.push((p, to));
         }
-    }
-}
-
-/// A consumed message, detached from the consumer.
-pub(super) fn incoming(message: &BorrowedMessage<'_>, topic: &Arc<str>, recheck: bool) -> Incoming {
-    // As bytes: rdkafka's own reader panics on a header name that is not UTF-8.
-    let headers = message
-        .headers()
-        .map(super::headers::read)
-        .unwrap_or_default();
-    Incoming {
-        topic: topic.clone(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        value: message.payload().map(<[u8]>::to_vec),
-        headers,
-        received: Instant::now(),
-        recheck,
     }
 }

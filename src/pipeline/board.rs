@@ -5,18 +5,16 @@
 //! while this re-check carries it on, and the chain would end twice.
 //!
 //! Engines in this process post their own commits; a partition owned elsewhere
-//! is asked of the broker (OffsetFetch through the consumer of its group), at
-//! most every [`ASK_EVERY`] per partition and off the async runtime.
+//! is asked of the broker (through the [`Source`] of its group), at most every
+//! [`ASK_EVERY`] per partition, in a task of its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
-use rdkafka::{Offset, TopicPartitionList};
-
-use super::engine::EngineConsumer;
-use crate::pipeline::follow::Position;
+use super::follow::Position;
+use super::source::Source;
+use crate::clock::Instant;
 
 /// How often one partition's committed offset is asked of the broker at most.
 pub const ASK_EVERY: Duration = Duration::from_millis(250);
@@ -35,8 +33,8 @@ struct Known {
 #[derive(Default)]
 pub struct CommitBoard {
     known: Mutex<HashMap<(String, i32), Known>>,
-    /// The consumer of each topic's group (weak: consumers own the board).
-    consumers: Mutex<HashMap<String, Weak<EngineConsumer>>>,
+    /// The source of each topic's group (weak: sources live with their engines).
+    sources: Mutex<HashMap<String, Weak<dyn Source>>>,
 }
 
 impl std::fmt::Debug for CommitBoard {
@@ -51,12 +49,12 @@ impl CommitBoard {
         Arc::new(CommitBoard::default())
     }
 
-    /// The consumer whose group commits `topic` (to ask for partitions owned elsewhere).
-    pub fn register(&self, topic: &str, consumer: &Arc<EngineConsumer>) {
-        self.consumers
+    /// The source whose group commits `topic` (to ask for partitions owned elsewhere).
+    pub fn register(&self, source: &Arc<dyn Source>) {
+        self.sources
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(topic.to_owned(), Arc::downgrade(consumer));
+            .insert(source.topic().to_string(), Arc::downgrade(source));
     }
 
     /// A commit of `topic`/`partition` up to `committed` (the next offset to read).
@@ -76,16 +74,19 @@ impl CommitBoard {
         if k.committed.is_some_and(|c| at.offset < c) {
             return true;
         }
-        if k.asking || k.asked.is_some_and(|t| t.elapsed() < ASK_EVERY) {
+        if k.asking
+            || k.asked
+                .is_some_and(|t| Instant::now().saturating_duration_since(t) < ASK_EVERY)
+        {
             return false;
         }
-        let consumer = self
-            .consumers
+        let source = self
+            .sources
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&at.topic)
             .and_then(Weak::upgrade);
-        let Some(consumer) = consumer else {
+        let Some(source) = source else {
             // Not a topic this process consumes: nothing to wait for.
             return true;
         };
@@ -93,8 +94,14 @@ impl CommitBoard {
         k.asked = Some(Instant::now());
         drop(known);
         let board = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let committed = ask(&consumer, &key.0, key.1);
+        tokio::spawn(async move {
+            let committed = match source.committed(&[key.1]).await {
+                Ok(list) => list.first().map(|(_, o)| *o),
+                Err(e) => {
+                    tracing::warn!(topic = %key.0, partition = key.1, error = %e, "asking for a committed offset failed");
+                    None
+                }
+            };
             let mut known = board.known.lock().unwrap_or_else(|p| p.into_inner());
             let k = known.entry(key).or_default();
             k.asking = false;
@@ -103,22 +110,6 @@ impl CommitBoard {
             }
         });
         false
-    }
-}
-
-/// The committed position of one partition in the consumer's group.
-fn ask(consumer: &EngineConsumer, topic: &str, partition: i32) -> Option<i64> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    match consumer.committed_offsets(tpl, Duration::from_secs(5)) {
-        Ok(list) => list.elements().first().and_then(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        }),
-        Err(e) => {
-            tracing::warn!(topic, partition, error = %e, "asking for a committed offset failed");
-            None
-        }
     }
 }
 
@@ -139,6 +130,7 @@ mod tests {
         let board = CommitBoard::new();
         board.post("in", 3, 10);
         board.post("in", 3, 5); // an older commit never moves it back
+        assert!(board.is_committed(&at(9)));
         let known = board.known.lock().unwrap();
         assert_eq!(known[&("in".to_owned(), 3)].committed, Some(10));
     }
