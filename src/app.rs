@@ -313,47 +313,21 @@ impl EngineFactory {
                 None,
             )
         };
-        let committer = Arc::new(Committer::new(
-            dyn_source.clone(),
-            ledger.clone(),
-            self.metrics.clone(),
-            self.board.clone(),
-            mode,
-            interval,
-            s.processing.shutdown_timeout,
-        ));
-        source.attach(&committer);
-        let dispatcher = Dispatcher::new(
-            self.processor.clone(),
-            committer.sink(),
-            ledger.clone(),
-            self.metrics.clone(),
-            DispatchSettings {
-                max_in_flight: s.processing.max_in_flight,
-                max_queued_per_key: s.processing.max_queued_per_key,
-                max_held: s.processing.max_in_flight.saturating_mul(10).max(10_000),
-                // Transactional topics carry a commit marker after every
-                // transaction's records: gaps are normal there.
-                accept_gaps: exactly_once,
-            },
-        );
-        let gate = (recheck && !exactly_once).then(|| Gate {
-            board: self.board.clone(),
-            timeout: s.processing.recheck_gate_timeout,
-        });
-        let queues = Queues::new(topic, recheck, self.metrics.clone(), gate);
-        let engine = Engine::new(
-            dyn_source,
-            queues,
-            dispatcher,
-            committer.clone(),
-            self.metrics.clone(),
-            EngineSettings {
-                input_topic: topic.to_owned(),
+        let (engine, committer) = engine(
+            s,
+            EngineEdges {
+                topic,
                 recheck,
-                drain_timeout: s.processing.shutdown_timeout,
+                source: dyn_source,
+                mode,
+                interval,
+                ledger: ledger.clone(),
             },
+            &self.processor,
+            &self.metrics,
+            &self.board,
         );
+        source.attach(&committer);
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
         let shutdown = self.supervisor.token();
@@ -409,6 +383,107 @@ impl EngineFactory {
     }
 }
 
+/// What one engine reads from and delivers through.
+pub struct EngineEdges<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// It is a re-check topic.
+    pub recheck: bool,
+    /// Its consumer.
+    pub source: Arc<dyn Source>,
+    /// How it delivers (at least once through a publisher, exactly once
+    /// through transactions).
+    pub mode: Mode,
+    /// `kafka.commit_interval` or `processing.transaction_interval`.
+    pub interval: Duration,
+    /// Its partitions' state.
+    pub ledger: Arc<Ledger>,
+}
+
+/// Assembles one engine (its committer, dispatcher and partition queues) over
+/// its edges: the seam where `paysync run` plugs in rdkafka and the
+/// deterministic simulation its in-memory clients.
+pub fn engine(
+    s: &Settings,
+    edges: EngineEdges<'_>,
+    processor: &Arc<Processor>,
+    metrics: &Arc<Metrics>,
+    board: &Arc<CommitBoard>,
+) -> (Engine, Arc<Committer>) {
+    let exactly_once = matches!(edges.mode, Mode::ExactlyOnce(_));
+    let committer = Arc::new(Committer::new(
+        edges.source.clone(),
+        edges.ledger.clone(),
+        metrics.clone(),
+        board.clone(),
+        edges.mode,
+        edges.interval,
+        s.processing.shutdown_timeout,
+    ));
+    let dispatcher = Dispatcher::new(
+        processor.clone(),
+        committer.sink(),
+        edges.ledger,
+        metrics.clone(),
+        DispatchSettings {
+            max_in_flight: s.processing.max_in_flight,
+            max_queued_per_key: s.processing.max_queued_per_key,
+            max_held: s.processing.max_in_flight.saturating_mul(10).max(10_000),
+            // Transactional topics carry a commit marker after every
+            // transaction's records: gaps are normal there.
+            accept_gaps: exactly_once,
+        },
+    );
+    let gate = (edges.recheck && !exactly_once).then(|| Gate {
+        board: board.clone(),
+        timeout: s.processing.recheck_gate_timeout,
+    });
+    let queues = Queues::new(edges.topic, edges.recheck, metrics.clone(), gate);
+    let engine = Engine::new(
+        edges.source,
+        queues,
+        dispatcher,
+        committer.clone(),
+        metrics.clone(),
+        EngineSettings {
+            input_topic: edges.topic.to_owned(),
+            recheck: edges.recheck,
+            drain_timeout: s.processing.shutdown_timeout,
+        },
+    );
+    (engine, committer)
+}
+
+/// The message processor of `settings` over these gateways (by connector
+/// name), encoding events with `encoder`.
+pub fn processor(
+    settings: &Settings,
+    gateways: HashMap<String, Arc<Gateway>>,
+    encoder: EventEncoder,
+    accepted_schema_ids: AcceptedSchemaIds,
+    metrics: Arc<Metrics>,
+) -> Processor {
+    let exactly_once = settings.processing.guarantee == Guarantee::ExactlyOnce;
+    Processor::new(
+        gateways,
+        DecodeOptions {
+            default_connector: settings.processing.default_connector.clone(),
+            default_merchant: settings.processing.default_merchant.clone(),
+            max_request_bytes: settings.processing.max_request_bytes,
+            accepted_schema_ids,
+            default_follow: settings.processing.follow,
+        },
+        encoder,
+        settings.secret_fields(),
+        metrics,
+        settings.kafka.max_record_bytes,
+    )
+    .with_follow(follow_plan(settings))
+    // Exactly once, a check is never repeated with visible effects, so the
+    // follow-mode guards against repeats (end markers, chain marks) go.
+    .with_repeat_guards(!exactly_once)
+}
+
 /// How long start-up waits for a transaction coordinator.
 const TXN_INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -456,27 +531,13 @@ pub async fn start_with(
             WireFormat::Confluent { schema_id: id }
         }
     };
-    let exactly_once = settings.processing.guarantee == Guarantee::ExactlyOnce;
-    let processor = Arc::new(
-        Processor::new(
-            gateways,
-            DecodeOptions {
-                default_connector: settings.processing.default_connector.clone(),
-                default_merchant: settings.processing.default_merchant.clone(),
-                max_request_bytes: settings.processing.max_request_bytes,
-                accepted_schema_ids,
-                default_follow: settings.processing.follow,
-            },
-            EventEncoder::new(format),
-            settings.secret_fields(),
-            metrics.clone(),
-            settings.kafka.max_record_bytes,
-        )
-        .with_follow(follow_plan(&settings))
-        // Exactly once, a check is never repeated with visible effects, so the
-        // follow-mode guards against repeats (end markers, chain marks) go.
-        .with_repeat_guards(!exactly_once),
-    );
+    let processor = Arc::new(processor(
+        &settings,
+        gateways,
+        EventEncoder::new(format),
+        accepted_schema_ids,
+        metrics.clone(),
+    ));
     let producer = Arc::new(
         KafkaProducer::new(&producer_config(&settings.kafka)).map_err(|source| {
             StartupError::Kafka {

@@ -158,7 +158,8 @@ pub async fn run(
                 continue;
             }
         };
-        let deadline = tokio::time::Instant::now() + args.timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(args.timeout).unwrap_or(now);
         let result = check(gateway, &request, &http, Some(deadline)).await;
         let answered = result.outcome.is_ok();
         let observed_at_ms = now_ms();

@@ -28,6 +28,23 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8] = b"narenas:1,dirty_decay_ms:100,muzzy_decay_ms:0\0";
 use paysync::config::{LogFormat, Settings, Sources, EXIT_CONFIG};
 
+/// The longest duration a flag accepts (as the configuration's keys): a
+/// deadline is added to the clock, and a bound keeps that from overflowing.
+const MAX_FLAG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A duration flag (`30s`, `2m`, ...): more than zero and at most 7 days, else
+/// a usage error (exit 2) that names the flag.
+fn duration_flag(value: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    if d > MAX_FLAG_DURATION {
+        return Err("must be at most 7 days".into());
+    }
+    Ok(d)
+}
+
 #[derive(Parser)]
 #[command(
     name = "paysync",
@@ -92,7 +109,7 @@ enum Command {
         currency: Option<String>,
         /// Overall deadline of each id's check, retries and an open circuit
         /// included: an id that runs out is a failed check (CONNECTOR_TIMEOUT).
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = duration_flag)]
         timeout: Duration,
         /// Connector transaction ids.
         #[arg(required = true)]
@@ -145,7 +162,7 @@ enum Command {
         #[arg(long, env = "PAYSYNC_CONFIG")]
         config: Option<PathBuf>,
         /// Give up after this long.
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "3s", value_parser = duration_flag)]
         timeout: Duration,
     },
     /// Serve the connector simulator (every simulated connector's API on one port) for local stacks and load tests.

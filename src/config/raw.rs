@@ -351,6 +351,8 @@ pub(super) struct RawRetry {
     pub max_elapsed: Duration,
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_throttled: Duration,
 }
 
 impl Default for RawRetry {
@@ -361,6 +363,7 @@ impl Default for RawRetry {
             max_backoff: Duration::from_secs(5),
             max_elapsed: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(30),
+            max_throttled: Duration::from_secs(600),
         }
     }
 }

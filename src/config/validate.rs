@@ -501,6 +501,7 @@ fn connector(
         max_backoff: duration(&key("retry.max_backoff"), r.max_backoff)?,
         max_elapsed: duration(&key("retry.max_elapsed"), r.max_elapsed)?,
         max_retry_after: duration(&key("retry.max_retry_after"), r.max_retry_after)?,
+        max_throttled: duration(&key("retry.max_throttled"), r.max_throttled)?,
     };
     let circuit = BreakerSettings {
         failure_threshold: bounded_u32(

@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
@@ -16,7 +18,7 @@ use url::Url;
 
 use super::auth::{Account, AuthScheme, Authorization, ClientCredentials, Credentials};
 use super::breaker::{BreakerSettings, CircuitBreaker};
-use super::http::{Http2, HttpExecutor, TransportError};
+use super::http::{Http2, HttpExecutor, Transport, TransportError};
 use super::limit::{AccountLimiter, Concurrency, Priority, Signal};
 use super::retry::{CheckResult, RetryPolicy, RetrySettings};
 use super::token::{Clock, TokenCache};
@@ -102,7 +104,7 @@ pub struct CallRecord {
 pub struct Gateway {
     connector: Arc<dyn Connector>,
     settings: GatewaySettings,
-    http: HttpExecutor,
+    http: Arc<dyn Transport>,
     /// The OAuth2 token cache (`None` for static-key schemes).
     tokens: Option<TokenCache>,
     metrics: Arc<Metrics>,
@@ -120,12 +122,31 @@ fn token_bucket(rate: RateLimit) -> DefaultDirectRateLimiter {
 }
 
 impl Gateway {
-    /// Builds the gateway of `connector` with its settings.
+    /// Builds the gateway of `connector` with its settings, calling over HTTP.
     pub fn new(
         connector: Arc<dyn Connector>,
         settings: GatewaySettings,
         metrics: Arc<Metrics>,
         clock: Clock,
+    ) -> Result<Self, GatewayError> {
+        let http = HttpExecutor::new(
+            settings.connect_timeout,
+            settings.request_timeout,
+            settings.max_response_bytes,
+            settings.http2,
+        )
+        .map_err(GatewayError::Http)?;
+        Self::with_transport(connector, settings, metrics, clock, Arc::new(http))
+    }
+
+    /// Builds the gateway of `connector`, calling through `http` (the
+    /// deterministic simulation's in-memory processor, for one).
+    pub fn with_transport(
+        connector: Arc<dyn Connector>,
+        settings: GatewaySettings,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+        http: Arc<dyn Transport>,
     ) -> Result<Self, GatewayError> {
         let scheme = connector.auth();
         for (name, account) in &settings.accounts {
@@ -143,13 +164,6 @@ impl Gateway {
                 });
             }
         }
-        let http = HttpExecutor::new(
-            settings.connect_timeout,
-            settings.request_timeout,
-            settings.max_response_bytes,
-            settings.http2,
-        )
-        .map_err(GatewayError::Http)?;
         let tokens = matches!(scheme, AuthScheme::OAuth2ClientCredentials(_)).then(|| {
             TokenCache::new(
                 settings.accounts.keys(),
@@ -305,7 +319,11 @@ impl Gateway {
                 .map_err(CallError::Permanent),
             status @ (408 | 429 | 500..=599) => {
                 // The token endpoint is down or busy: retry like the API, never a status.
-                match classify_error_status(&response, ErrorBody::default(), SystemTime::now()) {
+                match self.capped(classify_error_status(
+                    &response,
+                    ErrorBody::default(),
+                    crate::clock::system_now(),
+                )) {
                     CallError::Retryable {
                         reason,
                         retry_after,
@@ -428,7 +446,8 @@ impl Gateway {
                     self.metrics.throttled(self.name(), &request.merchant_id);
                     Signal::Throttled(
                         r.header("retry-after")
-                            .and_then(|v| super::parse_retry_after(v, SystemTime::now())),
+                            .and_then(|v| super::parse_retry_after(v, crate::clock::system_now()))
+                            .map(|after| after.min(self.settings.retry.max_retry_after)),
                     )
                 }
                 Ok(r) if r.status == 503 => Signal::Overloaded,
@@ -467,7 +486,11 @@ impl Gateway {
                 message: body.message.map(|m| sanitize(&m)),
                 reason: body.reason.map(|r| sanitize(&r)),
             };
-            match classify_error_status(&response, body, SystemTime::now()) {
+            match self.capped(classify_error_status(
+                &response,
+                body,
+                crate::clock::system_now(),
+            )) {
                 CallError::Unauthorized(failure) => {
                     let Some(tokens) = self.tokens.as_ref().filter(|_| !refreshed) else {
                         // A static key gets no second chance, nor does a fresh token.
@@ -486,6 +509,22 @@ impl Gateway {
                     }
                 }
             }
+        }
+    }
+
+    /// A processor's `Retry-After`, capped by `retry.max_retry_after`.
+    fn capped(&self, error: CallError) -> CallError {
+        match error {
+            CallError::Retryable {
+                failure,
+                reason,
+                retry_after,
+            } => CallError::Retryable {
+                failure,
+                reason,
+                retry_after: retry_after.map(|a| a.min(self.settings.retry.max_retry_after)),
+            },
+            other => other,
         }
     }
 

@@ -56,6 +56,27 @@ const KEPT_HEADERS: &[&str] = &[
     "retry-after",
 ];
 
+/// What performs a connector's HTTP calls: the pooled client ([`HttpExecutor`])
+/// in paysync, an in-memory processor in the deterministic simulation.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `request` (with `authorization`, when given) and returns the answer.
+    fn send<'a>(
+        &'a self,
+        request: &'a HttpRequest,
+        authorization: Option<&'a Authorization>,
+    ) -> futures::future::BoxFuture<'a, Result<HttpResponse, TransportError>>;
+}
+
+impl Transport for HttpExecutor {
+    fn send<'a>(
+        &'a self,
+        request: &'a HttpRequest,
+        authorization: Option<&'a Authorization>,
+    ) -> futures::future::BoxFuture<'a, Result<HttpResponse, TransportError>> {
+        Box::pin(HttpExecutor::send(self, request, authorization))
+    }
+}
+
 /// When to speak HTTP/2 (`connectors.<name>.http2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -213,8 +213,8 @@ impl Aimd {
                 false
             }
             Signal::Throttled(after) => {
-                if let Some(after) = after {
-                    let until = now + after;
+                // Checked: the wait comes from a processor's header.
+                if let Some(until) = after.and_then(|after| now.checked_add(after)) {
                     self.hold_until = Some(self.hold_until.map_or(until, |h| h.max(until)));
                 }
                 true
@@ -412,24 +412,42 @@ impl Permit {
     /// would: a throttling processor sees at most the limit's calls per round
     /// trip, not a flood.
     pub fn finish(mut self, signal: Signal) {
-        self.done = true;
         let latency = self.started.elapsed();
         // Only a refusal can be held, on a timer of the runtime.
         let runtime = matches!(signal, Signal::Throttled(_) | Signal::Overloaded)
             .then(tokio::runtime::Handle::try_current)
             .and_then(Result::ok);
+        // Should the law fail, the permit's drop still gives the place back.
         let hold = self.limiter.record(signal, latency, runtime.is_some());
+        self.done = true;
         match (hold, runtime) {
             (Some(hold), Some(runtime)) => {
-                let (limiter, priority) = (self.limiter.clone(), self.priority);
-                let until = self.started + hold;
+                // The place comes back when the timer fires, or when the timer
+                // is dropped unfired (the runtime shutting down).
+                let held = Held {
+                    limiter: self.limiter.clone(),
+                    priority: self.priority,
+                };
+                let until = self.started.checked_add(hold).unwrap_or(self.started);
                 runtime.spawn(async move {
                     tokio::time::sleep_until(until).await;
-                    limiter.free(priority, true);
+                    drop(held);
                 });
             }
             _ => self.limiter.free(self.priority, false),
         }
+    }
+}
+
+/// A place held after a refusal; given back when dropped.
+struct Held {
+    limiter: Arc<AccountLimiter>,
+    priority: Priority,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.limiter.free(self.priority, true);
     }
 }
 
@@ -602,7 +620,7 @@ impl AccountLimiter {
             // Calls given a start at the old rate take new ones (see
             // `repace`): the next start is a new spacing after the last one.
             if let Some(spacing) = s.spacing() {
-                s.next_start = s.last_start + spacing;
+                s.next_start = s.last_start.checked_add(spacing).unwrap_or(s.last_start);
             }
         }
         // The limit may have shrunk: nothing to wake, only fewer places.

@@ -264,14 +264,25 @@ pub fn deserialization_failure(status: u16, message: impl Into<String>) -> Check
     CheckFailure::new(FailureCode::ResponseDeserializationFailed, message).with_status(status)
 }
 
-/// Parses `Retry-After` (delay-seconds or HTTP-date) relative to `now`.
+/// The longest `Retry-After` taken as given: a processor's header is outside
+/// input, and a wait of more than a day is a typo or an attack, not advice.
+/// (`retry.max_retry_after` caps it further.)
+pub const RETRY_AFTER_CEILING: Duration = Duration::from_secs(86_400);
+
+/// Parses `Retry-After` (delay-seconds or HTTP-date) relative to `now`, at
+/// most [`RETRY_AFTER_CEILING`]; `None` when it is neither form.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let after = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Any number of digits: more than fit in a u64 is "very long", not malformed.
+        value
+            .parse::<u64>()
+            .map_or(RETRY_AFTER_CEILING, Duration::from_secs)
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(after.min(RETRY_AFTER_CEILING))
 }
 
 /// Classifies a non-2xx answer of the status endpoint. `body` is what the
@@ -397,6 +408,19 @@ mod tests {
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+        for absurd in [
+            "10000000000000000000",
+            "99999999999999999999999999",
+            "86401",
+        ] {
+            assert_eq!(
+                parse_retry_after(absurd, now),
+                Some(RETRY_AFTER_CEILING),
+                "{absurd}"
+            );
+        }
     }
 
     #[test]

@@ -4,8 +4,15 @@
 //! budget is spent the last failure is reported (an error event), never a payment
 //! status, unless the circuit is open: then the connector is down, not this
 //! request, and the request waits for the circuit instead (an outage becomes lag).
+//!
+//! Throttling (429) is lag too, not failure: a throttled request waits the
+//! processor's `Retry-After` without spending its retry budget, but not forever:
+//! after `retry.max_throttled` of it the request ends as a failed check (the
+//! 429), while its account goes on serving the others.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use super::breaker::{BreakerSettings, CircuitBreaker, Verdict};
 use super::gateway::Gateway;
@@ -31,6 +38,10 @@ pub struct RetrySettings {
     /// Upper bound honoured for a server's `Retry-After`.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+    /// How long one request may be throttled (429) in all before it ends as a
+    /// failed check.
+    #[serde(with = "humantime_serde")]
+    pub max_throttled: Duration,
 }
 
 /// How a status check ended after retries.
@@ -134,6 +145,8 @@ impl RetryPolicy {
         let mut started = Instant::now();
         // Retries in the current budget (reset after waiting out an open circuit).
         let mut retries = 0;
+        // When this request was first throttled.
+        let mut throttled_since: Option<Instant> = None;
         loop {
             let permit = self.breaker.acquire(metrics).await;
             let record = client.call_once(request, http_request, priority).await;
@@ -157,18 +170,34 @@ impl RetryPolicy {
                 Err(CallError::Retryable {
                     reason: RetryReason::RateLimited,
                     retry_after,
-                    ..
+                    failure,
                 }) => {
                     // Throttling, not failure: the request waits for the
                     // Retry-After (jittered, so throttled requests do not all
                     // come back together) without spending its retry budget, and
                     // the circuit breaker, which is for outages, does not count it.
                     self.breaker.record(permit, Verdict::Throttled, metrics);
-                    metrics.connector_retry(client.name(), RetryReason::RateLimited.label());
                     let wait = retry_after
                         .unwrap_or(self.settings.initial_backoff)
                         .min(self.settings.max_retry_after)
                         .mul_f64(1.0 + fastrand::f64() * 0.25);
+                    let since = *throttled_since.get_or_insert_with(Instant::now);
+                    if since.elapsed().saturating_add(wait) > self.settings.max_throttled {
+                        let mut failure = failure;
+                        failure.message = format!(
+                            "{} for {:.0}s, longer than retry.max_throttled ({}s): given up after {attempts} attempt{}",
+                            failure.message,
+                            since.elapsed().as_secs_f64(),
+                            self.settings.max_throttled.as_secs(),
+                            if attempts == 1 { "" } else { "s" },
+                        );
+                        metrics.throttled_too_long(client.name());
+                        return CheckResult {
+                            outcome: Err(failure),
+                            attempts,
+                        };
+                    }
+                    metrics.connector_retry(client.name(), RetryReason::RateLimited.label());
                     tracing::debug!(
                         wait_ms = wait.as_millis() as u64,
                         "throttled by the connector; waiting"
@@ -238,6 +267,7 @@ mod tests {
                 max_backoff: Duration::from_secs(2),
                 max_elapsed: Duration::from_secs(30),
                 max_retry_after: Duration::from_secs(10),
+                max_throttled: Duration::from_secs(600),
             },
             BreakerSettings {
                 failure_threshold: 5,

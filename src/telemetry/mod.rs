@@ -58,6 +58,7 @@ pub struct Metrics {
     tasks_ended: IntCounterVec,
     concurrency_limit: prometheus::GaugeVec,
     throttled: IntCounterVec,
+    throttled_too_long: IntCounterVec,
     webhooks: IntCounterVec,
     webhook_duration: HistogramVec,
     webhook_not_found: IntCounterVec,
@@ -404,6 +405,12 @@ impl Metrics {
                 "Status calls the connector answered 429 (throttling: waited out, not failures).",
                 &["connector", "account"],
             ),
+            throttled_too_long: counter(
+                r,
+                "paysync_connector_throttled_too_long_total",
+                "Requests throttled (429) for longer than retry.max_throttled, ended as failed checks.",
+                &["connector"],
+            ),
             registry,
         };
         for o in [Outcome::Synced, Outcome::ConnectorError, Outcome::Invalid] {
@@ -516,6 +523,13 @@ impl Metrics {
     pub fn throttled(&self, connector: &str, account: &str) {
         self.throttled
             .with_label_values(&[connector, account])
+            .inc();
+    }
+
+    /// A request was throttled longer than `retry.max_throttled`.
+    pub fn throttled_too_long(&self, connector: &str) {
+        self.throttled_too_long
+            .with_label_values(&[connector])
             .inc();
     }
 

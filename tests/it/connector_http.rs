@@ -271,7 +271,11 @@ async fn error_statuses_are_classified() {
             ..
         } => {
             assert_eq!(reason, RetryReason::RateLimited);
-            assert_eq!(retry_after, Some(Duration::from_secs(3)));
+            assert_eq!(
+                retry_after,
+                Some(Duration::from_secs(2)),
+                "the processor's 3 s, capped by retry.max_retry_after"
+            );
         }
         other => panic!("429: {other:?}"),
     }
@@ -598,5 +602,67 @@ async fn refused_credentials_are_not_asked_again_during_the_backoff() {
             &[("connector", "cm"), ("account", "default")]
         ),
         2.0
+    );
+}
+
+/// A processor that throttles one payment forever (429 with an absurd
+/// `Retry-After` of 10^19 seconds, which overflowed `now + after` and
+/// panicked the limiter): that request ends as a failed check once it was
+/// throttled for `retry.max_throttled`, each wait capped by
+/// `retry.max_retry_after`; the account goes on serving another payment.
+#[tokio::test]
+async fn a_payment_throttled_forever_ends_as_a_failed_check_and_the_account_goes_on() {
+    let f = fixture().await;
+    mount_token(&f.server, "tok", 3600).await;
+    Mock::given(method("GET"))
+        .and(path(TX_PATH))
+        .respond_with(
+            ResponseTemplate::new(429).insert_header("Retry-After", "10000000000000000000"),
+        )
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(
+            "/api/v1/paymentmethods/google-pay/v1/transactions/tx-2",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(success_body()))
+        .mount(&f.server)
+        .await;
+    let mut settings = f.client.settings().clone();
+    settings.retry.max_retry_after = Duration::from_millis(200);
+    settings.retry.max_throttled = Duration::from_secs(1);
+    let client = Arc::new(cm_client(settings, f.metrics.clone(), f.clock.clock()));
+    let throttled = request();
+    let fine =
+        StatusCheckRequest::new(TransactionId::parse("tx-2").unwrap(), "cm", "default", "r2");
+    let (a, b) = tokio::join!(
+        async {
+            let http = client.prepare(&throttled).unwrap();
+            client.check(&throttled, &http).await
+        },
+        async {
+            let http = client.prepare(&fine).unwrap();
+            client.check(&fine, &http).await
+        }
+    );
+    let failure = a.outcome.unwrap_err();
+    assert_eq!(failure.code, FailureCode::ConnectorErrorResponse);
+    assert_eq!(failure.status_code, Some(429));
+    assert!(
+        failure.message.contains("retry.max_throttled"),
+        "{}",
+        failure.message
+    );
+    // Waits of at most 0.25 s (the cap plus jitter) over a second: a handful of
+    // calls, not one (the absurd header was not taken as given).
+    assert!(a.attempts >= 3, "{}", a.attempts);
+    assert_eq!(b.outcome.unwrap().status, PaymentStatus::CHARGED);
+    assert_eq!(
+        paysync::telemetry::sum_metric(
+            &f.metrics.render(),
+            "paysync_connector_throttled_too_long_total",
+            &[("connector", "cm")]
+        ),
+        1.0
     );
 }

@@ -41,6 +41,7 @@ pub fn gateway_settings(connector: &str, base: &str) -> GatewaySettings {
             max_backoff: Duration::from_millis(50),
             max_elapsed: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(2),
+            max_throttled: Duration::from_secs(600),
         },
         circuit: BreakerSettings {
             failure_threshold: 4,
