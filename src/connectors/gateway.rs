@@ -280,6 +280,13 @@ impl Gateway {
             .await
     }
 
+    /// Places taken in the accounts' windows (calls in flight, waiting for
+    /// their pacing, or held after a refusal): zero once every call is over
+    /// and every hold has run out.
+    pub fn places_taken(&self) -> usize {
+        self.concurrency.values().map(|l| l.taken()).sum()
+    }
+
     /// The learned (or fixed) concurrency limit of an account.
     pub fn concurrency_limit(&self, account: &str) -> Option<f64> {
         self.concurrency.get(account).map(|l| l.limit())

@@ -498,6 +498,12 @@ impl AccountLimiter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Places taken: calls in flight, waiting for their pacing interval, or
+    /// held after a refusal.
+    pub fn taken(&self) -> usize {
+        self.lock().in_flight
+    }
+
     /// The current limit.
     pub fn limit(&self) -> f64 {
         let s = self.lock();

@@ -431,25 +431,33 @@ impl Processor {
                 raw_request: Some(http.describe()),
             };
             // The outcome is not needed past here: moved, not copied.
-            let event = PaymentStatusEvent::build(request, envelope, result.outcome, self.secrets);
-            match self.encoder.encode(&event) {
-                Ok(bytes) => out.push(Outgoing {
+            let mut event =
+                PaymentStatusEvent::build(request, envelope, result.outcome, self.secrets);
+            match self.fit_event(&mut event) {
+                Fit::Fits { value, headers } => out.push(Outgoing {
                     destination: Destination::Events,
                     key: Some(event.connector_transaction_id.clone().into_bytes()),
-                    value: Some(bytes),
-                    headers: vec![
-                        header("x-request-id", &event.request_id),
-                        header("x-connector", &event.connector),
-                        header("x-merchant-id", &event.merchant_id),
-                        header("content-type", EVENT_CONTENT_TYPE),
-                    ],
+                    value: Some(value),
+                    headers,
                     label: event.status.as_str(),
                     outcome,
                     summary: status_summary(&event),
                     milestone: milestone.take(),
                 }),
+                // Known before producing: the broker would refuse it, so the
+                // request is kept instead (its chain, if any, ends here).
+                Fit::TooLarge(size) => {
+                    return vec![self.dead_letter(
+                        &job.incoming,
+                        RejectCode::PublishRefused,
+                        &format!(
+                            "the event ({size} bytes) does not fit the producer's record limit ({} bytes), even without its raw connector fields",
+                            self.max_record_bytes
+                        ),
+                    )]
+                }
                 // A schema/value mismatch is a bug; keep the request rather than lose it.
-                Err(e) => {
+                Fit::Failed(e) => {
                     return vec![self.dead_letter(
                         &job.incoming,
                         RejectCode::InternalError,
@@ -482,6 +490,69 @@ impl Processor {
             });
         }
         out
+    }
+}
+
+/// An event encoded to fit the producer's record limit, or why it cannot be.
+enum Fit {
+    /// Its value and headers.
+    Fits {
+        value: Vec<u8>,
+        headers: Vec<RecordHeader>,
+    },
+    /// Too large even without its raw connector fields: this many bytes.
+    TooLarge(usize),
+    /// It could not be encoded.
+    Failed(String),
+}
+
+/// The header an event carries when its raw connector fields were left off to
+/// fit the record limit: how many bytes they had.
+pub const RAW_CONNECTOR_DROPPED: &str = "paysync-raw-connector-dropped";
+
+impl Processor {
+    /// Encodes `event` so that it fits `max_record_bytes`: as it is, or without
+    /// its `raw_connector_*` fields (a header says so), known before anything
+    /// is produced.
+    fn fit_event(&self, event: &mut PaymentStatusEvent) -> Fit {
+        let mut headers = vec![
+            header("x-request-id", &event.request_id),
+            header("x-connector", &event.connector),
+            header("x-merchant-id", &event.merchant_id),
+            header("content-type", EVENT_CONTENT_TYPE),
+        ];
+        let key = event.connector_transaction_id.as_bytes().len();
+        let size = |value: &[u8], headers: &[RecordHeader]| {
+            record_size(None, Some(value), headers).saturating_add(key)
+        };
+        let value = match self.encoder.encode(event) {
+            Ok(v) => v,
+            Err(e) => return Fit::Failed(e.to_string()),
+        };
+        if size(&value, &headers) <= self.max_record_bytes {
+            return Fit::Fits { value, headers };
+        }
+        let raw = event.raw_connector_response.take().map_or(0, |r| r.len())
+            + event.raw_connector_request.take().map_or(0, |r| r.len());
+        if raw == 0 {
+            return Fit::TooLarge(size(&value, &headers));
+        }
+        headers.push(header(RAW_CONNECTOR_DROPPED, &raw.to_string()));
+        let value = match self.encoder.encode(event) {
+            Ok(v) => v,
+            Err(e) => return Fit::Failed(e.to_string()),
+        };
+        let fitted = size(&value, &headers);
+        if fitted > self.max_record_bytes {
+            return Fit::TooLarge(fitted);
+        }
+        self.metrics.raw_connector_dropped(&event.connector);
+        tracing::warn!(
+            raw_bytes = raw,
+            limit = self.max_record_bytes,
+            "the event's raw connector fields were left off so that it fits the producer's record limit"
+        );
+        Fit::Fits { value, headers }
     }
 }
 

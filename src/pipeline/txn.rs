@@ -619,6 +619,8 @@ impl Transactions {
             self.pump(&mut inner);
             let positions = self.positions(&inner);
             if positions.is_empty() && inner.phase != Phase::Open && inner.doomed.is_none() {
+                // Hand-overs wait while a stalled record is retried alone.
+                inner.phase = Phase::Committing;
                 None
             } else {
                 let mut doomed = inner.doomed.take();
@@ -640,10 +642,15 @@ impl Transactions {
         if matches!(settled, Settled::Stopped(_)) {
             return settled;
         }
+        // Still settling: nothing is handed over while a stalled record is
+        // retried in a transaction of its own.
         if let Some(stop) = self.retry_stalls().await {
             return stop;
         }
-        self.pump_now();
+        let mut inner = self.lock();
+        inner.phase = Phase::Idle;
+        self.pump(&mut inner);
+        drop(inner);
         settled
     }
 
@@ -666,10 +673,7 @@ impl Transactions {
                 for (p, o) in &positions {
                     self.ledger.committed(*p, *o);
                 }
-                let mut inner = self.lock();
-                inner.rebuilds = 0;
-                inner.phase = Phase::Idle;
-                drop(inner);
+                self.lock().rebuilds = 0;
                 self.account(&open);
                 self.metrics.transaction(&self.topic, "committed");
                 Settled::Committed(positions)
@@ -691,7 +695,6 @@ impl Transactions {
                     .into_iter()
                     .collect();
                 self.rewind(&mut inner, &rewound, None);
-                inner.phase = Phase::Idle;
                 self.metrics.transaction(&self.topic, "aborted");
                 Settled::Aborted(rewound)
             }
@@ -824,7 +827,6 @@ impl Transactions {
         // aborted with its transaction and are redone.
         let _ = self.producer.take_refusals();
         self.rewind(&mut inner, &owned, Some(&committed));
-        inner.phase = Phase::Idle;
         drop(inner);
         self.rebuilding.store(false, Ordering::Release);
         Settled::Rebuilt(owned)
@@ -864,6 +866,12 @@ impl Transactions {
                 .iter()
                 .filter_map(|(p, part)| {
                     let s = part.stall.as_ref().filter(|s| s.retry_at <= now)?;
+                    // Only at the head of what is committed: its transaction
+                    // commits the position past it, which must not pass work
+                    // before it that is still running or uncommitted.
+                    if self.ledger.restart_position(*p) != Some(s.offset) {
+                        return None;
+                    }
                     let records = part.buffer.get(&s.offset)?.records.clone();
                     Some((*p, s.offset, part.epoch?, records))
                 })
@@ -909,13 +917,11 @@ impl Transactions {
                     let _ = self.producer.take_refusals();
                     self.stall_again(p, offset, &e);
                     if let Err(e) = aborted {
-                        self.lock().phase = Phase::Committing;
                         let settled = self.rebuild(e).await;
                         return matches!(settled, Settled::Stopped(_)).then_some(settled);
                     }
                 }
                 Err(e) => {
-                    self.lock().phase = Phase::Committing;
                     let settled = self.rebuild(e).await;
                     return matches!(settled, Settled::Stopped(_)).then_some(settled);
                 }

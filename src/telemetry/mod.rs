@@ -59,6 +59,7 @@ pub struct Metrics {
     concurrency_limit: prometheus::GaugeVec,
     throttled: IntCounterVec,
     throttled_too_long: IntCounterVec,
+    raw_connector_dropped: IntCounterVec,
     webhooks: IntCounterVec,
     webhook_duration: HistogramVec,
     webhook_not_found: IntCounterVec,
@@ -405,6 +406,12 @@ impl Metrics {
                 "Status calls the connector answered 429 (throttling: waited out, not failures).",
                 &["connector", "account"],
             ),
+            raw_connector_dropped: counter(
+                r,
+                "paysync_raw_connector_dropped_total",
+                "Events published without their raw connector fields, which would not fit the producer's record limit.",
+                &["connector"],
+            ),
             throttled_too_long: counter(
                 r,
                 "paysync_connector_throttled_too_long_total",
@@ -523,6 +530,13 @@ impl Metrics {
     pub fn throttled(&self, connector: &str, account: &str) {
         self.throttled
             .with_label_values(&[connector, account])
+            .inc();
+    }
+
+    /// An event's raw connector fields were left off to fit the record limit.
+    pub fn raw_connector_dropped(&self, connector: &str) {
+        self.raw_connector_dropped
+            .with_label_values(&[connector])
             .inc();
     }
 

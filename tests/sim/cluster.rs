@@ -92,6 +92,8 @@ pub struct Inner {
     pub producers: BTreeMap<String, (u32, Option<u64>)>,
     pub groups: BTreeMap<String, Group>,
     pub mailboxes: BTreeMap<u64, Mailbox>,
+    /// Members a group expelled that have not found out yet.
+    pub lost: BTreeSet<(String, u64)>,
     pub next_member: u64,
     /// Record size limit (`message.max.bytes`).
     pub max_record_bytes: usize,
@@ -120,6 +122,7 @@ impl Cluster {
                 producers: BTreeMap::new(),
                 groups: BTreeMap::new(),
                 mailboxes: BTreeMap::new(),
+                lost: BTreeSet::new(),
                 next_member: 1,
                 max_record_bytes,
                 violations: Vec::new(),
@@ -166,8 +169,9 @@ impl Cluster {
     pub fn partition_for(&self, topic: &str, key: Option<&[u8]>) -> i32 {
         let n = self.partitions(topic).max(1) as u64;
         let h = key.map_or(0, |k| {
-            k.iter()
-                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+            k.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+            })
         });
         (h % n) as i32
     }
@@ -259,7 +263,10 @@ impl Cluster {
 
     /// True while `epoch` is `id`'s current one.
     pub fn current(&self, id: &str, epoch: u32) -> bool {
-        self.lock().producers.get(id).is_some_and(|(e, _)| *e == epoch)
+        self.lock()
+            .producers
+            .get(id)
+            .is_some_and(|(e, _)| *e == epoch)
     }
 
     /// The open transaction of `id` at `epoch`, opened on first use.
@@ -267,7 +274,9 @@ impl Cluster {
         let mut inner = self.lock();
         let (current, open) = inner.producers.get(id).cloned().unwrap_or((0, None));
         if current != epoch {
-            return Err(format!("producer {id} epoch {epoch} fenced (current {current})"));
+            return Err(format!(
+                "producer {id} epoch {epoch} fenced (current {current})"
+            ));
         }
         if let Some(t) = open {
             return Ok(t);
@@ -285,6 +294,10 @@ impl Cluster {
         });
         inner.producers.insert(id.to_owned(), (epoch, Some(t)));
         Ok(t)
+    }
+
+    pub fn txn_state(&self, txn: u64) -> TxnState {
+        self.lock().txns[txn as usize].state
     }
 
     /// Appends a transactional record.
@@ -350,8 +363,7 @@ impl Cluster {
         let topic = g.topic.clone();
         let t = &mut inner.txns[txn as usize];
         for (p, o) in positions {
-            t.offsets
-                .insert((group.to_owned(), topic.clone(), *p), *o);
+            t.offsets.insert((group.to_owned(), topic.clone(), *p), *o);
         }
         Ok(())
     }
@@ -398,12 +410,19 @@ impl Cluster {
                     ));
                 }
             }
+            let mut back = Vec::new();
             for ((group, _, p), o) in &t.offsets {
                 if let Some(g) = inner.groups.get_mut(group) {
                     let c = g.committed.entry(*p).or_insert(0);
-                    *c = (*c).max(*o);
+                    if *o < *c {
+                        back.push(format!(
+                            "transaction {txn} moves {group}:{p} back from {c} to {o}"
+                        ));
+                    }
+                    *c = *o;
                 }
             }
+            inner.violations.extend(back);
             inner.txns[txn as usize].state = TxnState::Committed;
             for (topic, p) in &t.written {
                 if let Some(log) = inner
@@ -420,9 +439,12 @@ impl Cluster {
                 }
             }
             inner.trace.push(format!(
-                "commit {} txn {txn}: {} records, offsets {:?}",
+                "commit {} txn {txn}: answers {:?}, offsets {:?}",
                 t.id,
-                t.answers.len(),
+                t.answers
+                    .iter()
+                    .map(|(_, p, o)| (*p, *o))
+                    .collect::<Vec<_>>(),
                 t.offsets.values().collect::<Vec<_>>()
             ));
         }
@@ -516,6 +538,16 @@ impl Cluster {
     pub fn released(&self, group: &str, member: u64) {
         {
             let mut inner = self.lock();
+            if inner.lost.remove(&(group.to_owned(), member)) {
+                // Expelled while it worked: it finds out now and joins again.
+                inner.trace.push(format!("rejoin {group} member {member}"));
+                if let Some(g) = inner.groups.get_mut(group) {
+                    g.members.insert(member, Vec::new());
+                }
+                drop(inner);
+                self.rebalance(group);
+                return;
+            }
             if let Some(g) = inner.groups.get_mut(group) {
                 g.revoking.remove(&member);
                 if let Some(parts) = g.members.get_mut(&member) {
@@ -539,6 +571,48 @@ impl Cluster {
             inner.trace.push(format!("expel {group} member {member}"));
         }
         self.rebalance(group);
+    }
+
+    /// A session timeout: the group expels `member` and reassigns its
+    /// partitions at once; the member finds out later (a zombie meanwhile,
+    /// whose commits are fenced by the group's generation), revokes, and joins
+    /// again.
+    pub fn lose(&self, group: &str, member: u64) {
+        {
+            let mut inner = self.lock();
+            let Some(g) = inner.groups.get_mut(group) else {
+                return;
+            };
+            let Some(parts) = g.members.remove(&member) else {
+                return;
+            };
+            g.revoking.remove(&member);
+            inner.lost.insert((group.to_owned(), member));
+            if let Some(mb) = inner.mailboxes.get_mut(&member) {
+                mb.notes.push(Note::Revoking(parts));
+            }
+            inner.trace.push(format!("lose {group} member {member}"));
+        }
+        self.rebalance(group);
+    }
+
+    /// True when a `read_committed` reader at `position` finds a record.
+    pub fn has_record_from(&self, topic: &str, partition: i32, position: i64) -> bool {
+        matches!(
+            self.read_committed(topic, partition, position),
+            Read::Record(..)
+        )
+    }
+
+    /// Transactions still open.
+    pub fn open_transactions(&self) -> Vec<String> {
+        self.lock()
+            .txns
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.state == TxnState::Open)
+            .map(|(i, t)| format!("{} txn {i}", t.id))
+            .collect()
     }
 
     /// Assigns once no revocation is awaited.
@@ -611,13 +685,18 @@ impl Cluster {
             return Err("ILLEGAL_GENERATION".into());
         }
         let owned = g.members[&member].clone();
-        for (p, o) in positions {
-            if !owned.contains(p) {
-                return Err(format!("not the owner of partition {p}"));
-            }
-            let c = g.committed.entry(*p).or_insert(0);
-            *c = (*c).max(*o);
+        if let Some((p, _)) = positions.iter().find(|(p, _)| !owned.contains(p)) {
+            return Err(format!("not the owner of partition {p}"));
         }
+        let mut back = Vec::new();
+        for (p, o) in positions {
+            let c = g.committed.entry(*p).or_insert(0);
+            if *o < *c {
+                back.push(format!("a commit moves {group}:{p} back from {c} to {o}"));
+            }
+            *c = *o;
+        }
+        inner.violations.extend(back);
         Ok(())
     }
 
