@@ -37,11 +37,43 @@ enum Phase {
 
 /// What a call was allowed as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permit {
+pub enum Kind {
     /// The circuit is closed.
     Normal,
     /// The single probe of a half-open circuit.
     Probe,
+}
+
+/// The right to make one call; say how it ended with [`Permit::record`]. A
+/// probe dropped unrecorded (its caller panicked or was cancelled) opens the
+/// circuit again for another probe at once, so that the connector's other
+/// calls never wait for an answer that cannot come.
+pub struct Permit<'a> {
+    breaker: &'a CircuitBreaker,
+    metrics: &'a Metrics,
+    kind: Kind,
+    done: bool,
+}
+
+impl Permit<'_> {
+    /// What the call was allowed as.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// How the call ended.
+    pub fn record(mut self, verdict: Verdict) {
+        self.done = true;
+        self.breaker.record(self.kind, verdict, self.metrics);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.kind == Kind::Probe {
+            self.breaker.probe_lost(self.metrics);
+        }
+    }
 }
 
 /// How a permitted call ended, for the breaker.
@@ -107,16 +139,22 @@ impl CircuitBreaker {
     }
 
     /// Waits until a call may be made.
-    pub async fn acquire(&self, metrics: &Metrics) -> Permit {
+    pub async fn acquire<'a>(&'a self, metrics: &'a Metrics) -> Permit<'a> {
+        let permit = |kind| Permit {
+            breaker: self,
+            metrics,
+            kind,
+            done: false,
+        };
         let mut changes = self.changed.subscribe();
         loop {
             let wait_until = {
                 let mut phase = self.lock();
                 match *phase {
-                    Phase::Closed { .. } => return Permit::Normal,
+                    Phase::Closed { .. } => return permit(Kind::Normal),
                     Phase::Open { until, cooldown } if Instant::now() >= until => {
                         self.set(&mut phase, Phase::HalfOpen { cooldown }, metrics);
-                        return Permit::Probe;
+                        return permit(Kind::Probe);
                     }
                     Phase::Open { until, .. } => Some(until),
                     Phase::HalfOpen { .. } => None,
@@ -136,12 +174,25 @@ impl CircuitBreaker {
         }
     }
 
-    /// Records how a permitted call ended.
-    pub fn record(&self, permit: Permit, verdict: Verdict, metrics: &Metrics) {
+    /// A probe ended without an answer: the circuit is open again, ready for
+    /// another probe at once.
+    fn probe_lost(&self, metrics: &Metrics) {
+        let mut phase = self.lock();
+        if let Phase::HalfOpen { cooldown } = *phase {
+            let next = Phase::Open {
+                until: Instant::now(),
+                cooldown,
+            };
+            self.set(&mut phase, next, metrics);
+        }
+    }
+
+    /// Records how a call permitted as `kind` ended (see [`Permit::record`]).
+    fn record(&self, kind: Kind, verdict: Verdict, metrics: &Metrics) {
         let mut phase = self.lock();
         let now = Instant::now();
-        match (*phase, permit, verdict) {
-            (Phase::HalfOpen { .. }, Permit::Probe, Verdict::Throttled)
+        match (*phase, kind, verdict) {
+            (Phase::HalfOpen { .. }, Kind::Probe, Verdict::Throttled)
             | (_, _, Verdict::Answered) => {
                 if !matches!(*phase, Phase::Closed { failures: 0 }) {
                     self.set(&mut phase, Phase::Closed { failures: 0 }, metrics);
@@ -159,7 +210,7 @@ impl CircuitBreaker {
                 };
                 self.set(&mut phase, next, metrics);
             }
-            (Phase::HalfOpen { cooldown }, Permit::Probe, Verdict::Failed) => {
+            (Phase::HalfOpen { cooldown }, Kind::Probe, Verdict::Failed) => {
                 let cooldown = (cooldown * 2).min(self.settings.max_cooldown);
                 self.set(
                     &mut phase,
@@ -197,15 +248,13 @@ mod tests {
         let m = Metrics::new();
         let b = breaker();
         for _ in 0..2 {
-            let p = b.acquire(&m).await;
-            b.record(p, Verdict::Failed, &m);
+            b.acquire(&m).await.record(Verdict::Failed);
         }
         assert!(!b.is_open());
         // A success resets the run.
-        b.record(Permit::Normal, Verdict::Answered, &m);
+        b.acquire(&m).await.record(Verdict::Answered);
         for _ in 0..3 {
-            let p = b.acquire(&m).await;
-            b.record(p, Verdict::Failed, &m);
+            b.acquire(&m).await.record(Verdict::Failed);
         }
         assert!(b.is_open());
         assert!(m
@@ -213,23 +262,23 @@ mod tests {
             .contains("paysync_circuit_open{connector=\"cm\"} 1"));
         let started = Instant::now();
         let probe = b.acquire(&m).await;
-        assert_eq!(probe, Permit::Probe);
+        assert_eq!(probe.kind(), Kind::Probe);
         assert_eq!(
             started.elapsed(),
             Duration::from_secs(10),
             "waited out the cool-down"
         );
         // Others wait while the probe is out; a failed probe doubles the cool-down.
-        b.record(probe, Verdict::Failed, &m);
+        probe.record(Verdict::Failed);
         let started = Instant::now();
         let probe = b.acquire(&m).await;
         assert_eq!(started.elapsed(), Duration::from_secs(20));
-        b.record(probe, Verdict::Answered, &m);
+        probe.record(Verdict::Answered);
         assert!(!b.is_open());
         assert!(m
             .render()
             .contains("paysync_circuit_open{connector=\"cm\"} 0"));
-        assert_eq!(b.acquire(&m).await, Permit::Normal);
+        assert_eq!(b.acquire(&m).await.kind(), Kind::Normal);
     }
 
     #[tokio::test(start_paused = true)]
@@ -237,14 +286,14 @@ mod tests {
         let m = std::sync::Arc::new(Metrics::new());
         let b = std::sync::Arc::new(breaker());
         for _ in 0..3 {
-            b.record(Permit::Normal, Verdict::Failed, &m);
+            b.acquire(&m).await.record(Verdict::Failed);
         }
         let probe = b.acquire(&m).await;
-        assert_eq!(probe, Permit::Probe);
+        assert_eq!(probe.kind(), Kind::Probe);
         let waiters: Vec<_> = (0..5)
             .map(|_| {
                 let (b, m) = (b.clone(), m.clone());
-                tokio::spawn(async move { b.acquire(&m).await })
+                tokio::spawn(async move { b.acquire(&m).await.kind() })
             })
             .collect();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -252,9 +301,31 @@ mod tests {
             waiters.iter().all(|w| !w.is_finished()),
             "nobody passes while the probe is out"
         );
-        b.record(probe, Verdict::Answered, &m);
+        probe.record(Verdict::Answered);
         for w in waiters {
-            assert_eq!(w.await.unwrap(), Permit::Normal);
+            assert_eq!(w.await.unwrap(), Kind::Normal);
         }
+    }
+
+    /// Found by the simulation: a translation panic during the probe call
+    /// dropped the probe unrecorded, and the circuit stayed half-open for good:
+    /// every later call of the connector waited forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_unanswered_lets_another_probe_through() {
+        let m = std::sync::Arc::new(Metrics::new());
+        let b = std::sync::Arc::new(breaker());
+        for _ in 0..3 {
+            b.acquire(&m).await.record(Verdict::Failed);
+        }
+        let probe = b.acquire(&m).await;
+        assert_eq!(probe.kind(), Kind::Probe);
+        let waiter = {
+            let (b, m) = (b.clone(), m.clone());
+            tokio::spawn(async move { b.acquire(&m).await.kind() })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        drop(probe);
+        assert_eq!(waiter.await.unwrap(), Kind::Probe, "the next caller probes");
     }
 }

@@ -154,14 +154,14 @@ impl RetryPolicy {
             let attempts = *attempts;
             let (failure, reason, retry_after) = match record.outcome {
                 Ok(report) => {
-                    self.breaker.record(permit, Verdict::Answered, metrics);
+                    permit.record(Verdict::Answered);
                     return CheckResult {
                         outcome: Ok(report),
                         attempts,
                     };
                 }
                 Err(CallError::Permanent(f) | CallError::Unauthorized(f)) => {
-                    self.breaker.record(permit, Verdict::Answered, metrics);
+                    permit.record(Verdict::Answered);
                     return CheckResult {
                         outcome: Err(f),
                         attempts,
@@ -176,7 +176,7 @@ impl RetryPolicy {
                     // Retry-After (jittered, so throttled requests do not all
                     // come back together) without spending its retry budget, and
                     // the circuit breaker, which is for outages, does not count it.
-                    self.breaker.record(permit, Verdict::Throttled, metrics);
+                    permit.record(Verdict::Throttled);
                     let wait = retry_after
                         .unwrap_or(self.settings.initial_backoff)
                         .min(self.settings.max_retry_after)
@@ -210,7 +210,7 @@ impl RetryPolicy {
                     reason,
                     retry_after,
                 }) => {
-                    self.breaker.record(permit, Verdict::Failed, metrics);
+                    permit.record(Verdict::Failed);
                     (failure, reason, retry_after)
                 }
             };

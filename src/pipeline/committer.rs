@@ -26,6 +26,10 @@ use super::txn::{Settled, Transactions};
 use crate::clock::Instant;
 use crate::telemetry::Metrics;
 
+/// Commits a revocation tries at most before the partitions go (work still
+/// in the open transaction then dooms it: it is redone by the next owner).
+const REVOKE_ROUNDS: usize = 3;
+
 /// How the committer delivers.
 pub enum Mode {
     /// At least once: this publisher acknowledges every record.
@@ -193,7 +197,15 @@ impl Committer {
                         "revocation deadline passed; unfinished work will be redone by the next owner"
                     );
                 }
-                let settled = txn.commit().await;
+                let mut settled = txn.commit().await;
+                // An abort or a rebuild leaves finished work of the other
+                // partitions buffered: commit again, a few times at most.
+                for _ in 0..REVOKE_ROUNDS {
+                    if !txn.holds(partitions) || matches!(settled, Settled::Stopped(_)) {
+                        break;
+                    }
+                    settled = txn.commit().await;
+                }
                 self.ledger
                     .revoke(partitions, Duration::ZERO, Duration::ZERO)
                     .await;

@@ -521,7 +521,7 @@ impl Processor {
             header("x-merchant-id", &event.merchant_id),
             header("content-type", EVENT_CONTENT_TYPE),
         ];
-        let key = event.connector_transaction_id.as_bytes().len();
+        let key = event.connector_transaction_id.len();
         let size = |value: &[u8], headers: &[RecordHeader]| {
             record_size(None, Some(value), headers).saturating_add(key)
         };

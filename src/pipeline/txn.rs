@@ -197,6 +197,9 @@ struct Stall {
 /// Records of one finished job, waiting for its partition's watermark.
 struct Finished {
     records: Vec<Outgoing>,
+    /// Some of its records are in the open transaction already (the producer's
+    /// queue took no more): the transaction cannot commit until the rest are.
+    partial: bool,
     received: Instant,
     /// The request's outcome (none for work that publishes nothing).
     outcome: Option<Outcome>,
@@ -307,6 +310,9 @@ const CALL_RETRIES: u32 = 3;
 pub const MAX_REBUILDS: u32 = 5;
 /// Attempts to create one new producer before the engine stops.
 const REBUILD_ATTEMPTS: u32 = 8;
+/// How long a commit waits for the producer's queue to take the rest of a job
+/// whose records are partly in the transaction, before it aborts instead.
+const PARTIAL_WAIT: Duration = Duration::from_secs(10);
 /// Refusals remembered at most (each is one input record awaiting its redo).
 const MAX_REFUSALS: usize = 100_000;
 
@@ -389,6 +395,7 @@ impl Transactions {
             offset,
             Finished {
                 records,
+                partial: false,
                 received: job.incoming.received,
                 outcome,
             },
@@ -472,6 +479,7 @@ impl Transactions {
                     };
                     match self.producer.send(out, tag) {
                         Ok(()) => {
+                            finished.partial = true;
                             let out = finished.records.remove(0);
                             inner.open.records += 1;
                             inner.buffered = inner.buffered.saturating_sub(1);
@@ -614,6 +622,7 @@ impl Transactions {
         if let Some(why) = self.stopped() {
             return Settled::Stopped(why);
         }
+        self.complete_partial_jobs().await;
         let prepared = {
             let mut inner = self.lock();
             self.pump(&mut inner);
@@ -637,7 +646,10 @@ impl Transactions {
         };
         let settled = match prepared {
             None => Settled::Nothing,
-            Some((positions, open, doomed)) => self.settle(positions, open, doomed).await,
+            Some((positions, open, doomed)) => {
+                tracing::debug!(topic = %self.topic, ?positions, records = open.records, ?doomed, "settling the transaction");
+                self.settle(positions, open, doomed).await
+            }
         };
         if matches!(settled, Settled::Stopped(_)) {
             return settled;
@@ -652,6 +664,34 @@ impl Transactions {
         self.pump(&mut inner);
         drop(inner);
         settled
+    }
+
+    /// A job's records commit together or not at all: while the producer's
+    /// queue holds back the rest of a job whose first records are in the open
+    /// transaction, the commit waits (the queue drains as records are
+    /// delivered), and dooms the transaction if it waits too long. Committing
+    /// half a job without its position would repeat the half when it is redone.
+    async fn complete_partial_jobs(&self) {
+        let started = Instant::now();
+        loop {
+            {
+                let mut inner = self.lock();
+                self.pump(&mut inner);
+                let partial = inner
+                    .parts
+                    .values()
+                    .any(|p| p.buffer.values().next().is_some_and(|f| f.partial));
+                if !partial || inner.doomed.is_some() {
+                    return;
+                }
+                if started.elapsed() >= PARTIAL_WAIT {
+                    tracing::warn!(topic = %self.topic, "the producer's queue did not take the rest of a job's records; the transaction is aborted");
+                    inner.doomed = Some(Doom::Abort("the producer's queue stayed full".into()));
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn settle(
@@ -941,9 +981,31 @@ impl Transactions {
         }
     }
 
-    /// Forgets revoked partitions (after their work was committed).
+    /// True while work of `partitions` waits in a buffer or sits in the open
+    /// transaction.
+    pub fn holds(&self, partitions: &[i32]) -> bool {
+        let inner = self.lock();
+        partitions.iter().any(|p| {
+            inner.open.partitions.contains(p)
+                || inner
+                    .parts
+                    .get(p)
+                    .is_some_and(|part| !part.buffer.is_empty())
+        })
+    }
+
+    /// Forgets revoked partitions (after their work was committed). Should
+    /// the open transaction still hold records of theirs, it is doomed: those
+    /// records must not commit without their positions, which the partitions'
+    /// next owner now moves.
     pub fn forget(&self, partitions: &[i32]) {
         let mut inner = self.lock();
+        if partitions.iter().any(|p| inner.open.partitions.contains(p)) {
+            tracing::warn!(topic = %self.topic, ?partitions, "revoked partitions left records in the open transaction; it is aborted");
+            inner.doomed = Some(Doom::Abort(
+                "revoked partitions left records in the open transaction".into(),
+            ));
+        }
         for p in partitions {
             if let Some(part) = inner.parts.remove(p) {
                 let n: usize = part.buffer.values().map(|f| f.records.len()).sum();

@@ -373,7 +373,7 @@ impl SimTxnProducer {
     /// Another producer took the id: the coordinator bumps the epoch (and
     /// aborts what was open).
     fn fence(&self) -> TxnError {
-        self.env.cluster.init_producer(&format!("{}", self.id));
+        self.env.cluster.init_producer(&self.id);
         TxnError::Fenced("PRODUCER_FENCED (injected)".into())
     }
 }
@@ -389,7 +389,11 @@ impl TxnProducer for SimTxnProducer {
         }
         // Local: a producer the coordinator fenced finds out at its next
         // broker call.
-        *self.current.lock().unwrap() = self.env.cluster.txn_for(&self.id, self.epoch()).ok();
+        let txn = self.env.cluster.txn_for(&self.id, self.epoch()).ok();
+        self.env
+            .cluster
+            .trace(format!("begin {} txn {txn:?}", self.id));
+        *self.current.lock().unwrap() = txn;
         Ok(())
     }
 
@@ -398,7 +402,6 @@ impl TxnProducer for SimTxnProducer {
             return Err(SendError::Fatal("dead".into()));
         }
         if self.env.too_large(out) {
-            self.env.faults.count("txn.send", "refused_too_large");
             return Err(SendError::Refused {
                 reason: "MSG_SIZE_TOO_LARGE".into(),
                 too_large: true,
@@ -409,11 +412,20 @@ impl TxnProducer for SimTxnProducer {
             0.3,
             &[
                 ("queue_full", 4.0),
+                ("refused_too_large", 1.0),
                 ("refused_unknown_topic", 1.0),
                 ("fatal", 0.5),
             ],
         ) {
             Some("queue_full") => return Err(SendError::QueueFull),
+            // The client's own size check (its framing differs from paysync's
+            // estimate at the margin).
+            Some("refused_too_large") => {
+                return Err(SendError::Refused {
+                    reason: "MSG_SIZE_TOO_LARGE (injected)".into(),
+                    too_large: true,
+                })
+            }
             Some("refused_unknown_topic") => {
                 return Err(SendError::Refused {
                     reason: "UNKNOWN_TOPIC_OR_PART (injected)".into(),
@@ -433,6 +445,10 @@ impl TxnProducer for SimTxnProducer {
             return Ok(());
         }
         let topic = self.env.topic_of(out);
+        self.env.cluster.trace(format!(
+            "send {} txn {txn} answers {}:{} {:?}",
+            self.id, tag.partition, tag.offset, tag.role
+        ));
         if let Err(e) = self.env.cluster.append_txn(
             txn,
             &topic,
@@ -441,17 +457,23 @@ impl TxnProducer for SimTxnProducer {
         ) {
             return Err(SendError::Fatal(e));
         }
-        if self
-            .env
-            .faults
-            .draw("txn.delivery", 0.1, &[("refused", 1.0)])
-            .is_some()
-        {
+        // The broker refuses it after the fact: a policy, or a topic whose
+        // max.message.bytes is below the producer's.
+        if let Some(fault) = self.env.faults.draw(
+            "txn.delivery",
+            0.1,
+            &[("refused", 1.0), ("refused_too_large", 1.0)],
+        ) {
             self.env.cluster.fail_txn(txn);
+            let too_large = fault == "refused_too_large";
             self.refusals.lock().unwrap().push(Refusal {
                 tag,
-                reason: "POLICY_VIOLATION (injected)".into(),
-                too_large: false,
+                reason: if too_large {
+                    "MSG_SIZE_TOO_LARGE (injected)".into()
+                } else {
+                    "POLICY_VIOLATION (injected)".into()
+                },
+                too_large,
             });
         }
         Ok(())
@@ -645,7 +667,6 @@ impl Produce for SimProducer {
                 return Err(ProduceError::Fatal("fatal error".into()));
             }
             if self.env.too_large(out) {
-                self.env.faults.count("produce", "refused_too_large");
                 return Err(ProduceError::Permanent {
                     reason: "MSG_SIZE_TOO_LARGE".into(),
                     too_large: true,
@@ -657,11 +678,19 @@ impl Produce for SimProducer {
                 &[
                     ("retriable_not_landed", 3.0),
                     ("retriable_landed", 3.0),
+                    ("refused_too_large", 1.0),
                     ("refused_unknown_topic", 1.0),
                     ("fatal", 0.2),
                 ],
             );
             match fault {
+                // A topic whose max.message.bytes is below the producer's.
+                Some("refused_too_large") => {
+                    return Err(ProduceError::Permanent {
+                        reason: "MSG_SIZE_TOO_LARGE (injected)".into(),
+                        too_large: true,
+                    })
+                }
                 Some("retriable_not_landed") => {
                     return Err(ProduceError::Retriable(
                         "REQUEST_TIMED_OUT (injected)".into(),
@@ -686,8 +715,6 @@ impl Produce for SimProducer {
                     "REQUEST_TIMED_OUT (injected)".into(),
                 ));
             }
-            let _ = self.env.dlq_topic.len();
-            let _ = &self.env.events_topic;
             Ok(())
         })
     }

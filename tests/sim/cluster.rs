@@ -45,7 +45,6 @@ pub enum TxnState {
 #[derive(Debug, Clone)]
 pub struct Txn {
     pub id: String,
-    pub epoch: u32,
     pub state: TxnState,
     pub opened: Instant,
     /// Partitions it wrote to.
@@ -104,6 +103,16 @@ pub struct Inner {
     pub trace: Vec<String>,
 }
 
+impl Inner {
+    /// A line of the trace (printed as it happens when PAYSYNC_SIM_LIVE is set).
+    pub fn note(&mut self, line: String) {
+        if std::env::var_os("PAYSYNC_SIM_LIVE").is_some() {
+            tracing::info!(target: "sim", "{line}");
+        }
+        self.trace.push(line);
+    }
+}
+
 /// The cluster, shared by every fake client.
 #[derive(Clone)]
 pub struct Cluster {
@@ -148,7 +157,7 @@ impl Cluster {
     }
 
     pub fn trace(&self, line: String) {
-        self.lock().trace.push(line);
+        self.lock().note(line);
     }
 
     /// Appends a plain (non-transactional) record; its offset.
@@ -158,7 +167,7 @@ impl Cluster {
             let log = inner.topics.get_mut(topic)?.get_mut(partition as usize)?;
             log.push(Entry::Record { rec, txn: None });
             let o = log.len() as i64 - 1;
-            inner.trace.push(format!("append {topic}:{partition}:{o}"));
+            inner.note(format!("append {topic}:{partition}:{o}"));
             o
         };
         self.changed.notify_waiters();
@@ -254,7 +263,7 @@ impl Cluster {
                 abort_txn(&mut inner, t, "fenced by a new producer");
             }
             inner.producers.insert(id.to_owned(), (epoch + 1, None));
-            inner.trace.push(format!("init {id} epoch {}", epoch + 1));
+            inner.note(format!("init {id} epoch {}", epoch + 1));
             epoch + 1
         };
         self.changed.notify_waiters();
@@ -284,7 +293,6 @@ impl Cluster {
         let t = inner.txns.len() as u64;
         inner.txns.push(Txn {
             id: id.to_owned(),
-            epoch,
             state: TxnState::Open,
             opened: Instant::now(),
             written: BTreeSet::new(),
@@ -438,7 +446,7 @@ impl Cluster {
                     *open = None;
                 }
             }
-            inner.trace.push(format!(
+            inner.note(format!(
                 "commit {} txn {txn}: answers {:?}, offsets {:?}",
                 t.id,
                 t.answers
@@ -499,7 +507,7 @@ impl Cluster {
             let g = inner.groups.entry(group.to_owned()).or_default();
             g.topic = topic.to_owned();
             g.members.insert(member, Vec::new());
-            inner.trace.push(format!("join {group} member {member}"));
+            inner.note(format!("join {group} member {member}"));
             member
         };
         self.rebalance(group);
@@ -529,7 +537,7 @@ impl Cluster {
                     mb.notes.push(Note::Revoking(parts));
                 }
             }
-            inner.trace.push(format!("rebalance {group}"));
+            inner.note(format!("rebalance {group}"));
         }
         self.settle(group);
     }
@@ -540,7 +548,7 @@ impl Cluster {
             let mut inner = self.lock();
             if inner.lost.remove(&(group.to_owned(), member)) {
                 // Expelled while it worked: it finds out now and joins again.
-                inner.trace.push(format!("rejoin {group} member {member}"));
+                inner.note(format!("rejoin {group} member {member}"));
                 if let Some(g) = inner.groups.get_mut(group) {
                     g.members.insert(member, Vec::new());
                 }
@@ -568,7 +576,7 @@ impl Cluster {
                 g.revoking.remove(&member);
                 g.rebalancing = true;
             }
-            inner.trace.push(format!("expel {group} member {member}"));
+            inner.note(format!("expel {group} member {member}"));
         }
         self.rebalance(group);
     }
@@ -591,7 +599,7 @@ impl Cluster {
             if let Some(mb) = inner.mailboxes.get_mut(&member) {
                 mb.notes.push(Note::Revoking(parts));
             }
-            inner.trace.push(format!("lose {group} member {member}"));
+            inner.note(format!("lose {group} member {member}"));
         }
         self.rebalance(group);
     }
@@ -735,7 +743,7 @@ fn abort_txn(inner: &mut Inner, txn: u64, why: &str) {
             *open = None;
         }
     }
-    inner.trace.push(format!("abort {id} txn {txn}: {why}"));
+    inner.note(format!("abort {id} txn {txn}: {why}"));
 }
 
 /// What a reader finds at a position.

@@ -63,7 +63,7 @@ pub fn run(seed: u64, exactly_once: bool) -> Outcome {
         // Every random draw and wall-clock read of the code under test comes
         // from this thread's seeded generator and tokio's virtual clock.
         fastrand::seed(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        paysync::clock::simulate(1_800_000_000_000);
+        paysync::clock::simulate(world::EPOCH_MS);
         World::new(plan).run().await
     });
     drop(runtime);
@@ -195,6 +195,12 @@ fn a_seed_replays_exactly() {
 #[test]
 #[ignore = "replays one seed: PAYSYNC_SIM_SEED=<n> PAYSYNC_SIM_GUARANTEE=exactly_once|at_least_once"]
 fn replay() {
+    if let Ok(filter) = std::env::var("PAYSYNC_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let seed = env_u64("PAYSYNC_SIM_SEED", 0);
     let exactly_once = std::env::var("PAYSYNC_SIM_GUARANTEE").as_deref() != Ok("at_least_once");
     let outcome = run(seed, exactly_once);

@@ -20,6 +20,7 @@ use paysync::pipeline::committer::{Committer, Mode};
 use paysync::pipeline::engine::EngineStopped;
 use paysync::pipeline::ledger::Ledger;
 use paysync::pipeline::publish::Publisher;
+use paysync::pipeline::record::RecordHeader;
 use paysync::pipeline::source::Source;
 use paysync::pipeline::txn::Transactions;
 use paysync::telemetry::Metrics;
@@ -37,7 +38,7 @@ pub const EVENTS: &str = "events";
 pub const DLQ: &str = "dlq";
 pub const GROUP: &str = "paysync";
 /// A simulated wall clock's start: 2027-01-15T08:00:00Z.
-const EPOCH_MS: i64 = 1_800_000_000_000;
+pub const EPOCH_MS: i64 = 1_800_000_000_000;
 /// Record limit of the simulated broker (and the producers' `message.max.bytes`).
 const MAX_RECORD_BYTES: usize = 65_536;
 /// Response limit of the connectors: a body near it makes an event with its
@@ -165,16 +166,19 @@ client_secret = "sim-secret"
     )
 }
 
+/// One running engine: its task, its source, its committer.
+type Running = (
+    JoinHandle<Result<(), EngineStopped>>,
+    Arc<SimSource>,
+    Arc<Committer>,
+);
+
 /// One paysync process.
 struct Member {
     instance: String,
     dead: Arc<AtomicBool>,
     token: CancellationToken,
-    engines: Vec<(
-        JoinHandle<Result<(), EngineStopped>>,
-        Arc<SimSource>,
-        Arc<Committer>,
-    )>,
+    engines: Vec<Running>,
     publisher: Option<Arc<Publisher>>,
     waker: JoinHandle<()>,
     metrics: Arc<Metrics>,
@@ -437,7 +441,7 @@ impl World {
                 rng.count("connector", "404");
             }
             self.connector.add(&id, payment.clone());
-            let (value, headers): (Vec<u8>, Vec<(Vec<u8>, Option<Vec<u8>>)>) = if poison {
+            let (value, headers): (Vec<u8>, Vec<RecordHeader>) = if poison {
                 match rng.range(0..4) {
                     0 => (b"{not json".to_vec(), Vec::new()),
                     1 => (br#"{"connector":"mollie"}"#.to_vec(), Vec::new()),
@@ -533,13 +537,6 @@ impl World {
                 next_fault = now + Duration::from_millis(self.faults.range(500..5_000));
             }
             self.supervise(&mut restarts);
-            restarts.retain(|(at, i)| {
-                if *at <= now && self.members[*i].is_none() {
-                    false
-                } else {
-                    true
-                }
-            });
             let due: Vec<usize> = restarts
                 .iter()
                 .filter(|(at, _)| *at <= now)
