@@ -591,6 +591,10 @@ impl Cluster {
             let Some(g) = inner.groups.get_mut(group) else {
                 return;
             };
+            // A member that owns nothing just joins again at once.
+            if g.members.get(&member).is_none_or(Vec::is_empty) {
+                return;
+            }
             let Some(parts) = g.members.remove(&member) else {
                 return;
             };
