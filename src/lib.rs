@@ -38,6 +38,8 @@ pub mod connectors;
 pub mod demo;
 pub mod domain;
 pub mod kafka;
+#[cfg(feature = "mutations")]
+pub mod mutation;
 pub mod pipeline;
 pub mod schema_registry;
 pub mod server;

@@ -70,6 +70,10 @@ impl Permit<'_> {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
+        #[cfg(feature = "mutations")]
+        if crate::mutation::on("probe_leak") {
+            return;
+        }
         if !self.done && self.kind == Kind::Probe {
             self.breaker.probe_lost(self.metrics);
         }

@@ -454,7 +454,7 @@ impl Gateway {
                     Signal::Throttled(
                         r.header("retry-after")
                             .and_then(|v| super::parse_retry_after(v, crate::clock::system_now()))
-                            .map(|after| after.min(self.settings.retry.max_retry_after)),
+                            .map(|after| self.cap(after)),
                     )
                 }
                 Ok(r) if r.status == 503 => Signal::Overloaded,
@@ -519,6 +519,15 @@ impl Gateway {
         }
     }
 
+    /// A wait a processor asked for, capped by `retry.max_retry_after`.
+    fn cap(&self, after: Duration) -> Duration {
+        #[cfg(feature = "mutations")]
+        if crate::mutation::on("retry_after_unchecked") {
+            return after;
+        }
+        after.min(self.settings.retry.max_retry_after)
+    }
+
     /// A processor's `Retry-After`, capped by `retry.max_retry_after`.
     fn capped(&self, error: CallError) -> CallError {
         match error {
@@ -529,7 +538,7 @@ impl Gateway {
             } => CallError::Retryable {
                 failure,
                 reason,
-                retry_after: retry_after.map(|a| a.min(self.settings.retry.max_retry_after)),
+                retry_after: retry_after.map(|a| self.cap(a)),
             },
             other => other,
         }

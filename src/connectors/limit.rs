@@ -213,6 +213,13 @@ impl Aimd {
                 false
             }
             Signal::Throttled(after) => {
+                #[cfg(feature = "mutations")]
+                if crate::mutation::on("retry_after_unchecked") {
+                    if let Some(after) = after {
+                        let until = now + after;
+                        self.hold_until = Some(until);
+                    }
+                }
                 // Checked: the wait comes from a processor's header.
                 if let Some(until) = after.and_then(|after| now.checked_add(after)) {
                     self.hold_until = Some(self.hold_until.map_or(until, |h| h.max(until)));

@@ -273,6 +273,12 @@ pub const RETRY_AFTER_CEILING: Duration = Duration::from_secs(86_400);
 /// most [`RETRY_AFTER_CEILING`]; `None` when it is neither form.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
+    #[cfg(feature = "mutations")]
+    if crate::mutation::on("retry_after_unchecked") {
+        if let Ok(secs) = value.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+    }
     let after = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         // Any number of digits: more than fit in a u64 is "very long", not malformed.
         value

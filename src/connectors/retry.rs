@@ -182,7 +182,13 @@ impl RetryPolicy {
                         .min(self.settings.max_retry_after)
                         .mul_f64(1.0 + fastrand::f64() * 0.25);
                     let since = *throttled_since.get_or_insert_with(Instant::now);
-                    if since.elapsed().saturating_add(wait) > self.settings.max_throttled {
+                    #[cfg(feature = "mutations")]
+                    let unbounded = crate::mutation::on("throttled_forever");
+                    #[cfg(not(feature = "mutations"))]
+                    let unbounded = false;
+                    if !unbounded
+                        && since.elapsed().saturating_add(wait) > self.settings.max_throttled
+                    {
                         let mut failure = failure;
                         failure.message = format!(
                             "{} for {:.0}s, longer than retry.max_throttled ({}s): given up after {attempts} attempt{}",

@@ -39,6 +39,7 @@ use super::headers;
 use super::{consumer_config, producer_config};
 use crate::config::{Guarantee, Settings};
 use crate::pipeline::letters::{self, Coverage, Policy, Reason, Selection, Verdict};
+use crate::pipeline::txn::TxnError;
 
 pub use crate::pipeline::letters::headers::REDRIVEN_FROM;
 
@@ -253,6 +254,23 @@ impl RedriveError {
     }
 }
 
+/// The redrive consumer's context: reaching the end of a partition is how a
+/// run knows it is done, not an error (librdkafka reports it as one).
+struct RedriveContext;
+
+impl rdkafka::ClientContext for RedriveContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_))
+            && !reason.contains("Partition EOF")
+            && !matches!(&error, KafkaError::Global(code) if *code == rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RedriveContext {}
+
 /// The redrive group.
 pub fn group_for(group_id: &str) -> String {
     format!("{group_id}.redrive")
@@ -327,7 +345,7 @@ fn run_blocking(
     let mut config = consumer_config(k);
     config.set("group.id", &group);
     config.set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = config.create()?;
+    let consumer: BaseConsumer<RedriveContext> = config.create_with_context(RedriveContext)?;
     // Generous: a loaded broker can take its time for the first metadata.
     let timeout = Duration::from_secs(30);
     let metadata = consumer.fetch_metadata(Some(dlq), timeout)?;
@@ -534,7 +552,7 @@ impl Batch<'_> {
         sink: &Sink,
         parts: &mut BTreeMap<i32, Part>,
         policy: &Policy,
-        consumer: &BaseConsumer,
+        consumer: &BaseConsumer<RedriveContext>,
         handle: &tokio::runtime::Handle,
     ) -> Result<(), String> {
         if self.moved.is_empty() {
@@ -598,12 +616,7 @@ impl Batch<'_> {
                 abort(producer, true);
                 return Err(format!("the position could not join the transaction: {e}"));
             }
-            if let Err(e) = producer.commit_transaction(Duration::from_secs(60)) {
-                abort(producer, true);
-                return Err(format!(
-                    "the transaction did not commit ({e}); none of its letters were redriven"
-                ));
-            }
+            commit_or_explain(producer, self.letters.len())?;
         } else {
             for (from, d) in deliveries {
                 match handle.block_on(d) {
@@ -627,6 +640,54 @@ impl Batch<'_> {
     }
 }
 
+/// Retries of a commit that timed out (only the commit is sent again).
+const COMMIT_RETRIES: u32 = 3;
+
+/// Commits the batch's transaction. A commit that times out is retried alone;
+/// one that never answers may have committed or not, and the message says so
+/// and how to find out (a `--force` rerun would send its letters twice). A
+/// commit refused outright is aborted: none of its letters went.
+fn commit_or_explain(producer: &FutureProducer, letters: usize) -> Result<(), String> {
+    explain_commit(
+        || {
+            producer
+                .commit_transaction(Duration::from_secs(60))
+                .map_err(super::transactions::txn_error)
+        },
+        || abort(producer, true),
+        letters,
+    )
+}
+
+/// The policy of [`commit_or_explain`], over any commit.
+fn explain_commit(
+    mut commit: impl FnMut() -> Result<(), TxnError>,
+    abort: impl FnOnce(),
+    letters: usize,
+) -> Result<(), String> {
+    let mut tries = 0;
+    loop {
+        match commit() {
+            Ok(()) => return Ok(()),
+            Err(TxnError::Retriable(e)) if tries < COMMIT_RETRIES => {
+                tries += 1;
+                tracing::warn!(error = %e, tries, "the redrive transaction's commit timed out; committing again");
+            }
+            Err(TxnError::Abortable(e)) => {
+                abort();
+                return Err(format!(
+                    "the transaction did not commit ({e}); none of its {letters} letters were redriven"
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the outcome of the last transaction ({letters} letters) is unknown: its commit did not answer ({e}); it may have committed. Run the same command with --dry-run to see whether its letters are still pending; a rerun without --force sends only those that are"
+                ))
+            }
+        }
+    }
+}
+
 fn abort(producer: &FutureProducer, transactional: bool) {
     if transactional {
         if let Err(e) = producer.abort_transaction(Duration::from_secs(30)) {
@@ -642,5 +703,44 @@ mod tests {
     #[test]
     fn one_group_for_every_filter() {
         assert_eq!(group_for("paysync"), "paysync.redrive");
+    }
+
+    fn commits(script: Vec<Result<(), TxnError>>) -> (Result<(), String>, usize, bool) {
+        let mut script = script.into_iter();
+        let mut calls = 0;
+        let mut aborted = false;
+        let result = explain_commit(
+            || {
+                calls += 1;
+                script.next().unwrap_or(Ok(()))
+            },
+            || aborted = true,
+            7,
+        );
+        (result, calls, aborted)
+    }
+
+    #[test]
+    fn a_commit_that_times_out_is_retried_alone_then_its_outcome_is_unknown() {
+        let timeout = || Err(TxnError::Retriable("Operation timed out".into()));
+        let (result, calls, aborted) = commits(vec![timeout(), Ok(())]);
+        assert_eq!((result, calls, aborted), (Ok(()), 2, false));
+        let (result, calls, aborted) = commits(vec![timeout(), timeout(), timeout(), timeout()]);
+        let why = result.unwrap_err();
+        assert_eq!(calls, 4);
+        assert!(!aborted, "an unknown outcome is not aborted");
+        assert!(
+            why.contains("is unknown") && why.contains("may have committed"),
+            "{why}"
+        );
+        assert!(
+            why.contains("--dry-run") && !why.contains("none of its"),
+            "{why}"
+        );
+        let (result, _, aborted) = commits(vec![Err(TxnError::Abortable("refused".into()))]);
+        assert!(aborted);
+        assert!(result
+            .unwrap_err()
+            .contains("none of its 7 letters were redriven"));
     }
 }

@@ -491,6 +491,12 @@ impl Transactions {
                         }
                         Err(SendError::QueueFull) => return,
                         Err(SendError::Refused { reason, too_large }) => {
+                            #[cfg(feature = "mutations")]
+                            if crate::mutation::on("refusal_rewinds_one_partition") {
+                                remember(inner, tag, reason, too_large);
+                                self.rewind(inner, &[p], None);
+                                return;
+                            }
                             // As if the broker had refused it: the transaction
                             // may already hold this partition's earlier records,
                             // which must not commit without their position.
@@ -656,6 +662,10 @@ impl Transactions {
         }
         // Still settling: nothing is handed over while a stalled record is
         // retried in a transaction of its own.
+        #[cfg(feature = "mutations")]
+        if crate::mutation::on("stall_retry_with_handovers") {
+            self.lock().phase = Phase::Idle;
+        }
         if let Some(stop) = self.retry_stalls().await {
             return stop;
         }
@@ -672,6 +682,10 @@ impl Transactions {
     /// delivered), and dooms the transaction if it waits too long. Committing
     /// half a job without its position would repeat the half when it is redone.
     async fn complete_partial_jobs(&self) {
+        #[cfg(feature = "mutations")]
+        if crate::mutation::on("commit_partial_job") {
+            return;
+        }
         let started = Instant::now();
         loop {
             {
@@ -749,6 +763,22 @@ impl Transactions {
     /// A commit that never answers has an unknown outcome: only a new producer
     /// (which settles the old one's transaction) tells.
     async fn commit_open(&self, positions: &[(i32, i64)]) -> Result<(), TxnError> {
+        #[cfg(feature = "mutations")]
+        if crate::mutation::on("commit_retry_resends_offsets") {
+            return retrying(|| {
+                Box::pin(async move {
+                    if !positions.is_empty() {
+                        match self.producer.send_offsets(positions).await {
+                            // A state error: the producer cannot be trusted.
+                            Err(TxnError::Fenced(e)) => return Err(TxnError::Fatal(e)),
+                            other => other?,
+                        }
+                    }
+                    self.producer.commit().await
+                })
+            })
+            .await;
+        }
         if !positions.is_empty() {
             retrying(|| self.producer.send_offsets(positions)).await?;
         }
@@ -854,6 +884,15 @@ impl Transactions {
         let committed = loop {
             match self.source.committed(&owned).await {
                 Ok(c) => break c,
+                #[cfg(feature = "mutations")]
+                Err(_) if crate::mutation::on("rebuild_falls_back_to_ledger") => {
+                    let mut inner = self.lock();
+                    inner.open = Open::default();
+                    self.rewind(&mut inner, &owned, None);
+                    drop(inner);
+                    self.rebuilding.store(false, Ordering::Release);
+                    return Settled::Rebuilt(owned);
+                }
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot read the committed positions after a rebuild; asking again");
                     tokio::time::sleep(delay).await;
@@ -909,7 +948,11 @@ impl Transactions {
                     // Only at the head of what is committed: its transaction
                     // commits the position past it, which must not pass work
                     // before it that is still running or uncommitted.
-                    if self.ledger.restart_position(*p) != Some(s.offset) {
+                    #[cfg(feature = "mutations")]
+                    let anytime = crate::mutation::on("stall_retry_anytime");
+                    #[cfg(not(feature = "mutations"))]
+                    let anytime = false;
+                    if !anytime && self.ledger.restart_position(*p) != Some(s.offset) {
                         return None;
                     }
                     let records = part.buffer.get(&s.offset)?.records.clone();
@@ -1000,7 +1043,11 @@ impl Transactions {
     /// next owner now moves.
     pub fn forget(&self, partitions: &[i32]) {
         let mut inner = self.lock();
-        if partitions.iter().any(|p| inner.open.partitions.contains(p)) {
+        #[cfg(feature = "mutations")]
+        let keep = crate::mutation::on("revoke_keeps_open_records");
+        #[cfg(not(feature = "mutations"))]
+        let keep = false;
+        if !keep && partitions.iter().any(|p| inner.open.partitions.contains(p)) {
             tracing::warn!(topic = %self.topic, ?partitions, "revoked partitions left records in the open transaction; it is aborted");
             inner.doomed = Some(Doom::Abort(
                 "revoked partitions left records in the open transaction".into(),

@@ -15,7 +15,7 @@ use paysync::pipeline::process::record_size;
 use paysync::pipeline::publish::{Produce, ProduceError};
 use paysync::pipeline::record::{Destination, Incoming, Outgoing};
 use paysync::pipeline::source::{Source, SourceEvent};
-use paysync::pipeline::txn::{RecordTag, Refusal, SendError, TxnError, TxnProducer};
+use paysync::pipeline::txn::{RecordTag, Refusal, Role, SendError, TxnError, TxnProducer};
 use tokio::sync::Notify;
 
 use crate::cluster::{Cluster, Note, Read, Rec, TxnState};
@@ -24,6 +24,8 @@ use crate::faults::Faults;
 /// What every client of one member shares.
 #[derive(Clone)]
 pub struct Env {
+    /// `x-request-id`s of events whose refusal was injected.
+    pub refused: Arc<Mutex<std::collections::BTreeSet<String>>>,
     pub cluster: Cluster,
     pub faults: Arc<Faults>,
     pub dead: Arc<AtomicBool>,
@@ -62,6 +64,17 @@ impl Env {
             Destination::Events => self.events_topic.clone(),
             Destination::DeadLetters => self.dlq_topic.clone(),
             Destination::Recheck(t) => t.to_string(),
+        }
+    }
+
+    /// An injected refusal of `out`: remembered by its request id, so the
+    /// model knows a dead letter of its request was caused, not a bug.
+    fn refuse(&self, out: &Outgoing) {
+        if let Some((_, Some(v))) = out.headers.iter().find(|(k, _)| k == b"x-request-id") {
+            self.refused
+                .lock()
+                .unwrap()
+                .insert(String::from_utf8_lossy(v).into_owned());
         }
     }
 
@@ -341,6 +354,9 @@ pub struct SimTxnProducer {
     epoch: Mutex<u32>,
     /// The transaction `begin` opened, until it is committed or aborted.
     current: Mutex<Option<u64>>,
+    /// The client's queue is full until then (it drains as records are
+    /// delivered).
+    full_until: Mutex<Option<Instant>>,
     refusals: Mutex<Vec<Refusal>>,
 }
 
@@ -354,6 +370,7 @@ impl SimTxnProducer {
             source,
             epoch: Mutex::new(epoch),
             current: Mutex::new(None),
+            full_until: Mutex::new(None),
             refusals: Mutex::new(Vec::new()),
         }
     }
@@ -407,6 +424,14 @@ impl TxnProducer for SimTxnProducer {
                 too_large: true,
             });
         }
+        if self
+            .full_until
+            .lock()
+            .unwrap()
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return Err(SendError::QueueFull);
+        }
         match self.env.faults.draw(
             "txn.send",
             0.3,
@@ -417,20 +442,26 @@ impl TxnProducer for SimTxnProducer {
                 ("fatal", 0.5),
             ],
         ) {
-            Some("queue_full") => return Err(SendError::QueueFull),
+            Some("queue_full") => {
+                let drains = Duration::from_millis(self.env.faults.range(5..300));
+                *self.full_until.lock().unwrap() = Some(Instant::now() + drains);
+                return Err(SendError::QueueFull);
+            }
             // The client's own size check (its framing differs from paysync's
             // estimate at the margin).
             Some("refused_too_large") => {
+                self.env.refuse(out);
                 return Err(SendError::Refused {
                     reason: "MSG_SIZE_TOO_LARGE (injected)".into(),
                     too_large: true,
-                })
+                });
             }
             Some("refused_unknown_topic") => {
+                self.env.refuse(out);
                 return Err(SendError::Refused {
                     reason: "UNKNOWN_TOPIC_OR_PART (injected)".into(),
                     too_large: false,
-                })
+                });
             }
             Some(_) => return Err(SendError::Fatal("fatal error (injected)".into())),
             None => {}
@@ -459,12 +490,14 @@ impl TxnProducer for SimTxnProducer {
         }
         // The broker refuses it after the fact: a policy, or a topic whose
         // max.message.bytes is below the producer's.
+        let scale = if tag.role == Role::Event { 0.1 } else { 0.5 };
         if let Some(fault) = self.env.faults.draw(
             "txn.delivery",
-            0.1,
+            scale,
             &[("refused", 1.0), ("refused_too_large", 1.0)],
         ) {
             self.env.cluster.fail_txn(txn);
+            self.env.refuse(out);
             let too_large = fault == "refused_too_large";
             self.refusals.lock().unwrap().push(Refusal {
                 tag,
@@ -686,10 +719,11 @@ impl Produce for SimProducer {
             match fault {
                 // A topic whose max.message.bytes is below the producer's.
                 Some("refused_too_large") => {
+                    self.env.refuse(out);
                     return Err(ProduceError::Permanent {
                         reason: "MSG_SIZE_TOO_LARGE (injected)".into(),
                         too_large: true,
-                    })
+                    });
                 }
                 Some("retriable_not_landed") => {
                     return Err(ProduceError::Retriable(
@@ -697,10 +731,11 @@ impl Produce for SimProducer {
                     ))
                 }
                 Some("refused_unknown_topic") => {
+                    self.env.refuse(out);
                     return Err(ProduceError::Permanent {
                         reason: "UNKNOWN_TOPIC_OR_PART (injected)".into(),
                         too_large: false,
-                    })
+                    });
                 }
                 Some("fatal") => {
                     self.fatal.store(true, Ordering::Relaxed);

@@ -194,6 +194,8 @@ pub struct World {
     members: Vec<Option<Member>>,
     requests: Vec<Request>,
     restarts: AtomicU64,
+    /// Request ids whose events' refusal was injected.
+    refused: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl World {
@@ -222,6 +224,7 @@ impl World {
             recheck_topics,
             requests: Vec::new(),
             restarts: AtomicU64::new(0),
+            refused: Arc::default(),
         }
     }
 
@@ -236,6 +239,7 @@ impl World {
         let metrics = Arc::new(Metrics::new());
         let dead = Arc::new(AtomicBool::new(false));
         let env = Env {
+            refused: self.refused.clone(),
             cluster: self.cluster.clone(),
             faults: self.faults.clone(),
             dead: dead.clone(),
@@ -422,20 +426,18 @@ impl World {
                 big: false,
             };
             if rng.on() && rng.chance(self.plan.fault_rate * 2.0) {
-                match rng.range(0..3) {
-                    0 => {
-                        payment.forever_429 = true;
-                        rng.count("connector", "429_forever");
-                    }
-                    1 => {
-                        payment.panic = true;
-                        rng.count("connector", "panic_in_translation");
-                    }
-                    _ => {
-                        payment.big = true;
-                        rng.count("connector", "body_near_limit");
-                    }
+                if rng.chance(0.5) {
+                    payment.forever_429 = true;
+                    rng.count("connector", "429_forever");
+                } else {
+                    payment.panic = true;
+                    rng.count("connector", "panic_in_translation");
                 }
+            }
+            // A body near the response limit is a payment's shape, not a fault.
+            if rng.chance(0.05) {
+                payment.big = true;
+                rng.count("connector", "body_near_limit");
             }
             if payment.not_found {
                 rng.count("connector", "404");
@@ -476,6 +478,7 @@ impl World {
                     webhook,
                     poison,
                     not_found: payment.not_found,
+                    big: payment.big,
                     partition: -1,
                     offset: -1,
                 },
@@ -599,12 +602,14 @@ impl World {
             violations.push(format!("liveness: {in_flight} requests still in flight"));
         }
         violations.extend(limiters);
+        let refused = self.refused.lock().unwrap().clone();
         let report = model::check(
             &self.cluster,
             &self.requests,
             &self.recheck_topics,
             self.plan.exactly_once,
             &self.faults,
+            &refused,
         );
         violations.extend(report.violations);
         if std::env::var_os("PAYSYNC_SIM_DUMP").is_some() {
