@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::telemetry::Metrics;
@@ -98,7 +98,10 @@ pub struct CircuitBreaker {
     name: &'static str,
     settings: BreakerSettings,
     phase: Mutex<Phase>,
-    changed: watch::Sender<u64>,
+    /// Woken at every change of phase. A `Notify` wakes its waiters in the
+    /// order they came (a watch channel spreads them over several at random,
+    /// which a simulated run could not replay).
+    changed: Notify,
 }
 
 impl CircuitBreaker {
@@ -111,7 +114,7 @@ impl CircuitBreaker {
                 ..settings
             },
             phase: Mutex::new(Phase::Closed { failures: 0 }),
-            changed: watch::Sender::new(0),
+            changed: Notify::new(),
         }
     }
 
@@ -134,7 +137,7 @@ impl CircuitBreaker {
                 );
             }
         }
-        self.changed.send_modify(|g| *g += 1);
+        self.changed.notify_waiters();
     }
 
     /// True unless the circuit is closed.
@@ -150,8 +153,11 @@ impl CircuitBreaker {
             kind,
             done: false,
         };
-        let mut changes = self.changed.subscribe();
         loop {
+            // Registered before looking, so a change in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let wait_until = {
                 let mut phase = self.lock();
                 match *phase {
@@ -166,14 +172,15 @@ impl CircuitBreaker {
             };
             match wait_until {
                 Some(until) => {
+                    // Biased: the same branch first every time, so a simulated
+                    // run replays exactly.
                     tokio::select! {
+                        biased;
                         () = tokio::time::sleep_until(until) => {}
-                        _ = changes.changed() => {}
+                        () = &mut changed => {}
                     }
                 }
-                None => {
-                    let _ = changes.changed().await;
-                }
+                None => changed.await,
             }
         }
     }

@@ -200,7 +200,15 @@ impl Committer {
                 let mut settled = txn.commit().await;
                 // An abort or a rebuild leaves finished work of the other
                 // partitions buffered: commit again, a few times at most.
-                for _ in 0..REVOKE_ROUNDS {
+                #[cfg(feature = "mutations")]
+                let rounds = if crate::mutation::on("revoke_keeps_open_records") {
+                    0
+                } else {
+                    REVOKE_ROUNDS
+                };
+                #[cfg(not(feature = "mutations"))]
+                let rounds = REVOKE_ROUNDS;
+                for _ in 0..rounds {
                     if !txn.holds(partitions) || matches!(settled, Settled::Stopped(_)) {
                         break;
                     }

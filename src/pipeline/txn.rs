@@ -209,7 +209,9 @@ struct Finished {
 struct Part {
     epoch: Option<Epoch>,
     buffer: BTreeMap<i64, Finished>,
-    stall: Option<Stall>,
+    /// Refused records waiting for a lone retry, by offset: the lowest is
+    /// retried once everything before it is committed, then the next.
+    stalls: BTreeMap<i64, Stall>,
 }
 
 /// What the open transaction holds, for the commit and its metrics.
@@ -405,9 +407,8 @@ impl Transactions {
             Some(reason) => {
                 let part = inner.parts.entry(p).or_default();
                 let backoff = part
-                    .stall
-                    .as_ref()
-                    .filter(|s| s.offset == offset)
+                    .stalls
+                    .get(&offset)
                     .map_or(self.stall_backoff.0, |s| s.backoff);
                 tracing::error!(
                     topic = %self.topic,
@@ -417,12 +418,15 @@ impl Transactions {
                     retry_in_s = backoff.as_secs(),
                     "partition stalled: a record cannot be published; its offset stays uncommitted until the broker accepts it"
                 );
-                part.stall = Some(Stall {
+                part.stalls.insert(
                     offset,
-                    reason: reason.clone(),
-                    retry_at: Instant::now() + backoff,
-                    backoff,
-                });
+                    Stall {
+                        offset,
+                        reason: reason.clone(),
+                        retry_at: Instant::now() + backoff,
+                        backoff,
+                    },
+                );
                 self.ledger.set_stalled(p, job.epoch, Some(reason));
             }
             None => {
@@ -560,7 +564,7 @@ impl Transactions {
         let stall_due = inner
             .parts
             .values()
-            .any(|p| p.stall.as_ref().is_some_and(|s| s.retry_at <= now));
+            .any(|p| p.stalls.values().next().is_some_and(|s| s.retry_at <= now));
         let something = inner.phase == Phase::Open || inner.parts.keys().any(|p| self.moved(*p));
         let old = inner
             .open
@@ -919,6 +923,9 @@ impl Transactions {
                 let dropped: usize = part.buffer.values().map(|f| f.records.len()).sum();
                 inner.buffered = inner.buffered.saturating_sub(dropped);
                 part.buffer.clear();
+                // Redone from the committed position: a refused record
+                // stalls again when it is redone.
+                part.stalls.clear();
             }
             let known = self.ledger.rewind(p);
             let asked = to.and_then(|t| t.iter().find(|(q, _)| *q == p).map(|(_, o)| *o));
@@ -944,7 +951,7 @@ impl Transactions {
                 .parts
                 .iter()
                 .filter_map(|(p, part)| {
-                    let s = part.stall.as_ref().filter(|s| s.retry_at <= now)?;
+                    let s = part.stalls.values().next().filter(|s| s.retry_at <= now)?;
                     // Only at the head of what is committed: its transaction
                     // commits the position past it, which must not pass work
                     // before it that is still running or uncommitted.
@@ -986,14 +993,15 @@ impl Transactions {
                     tracing::warn!(topic = %self.topic, partition = p, offset, "the refused record was accepted; partition resumed");
                     let mut inner = self.lock();
                     let part = inner.parts.entry(p).or_default();
-                    part.stall = None;
+                    part.stalls.remove(&offset);
+                    let next = part.stalls.values().next().map(|s| s.reason.clone());
                     let n = part.buffer.remove(&offset).map_or(0, |f| f.records.len());
                     inner.buffered = inner.buffered.saturating_sub(n);
                     inner.refusals.remove(&(p, offset));
                     inner.rebuilds = 0;
                     self.ledger.complete(p, epoch, offset);
                     self.ledger.committed(p, offset + 1);
-                    self.ledger.set_stalled(p, epoch, None);
+                    self.ledger.set_stalled(p, epoch, next);
                 }
                 Err(TxnError::Abortable(e)) | Err(TxnError::Retriable(e)) => {
                     let aborted = retrying(|| self.producer.abort()).await;
@@ -1017,7 +1025,7 @@ impl Transactions {
     fn stall_again(&self, p: i32, offset: i64, error: &str) {
         let mut inner = self.lock();
         let part = inner.parts.entry(p).or_default();
-        if let Some(s) = part.stall.as_mut() {
+        if let Some(s) = part.stalls.get_mut(&offset) {
             s.backoff = (s.backoff * 2).min(self.stall_backoff.1);
             s.retry_at = Instant::now() + s.backoff;
             tracing::error!(topic = %self.topic, partition = p, offset, reason = %s.reason, error = %error, retry_in_s = s.backoff.as_secs(), "partition still stalled: the record is refused");
@@ -1609,6 +1617,65 @@ mod tests {
                 (0, 0, Role::Event),
                 (0, 1, Role::DeadLetter),
                 (1, 0, Role::Event)
+            ]
+        );
+    }
+
+    /// Found by the simulation: a second refused dead letter in a stalled
+    /// partition replaced the first's stall, which was then never retried:
+    /// the partition stayed stuck after the cause was fixed.
+    #[tokio::test(start_paused = true)]
+    async fn two_refused_dead_letters_in_one_partition_are_retried_in_order() {
+        let f = fixture(1000);
+        let refuse = |f: &Fixture, offset| {
+            f.producer.refusals.lock().unwrap().push(Refusal {
+                tag: RecordTag {
+                    partition: 0,
+                    offset,
+                    role: Role::DeadLetter,
+                },
+                reason: "TOPIC_AUTHORIZATION_FAILED".into(),
+                too_large: false,
+            });
+        };
+        let jobs: Vec<_> = (0..3).map(|o| job(&f, 0, o)).collect();
+        finish(&f, &jobs[0], vec![out(Destination::DeadLetters)]);
+        finish(&f, &jobs[1], vec![out(Destination::Events)]);
+        finish(&f, &jobs[2], vec![out(Destination::DeadLetters)]);
+        refuse(&f, 0);
+        refuse(&f, 2);
+        f.producer
+            .commits
+            .lock()
+            .unwrap()
+            .push(Err(TxnError::Abortable("records failed".into())));
+        assert_eq!(f.txn.commit().await, Settled::Aborted(vec![0]));
+        // Redone: both dead letters stall, the event between them waits.
+        let jobs: Vec<_> = (0..3).map(|o| job(&f, 0, o)).collect();
+        finish(&f, &jobs[0], vec![out(Destination::DeadLetters)]);
+        finish(&f, &jobs[1], vec![out(Destination::Events)]);
+        finish(&f, &jobs[2], vec![out(Destination::DeadLetters)]);
+        assert!(f.ledger.is_stalled(0));
+        // The broker takes them now: 0 alone, then 1 in a normal commit, then 2 alone.
+        for _ in 0..4 {
+            f.txn.commit().await;
+        }
+        assert!(!f.ledger.is_stalled(0), "both were retried");
+        assert_eq!(f.ledger.restart_position(0), Some(3));
+        let committed: Vec<(i64, Role)> = f
+            .producer
+            .committed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| (t.offset, t.role))
+            .collect();
+        assert_eq!(
+            committed,
+            vec![
+                (0, Role::DeadLetter),
+                (1, Role::Event),
+                (2, Role::DeadLetter)
             ]
         );
     }

@@ -8,6 +8,7 @@ mod e2e;
 mod engine;
 mod exactly_once;
 mod follow;
+mod hang;
 mod http_client;
 mod logs;
 mod ops;

@@ -44,6 +44,13 @@ impl Env {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
+    /// A transaction coordinator's answer: it writes markers or offsets
+    /// first, so it takes longer and varies more.
+    async fn coordinator(&self) {
+        let ms = 2 + self.faults.range(0..40);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
     /// Never answers once the member died.
     async fn alive(&self) {
         if self.dead() {
@@ -90,6 +97,9 @@ struct SourceState {
     positions: BTreeMap<i32, i64>,
     /// Partitions the engine was asked to revoke and has not released yet.
     revoking: std::collections::BTreeSet<i32>,
+    /// Assigned partitions whose committed position an open transaction may
+    /// still move: reading starts once it is stable.
+    unstable: std::collections::BTreeSet<i32>,
     events: Vec<SourceEvent>,
 }
 
@@ -115,6 +125,7 @@ impl SimSource {
                 generation: 0,
                 positions: BTreeMap::new(),
                 revoking: std::collections::BTreeSet::new(),
+                unstable: std::collections::BTreeSet::new(),
                 events: Vec::new(),
             }),
             wake: Arc::new(Notify::new()),
@@ -169,6 +180,7 @@ impl Source for SimSource {
                         .iter()
                         .map(|p| (*p, committed.get(p).copied().unwrap_or(0)))
                         .collect();
+                    s.unstable = parts.iter().copied().collect();
                     out.push(SourceEvent::Assigned(parts));
                 }
                 // What it owns and was not already asked to revoke (a session
@@ -191,6 +203,18 @@ impl Source for SimSource {
     fn read(&self, partition: i32) -> Option<Incoming> {
         if self.env.dead() {
             return None;
+        }
+        {
+            let mut s = self.state.lock().unwrap();
+            if s.unstable.contains(&partition) {
+                if self.env.cluster.unstable(&self.group, partition) {
+                    return None;
+                }
+                s.unstable.remove(&partition);
+                let committed = self.env.cluster.committed(&self.group);
+                s.positions
+                    .insert(partition, committed.get(&partition).copied().unwrap_or(0));
+            }
         }
         let position = *self.state.lock().unwrap().positions.get(&partition)?;
         match self
@@ -235,7 +259,9 @@ impl Source for SimSource {
             s.member
         };
         if let Some(member) = member {
-            self.env.cluster.released(&self.group, member);
+            if let Some(id) = self.env.cluster.released(&self.group, member) {
+                self.state.lock().unwrap().member = Some(id);
+            }
         }
     }
 
@@ -311,6 +337,13 @@ impl Source for SimSource {
                 .is_some()
             {
                 return Err("COORDINATOR_LOAD_IN_PROGRESS (injected)".into());
+            }
+            // A read_committed consumer asks for stable positions (KIP-447).
+            if partitions
+                .iter()
+                .any(|p| self.env.cluster.unstable(&self.group, *p))
+            {
+                return Err("UNSTABLE_OFFSET_COMMIT".into());
             }
             let committed = self.env.cluster.committed(&self.group);
             Ok(partitions
@@ -439,6 +472,7 @@ impl TxnProducer for SimTxnProducer {
                 ("queue_full", 4.0),
                 ("refused_too_large", 1.0),
                 ("refused_unknown_topic", 1.0),
+                ("refused_not_authorized", 0.5),
                 ("fatal", 0.5),
             ],
         ) {
@@ -460,6 +494,13 @@ impl TxnProducer for SimTxnProducer {
                 self.env.refuse(out);
                 return Err(SendError::Refused {
                     reason: "UNKNOWN_TOPIC_OR_PART (injected)".into(),
+                    too_large: false,
+                });
+            }
+            Some("refused_not_authorized") => {
+                self.env.refuse(out);
+                return Err(SendError::Refused {
+                    reason: "TOPIC_AUTHORIZATION_FAILED (injected)".into(),
                     too_large: false,
                 });
             }
@@ -490,7 +531,7 @@ impl TxnProducer for SimTxnProducer {
         }
         // The broker refuses it after the fact: a policy, or a topic whose
         // max.message.bytes is below the producer's.
-        let scale = if tag.role == Role::Event { 0.1 } else { 0.5 };
+        let scale = if tag.role == Role::Event { 0.1 } else { 1.0 };
         if let Some(fault) = self.env.faults.draw(
             "txn.delivery",
             scale,
@@ -518,11 +559,11 @@ impl TxnProducer for SimTxnProducer {
     ) -> BoxFuture<'a, Result<(), TxnError>> {
         Box::pin(async move {
             self.env.alive().await;
-            self.env.round_trip().await;
+            self.env.coordinator().await;
             self.env.alive().await;
             let fault = self.env.faults.draw(
                 "txn.send_offsets",
-                0.5,
+                1.0,
                 &[("timeout", 2.0), ("abortable", 1.0), ("fenced", 0.3)],
             );
             if fault == Some("fenced") {
@@ -556,11 +597,11 @@ impl TxnProducer for SimTxnProducer {
     fn commit(&self) -> BoxFuture<'_, Result<(), TxnError>> {
         Box::pin(async move {
             self.env.alive().await;
-            self.env.round_trip().await;
+            self.env.coordinator().await;
             self.env.alive().await;
             let fault = self.env.faults.draw(
                 "txn.commit",
-                0.5,
+                1.0,
                 &[
                     ("timeout_not_landed", 2.0),
                     ("timeout_landed", 2.0),
@@ -693,6 +734,15 @@ impl Produce for SimProducer {
         out: &'a Outgoing,
     ) -> BoxFuture<'a, Result<(), ProduceError>> {
         Box::pin(async move {
+            self.env.cluster.trace(format!(
+                "produce {topic} {}",
+                out.headers
+                    .iter()
+                    .find(|(k, _)| k == b"x-request-id" || k == b"paysync-source-offset")
+                    .and_then(|(_, v)| v.as_deref())
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+            ));
             self.env.alive().await;
             self.env.round_trip().await;
             self.env.alive().await;
@@ -712,6 +762,7 @@ impl Produce for SimProducer {
                     ("retriable_not_landed", 3.0),
                     ("retriable_landed", 3.0),
                     ("refused_too_large", 1.0),
+                    ("refused_not_authorized", 0.5),
                     ("refused_unknown_topic", 1.0),
                     ("fatal", 0.2),
                 ],
@@ -729,6 +780,13 @@ impl Produce for SimProducer {
                     return Err(ProduceError::Retriable(
                         "REQUEST_TIMED_OUT (injected)".into(),
                     ))
+                }
+                Some("refused_not_authorized") => {
+                    self.env.refuse(out);
+                    return Err(ProduceError::Permanent {
+                        reason: "TOPIC_AUTHORIZATION_FAILED (injected)".into(),
+                        too_large: false,
+                    });
                 }
                 Some("refused_unknown_topic") => {
                     self.env.refuse(out);

@@ -542,19 +542,23 @@ impl Cluster {
         self.settle(group);
     }
 
-    /// A member let go of what it was asked to revoke.
-    pub fn released(&self, group: &str, member: u64) {
+    /// A member let go of what it was asked to revoke. A member the group
+    /// expelled finds out now and joins again under a new member id (its
+    /// old id fences what it still had under way): that id is returned.
+    pub fn released(&self, group: &str, member: u64) -> Option<u64> {
         {
             let mut inner = self.lock();
             if inner.lost.remove(&(group.to_owned(), member)) {
-                // Expelled while it worked: it finds out now and joins again.
-                inner.note(format!("rejoin {group} member {member}"));
+                let id = inner.next_member;
+                inner.next_member += 1;
+                inner.mailboxes.insert(id, Mailbox::default());
+                inner.note(format!("rejoin {group} member {member} as {id}"));
                 if let Some(g) = inner.groups.get_mut(group) {
-                    g.members.insert(member, Vec::new());
+                    g.members.insert(id, Vec::new());
                 }
                 drop(inner);
                 self.rebalance(group);
-                return;
+                return Some(id);
             }
             if let Some(g) = inner.groups.get_mut(group) {
                 g.revoking.remove(&member);
@@ -564,6 +568,7 @@ impl Cluster {
             }
         }
         self.settle(group);
+        None
     }
 
     /// A member is expelled (dead, or a session timeout): its partitions are
@@ -606,6 +611,19 @@ impl Cluster {
             inner.note(format!("lose {group} member {member}"));
         }
         self.rebalance(group);
+    }
+
+    /// True while an open transaction holds offsets of `group` for
+    /// `partition`: its committed position is not stable yet, and a
+    /// `read_committed` consumer that takes the partition over waits for it
+    /// (KIP-447: OffsetFetch with RequireStable).
+    pub fn unstable(&self, group: &str, partition: i32) -> bool {
+        self.lock().txns.iter().any(|t| {
+            t.state == TxnState::Open
+                && t.offsets
+                    .keys()
+                    .any(|(g, _, p)| g == group && *p == partition)
+        })
     }
 
     /// True when a `read_committed` reader at `position` finds a record.

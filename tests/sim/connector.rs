@@ -41,6 +41,10 @@ pub const PANIC_MARKER: &str = "PANIC-IN-TRANSLATION";
 
 pub struct SimConnector {
     faults: Arc<Faults>,
+    /// Where calls are traced.
+    pub cluster: Mutex<Option<crate::cluster::Cluster>>,
+    /// An outage: every call fails until then.
+    outage_until: Mutex<Option<paysync::clock::Instant>>,
     payments: Mutex<BTreeMap<String, (Payment, usize)>>,
     request_timeout: Duration,
     max_response_bytes: usize,
@@ -50,6 +54,8 @@ impl SimConnector {
     pub fn new(faults: Arc<Faults>, request_timeout: Duration, max_response_bytes: usize) -> Self {
         SimConnector {
             faults,
+            cluster: Mutex::new(None),
+            outage_until: Mutex::new(None),
             payments: Mutex::new(BTreeMap::new()),
             request_timeout,
             max_response_bytes,
@@ -75,6 +81,9 @@ impl SimConnector {
     }
 
     async fn respond(&self, request: &HttpRequest) -> Result<HttpResponse, TransportError> {
+        if let Some(cluster) = self.cluster.lock().unwrap().as_ref() {
+            cluster.trace(format!("call {}", request.url.path()));
+        }
         tokio::time::sleep(Duration::from_millis(2 + self.faults.range(0..40))).await;
         let path = request.url.path().to_owned();
         if path.ends_with("/oauth2/token") {
@@ -82,6 +91,22 @@ impl SimConnector {
             return Ok(Self::answer(200, &[], body.to_vec()));
         }
         let id = path.rsplit('/').next().unwrap_or_default().to_owned();
+        // An outage: for a few seconds every call fails (the circuit opens,
+        // requests wait for it, and its probe may be any of them).
+        let now = paysync::clock::Instant::now();
+        let down = self.outage_until.lock().unwrap().is_some_and(|u| now < u);
+        if down {
+            return Ok(Self::answer(503, &[], Vec::new()));
+        }
+        if self
+            .faults
+            .draw("connector", 0.02, &[("outage", 1.0)])
+            .is_some()
+        {
+            let lasts = Duration::from_millis(self.faults.range(1_000..8_000));
+            *self.outage_until.lock().unwrap() = Some(now + lasts);
+            return Ok(Self::answer(503, &[], Vec::new()));
+        }
         let fault = self.faults.draw(
             "connector",
             1.0,

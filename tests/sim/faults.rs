@@ -36,6 +36,11 @@ pub const TABLE: &[FaultClass] = &[
     },
     FaultClass {
         point: "txn.send",
+        fault: "refused_not_authorized",
+        breaks: "exactly once, liveness (stall, retried alone)",
+    },
+    FaultClass {
+        point: "txn.send",
         fault: "fatal",
         breaks: "exactly once (rebuild), liveness",
     },
@@ -132,6 +137,11 @@ pub const TABLE: &[FaultClass] = &[
     },
     FaultClass {
         point: "produce",
+        fault: "refused_not_authorized",
+        breaks: "liveness (stall until accepted)",
+    },
+    FaultClass {
+        point: "produce",
         fault: "fatal",
         breaks: "liveness (unhealthy: restarted)",
     },
@@ -194,6 +204,11 @@ pub const TABLE: &[FaultClass] = &[
     },
     FaultClass {
         point: "connector",
+        fault: "outage",
+        breaks: "liveness (the circuit opens, requests wait; its probe must be answered)",
+    },
+    FaultClass {
+        point: "connector",
         fault: "500",
         breaks: "no FAILURE for a technical failure",
     },
@@ -236,6 +251,10 @@ pub struct Faults {
     /// How often each point fails while faults are on.
     rate: f64,
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Every draw at an injection point, with its virtual time (for replay
+    /// comparisons).
+    log: Mutex<Vec<String>>,
+    started: paysync::clock::Instant,
 }
 
 impl Faults {
@@ -245,6 +264,8 @@ impl Faults {
             rng: Mutex::new(fastrand::Rng::with_seed(seed ^ 0x5eed_fa17)),
             rate,
             counts: Mutex::new(BTreeMap::new()),
+            log: Mutex::new(Vec::new()),
+            started: paysync::clock::Instant::now(),
         }
     }
 
@@ -280,7 +301,14 @@ impl Faults {
         scale: f64,
         faults: &[(&'static str, f64)],
     ) -> Option<&'static str> {
-        if !self.on() || faults.is_empty() || !self.chance(self.rate * scale) {
+        if !self.on() || faults.is_empty() {
+            return None;
+        }
+        self.log.lock().unwrap().push(format!(
+            "{:?} {point}",
+            paysync::clock::Instant::now().saturating_duration_since(self.started)
+        ));
+        if !self.chance(self.rate * scale) {
             return None;
         }
         let total: f64 = faults.iter().map(|(_, w)| w).sum();
@@ -304,6 +332,10 @@ impl Faults {
             .unwrap()
             .entry((point, fault))
             .or_default() += 1;
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn counts(&self) -> BTreeMap<(&'static str, &'static str), u64> {

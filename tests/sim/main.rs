@@ -53,6 +53,12 @@ fn watch_panics() {
 /// Runs one seed on a fresh single-threaded runtime with a paused clock.
 pub fn run(seed: u64, exactly_once: bool) -> Outcome {
     watch_panics();
+    if let Ok(filter) = std::env::var("PAYSYNC_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     UNEXPECTED_PANICS.with(|c| c.set(0));
     let plan = Plan::draw(seed, exactly_once);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -178,7 +184,7 @@ fn at_least_once_holds_for_every_seed() {
 #[test]
 fn a_seed_replays_exactly() {
     for exactly_once in [true, false] {
-        for seed in [3, 17] {
+        for seed in 0..8 {
             let a = run(seed, exactly_once);
             let b = run(seed, exactly_once);
             assert!(
@@ -186,7 +192,16 @@ fn a_seed_replays_exactly() {
                 "a trace worth comparing: {}",
                 a.trace.len()
             );
-            assert_eq!(a.trace, b.trace, "seed {seed} replays differently");
+            let n = a.trace.len().max(b.trace.len());
+            if let Some(i) = (0..n).find(|i| a.trace.get(*i) != b.trace.get(*i)) {
+                let around = |t: &[String]| t[i.saturating_sub(3)..(i + 3).min(t.len())].to_vec();
+                panic!(
+                    "seed {seed} ({}) replays differently from line {i}: {:#?} then {:#?}",
+                    guarantee_name(exactly_once),
+                    around(&a.trace),
+                    around(&b.trace)
+                );
+            }
             assert_eq!(a.counts, b.counts);
             assert_eq!(a.settled_in, b.settled_in);
         }
@@ -288,12 +303,6 @@ fn mutations_are_found() {
 #[test]
 #[ignore = "replays one seed: PAYSYNC_SIM_SEED=<n> PAYSYNC_SIM_GUARANTEE=exactly_once|at_least_once"]
 fn replay() {
-    if let Ok(filter) = std::env::var("PAYSYNC_SIM_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
     let seed = env_u64("PAYSYNC_SIM_SEED", 0);
     let exactly_once = std::env::var("PAYSYNC_SIM_GUARANTEE").as_deref() != Ok("at_least_once");
     let outcome = run(seed, exactly_once);

@@ -76,7 +76,7 @@ impl Plan {
             include_raw: rng.bool(),
             max_in_flight: [1, 4, 16][rng.usize(0..3)],
             transaction_interval_ms: [50, 200, 2_000][rng.usize(0..3)],
-            fault_rate: [0.0, 0.02, 0.08, 0.2][rng.usize(0..4)],
+            fault_rate: [0.0, 0.05, 0.15, 0.3][rng.usize(0..4)],
             faults_for: Duration::from_secs(rng.u64(5..40)),
         }
     }
@@ -215,6 +215,7 @@ impl World {
             Duration::from_secs(2),
             MAX_RESPONSE_BYTES,
         ));
+        *connector.cluster.lock().unwrap() = Some(cluster.clone());
         World {
             members: (0..plan.members).map(|_| None).collect(),
             plan,
@@ -401,7 +402,7 @@ impl World {
             let connector = if mollie { "mollie" } else { "cm" };
             let follow = mollie && (30..55).contains(&kind);
             let webhook = (55..65).contains(&kind);
-            let poison = kind >= 90;
+            let poison = kind >= 85;
             let progression: &[&[&'static str]] = if mollie {
                 &[
                     &["open", "pending", "paid"],
@@ -425,14 +426,12 @@ impl World {
                 panic: false,
                 big: false,
             };
-            if rng.on() && rng.chance(self.plan.fault_rate * 2.0) {
-                if rng.chance(0.5) {
-                    payment.forever_429 = true;
-                    rng.count("connector", "429_forever");
-                } else {
-                    payment.panic = true;
-                    rng.count("connector", "panic_in_translation");
-                }
+            if rng.on() && rng.chance(self.plan.fault_rate) {
+                payment.forever_429 = true;
+                rng.count("connector", "429_forever");
+            } else if rng.on() && rng.chance(self.plan.fault_rate) {
+                payment.panic = true;
+                rng.count("connector", "panic_in_translation");
             }
             // A body near the response limit is a payment's shape, not a fault.
             if rng.chance(0.05) {
@@ -615,7 +614,8 @@ impl World {
         if std::env::var_os("PAYSYNC_SIM_DUMP").is_some() {
             self.dump();
         }
-        let trace = self.cluster.lock().trace.clone();
+        let mut trace = self.faults.log();
+        trace.extend(self.cluster.lock().trace.clone());
         Outcome {
             plan: self.plan.clone(),
             violations,
