@@ -406,6 +406,10 @@ impl Transactions {
         match stall {
             Some(reason) => {
                 let part = inner.parts.entry(p).or_default();
+                #[cfg(feature = "mutations")]
+                if crate::mutation::on("second_stall_replaces_first") {
+                    part.stalls.clear();
+                }
                 let backoff = part
                     .stalls
                     .get(&offset)

@@ -40,7 +40,7 @@ pub const GROUP: &str = "paysync";
 /// A simulated wall clock's start: 2027-01-15T08:00:00Z.
 pub const EPOCH_MS: i64 = 1_800_000_000_000;
 /// Record limit of the simulated broker (and the producers' `message.max.bytes`).
-const MAX_RECORD_BYTES: usize = 65_536;
+const MAX_RECORD_BYTES: usize = 50_000;
 /// Response limit of the connectors: a body near it makes an event with its
 /// raw response larger than the record limit.
 const MAX_RESPONSE_BYTES: usize = 60_000;
