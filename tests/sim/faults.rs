@@ -50,6 +50,11 @@ pub const TABLE: &[FaultClass] = &[
         breaks: "exactly once (abort, redo without it)",
     },
     FaultClass {
+        point: "txn.delivery",
+        fault: "refused_too_large",
+        breaks: "exactly once (publish_refused once; a re-check ends its chain)",
+    },
+    FaultClass {
         point: "txn.send_offsets",
         fault: "timeout",
         breaks: "exactly once (positions sent twice)",
