@@ -393,7 +393,6 @@ impl Dispatcher {
                 Ok(Some(done)) => self.on_done(done),
                 Ok(None) | Err(_) => break,
             }
-            self.metrics.set_in_flight(self.scheduler.in_flight());
         }
         self.scheduler.unfinished()
     }

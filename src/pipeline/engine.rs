@@ -103,7 +103,8 @@ impl Engine {
             for (p, o) in seeks {
                 self.source.seek(p, o);
             }
-            self.metrics.set_in_flight(self.dispatcher.in_flight());
+            self.metrics
+            .set_in_flight(&self.settings.input_topic, self.dispatcher.in_flight());
             let next_due = self.queues.next_due();
             let committing = self.committing.is_some();
             tokio::select! {
@@ -254,7 +255,8 @@ impl Engine {
             .checked_add(self.settings.drain_timeout)
             .unwrap_or_else(Instant::now);
         self.committer.finish(&mut self.dispatcher, deadline).await;
-        self.metrics.set_in_flight(self.dispatcher.in_flight());
+        self.metrics
+            .set_in_flight(&self.settings.input_topic, self.dispatcher.in_flight());
     }
 }
 

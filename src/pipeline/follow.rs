@@ -231,8 +231,12 @@ struct Mark {
     check: u32,
     /// Its records were all acknowledged.
     done: bool,
-    /// It ends the chain.
+    /// It ends the chain: its records, which say so, were acknowledged.
     ended: bool,
+    /// It will end the chain once its records are acknowledged. A run that is
+    /// abandoned (its partition revoked while it published) never ended it:
+    /// a check after it must still run.
+    ending: bool,
 }
 
 impl ChainMarks {
@@ -254,12 +258,16 @@ impl ChainMarks {
                 true
             }
             Some(m) if k < m.check || (k > m.check && m.ended) => false,
-            Some(m) if k == m.check => !m.done,
+            Some(m) if k == m.check => {
+                m.ending = false;
+                !m.done
+            }
             Some(m) => {
                 *m = Mark {
                     check: k,
                     done: false,
                     ended: false,
+                    ending: false,
                 };
                 true
             }
@@ -273,7 +281,11 @@ impl ChainMarks {
         match self.marks.get_mut(&chain.origin) {
             Some(m) if m.check > chain.check => false,
             Some(m) => {
-                m.ended |= ends;
+                m.ending = ends;
+                #[cfg(feature = "mutations")]
+                if crate::mutation::on("chain_ended_before_acknowledged") {
+                    m.ended |= ends;
+                }
                 true
             }
             None => true,
@@ -287,6 +299,7 @@ impl ChainMarks {
             check: at,
             done: true,
             ended: true,
+            ending: true,
         };
         match self.marks.get_mut(origin) {
             None => {
@@ -305,6 +318,7 @@ impl ChainMarks {
         if let Some(m) = self.marks.get_mut(&chain.origin) {
             if m.check == chain.check {
                 m.done = true;
+                m.ended |= m.ending;
             }
         }
     }
@@ -317,6 +331,7 @@ impl ChainMarks {
                 check,
                 done: false,
                 ended: false,
+                ending: false,
             },
         );
         if self.order.len() > self.capacity {
@@ -658,11 +673,30 @@ mod tests {
         m.done(&c3);
         // 4 ends the chain; a 5 scheduled by an earlier run is skipped.
         assert!(m.claim(&c4) && m.settle(&c4, true));
-        assert!(!m.claim(&chain(5, None)), "above the chain's end");
         assert!(
             m.claim(&c4),
             "the end, not yet acknowledged, may be repeated"
         );
+        assert!(m.settle(&c4, true));
+        m.done(&c4);
+        assert!(!m.claim(&chain(5, None)), "above the chain's end");
+    }
+
+    /// Found by the simulation: a repeat of check 1 saw a final status, marked
+    /// the chain ended, and was abandoned (its partition revoked) before it
+    /// published; check 2, scheduled by the first run, was then skipped as past
+    /// the chain's end, and the chain never ended.
+    #[test]
+    fn an_end_never_acknowledged_does_not_stop_the_next_check() {
+        let mut m = ChainMarks::new(10);
+        let (c1, c2) = (chain(1, None), chain(2, None));
+        assert!(m.claim(&c1) && m.settle(&c1, false));
+        m.done(&c1);
+        // The repeat of 1 runs (its offset was not committed) and would end it.
+        let mut repeat = ChainMarks::new(10);
+        assert!(repeat.claim(&c1) && repeat.settle(&c1, true));
+        // ... but is abandoned: no `done`. Check 2 still runs.
+        assert!(repeat.claim(&c2), "the chain did not end: 2 carries it on");
     }
 
     #[test]
@@ -675,9 +709,10 @@ mod tests {
         assert!(m.claim(&c5));
         assert!(!m.settle(&c4, true), "4 would end the chain a second time");
         assert!(m.settle(&c5, true));
-        // Or 4 settles first and ends the chain: 5 is skipped.
+        // Or 4 settles first and ends the chain (acknowledged): 5 is skipped.
         let mut m = ChainMarks::new(10);
         assert!(m.claim(&c4) && m.settle(&c4, true));
+        m.done(&c4);
         assert!(!m.claim(&c5));
     }
 

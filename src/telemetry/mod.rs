@@ -59,6 +59,8 @@ pub struct Metrics {
     concurrency_limit: prometheus::GaugeVec,
     throttled: IntCounterVec,
     throttled_too_long: IntCounterVec,
+    /// Requests in flight per engine, summed into `in_flight`.
+    in_flight_by_topic: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     raw_connector_dropped: IntCounterVec,
     webhooks: IntCounterVec,
     webhook_duration: HistogramVec,
@@ -412,6 +414,7 @@ impl Metrics {
                 "Events published without their raw connector fields, which would not fit the producer's record limit.",
                 &["connector"],
             ),
+            in_flight_by_topic: std::sync::Mutex::default(),
             throttled_too_long: counter(
                 r,
                 "paysync_connector_throttled_too_long_total",
@@ -552,9 +555,16 @@ impl Metrics {
         self.tasks_ended.with_label_values(&[task]).inc();
     }
 
-    /// The number of requests in flight.
-    pub fn set_in_flight(&self, n: usize) {
-        self.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// The number of requests in flight in the engine of `topic`; the gauge
+    /// is the sum over the engines (the input's and the re-check topics').
+    pub fn set_in_flight(&self, topic: &str, n: usize) {
+        let mut by_topic = self
+            .in_flight_by_topic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        by_topic.insert(topic.to_owned(), n);
+        let total: usize = by_topic.values().sum();
+        self.in_flight.set(i64::try_from(total).unwrap_or(i64::MAX));
     }
 
     /// Consumer lag of a partition.
@@ -780,7 +790,12 @@ mod tests {
         m.connector_call("cm", "200", Duration::from_millis(5));
         m.connector_retry("cm", "5xx");
         m.token_refresh("cm");
-        m.set_in_flight(3);
+        m.set_in_flight("in", 2);
+        m.set_in_flight("in.recheck.60s", 1);
+        // Found by the simulation: each engine set the one gauge, so the last
+        // to report hid the others' requests; it is their sum.
+        assert_eq!(m.in_flight(), 3);
+        m.set_in_flight("in", 2);
         m.request_done(Outcome::Synced, crate::clock::Instant::now());
         m.set_lag("in", 0, 10);
         m.set_commit("in", 0, 5, 1);

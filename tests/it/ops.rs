@@ -555,3 +555,35 @@ async fn an_interrupted_redrive_run_again_sends_nothing_twice() {
     );
     assert_eq!(from.len(), n);
 }
+
+/// Durations from outside, out of range: a usage or configuration error (exit
+/// 2) that names the flag or the key, never a panic (exit 101, as
+/// `--timeout 10000000000000000000s` was: it overflowed the deadline).
+#[test]
+fn absurd_durations_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "127.0.0.1:1",
+        &Topics::unique("absurd", 1),
+        "http://127.0.0.1:1",
+    );
+    for timeout in ["10000000000000000000s", "8days", "0s"] {
+        let out = paysync(&config, &["check", "--timeout", timeout, "tx-1"]);
+        assert_exit(&out, 2, timeout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--timeout"), "{timeout}: {stderr}");
+    }
+    let toml = std::fs::read_to_string(&config).unwrap().replace(
+        "[connectors.cm.retry]\n",
+        "[connectors.cm.retry]\nmax_throttled = \"30days\"\n",
+    );
+    std::fs::write(&config, toml).unwrap();
+    let out = paysync(&config, &["check-config"]);
+    assert_exit(&out, 2, "an out-of-range key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connectors.cm.retry.max_throttled"),
+        "{stderr}"
+    );
+}

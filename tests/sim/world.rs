@@ -118,7 +118,7 @@ guarantee = "{guarantee}"
 max_in_flight = {in_flight}
 max_request_bytes = 16384
 transaction_interval = "{txn}ms"
-shutdown_timeout = "5s"
+shutdown_timeout = "1s"
 recheck_gate_timeout = "20s"
 [events]
 include_raw_connector = {raw}
@@ -400,7 +400,7 @@ impl World {
                 format!("cm-sim-{n}")
             };
             let connector = if mollie { "mollie" } else { "cm" };
-            let follow = mollie && (30..55).contains(&kind);
+            let follow = mollie && (20..55).contains(&kind);
             let webhook = (55..65).contains(&kind);
             let poison = kind >= 85;
             let progression: &[&[&'static str]] = if mollie {
@@ -503,7 +503,7 @@ impl World {
         });
         let mut load = self.workload().into_iter().peekable();
         let faults_end = started + self.plan.faults_for;
-        let mut next_fault = started + Duration::from_millis(self.faults.range(500..5_000));
+        let mut next_fault = started + Duration::from_millis(self.faults.range(300..3_000));
         let mut restarts: Vec<(Instant, usize)> = Vec::new();
         // Faults and load, until both are over.
         loop {
@@ -536,7 +536,7 @@ impl World {
             }
             if self.faults.on() && now >= next_fault {
                 self.inject(&mut restarts);
-                next_fault = now + Duration::from_millis(self.faults.range(500..5_000));
+                next_fault = now + Duration::from_millis(self.faults.range(300..3_000));
             }
             self.supervise(&mut restarts);
             let due: Vec<usize> = restarts
