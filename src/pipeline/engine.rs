@@ -104,7 +104,7 @@ impl Engine {
                 self.source.seek(p, o);
             }
             self.metrics
-            .set_in_flight(&self.settings.input_topic, self.dispatcher.in_flight());
+                .set_in_flight(&self.settings.input_topic, self.dispatcher.in_flight());
             let next_due = self.queues.next_due();
             let committing = self.committing.is_some();
             tokio::select! {
