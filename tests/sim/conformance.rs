@@ -241,6 +241,17 @@ async fn real(steps: &[Step], script: usize, brokers: &str) -> Run {
         )
         .expect("consumer"),
     );
+    // A member of its group, as paysync's consumer always is when it commits:
+    // the positions are fenced by the group's generation.
+    let joined = std::time::Instant::now();
+    while !source.joined() {
+        source.poll();
+        assert!(
+            joined.elapsed() < Duration::from_secs(60),
+            "the consumer did not join"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut producer = rdkafka::ClientConfig::new();
     producer
         .set("bootstrap.servers", brokers)
