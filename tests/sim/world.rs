@@ -44,6 +44,10 @@ const MAX_RECORD_BYTES: usize = 50_000;
 /// Response limit of the connectors: a body near it makes an event with its
 /// raw response larger than the record limit.
 const MAX_RESPONSE_BYTES: usize = 60_000;
+/// A limiter place held after a refusal comes back by then (the request
+/// timeout, the longest round trip a hold can last, plus a margin).
+const HOLDS_END_WITHIN: Duration = Duration::from_secs(3);
+
 /// How long a dead member stays in its groups (the session timeout).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once faults stop, everything must be at rest within this.
@@ -576,6 +580,12 @@ impl World {
                 break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // A place held after a refusal comes back one round trip after its
+        // call started (at most the request timeout, 2 s here): give the last
+        // refusals that long before asking for every place back.
+        if settled_in.is_some() {
+            tokio::time::sleep(HOLDS_END_WITHIN).await;
         }
         let (in_flight, limiters) = self.leftovers();
         // Shutdown.
