@@ -36,7 +36,11 @@ use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
 use crate::supervisor::{Ended, Failures, Lifetime, Supervisor};
 use crate::telemetry::Metrics;
-use crate::webhooks::{self, Intake};
+use crate::intake::admission::{random_id, Admission};
+use crate::intake::server::{self as intake_server, Limits};
+use crate::intake::tls::Tls;
+use crate::intake::{Intake, Store};
+use crate::kafka::intake_producer::IntakeProducer;
 
 /// Why paysync could not start. `main` maps the kind to the exit code: 2 for a
 /// configuration that cannot work, 1 for everything else.
@@ -121,7 +125,8 @@ pub struct RunningApp {
     supervisor: Supervisor,
     failures: Failures,
     engines: Engines,
-    producer: Arc<KafkaProducer>,
+    /// The processor's producer (none when only the intake runs).
+    producer: Option<Arc<KafkaProducer>>,
     metrics: Arc<Metrics>,
     http_addr: SocketAddr,
     /// The webhook intake's address, when `[webhooks]` is on.
@@ -196,9 +201,12 @@ impl RunningApp {
             for p in txn_producers {
                 p.flush(Duration::from_secs(10));
             }
-            producer
-                .flush(Duration::from_secs(30))
-                .map_err(|e| format!("producer flush: {e}"))
+            match producer {
+                Some(p) => p
+                    .flush(Duration::from_secs(30))
+                    .map_err(|e| format!("producer flush: {e}")),
+                None => Ok(()),
+            }
         })
         .await;
         match flushed {
@@ -240,11 +248,32 @@ pub fn gateways(
     Ok(out)
 }
 
-/// Starts paysync.
+/// What a process runs (`paysync run --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// The processor, and the webhook intake when `[webhooks]` exists.
+    #[default]
+    All,
+    /// The processor only (`[webhooks]` is ignored).
+    Processor,
+    /// The webhook intake only (`[webhooks]` required): no consumer, no
+    /// connector calls; `/readyz` is the intake's readiness.
+    Webhooks,
+}
+
+/// Starts paysync (every part).
 pub async fn start(settings: Settings) -> Result<RunningApp, StartupError> {
+    start_as(settings, Role::All).await
+}
+
+/// Starts the parts of paysync `role` names.
+pub async fn start_as(settings: Settings, role: Role) -> Result<RunningApp, StartupError> {
     let metrics = Arc::new(Metrics::new());
+    if role == Role::Webhooks {
+        return start_webhooks(settings, metrics).await;
+    }
     let gateways = gateways(&settings, &metrics)?;
-    start_with(settings, metrics, gateways).await
+    start_with_role(settings, metrics, gateways, role).await
 }
 
 /// What it takes to start an engine (at start-up, and for re-check topics found
@@ -504,6 +533,15 @@ pub async fn start_with(
     metrics: Arc<Metrics>,
     gateways: HashMap<String, Arc<Gateway>>,
 ) -> Result<RunningApp, StartupError> {
+    start_with_role(settings, metrics, gateways, Role::All).await
+}
+
+async fn start_with_role(
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    gateways: HashMap<String, Arc<Gateway>>,
+    role: Role,
+) -> Result<RunningApp, StartupError> {
     let accepted_schema_ids =
         AcceptedSchemaIds::new(settings.processing.accepted_schema_ids.iter().copied());
     let (supervisor, failures) = Supervisor::new();
@@ -555,18 +593,9 @@ pub async fn start_with(
     let (listener, http_addr) = bind("http.listen", settings.http.listen).await?;
     // The webhook intake binds before anything consumes, so a port in use stops
     // start-up instead of leaving a half-running instance.
-    let intake = match &settings.webhooks {
-        None => None,
-        Some(w) => {
-            let (listener, addr) = bind("webhooks.listen", w.listen).await?;
-            let intake = Intake::new(&settings, w, metrics.clone()).map_err(|source| {
-                StartupError::Kafka {
-                    client: "webhook producer",
-                    source,
-                }
-            })?;
-            Some((listener, addr, Arc::new(intake)))
-        }
+    let intake = match (&settings.webhooks, role) {
+        (Some(w), Role::All) => Some(prepare_intake(&settings, w, &metrics, role).await?),
+        _ => None,
     };
     let settings = Arc::new(settings);
     let engines: Engines = Arc::new(Mutex::new(Vec::new()));
@@ -609,6 +638,7 @@ pub async fn start_with(
         return Err(e);
     }
     let topics_ok = Arc::new(AtomicBool::new(false));
+    let intake_alive = intake.as_ref().map(|p| p.intake.clone());
     let alive: Probe = {
         let engines = engines.clone();
         let publisher = publisher.clone();
@@ -626,10 +656,13 @@ pub async fn start_with(
             if !publisher.is_healthy() {
                 return Err("the producer hit a fatal error".into());
             }
+            if let Some(intake) = &intake_alive {
+                intake.health().alive?;
+            }
             Ok(())
         })
     };
-    let intake_ready = intake.as_ref().map(|(_, _, i)| i.clone());
+    let intake_ready = intake.as_ref().map(|p| p.intake.clone());
     let ready: Probe = {
         let engines = engines.clone();
         let topics_ok = topics_ok.clone();
@@ -645,7 +678,7 @@ pub async fn start_with(
                 return Err("waiting to join the consumer groups".into());
             }
             if let Some(intake) = &intake_ready {
-                intake.ready()?;
+                intake.health().ready?;
             }
             let now = crate::clock::Instant::now();
             for e in engines.iter() {
@@ -682,20 +715,13 @@ pub async fn start_with(
         metrics: metrics.clone(),
         alive,
         ready: ready.clone(),
+        webhooks_ready: intake.as_ref().map(|p| intake_probe(&p.intake)),
     };
     supervisor.spawn("http server", Lifetime::UntilShutdown, async move {
         server::serve(listener, state, token).await
     });
-    let webhook_addr = intake.as_ref().map(|(_, addr, _)| *addr);
-    let intake = intake.map(|(listener, addr, intake)| {
-        let token = supervisor.token();
-        let serving = intake.clone();
-        supervisor.spawn("webhook intake", Lifetime::UntilShutdown, async move {
-            webhooks::serve(listener, serving, token).await
-        });
-        tracing::info!(listen = %addr, "webhook intake listening");
-        intake
-    });
+    let webhook_addr = intake.as_ref().map(|p| p.addr);
+    let intake = intake.map(|p| p.spawn(&supervisor));
     let k = &settings.kafka;
     tracing::info!(
         brokers = %k.brokers,
@@ -711,11 +737,180 @@ pub async fn start_with(
         supervisor,
         failures,
         engines,
-        producer,
+        producer: Some(producer),
         metrics,
         http_addr,
         webhook_addr,
         intake,
+        ready,
+    })
+}
+
+/// The webhook intake, bound and built, not yet serving.
+struct PreparedIntake {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    intake: Arc<Intake>,
+    limits: Limits,
+    tls: Option<Arc<Tls>>,
+}
+
+impl PreparedIntake {
+    /// Serves it (and watches its TLS files) under `supervisor`.
+    fn spawn(self, supervisor: &Supervisor) -> Arc<Intake> {
+        let PreparedIntake {
+            listener,
+            addr,
+            intake,
+            limits,
+            tls,
+        } = self;
+        if let Some(tls) = &tls {
+            let (tls, token, metrics) = (tls.clone(), supervisor.token(), intake.metrics().clone());
+            supervisor.spawn("webhook TLS reload", Lifetime::UntilShutdown, async move {
+                tls.watch(token, move |ok| metrics.tls_reloaded(ok)).await;
+                Ok(())
+            });
+        }
+        tracing::info!(
+            listen = %addr,
+            tls = tls.is_some(),
+            max_connections = limits.max_connections,
+            "webhook intake listening"
+        );
+        let (serving, token) = (intake.clone(), supervisor.token());
+        supervisor.spawn("webhook intake", Lifetime::UntilShutdown, async move {
+            intake_server::serve(listener, serving, limits, tls, token).await
+        });
+        intake
+    }
+}
+
+/// Binds the intake's listener and builds it: its connection bound from the
+/// open-file limit, its TLS, its own producer, its admission step. The
+/// listener binds before anything consumes, so a port in use stops start-up
+/// instead of leaving a half-running instance.
+async fn prepare_intake(
+    settings: &Settings,
+    w: &crate::config::WebhookSettings,
+    metrics: &Arc<Metrics>,
+    role: Role,
+) -> Result<PreparedIntake, StartupError> {
+    let (listener, addr) = bind("webhooks.listen", w.listen).await?;
+    // The processor's connector calls hold a socket each.
+    let reserved = intake_server::RESERVED_FILES
+        + if role == Role::All {
+            settings.processing.max_in_flight as u64
+        } else {
+            0
+        };
+    let open_files = intake_server::raise_open_file_limit();
+    let (max_connections, warning) =
+        intake_server::connection_bound(w.max_connections, open_files, reserved)?;
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    let tls = w
+        .tls
+        .as_ref()
+        .map(|files| Tls::new(files).map(Arc::new))
+        .transpose()
+        .map_err(|e| ConfigError::new(e.key, e.to_string()))?;
+    let mut config = producer_config(&settings.kafka);
+    // librdkafka gives up on a record by the time the webhook is answered 503,
+    // so a 503 rarely leaves a late copy behind.
+    config.set(
+        "message.timeout.ms",
+        w.ack_timeout.as_millis().max(1).to_string(),
+    );
+    let intake_metrics = metrics.intake();
+    let counted = intake_metrics.clone();
+    let store: Arc<dyn Store> = Arc::new(
+        IntakeProducer::new(config, Box::new(move || counted.producer_rebuilt())).map_err(
+            |source| StartupError::Kafka {
+                client: "webhook producer",
+                source,
+            },
+        )?,
+    );
+    let admission = Admission::new(settings, w, Box::new(random_id));
+    let intake = Arc::new(Intake::new(
+        w.clone(),
+        &settings.kafka.input_topic,
+        admission,
+        store,
+        intake_metrics,
+    ));
+    Ok(PreparedIntake {
+        listener,
+        addr,
+        intake,
+        limits: Limits::new(w, max_connections),
+        tls,
+    })
+}
+
+/// The intake's readiness: its producer can store (its listener is up while
+/// the process serves).
+fn intake_probe(intake: &Arc<Intake>) -> Probe {
+    let intake = intake.clone();
+    Arc::new(move || intake.health().ready)
+}
+
+/// `paysync run --role webhooks`: the intake alone, with the HTTP server's
+/// probes answering for it.
+async fn start_webhooks(
+    settings: Settings,
+    metrics: Arc<Metrics>,
+) -> Result<RunningApp, StartupError> {
+    let Some(w) = settings.webhooks.clone() else {
+        return Err(ConfigError::new(
+            "webhooks",
+            "--role webhooks runs the webhook intake alone, and there is no [webhooks] table",
+        )
+        .into());
+    };
+    let (supervisor, failures) = Supervisor::new();
+    let (listener, http_addr) = bind("http.listen", settings.http.listen).await?;
+    let prepared = prepare_intake(&settings, &w, &metrics, Role::Webhooks).await?;
+    let webhook_addr = Some(prepared.addr);
+    let intake = prepared.intake.clone();
+    let alive: Probe = {
+        let (intake, supervisor) = (intake.clone(), supervisor.clone());
+        Arc::new(move || {
+            if let Some(ended) = supervisor.failure() {
+                return Err(ended.to_string());
+            }
+            intake.health().alive
+        })
+    };
+    let ready = intake_probe(&intake);
+    let state = HttpState {
+        metrics: metrics.clone(),
+        alive,
+        ready: ready.clone(),
+        webhooks_ready: Some(ready.clone()),
+    };
+    let token = supervisor.token();
+    supervisor.spawn("http server", Lifetime::UntilShutdown, async move {
+        server::serve(listener, state, token).await
+    });
+    let intake = prepared.spawn(&supervisor);
+    tracing::info!(
+        brokers = %settings.kafka.brokers,
+        input = %settings.kafka.input_topic,
+        http = %http_addr,
+        "paysync started (webhook intake only)"
+    );
+    Ok(RunningApp {
+        supervisor,
+        failures,
+        engines: Arc::new(Mutex::new(Vec::new())),
+        producer: None,
+        metrics,
+        http_addr,
+        webhook_addr,
+        intake: Some(intake),
         ready,
     })
 }
@@ -890,9 +1085,10 @@ async fn discover_recheck_topics(
 /// cleanly. A task that ended is an error naming it (exit code 1).
 pub async fn run(
     settings: Settings,
+    role: Role,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
-    serve_until(start(settings).await?, shutdown).await
+    serve_until(start_as(settings, role).await?, shutdown).await
 }
 
 /// Serves a started app until `shutdown` completes or a supervised task ends,

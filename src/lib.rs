@@ -19,8 +19,8 @@
 //! | [`pipeline`] | the engine loop over a consumer `Source`, partition queues, offset watermarks, per-key scheduling, the partition ledger, message processing, the job life cycle (`dispatch`), the delivery strategy of each guarantee (`committer`, `publish`, exactly-once bookkeeping `txn`), dead letters for redrive (`letters`) | connector calls |
 //! | [`kafka`] | the rdkafka `Source` and its callbacks, the producers (idempotent and transactional), redrive, topics; the only rdkafka code | Kafka |
 //! | [`schema_registry`] | Confluent Schema Registry client (event schema id at start-up, accepted request schema ids) | HTTP |
-//! | [`server`] | `/metrics`, `/healthz`, `/readyz` | HTTP server |
-//! | [`webhooks`] | the webhook intake: routes, limits, a request produced and acknowledged before 200 | HTTP server, Kafka |
+//! | [`server`] | `/metrics`, `/healthz`, `/readyz`, `/readyz/webhooks` | HTTP server |
+//! | [`intake`] | the webhook intake: a pure admission step (route, token, limits, signature, buckets, dedupe), bounded connections, optional TLS; requests stored through `kafka` before 200 | HTTP server |
 //! | [`supervisor`] | the long-running tasks and helper threads: one `JoinSet`, one cancellation, a failure named and the process stopped | none |
 //! | [`app`] | wiring and ordered shutdown | all of the above |
 //! | [`demo`] | `paysync demo`, the connector simulator, the local stack for tests and the benchmark | in-process |
@@ -37,6 +37,7 @@ pub mod config;
 pub mod connectors;
 pub mod demo;
 pub mod domain;
+pub mod intake;
 pub mod kafka;
 #[cfg(feature = "mutations")]
 pub mod mutation;
@@ -45,4 +46,3 @@ pub mod schema_registry;
 pub mod server;
 pub mod supervisor;
 pub mod telemetry;
-pub mod webhooks;

@@ -57,6 +57,27 @@ struct Cli {
     command: Command,
 }
 
+/// `paysync run --role`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RunRole {
+    /// The processor, and the webhook intake when `[webhooks]` exists.
+    All,
+    /// The processor only.
+    Processor,
+    /// The webhook intake only.
+    Webhooks,
+}
+
+impl From<RunRole> for paysync::app::Role {
+    fn from(r: RunRole) -> Self {
+        match r {
+            RunRole::All => paysync::app::Role::All,
+            RunRole::Processor => paysync::app::Role::Processor,
+            RunRole::Webhooks => paysync::app::Role::Webhooks,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the processor: consume status-check requests, publish status events.
@@ -64,6 +85,10 @@ enum Command {
         /// TOML settings file (every key can be overridden by PAYSYNC_<SECTION>__<KEY>).
         #[arg(long, env = "PAYSYNC_CONFIG")]
         config: Option<PathBuf>,
+        /// What this process runs: the processor and the webhook intake (`all`),
+        /// or either alone.
+        #[arg(long, value_enum, default_value = "all", env = "PAYSYNC_ROLE")]
+        role: RunRole,
     },
     /// Run the whole pipeline in one process: in-process Kafka, a CM.com simulator and sample requests.
     Demo {
@@ -310,7 +335,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
+        Command::Run { config, role } => {
             let settings = match load(config) {
                 Ok(s) => s,
                 Err(code) => return code,
@@ -322,7 +347,7 @@ fn main() -> ExitCode {
             };
             let result = rt.block_on(async {
                 let shutdown = termination();
-                paysync::app::run(settings, shutdown).await
+                paysync::app::run(settings, role.into(), shutdown).await
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,9 @@
 //! The HTTP endpoints: `GET /metrics` (Prometheus text format), `GET /healthz`
-//! (the consumer loop and producer are alive) and `GET /readyz` (connected,
-//! consuming, no partition stalled or stuck). A failing probe answers 503 with
-//! the reason in the body.
+//! (the consumer loop and producer are alive), `GET /readyz` (connected,
+//! consuming, no partition stalled or stuck) and `GET /readyz/webhooks` (the
+//! webhook intake can store requests: its readiness alone, for the ingress
+//! that routes webhooks). A failing probe answers 503 with the reason in the
+//! body.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +29,12 @@ pub struct HttpState {
     /// Liveness: fails when the consumer loop or the producer is dead, so that an
     /// orchestrator restarts the process.
     pub alive: Probe,
-    /// Readiness: connected, consuming, and no partition stalled or stuck.
+    /// Readiness: connected, consuming, and no partition stalled or stuck
+    /// (under `--role webhooks`, the intake's).
     pub ready: Probe,
+    /// The webhook intake's own readiness (`/readyz/webhooks`), when it runs
+    /// in this process.
+    pub webhooks_ready: Option<Probe>,
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -56,6 +62,16 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     answer((state.ready)(), "ready")
+}
+
+async fn readyz_webhooks(State(state): State<HttpState>) -> impl IntoResponse {
+    match &state.webhooks_ready {
+        Some(probe) => answer(probe(), "ready"),
+        None => (
+            StatusCode::NOT_FOUND,
+            "the webhook intake does not run in this process\n".to_owned(),
+        ),
+    }
 }
 
 /// The probe URL on a listen address: an unspecified address (`0.0.0.0`, `::`)
@@ -108,6 +124,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/readyz/webhooks", get(readyz_webhooks))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

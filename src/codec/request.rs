@@ -543,6 +543,66 @@ fn from_object(
 /// produces.
 pub const WEBHOOK_SOURCE: (&str, &str) = ("x-request-source", "webhook");
 
+/// The header that carries a processor's own event id on a request the intake
+/// wrote (processors resend one event id for days, so it is not the request id).
+pub const WEBHOOK_EVENT_ID: &str = "x-webhook-event-id";
+
+/// A status-check request the webhook intake writes: the input contract's
+/// JSON, keyed by transaction id, with the intake's headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRequest {
+    /// The payment to check.
+    pub transaction_id: TransactionId,
+    /// The connector's name.
+    pub connector: String,
+    /// The merchant account.
+    pub merchant_id: String,
+    /// This delivery's own id.
+    pub request_id: String,
+    /// Follow the payment until final.
+    pub follow: bool,
+    /// The payment method, when the connector's status path needs one.
+    pub payment_method_type: Option<PaymentMethodType>,
+    /// The processor's event id, when it sends one.
+    pub event_id: Option<String>,
+}
+
+/// A record ready to produce: key, value and headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord {
+    /// The record key.
+    pub key: Vec<u8>,
+    /// The record value.
+    pub value: Vec<u8>,
+    /// Headers, in order.
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl WebhookRequest {
+    /// The record for the input topic; [`decode_request`] reads it back.
+    pub fn encode(&self) -> EncodedRecord {
+        let mut value = serde_json::json!({
+            "connector_transaction_id": self.transaction_id.as_str(),
+            "connector": self.connector,
+            "merchant_id": self.merchant_id,
+            "request_id": self.request_id,
+            "follow": self.follow,
+        });
+        if let Some(m) = &self.payment_method_type {
+            value["payment_method_type"] = Value::from(m.as_str());
+        }
+        let mut headers = vec![(WEBHOOK_SOURCE.0, WEBHOOK_SOURCE.1.as_bytes().to_vec())];
+        if let Some(id) = &self.event_id {
+            headers.push((WEBHOOK_EVENT_ID, id.as_bytes().to_vec()));
+        }
+        EncodedRecord {
+            key: self.transaction_id.as_str().as_bytes().to_vec(),
+            value: value.to_string().into_bytes(),
+            headers,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,6 +620,50 @@ mod tests {
             ..DecodeOptions::new("cm", "default")
         };
         decode_request(Some(v), headers, POS, &options)
+    }
+
+    #[test]
+    fn a_webhook_request_reads_back_as_the_request_it_was() {
+        for (method, event_id, follow) in [
+            (Some("IDEAL"), Some("evt_1"), true),
+            (None, None, false),
+        ] {
+            let written = WebhookRequest {
+                transaction_id: TransactionId::parse("tr_WDqYK6vllg").unwrap(),
+                connector: "mollie".into(),
+                merchant_id: "shop".into(),
+                request_id: "webhook:mollie:0123".into(),
+                follow,
+                payment_method_type: method.and_then(PaymentMethodType::parse),
+                event_id: event_id.map(str::to_owned),
+            };
+            let record = written.encode();
+            assert_eq!(record.key, b"tr_WDqYK6vllg");
+            let headers: Vec<RawHeader<'_>> = record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), Some(v.as_slice())))
+                .collect();
+            // The default follow is the opposite, so the field is what counts.
+            let options = DecodeOptions {
+                default_follow: !follow,
+                ..DecodeOptions::new("cm", "default")
+            };
+            let read = decode_request(Some(&record.value), &headers, POS, &options).unwrap();
+            assert_eq!(read.connector_transaction_id, written.transaction_id);
+            assert_eq!(read.connector, "mollie");
+            assert_eq!(read.merchant_id, "shop");
+            assert_eq!(read.request_id, "webhook:mollie:0123");
+            assert_eq!(read.follow, follow);
+            assert_eq!(read.payment_method_type, written.payment_method_type);
+            assert!(read.from_webhook);
+            let event_header = record
+                .headers
+                .iter()
+                .find(|(k, _)| *k == WEBHOOK_EVENT_ID)
+                .map(|(_, v)| v.as_slice());
+            assert_eq!(event_header, event_id.map(str::as_bytes));
+        }
     }
 
     fn code_of(v: serde_json::Value) -> RejectCode {

@@ -326,6 +326,43 @@ pub struct WebhookSettings {
     /// A client has this long to send the body.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Connections at most; `None`: 1,024, lowered at start when the
+    /// open-file limit leaves less room.
+    pub max_connections: Option<usize>,
+    /// A connection between requests is closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A connection is closed after this (its request in progress answered
+    /// first, with `Connection: close`).
+    #[serde(with = "humantime_serde")]
+    pub connection_lifetime: Duration,
+    /// Requests one connection serves before it is closed.
+    pub max_requests_per_connection: u32,
+    /// A peer that reads nothing for this long while an answer waits is
+    /// dropped.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Header lines in a request head, at most (431 beyond).
+    pub max_headers: usize,
+    /// Bytes in a request head, at most (431 beyond).
+    pub max_header_bytes: usize,
+    /// Requests whose bodies are read and verified, per second, across the
+    /// intake; beyond it, 503 with `Retry-After` before the body is read.
+    pub max_verifications_per_second: u32,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the source address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// TLS on the listener, when both files are set.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A certificate chain and its private key (PEM files), reloaded when they
+/// change.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Where settings come from.

@@ -105,6 +105,20 @@ pub(super) struct RawWebhooks {
     pub header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    pub max_connections: Option<i64>,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connection_lifetime: Duration,
+    pub max_requests_per_connection: i64,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    pub max_headers: i64,
+    pub max_header_bytes: i64,
+    pub max_verifications_per_second: i64,
+    pub trusted_proxies: Vec<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 impl Default for RawWebhooks {
@@ -123,6 +137,20 @@ impl Default for RawWebhooks {
             dedupe_window: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(5),
             body_read_timeout: Duration::from_secs(10),
+            // Lowered at start when the open-file limit leaves less room.
+            max_connections: None,
+            idle_timeout: Duration::from_secs(60),
+            connection_lifetime: Duration::from_secs(600),
+            max_requests_per_connection: 1000,
+            write_timeout: Duration::from_secs(30),
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
+            // Well under what one core verifies (see the README's flood
+            // benchmark): beyond it the intake answers 503 before reading.
+            max_verifications_per_second: 20_000,
+            trusted_proxies: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

@@ -341,6 +341,23 @@ fn webhook_intake_settings_defaults_and_errors() {
     assert_eq!(w.dedupe_window, Duration::from_secs(60));
     assert_eq!(w.header_read_timeout, Duration::from_secs(5));
     assert_eq!(w.body_read_timeout, Duration::from_secs(10));
+    assert_eq!(w.max_connections, None);
+    assert_eq!(w.idle_timeout, Duration::from_secs(60));
+    assert_eq!(w.connection_lifetime, Duration::from_secs(600));
+    assert_eq!(w.max_requests_per_connection, 1000);
+    assert_eq!(w.write_timeout, Duration::from_secs(30));
+    assert_eq!((w.max_headers, w.max_header_bytes), (64, 16384));
+    assert!(w.trusted_proxies.is_empty() && w.tls.is_none());
+    let s = load(
+        &format!("{MINIMAL}[webhooks]
+trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\nmax_connections = 4096\n"),
+        &[],
+    )
+    .unwrap();
+    let w = s.webhooks.unwrap();
+    assert_eq!(w.trusted_proxies.len(), 2);
+    assert!(w.trusted_proxies[1].contains(&"192.0.2.7".parse::<std::net::IpAddr>().unwrap()));
+    assert_eq!(w.max_connections, Some(4096));
     // Zero turns deduplication off; a zero ack timeout is refused.
     let s = load(
         &format!("{MINIMAL}[webhooks]\ndedupe_window = \"0s\"\n"),
@@ -354,6 +371,17 @@ fn webhook_intake_settings_defaults_and_errors() {
         ("[webhooks]\nmax_body_bytes = 1\n", "webhooks.max_body_bytes"),
         ("[webhooks]\nrequests_per_second = 0\n", "webhooks.requests_per_second"),
         ("[webhooks]\nheader_read_timeout = \"0s\"\n", "webhooks.header_read_timeout"),
+        ("[webhooks]\ntrusted_proxies = [\"the proxy\"]\n", "webhooks.trusted_proxies"),
+        ("[webhooks]\ntls_cert = \"cert.pem\"\n", "webhooks.tls_key"),
+        ("[webhooks]\ntls_key = \"key.pem\"\n", "webhooks.tls_cert"),
+        ("[webhooks]\nmax_headers = 1\n", "webhooks.max_headers"),
+        ("[webhooks]\nmax_connections = 0\n", "webhooks.max_connections"),
+        ("[webhooks]\nwrite_timeout = \"0s\"\n", "webhooks.write_timeout"),
+        // CM.com signs no webhooks: a secret there would protect nothing.
+        (
+            "[connectors.cm.accounts.shop]\nclient_id = \"a\"\nclient_secret = \"b\"\nwebhook_secret = \"whsec_unused\"\n",
+            "connectors.cm.accounts.shop.webhook_secret",
+        ),
         (
             "[connectors.mollie.accounts.shop]\napi_key = \"test_abcdefghijklmnopqrstuvwxyz0123\"\nwebhook_path_token = \"short\"\n",
             "connectors.mollie.accounts.shop.webhook_path_token",

@@ -14,7 +14,7 @@ use super::raw::{
 use super::{
     ConfigError, ConnectorSettings, EventSettings, FollowSettings, Guarantee, HttpSettings,
     KafkaProperties, KafkaSettings, LogFormat, LogSettings, ProcessingSettings, PublishMode,
-    RegistrySettings, Settings, WebhookSettings, DEAD_LETTER_RESERVE,
+    RegistrySettings, Settings, TlsFiles, WebhookSettings, DEAD_LETTER_RESERVE,
 };
 use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credentials};
 use crate::connectors::breaker::BreakerSettings;
@@ -483,6 +483,12 @@ fn connector(
     let mut accounts = BTreeMap::new();
     for (merchant, raw) in c.accounts {
         let a = account(&key(&format!("accounts.{merchant}")), scheme, raw, env)?;
+        if a.webhook_secret.is_some() && !translator.signs_webhooks() {
+            return Err(ConfigError::new(
+                key(&format!("accounts.{merchant}.webhook_secret")),
+                format!("{name} signs no webhooks, so this secret would protect nothing; remove it (a webhook_path_token keeps the route private)"),
+            ));
+        }
         accounts.insert(merchant, a);
     }
     if accounts.is_empty() {
@@ -676,7 +682,70 @@ fn webhooks(w: RawWebhooks) -> Result<WebhookSettings, ConfigError> {
         },
         header_read_timeout: duration("webhooks.header_read_timeout", w.header_read_timeout)?,
         body_read_timeout: duration("webhooks.body_read_timeout", w.body_read_timeout)?,
+        max_connections: w
+            .max_connections
+            .map(|n| bounded("webhooks.max_connections", n, 1, 1_000_000))
+            .transpose()?,
+        idle_timeout: duration("webhooks.idle_timeout", w.idle_timeout)?,
+        connection_lifetime: duration("webhooks.connection_lifetime", w.connection_lifetime)?,
+        max_requests_per_connection: bounded_u32(
+            "webhooks.max_requests_per_connection",
+            w.max_requests_per_connection,
+            1,
+            1_000_000,
+        )?,
+        write_timeout: duration("webhooks.write_timeout", w.write_timeout)?,
+        max_headers: bounded("webhooks.max_headers", w.max_headers, 8, 1000)?,
+        max_header_bytes: bounded(
+            "webhooks.max_header_bytes",
+            w.max_header_bytes,
+            1024,
+            1024 * 1024,
+        )?,
+        max_verifications_per_second: bounded_u32(
+            "webhooks.max_verifications_per_second",
+            w.max_verifications_per_second,
+            1,
+            10_000_000,
+        )?,
+        trusted_proxies: w
+            .trusted_proxies
+            .iter()
+            .map(|n| trusted_proxy(n))
+            .collect::<Result<_, _>>()?,
+        tls: match (w.tls_cert, w.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: non_empty("webhooks.tls_cert", &cert)?.into(),
+                key: non_empty("webhooks.tls_key", &key)?.into(),
+            }),
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "webhooks.tls_key",
+                    "tls_cert needs its private key in tls_key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "webhooks.tls_cert",
+                    "tls_key needs its certificate chain in tls_cert",
+                ))
+            }
+        },
     })
+}
+
+/// A trusted proxy network: `10.0.0.0/8`, `2001:db8::/32`, or one address.
+fn trusted_proxy(text: &str) -> Result<ipnet::IpNet, ConfigError> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            ConfigError::new(
+                "webhooks.trusted_proxies",
+                format!("`{text}` is not a network like 10.0.0.0/8 or an address"),
+            )
+        })
 }
 
 impl RawSettings {

@@ -232,6 +232,13 @@ pub trait Connector: Send + Sync + 'static {
     /// stops there).
     fn is_final(&self, status: PaymentStatus) -> bool;
 
+    /// True when this connector signs its webhooks, so that an account's
+    /// `webhook_secret` means something; a secret on a connector that signs
+    /// nothing is a configuration error. The default signs nothing.
+    fn signs_webhooks(&self) -> bool {
+        false
+    }
+
     /// Reads a webhook this connector sends (pure): the payment to check, or why
     /// it is ignored or refused. The default takes none.
     fn read_webhook(

@@ -309,13 +309,20 @@ impl Connector for MollieConnector {
         )
     }
 
+    /// Signed events carry `X-Mollie-Signature`.
+    fn signs_webhooks(&self) -> bool {
+        true
+    }
+
     /// Mollie's two webhooks. Classic: a form body `id=tr_...`, unsigned (it
-    /// only triggers a check). Signed events (next-gen): JSON with `entityId`,
+    /// only triggers a check), taken only by accounts without a
+    /// `webhook_secret`. Signed events (next-gen): JSON with `entityId`,
     /// signed with `X-Mollie-Signature: sha256=<hex HMAC-SHA256 of the raw body>`
     /// under the account's `webhook_secret`; with a secret configured, a bad or
     /// missing signature is refused (while a secret rotates the header may come
-    /// twice, and either may match). Ids that are not payments (`ord_`, `re_`,
-    /// `chb_`, ...) are ignored.
+    /// twice, and either may match), and so is a classic form (it cannot be
+    /// signed). Ids that are not payments (`ord_`, `re_`, `chb_`, ...) are
+    /// ignored.
     fn read_webhook(&self, webhook: &Webhook<'_>) -> Result<WebhookCheck, WebhookError> {
         let payment = |id: &str, event_id: Option<String>| {
             if !id.starts_with("tr_") {
@@ -328,6 +335,9 @@ impl Connector for MollieConnector {
             })
         };
         if !webhook.is_json() {
+            if webhook.secret.is_some() {
+                return Err(WebhookError::Unsigned);
+            }
             let fields = webhook::form_fields(webhook.body);
             let id = fields
                 .iter()
@@ -452,17 +462,19 @@ mod tests {
             }) => (transaction_id.as_str().to_owned(), event_id),
             other => panic!("{other:?}"),
         };
-        // Classic, unsigned; a secret configured does not matter for it.
+        // Classic, unsigned: taken by an account without a secret only (a
+        // signed account would otherwise take forged classic forms).
         let secret: &'static SecretString =
             Box::leak(Box::new(SecretString::from("whsec_abc".to_owned())));
         assert_eq!(
             check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], None))),
             ("tr_WDqYK6vllg".into(), None)
         );
-        assert_eq!(
-            check(c.read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], Some(secret)))),
-            ("tr_WDqYK6vllg".into(), None)
-        );
+        let unsigned = c
+            .read_webhook(&w(b"id=tr_WDqYK6vllg", vec![], Some(secret)))
+            .unwrap_err();
+        assert_eq!(unsigned, WebhookError::Unsigned);
+        assert_eq!((unsigned.status(), unsigned.label()), (401, "unsigned"));
         assert_eq!(
             c.read_webhook(&w(b"id=ord_kEn1PlbGa", vec![], None))
                 .unwrap(),

@@ -96,6 +96,11 @@ pub enum WebhookError {
     /// A signature is required and missing or wrong (401).
     #[error("the webhook signature is missing or does not match")]
     BadSignature,
+    /// The account has a `webhook_secret`, and this delivery is of a kind that
+    /// carries no signature (401): a signed account takes signed deliveries
+    /// only, or the secret would protect nothing.
+    #[error("this account takes signed webhooks only")]
+    Unsigned,
     /// The connector takes no webhooks (404).
     #[error("this connector takes no webhooks")]
     Unsupported,
@@ -106,7 +111,7 @@ impl WebhookError {
     pub fn status(&self) -> u16 {
         match self {
             WebhookError::Malformed(_) => 400,
-            WebhookError::BadSignature => 401,
+            WebhookError::BadSignature | WebhookError::Unsigned => 401,
             WebhookError::Unsupported => 404,
         }
     }
@@ -116,6 +121,7 @@ impl WebhookError {
         match self {
             WebhookError::Malformed(_) => "malformed",
             WebhookError::BadSignature => "bad_signature",
+            WebhookError::Unsigned => "unsigned",
             WebhookError::Unsupported => "unsupported",
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod headers;
+pub mod intake_producer;
 pub mod producer;
 pub mod redrive;
 pub mod source;

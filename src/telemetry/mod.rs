@@ -13,7 +13,10 @@ use prometheus::{
 
 use crate::config::LogFormat;
 
+mod intake;
 pub mod span_json;
+
+pub use intake::IntakeMetrics;
 
 /// Every paysync metric. Label values are bounded: outcomes, statuses, reject
 /// codes, connector names, HTTP codes, partitions.
@@ -62,9 +65,8 @@ pub struct Metrics {
     /// Requests in flight per engine, summed into `in_flight`.
     in_flight_by_topic: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     raw_connector_dropped: IntCounterVec,
-    webhooks: IntCounterVec,
-    webhook_duration: HistogramVec,
     webhook_not_found: IntCounterVec,
+    intake: IntakeMetrics,
 }
 
 /// Outcome of one request (`paysync_requests_total{outcome}`).
@@ -376,26 +378,6 @@ impl Metrics {
             )
             .and_then(|g| r.register(Box::new(g.clone())).map(|()| g))
             .unwrap_or_else(|e| panic!("metric paysync_connector_concurrency_limit: {e}")),
-            webhooks: counter(
-                r,
-                "paysync_webhooks_total",
-                "Webhooks received, by connector and outcome (accepted, duplicate, ignored, bad_signature, malformed, not_found, too_large, throttled, unavailable, timeout).",
-                &["connector", "outcome"],
-            ),
-            webhook_duration: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "paysync_webhook_duration_seconds",
-                        "From a webhook's arrival to its answer (the broker's acknowledgement of its request included).",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["connector"],
-                )
-                .unwrap_or_else(|e| panic!("metric paysync_webhook_duration_seconds: {e}"));
-                r.register(Box::new(h.clone()))
-                    .unwrap_or_else(|e| panic!("register paysync_webhook_duration_seconds: {e}"));
-                h
-            },
             webhook_not_found: counter(
                 r,
                 "paysync_webhook_checks_not_found_total",
@@ -421,6 +403,7 @@ impl Metrics {
                 "Requests throttled (429) for longer than retry.max_throttled, ended as failed checks.",
                 &["connector"],
             ),
+            intake: IntakeMetrics::new(r),
             registry,
         };
         for o in [Outcome::Synced, Outcome::ConnectorError, Outcome::Invalid] {
@@ -516,12 +499,9 @@ impl Metrics {
             .set(limit);
     }
 
-    /// A webhook was answered with `outcome` after `took`.
-    pub fn webhook(&self, connector: &str, outcome: &str, took: Duration) {
-        self.webhooks.with_label_values(&[connector, outcome]).inc();
-        self.webhook_duration
-            .with_label_values(&[connector])
-            .observe(took.as_secs_f64());
+    /// The webhook intake's metrics.
+    pub fn intake(&self) -> IntakeMetrics {
+        self.intake.clone()
     }
 
     /// A webhook-triggered check found no such transaction.

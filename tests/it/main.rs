@@ -10,6 +10,7 @@ mod exactly_once;
 mod follow;
 mod hang;
 mod http_client;
+mod intake;
 mod logs;
 mod ops;
 mod poison;

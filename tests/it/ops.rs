@@ -587,3 +587,44 @@ fn absurd_durations_are_usage_errors() {
         "{stderr}"
     );
 }
+
+/// A key that would protect nothing is refused by name: CM.com signs no
+/// webhooks, so a `webhook_secret` on a CM.com account is a configuration
+/// error (exit 2), as is `--role webhooks` without `[webhooks]`.
+#[test]
+fn a_webhook_secret_on_a_connector_that_signs_nothing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "127.0.0.1:1",
+        &Topics::unique("cm-secret", 1),
+        "http://127.0.0.1:1",
+    );
+    let base = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{base}\n[connectors.cm.accounts.shop]\nclient_id = \"a\"\nclient_secret = \"b\"\nwebhook_secret = \"whsec_never_used\"\n"),
+    )
+    .unwrap();
+    let out = paysync(&config, &["check-config"]);
+    assert_exit(&out, 2, "a CM.com webhook_secret");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connectors.cm.accounts.shop.webhook_secret"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("whsec_never_used"), "the secret echoed: {stderr}");
+
+    std::fs::write(&config, &base).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_paysync"))
+        .args(["run", "--role", "webhooks", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_exit(&out, 2, "--role webhooks without [webhooks]");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[webhooks]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -274,7 +274,12 @@ impl Process {
     }
 
     pub async fn wait_ready(&self, timeout: Duration) {
-        let url = format!("http://{}/readyz", self.http);
+        self.wait_path("readyz", timeout).await;
+    }
+
+    /// Waits until `GET /<path>` answers 2xx.
+    pub async fn wait_path(&self, path: &str, timeout: Duration) {
+        let url = format!("http://{}/{path}", self.http);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(r) = reqwest::get(&url).await {
