@@ -18,6 +18,11 @@ use crate::config::{ConfigError, Guarantee, Settings};
 use crate::connectors::gateway::{Gateway, GatewayError};
 use crate::connectors::registry;
 use crate::connectors::token::system_clock;
+use crate::intake::admission::{random_id, Admission};
+use crate::intake::server::{self as intake_server, Limits};
+use crate::intake::tls::Tls;
+use crate::intake::{Intake, Store};
+use crate::kafka::intake_producer::IntakeProducer;
 use crate::kafka::producer::KafkaProducer;
 use crate::kafka::source::KafkaSource;
 use crate::kafka::transactions::KafkaTxnProducer;
@@ -36,11 +41,6 @@ use crate::schema_registry::{RegistryClient, RegistryError};
 use crate::server::{self, HttpState, Probe};
 use crate::supervisor::{Ended, Failures, Lifetime, Supervisor};
 use crate::telemetry::Metrics;
-use crate::intake::admission::{random_id, Admission};
-use crate::intake::server::{self as intake_server, Limits};
-use crate::intake::tls::Tls;
-use crate::intake::{Intake, Store};
-use crate::kafka::intake_producer::IntakeProducer;
 
 /// Why paysync could not start. `main` maps the kind to the exit code: 2 for a
 /// configuration that cannot work, 1 for everything else.

@@ -624,10 +624,9 @@ mod tests {
 
     #[test]
     fn a_webhook_request_reads_back_as_the_request_it_was() {
-        for (method, event_id, follow) in [
-            (Some("IDEAL"), Some("evt_1"), true),
-            (None, None, false),
-        ] {
+        for (method, event_id, follow) in
+            [(Some("IDEAL"), Some("evt_1"), true), (None, None, false)]
+        {
             let written = WebhookRequest {
                 transaction_id: TransactionId::parse("tr_WDqYK6vllg").unwrap(),
                 connector: "mollie".into(),

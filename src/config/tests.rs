@@ -349,8 +349,10 @@ fn webhook_intake_settings_defaults_and_errors() {
     assert_eq!((w.max_headers, w.max_header_bytes), (64, 16384));
     assert!(w.trusted_proxies.is_empty() && w.tls.is_none());
     let s = load(
-        &format!("{MINIMAL}[webhooks]
-trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\nmax_connections = 4096\n"),
+        &format!(
+            "{MINIMAL}[webhooks]
+trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\nmax_connections = 4096\n"
+        ),
         &[],
     )
     .unwrap();

@@ -464,11 +464,7 @@ impl Admission {
         if self.dedupe_window_ms > 0
             && lock(&self.dedupe).seen_within(&key, self.dedupe_window_ms, now_ms)
         {
-            return Decision::Answer(Answer::new(
-                Outcome::Duplicate,
-                200,
-                "accepted (a repeat)",
-            ));
+            return Decision::Answer(Answer::new(Outcome::Duplicate, 200, "accepted (a repeat)"));
         }
         if let Err(wait_ms) = lock(&target.account.bucket).take(now_ms) {
             return Decision::Answer(Answer::unavailable(
@@ -589,11 +585,20 @@ webhook_path_token = "pt_0123456789abcdef"
 
     fn signed(body: &[u8], secret: &str) -> Vec<(String, String)> {
         let mut h = json();
-        h.push(("x-mollie-signature".into(), hmac_sha256_header(secret, body)));
+        h.push((
+            "x-mollie-signature".into(),
+            hmac_sha256_header(secret, body),
+        ));
         h
     }
 
-    fn decide(a: &Admission, route: &str, body: &[u8], headers: &[(String, String)], now: u64) -> Decision {
+    fn decide(
+        a: &Admission,
+        route: &str,
+        body: &[u8],
+        headers: &[(String, String)],
+        now: u64,
+    ) -> Decision {
         let target = a.route(route, Some(body.len() as u64)).unwrap();
         a.decide(
             &target,
@@ -620,7 +625,13 @@ webhook_path_token = "pt_0123456789abcdef"
         // charged to the account (its bucket holds 2).
         for i in 0..500 {
             let body = event(&format!("tr_forged{i}"));
-            let d = decide(&a, "mollie/signed", &body, &signed(&body, "whsec_guess"), 1_000);
+            let d = decide(
+                &a,
+                "mollie/signed",
+                &body,
+                &signed(&body, "whsec_guess"),
+                1_000,
+            );
             match d {
                 Decision::Answer(ans) => {
                     assert_eq!((ans.outcome, ans.status), (Outcome::BadSignature, 401));
@@ -706,7 +717,9 @@ webhook_path_token = "pt_0123456789abcdef"
             let e = a.route(path, Some(10)).err().unwrap();
             assert_eq!((e.outcome, e.status), (Outcome::NotFound, 404), "{path}");
         }
-        assert!(a.route("mollie/hidden/pt_0123456789abcdef", Some(10)).is_ok());
+        assert!(a
+            .route("mollie/hidden/pt_0123456789abcdef", Some(10))
+            .is_ok());
         let e = a.route("mollie/open", Some(1025)).err().unwrap();
         assert_eq!((e.outcome, e.status), (Outcome::TooLarge, 413));
         assert!(a.route("mollie/open", None).is_ok());
@@ -726,7 +739,10 @@ webhook_path_token = "pt_0123456789abcdef"
             }
         }
         assert_eq!(refused, 500, "1,000 a second, all in one instant");
-        assert!(a.afford(5_001).is_ok(), "one token a millisecond comes back");
+        assert!(
+            a.afford(5_001).is_ok(),
+            "one token a millisecond comes back"
+        );
     }
 
     #[test]

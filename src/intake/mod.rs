@@ -114,8 +114,10 @@ fn respond(status: u16, body: &str, retry_after: Option<u64>) -> Response<Full<B
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     if let Some(s) = retry_after {
-        r.headers_mut()
-            .insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from(s));
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(s),
+        );
     }
     r
 }
@@ -165,7 +167,11 @@ impl Intake {
     }
 
     /// Answers one HTTP request from `peer`.
-    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let (connector, answer) = self.answer(request, peer).await;
         self.metrics
@@ -219,10 +225,7 @@ impl Intake {
         {
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return (
-                    connector,
-                    answer(Outcome::TooLarge, 413, "body too large"),
-                )
+                return (connector, answer(Outcome::TooLarge, 413, "body too large"))
             }
             Ok(Err(_)) => {
                 return (
@@ -258,10 +261,7 @@ impl Intake {
         };
         let delivery = match self.admission.decide(&target, &received, mono_ms()) {
             Decision::Answer(answer) => {
-                if matches!(
-                    answer.outcome,
-                    Outcome::BadSignature | Outcome::Unsigned
-                ) {
+                if matches!(answer.outcome, Outcome::BadSignature | Outcome::Unsigned) {
                     let source =
                         forwarded::source(peer.ip(), &headers, &self.settings.trusted_proxies);
                     tracing::debug!(connector, source = %source, outcome = answer.outcome.label(), "webhook refused");
@@ -289,7 +289,10 @@ impl Intake {
                 tracing::warn!(error = %why, "the broker did not take a webhook's request; answered 503");
                 (
                     connector,
-                    unavailable(Outcome::Unavailable, "the request was not stored: try again"),
+                    unavailable(
+                        Outcome::Unavailable,
+                        "the request was not stored: try again",
+                    ),
                 )
             }
             Err(StoreError::TimedOut) => {

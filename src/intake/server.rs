@@ -43,6 +43,10 @@ use crate::config::{ConfigError, WebhookSettings};
 /// How often connections' clocks are looked at.
 pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 
+/// A connection without a request head is closed to make room only once it
+/// had this long to send one.
+pub const EVICT_AFTER: Duration = WATCH_EVERY;
+
 /// The default connection bound.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
@@ -62,6 +66,8 @@ enum Phase {
     Busy = 2,
     /// Kept alive between requests.
     Idle = 3,
+    /// Answered; the answer not yet flushed to the socket.
+    Answering = 4,
 }
 
 impl Phase {
@@ -70,7 +76,8 @@ impl Phase {
             0 => Phase::Fresh,
             1 => Phase::Head,
             2 => Phase::Busy,
-            _ => Phase::Idle,
+            3 => Phase::Idle,
+            _ => Phase::Answering,
         }
     }
 }
@@ -119,8 +126,16 @@ impl Conn {
         self.closing.load(Ordering::Acquire)
     }
 
+    /// The answer is handed to the connection: it is not idle until the
+    /// answer is flushed (a connection closed for room must not lose it).
     fn end(&self) {
-        self.enter(Phase::Idle, mono_ms());
+        self.enter(Phase::Answering, mono_ms());
+    }
+
+    fn flushed(&self) {
+        if self.phase() == Phase::Answering {
+            self.enter(Phase::Idle, mono_ms());
+        }
     }
 
     fn read_some(&self) {
@@ -193,11 +208,13 @@ impl Limits {
             Phase::Fresh | Phase::Head if waited >= ms(self.header_read_timeout) => {
                 return Verdict::Close("header_timeout")
             }
-            Phase::Idle if waited >= ms(self.idle_timeout) => return Verdict::Close("idle_timeout"),
+            Phase::Idle if waited >= ms(self.idle_timeout) => {
+                return Verdict::Close("idle_timeout")
+            }
             _ => {}
         }
         if now.saturating_sub(c.opened_ms) >= ms(self.lifetime) {
-            return if phase == Phase::Busy {
+            return if phase == Phase::Busy || phase == Phase::Answering {
                 Verdict::CloseAfterAnswer
             } else {
                 Verdict::Close("lifetime")
@@ -248,18 +265,22 @@ impl Registry {
         )
     }
 
-    /// The connection to close to make room: the oldest without a complete
-    /// request head, else the longest idle; none while all are serving.
-    fn victim(&self) -> Option<Arc<Conn>> {
+    /// The connection to close to make room at `now`: the oldest without a
+    /// complete request head that had `grace` to send one (a connection just
+    /// accepted may hold its head unread), else the longest idle; none while
+    /// all are serving.
+    fn victim(&self, now: u64, grace: Duration) -> Option<Arc<Conn>> {
         let conns = lock(&self.conns);
         let alive = || conns.values().filter(|c| !c.kill.is_cancelled());
-        let oldest = |phases: &[Phase]| {
+        let oldest = |phases: &[Phase], grace: u64| {
             alive()
                 .filter(|c| phases.contains(&c.phase()))
+                .filter(|c| now.saturating_sub(c.since_ms.load(Ordering::Acquire)) >= grace)
                 .min_by_key(|c| c.since_ms.load(Ordering::Acquire))
                 .cloned()
         };
-        oldest(&[Phase::Fresh, Phase::Head]).or_else(|| oldest(&[Phase::Idle]))
+        oldest(&[Phase::Fresh, Phase::Head], grace.as_millis() as u64)
+            .or_else(|| oldest(&[Phase::Idle], 0))
     }
 }
 
@@ -336,6 +357,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.conn.flushed();
+        }
         self.note(r)
     }
 
@@ -424,24 +448,42 @@ pub async fn serve(
     let listener = listener
         .into_std()
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .and_then(AsyncFd::new)
         .map_err(|e| format!("the webhook listener: {e}"))?;
+    // SAFETY: the AsyncFd owns the std listener, so its descriptor stays open
+    // and the same for the AsyncFd's whole life.
+    #[allow(unsafe_code)]
+    let listener =
+        unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
+            .map_err(|e| format!("the webhook listener: {e}"))?;
     loop {
         let mut pending = tokio::select! {
             () = shutdown.cancelled() => break,
             ready = listener.readable() => ready.map_err(|e| format!("the webhook listener: {e}"))?,
         };
         if registry.len() >= limits.max_connections {
-            // Full: close the oldest connection without a request head (else
-            // the longest idle), then take the waiting one once its place is
-            // free; when every connection is serving, it waits in the backlog.
+            // Full. Readiness may be stale (it clears only when accept would
+            // block): ask the socket whether a connection waits.
+            if !waiting(listener.get_ref()) {
+                pending.clear_ready();
+                continue;
+            }
+            // One waits: close the oldest connection without a request head
+            // (else the longest idle), then take the waiting one once its
+            // place is free; when every connection is serving, it waits in
+            // the backlog.
             let freed = registry.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(victim) = registry.victim() {
+            if let Some(victim) = registry.victim(mono_ms(), EVICT_AFTER) {
+                tracing::debug!(
+                    phase = ?victim.phase(),
+                    for_ms = mono_ms().saturating_sub(victim.since_ms.load(Ordering::Acquire)),
+                    "webhook intake: at max_connections, closing a connection to make room"
+                );
                 intake.metrics().connection_closed("evicted");
                 victim.kill.cancel();
             }
+            drop(pending);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = &mut freed => {}
@@ -486,6 +528,14 @@ pub async fn serve(
     .await;
     watcher.abort();
     Ok(())
+}
+
+/// True when a connection waits in the listener's backlog (level-triggered:
+/// the socket is asked, not the reactor's cached readiness).
+fn waiting(listener: &std::net::TcpListener) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    poll(&mut fds, Some(&rustix::time::Timespec::default())).is_ok_and(|n| n > 0)
 }
 
 /// Closes connections whose clocks ran out.
@@ -635,13 +685,19 @@ mod tests {
         let l = limits();
         let s = 1_000_000;
         // A fresh connection: 5 s for its head.
-        assert_eq!(l.verdict(&conn(s, Phase::Fresh, s), s + 4_999), Verdict::Keep);
+        assert_eq!(
+            l.verdict(&conn(s, Phase::Fresh, s), s + 4_999),
+            Verdict::Keep
+        );
         assert_eq!(
             l.verdict(&conn(s, Phase::Fresh, s), s + 5_000),
             Verdict::Close("header_timeout")
         );
         // Kept alive: 60 s idle, then 5 s once a head began.
-        assert_eq!(l.verdict(&conn(s, Phase::Idle, s), s + 59_000), Verdict::Keep);
+        assert_eq!(
+            l.verdict(&conn(s, Phase::Idle, s), s + 59_000),
+            Verdict::Keep
+        );
         assert_eq!(
             l.verdict(&conn(s, Phase::Idle, s), s + 60_000),
             Verdict::Close("idle_timeout")
@@ -651,7 +707,10 @@ mod tests {
             Verdict::Close("header_timeout")
         );
         // Serving a request: no head or idle clock (the handler bounds it).
-        assert_eq!(l.verdict(&conn(s, Phase::Busy, s), s + 100_000), Verdict::Keep);
+        assert_eq!(
+            l.verdict(&conn(s, Phase::Busy, s), s + 100_000),
+            Verdict::Keep
+        );
         // A write blocked for 30 s, whatever the phase.
         let c = conn(s, Phase::Busy, s);
         c.write_blocked_ms.store(s + 1, Ordering::Relaxed);
@@ -681,6 +740,8 @@ mod tests {
         assert!(c.begin(3), "the third of three");
         assert_eq!(c.phase(), Phase::Busy);
         c.end();
+        assert_eq!(c.phase(), Phase::Answering, "idle only once flushed");
+        c.flushed();
         assert_eq!(c.phase(), Phase::Idle);
         c.read_some();
         assert_eq!(c.phase(), Phase::Head, "a next head began");
@@ -695,27 +756,49 @@ mod tests {
         });
         let (busy, _b) = registry.open();
         busy.enter(Phase::Busy, 10);
+        let (answering, _a) = registry.open();
+        answering.enter(Phase::Answering, 1);
         let (idle, _i) = registry.open();
         idle.enter(Phase::Idle, 5);
-        assert!(Arc::ptr_eq(&registry.victim().unwrap(), &idle));
+        assert!(Arc::ptr_eq(
+            &registry.victim(1_000, Duration::ZERO).unwrap(),
+            &idle
+        ));
         let (fresh, _f) = registry.open();
         fresh.enter(Phase::Fresh, 50);
         assert!(
-            Arc::ptr_eq(&registry.victim().unwrap(), &fresh),
+            Arc::ptr_eq(&registry.victim(1_000, Duration::ZERO).unwrap(), &fresh),
             "a connection without a head goes before an idle one"
         );
         fresh.kill.cancel();
-        assert!(Arc::ptr_eq(&registry.victim().unwrap(), &idle));
+        assert!(Arc::ptr_eq(
+            &registry.victim(1_000, Duration::ZERO).unwrap(),
+            &idle
+        ));
         idle.kill.cancel();
-        assert!(registry.victim().is_none(), "a serving connection stays");
+        assert!(
+            registry.victim(1_000, Duration::ZERO).is_none(),
+            "a serving connection stays, and one whose answer is not flushed"
+        );
         drop(_f);
-        assert_eq!(registry.len(), 2);
+        assert_eq!(registry.len(), 3);
+        // A connection accepted a moment ago may hold its head unread.
+        let (young, _y) = registry.open();
+        young.enter(Phase::Fresh, 900);
+        assert!(registry.victim(1_000, Duration::from_millis(250)).is_none());
+        assert!(Arc::ptr_eq(
+            &registry.victim(1_250, Duration::from_millis(250)).unwrap(),
+            &young
+        ));
     }
 
     #[test]
     fn the_bound_follows_the_open_file_limit() {
         // Plenty of room: the default.
-        assert_eq!(connection_bound(None, Some(1 << 20), 256).unwrap(), (1024, None));
+        assert_eq!(
+            connection_bound(None, Some(1 << 20), 256).unwrap(),
+            (1024, None)
+        );
         assert_eq!(connection_bound(None, None, 256).unwrap(), (1024, None));
         // Less room: lowered, with a warning that says how to raise it.
         let (n, warning) = connection_bound(None, Some(1024), 256).unwrap();
@@ -723,7 +806,10 @@ mod tests {
         let warning = warning.unwrap();
         assert!(warning.contains("ulimit -n 1280"), "{warning}");
         // An explicit setting is kept when it fits, refused when it cannot.
-        assert_eq!(connection_bound(Some(4096), Some(20_000), 256).unwrap(), (4096, None));
+        assert_eq!(
+            connection_bound(Some(4096), Some(20_000), 256).unwrap(),
+            (4096, None)
+        );
         let e = connection_bound(Some(4096), Some(1024), 256).unwrap_err();
         assert_eq!(e.key, "webhooks.max_connections");
         assert!(e.to_string().contains("ulimit -n"), "{e}");

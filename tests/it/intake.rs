@@ -30,7 +30,8 @@ fn classic(tx: &str) -> Vec<u8> {
 }
 
 /// A small request every route refuses (404), for connection tests.
-const MISS: &[u8] = b"POST /webhooks/nothing/here HTTP/1.1\r\nhost: paysync\r\ncontent-length: 0\r\n\r\n";
+const MISS: &[u8] =
+    b"POST /webhooks/nothing/here HTTP/1.1\r\nhost: paysync\r\ncontent-length: 0\r\n\r\n";
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
@@ -80,6 +81,13 @@ async fn metric(process: &Process, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum_metric(&process.metrics().await, name, labels)
 }
 
+/// Fails the test with the intake's metrics and log.
+async fn fail(process: &Process, e: tokio::task::JoinError) -> ! {
+    let m = process.metrics().await;
+    let lines: Vec<&str> = m.lines().filter(|l| l.contains("webhook")).collect();
+    panic!("{e}\n{}\n{}", lines.join("\n"), process.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_bounded_and_each_clock_closes_what_it_bounds() {
     let broker = Broker::new();
@@ -91,7 +99,15 @@ async fn connections_are_bounded_and_each_clock_closes_what_it_bounds() {
         sim,
         listen,
         process,
-    } = intake_with(&broker, "intake-conns", 1, settings, SimOptions::default(), &[]).await;
+    } = intake_with(
+        &broker,
+        "intake-conns",
+        1,
+        settings,
+        SimOptions::default(),
+        &[],
+    )
+    .await;
     let mut input = InputReader::new(&brokers, &t);
 
     let checks = tokio::task::spawn_blocking(move || {
@@ -115,7 +131,10 @@ async fn connections_are_bounded_and_each_clock_closes_what_it_bounds() {
             let closes = answer.to_ascii_lowercase().contains("connection: close");
             assert_eq!(closes, i == 3, "request {i}: {answer}");
         }
-        assert!(closed_within(&mut s, Duration::from_secs(2)), "open after its last request");
+        assert!(
+            closed_within(&mut s, Duration::from_secs(2)),
+            "open after its last request"
+        );
 
         // Kept alive, then idle: closed after idle_timeout (1 s, watched every 250 ms).
         let mut s = connect(listen);
@@ -144,7 +163,23 @@ async fn connections_are_bounded_and_each_clock_closes_what_it_bounds() {
         );
         drop((headless, s));
         std::thread::sleep(Duration::from_millis(1500)); // the headless are gone
+    });
+    if let Err(e) = checks.await {
+        fail(&process, e).await;
+    }
+    // One headless connection made room: none was closed for a connection
+    // that was not there (the listener's readiness outlives the backlog).
+    assert_eq!(
+        metric(
+            &process,
+            "paysync_webhook_connections_closed_total",
+            &[("reason", "evicted")]
+        )
+        .await,
+        1.0
+    );
 
+    let checks = tokio::task::spawn_blocking(move || {
         // At the bound with every connection serving (bodies arriving slowly),
         // the next waits in the backlog: it is served once a place frees,
         // never accepted only to be closed.
@@ -175,9 +210,7 @@ async fn connections_are_bounded_and_each_clock_closes_what_it_bounds() {
         }
     });
     if let Err(e) = checks.await {
-        let m = process.metrics().await;
-        let lines: Vec<&str> = m.lines().filter(|l| l.contains("webhook")).collect();
-        panic!("{e}\n{}", lines.join("\n"));
+        fail(&process, e).await;
     }
     // Both genuine webhooks reached Kafka.
     let records = input.read(2, Duration::from_secs(10)).await;
@@ -215,7 +248,15 @@ async fn a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() {
         listen,
         process,
         ..
-    } = intake_with(&broker, "intake-noread", 1, settings, SimOptions::default(), &[]).await;
+    } = intake_with(
+        &broker,
+        "intake-noread",
+        1,
+        settings,
+        SimOptions::default(),
+        &[],
+    )
+    .await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(listen).await.unwrap().into_std().unwrap();
@@ -247,7 +288,11 @@ async fn a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "still held after {:?}", started.elapsed());
+        assert!(
+            Instant::now() < deadline,
+            "still held after {:?}",
+            started.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let dropped = started.elapsed();
@@ -257,7 +302,10 @@ async fn a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() {
             .unwrap(),
         "the peer's writes never failed"
     );
-    assert!(dropped < Duration::from_secs(30), "dropped after {dropped:?}");
+    assert!(
+        dropped < Duration::from_secs(30),
+        "dropped after {dropped:?}"
+    );
     // The intake still serves.
     let answer = post(
         &format!("http://{listen}/webhooks/mollie/default"),
@@ -337,10 +385,7 @@ async fn the_intake_is_ready_on_its_own_and_runs_alone() {
     let answer = post(&url, FORM, &[], b"id=tr_success-alone-1").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let records = input.read(1, Duration::from_secs(10)).await;
-    assert_eq!(
-        records[0].key.as_deref(),
-        Some(&b"tr_success-alone-1"[..])
-    );
+    assert_eq!(records[0].key.as_deref(), Some(&b"tr_success-alone-1"[..]));
     let metrics = alone.metrics().await;
     assert_eq!(sum_metric(&metrics, "paysync_requests_total", &[]), 0.0);
     drop(alone);
@@ -378,13 +423,24 @@ async fn the_listener_speaks_tls_when_given_a_certificate() {
         listen,
         process,
         ..
-    } = intake_with(&broker, "intake-tls", 1, &settings, SimOptions::default(), &[]).await;
+    } = intake_with(
+        &broker,
+        "intake-tls",
+        1,
+        &settings,
+        SimOptions::default(),
+        &[],
+    )
+    .await;
     let cert = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
     let trusting = reqwest::Client::builder()
         .add_root_certificate(cert)
         .build()
         .unwrap();
-    let url = format!("https://localhost:{}/webhooks/mollie/default", listen.port());
+    let url = format!(
+        "https://localhost:{}/webhooks/mollie/default",
+        listen.port()
+    );
     let r = trusting
         .post(&url)
         .header("content-type", FORM)
@@ -394,7 +450,12 @@ async fn the_listener_speaks_tls_when_given_a_certificate() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert!(
-        reqwest::Client::new().post(&url).body("id=tr_x").send().await.is_err(),
+        reqwest::Client::new()
+            .post(&url)
+            .body("id=tr_x")
+            .send()
+            .await
+            .is_err(),
         "an untrusted certificate was accepted"
     );
     // Plain HTTP to the TLS port gets no webhook through.
@@ -406,7 +467,11 @@ async fn the_listener_speaks_tls_when_given_a_certificate() {
     assert!(plain.map(|r| r.status().as_u16() != 200).unwrap_or(true));
     let metrics = process.metrics().await;
     assert_eq!(
-        sum_metric(&metrics, "paysync_webhooks_total", &[("outcome", "accepted")]),
+        sum_metric(
+            &metrics,
+            "paysync_webhooks_total",
+            &[("outcome", "accepted")]
+        ),
         1.0
     );
     sim.stop().await;
@@ -430,7 +495,15 @@ async fn forgeries_and_bad_clients_do_not_get_genuine_webhooks_refused() {
         sim,
         listen,
         process,
-    } = intake_with(&broker, "intake-flood", 2, settings, SimOptions::default(), &[]).await;
+    } = intake_with(
+        &broker,
+        "intake-flood",
+        2,
+        settings,
+        SimOptions::default(),
+        &[],
+    )
+    .await;
     let mut input = InputReader::new(&brokers, &t);
     let url = format!("http://{listen}/webhooks/mollie/signed");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -448,7 +521,8 @@ async fn forgeries_and_bad_clients_do_not_get_genuine_webhooks_refused() {
                 .collect();
             let mut deaf: Vec<TcpStream> = (0..20).map(|_| connect(listen)).collect();
             for s in &mut deaf {
-                s.set_write_timeout(Some(Duration::from_millis(50))).unwrap();
+                s.set_write_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
             }
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for s in &mut slow {
@@ -469,7 +543,8 @@ async fn forgeries_and_bad_clients_do_not_get_genuine_webhooks_refused() {
                 let client = reqwest::Client::new();
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let body = format!(r#"{{"id":"event_f{i}_{n}","entityId":"tr_forged{i}x{n}"}}"#);
+                    let body =
+                        format!(r#"{{"id":"event_f{i}_{n}","entityId":"tr_forged{i}x{n}"}}"#);
                     let sig = hmac_sha256_header("whsec_a_guess", body.as_bytes());
                     let r = client
                         .post(&url)
@@ -524,11 +599,18 @@ async fn forgeries_and_bad_clients_do_not_get_genuine_webhooks_refused() {
     assert_eq!(keys.len(), 60, "every genuine webhook's request in Kafka");
     let metrics = process.metrics().await;
     assert!(
-        sum_metric(&metrics, "paysync_webhooks_total", &[("outcome", "bad_signature")])
-            >= forged as f64 - 4.0
+        sum_metric(
+            &metrics,
+            "paysync_webhooks_total",
+            &[("outcome", "bad_signature")]
+        ) >= forged as f64 - 4.0
     );
     assert_eq!(
-        sum_metric(&metrics, "paysync_webhooks_total", &[("outcome", "throttled")]),
+        sum_metric(
+            &metrics,
+            "paysync_webhooks_total",
+            &[("outcome", "throttled")]
+        ),
         0.0
     );
     println!("flood: {forged} forgeries, slowest genuine answer {slowest:?}");
@@ -592,7 +674,10 @@ async fn a_fatal_producer_error_rebuilds_the_producer_then_fails_liveness() {
             );
         }
         drop(client);
-        assert!(store(producer).await.is_err(), "round {round}: stored on a fatal producer");
+        assert!(
+            store(producer).await.is_err(),
+            "round {round}: stored on a fatal producer"
+        );
         if round <= MAX_REBUILDS as u64 {
             assert_eq!(rebuilds.load(Ordering::Relaxed), round);
             assert!(producer.health().alive.is_ok(), "round {round}");

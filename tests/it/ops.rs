@@ -613,7 +613,10 @@ fn a_webhook_secret_on_a_connector_that_signs_nothing_is_refused() {
         stderr.contains("connectors.cm.accounts.shop.webhook_secret"),
         "{stderr}"
     );
-    assert!(!stderr.contains("whsec_never_used"), "the secret echoed: {stderr}");
+    assert!(
+        !stderr.contains("whsec_never_used"),
+        "the secret echoed: {stderr}"
+    );
 
     std::fs::write(&config, &base).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_paysync"))

@@ -171,6 +171,14 @@ async fn an_oversize_value_is_dead_lettered_cut_to_fit_and_the_partition_moves_o
         .await
         .unwrap();
     let records = read_outputs(broker.bootstrap(), &t, 2, WAIT).await;
+    for r in &records {
+        eprintln!(
+            "REC {} {:?} {:?}",
+            r.topic,
+            r.key,
+            r.headers.iter().map(|h| h.0.clone()).collect::<Vec<_>>()
+        );
+    }
     let dead = records
         .iter()
         .find(|r| r.topic == t.dlq)
@@ -298,12 +306,9 @@ async fn a_check_that_panics_is_dead_lettered_as_internal_error_and_the_partitio
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
-    // With raw connector responses enabled, a 1.2 MB answer makes an event larger
-    // than the producer's record limit: a permanent error, not a retry loop.
-    let broker = Broker::new();
-    let t = broker.topics("refused-event", 1).await;
+/// A CM.com mock whose `huge-*` transactions carry a `description_bytes`
+/// description and whose `small-*` ones are ordinary.
+async fn cm_with_a_huge_answer(description_bytes: usize, delay: Duration) -> MockServer {
     let cm = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/api/v1/authorization/oauth2/token"))
@@ -315,10 +320,14 @@ async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
         .await;
     Mock::given(method("GET"))
         .and(path_regex("/transactions/huge-.*"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
-            "status": "SUCCESS", "amount": 1200, "currency": "EUR",
-            "description": "d".repeat(1_200_000)
-        })))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({
+                    "status": "SUCCESS", "amount": 1200, "currency": "EUR",
+                    "description": "d".repeat(description_bytes)
+                }))
+                .set_delay(delay),
+        )
         .mount(&cm)
         .await;
     Mock::given(method("GET"))
@@ -328,20 +337,16 @@ async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
         ))
         .mount(&cm)
         .await;
-    let extra = "[events]\ninclude_raw_connector = true\n";
-    let mut s = settings(broker.bootstrap(), &t, &cm.uri(), extra);
-    s.connectors
-        .get_mut("cm")
-        .unwrap()
-        .gateway
-        .max_response_bytes = 4 * 1024 * 1024;
-    let app = paysync::app::start(s).await.unwrap();
+    cm
+}
+
+async fn send_ids(broker: &Broker, topic: &str, ids: &[&str]) {
     let producer = RawProducer::new(broker.bootstrap()).unwrap();
-    for id in ["huge-1", "small-2"] {
+    for id in ids {
         let value = format!(r#"{{"connector_transaction_id":"{id}"}}"#);
         producer
             .send(
-                &t.input,
+                topic,
                 Some(0),
                 Some(id.as_bytes()),
                 Some(value.as_bytes()),
@@ -350,7 +355,87 @@ async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
             .await
             .unwrap();
     }
+}
+
+fn raw_settings(broker: &Broker, t: &Topics, cm: &MockServer) -> paysync::config::Settings {
+    let extra = "[events]\ninclude_raw_connector = true\n";
+    let mut s = settings(broker.bootstrap(), t, &cm.uri(), extra);
+    s.connectors
+        .get_mut("cm")
+        .unwrap()
+        .gateway
+        .max_response_bytes = 4 * 1024 * 1024;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_record_limit_is_published_without_its_raw_fields() {
+    // With raw connector responses enabled, a 1.2 MB answer would make an event
+    // larger than the producer's record limit: the raw fields are left off, and
+    // the event says how many bytes they held.
+    let broker = Broker::new();
+    let t = broker.topics("raw-dropped", 1).await;
+    let cm = cm_with_a_huge_answer(1_200_000, Duration::ZERO).await;
+    let app = paysync::app::start(raw_settings(&broker, &t, &cm))
+        .await
+        .unwrap();
+    send_ids(&broker, &t.input, &["huge-1", "small-2"]).await;
     let records = read_outputs(broker.bootstrap(), &t, 2, WAIT).await;
+    assert!(
+        records.iter().all(|r| r.topic == t.output),
+        "both are events, none a dead letter"
+    );
+    let huge = records
+        .iter()
+        .find(|r| r.key.as_deref() == Some(&b"huge-1"[..]))
+        .expect("the huge answer's event");
+    assert!(huge.value.as_ref().unwrap().len() < 1_000_000);
+    let dropped: usize =
+        std::str::from_utf8(header(huge, "paysync-raw-connector-dropped").expect("the header"))
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert!(dropped > 1_200_000, "{dropped} bytes dropped");
+    let small = records
+        .iter()
+        .find(|r| r.key.as_deref() == Some(&b"small-2"[..]))
+        .expect("the next request's event");
+    assert_eq!(header(small, "paysync-raw-connector-dropped"), None);
+    committed_to(&broker, &t, &[2]).await;
+    let text = app.metrics().render();
+    assert_eq!(
+        sum_metric(
+            &text,
+            "paysync_raw_connector_dropped_total",
+            &[("connector", "cm")]
+        ),
+        1.0
+    );
+    assert_eq!(sum_metric(&text, "paysync_dead_letters_total", &[]), 0.0);
+    app.stop().await;
+}
+
+/// Runs on librdkafka's mock cluster, whose broker can be told to refuse requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    // The event fits the producer's limit, and the broker refuses it as too
+    // large (a topic whose max.message.bytes is lower): a permanent error, not
+    // a retry loop.
+    let broker = Broker::mock();
+    let t = broker.topics("refused-event", 1).await;
+    let cm = cm_with_a_huge_answer(20_000, Duration::from_secs(1)).await;
+    let app = paysync::app::start(raw_settings(&broker, &t, &cm))
+        .await
+        .unwrap();
+    // The answer takes a second: the broker's refusal is armed after the
+    // request is written and before its event is produced.
+    send_ids(&broker, &t.input, &["huge-1"]).await;
+    broker.mock_cluster().unwrap().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let records = read_outputs(broker.bootstrap(), &t, 1, WAIT).await;
     let dead = records
         .iter()
         .find(|r| r.topic == t.dlq)
@@ -363,6 +448,8 @@ async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
         dead.value.as_deref(),
         Some(&br#"{"connector_transaction_id":"huge-1"}"#[..])
     );
+    send_ids(&broker, &t.input, &["small-2"]).await;
+    let records = read_outputs(broker.bootstrap(), &t, 2, WAIT).await;
     assert!(
         records.iter().any(|r| r.topic == t.output),
         "the next request's event"
