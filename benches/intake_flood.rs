@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use paysync::connectors::webhook::hmac_sha256_header;
 use paysync::demo::simulator::{SimOptions, Simulator};
-use paysync::demo::stack::{free_addr, proc_usage, KafkaProcess, PaysyncProcess, StackSettings, Topics};
+use paysync::demo::stack::{
+    free_addr, proc_usage, KafkaProcess, PaysyncProcess, StackSettings, Topics,
+};
 use paysync::kafka::admin::create_topics;
 use paysync::telemetry::sum_metric;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -288,8 +290,10 @@ fn attack(
                 let _ = s.set_nodelay(true);
                 let mut buf = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / per_sender))
-                        .await;
+                    tokio::time::sleep_until(
+                        start + Duration::from_secs_f64(i as f64 / per_sender),
+                    )
+                    .await;
                     i += 1;
                     n += 1;
                     c.forged_sent.fetch_add(1, Ordering::Relaxed);
@@ -315,22 +319,30 @@ fn attack(
             }
         });
     }
-    // Deaf clients: pipeline requests, read nothing; reconnect when dropped.
+    // Deaf clients: a burst of 16 pipelined forgeries, then one a second,
+    // never reading an answer; reconnect when dropped. (A client that also
+    // sends as fast as it can is a forgery flood: past
+    // `max_verifications_per_second` it is answered 503, genuine webhooks
+    // included, and the processors retry.)
     for _ in 0..args.deaf {
         let (stop, c) = (stop.clone(), counters.clone());
         set.spawn(async move {
             let burst = forged_request(intake, 0).repeat(16);
+            let one = forged_request(intake, 1);
             while !stop.load(Ordering::Relaxed) {
                 let Ok(mut s) = TcpStream::connect(intake).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
                 c.deaf.fetch_add(1, Ordering::Relaxed);
+                let mut next: &[u8] = &burst;
                 while !stop.load(Ordering::Relaxed) {
-                    match tokio::time::timeout(Duration::from_millis(500), s.write_all(&burst))
-                        .await
+                    match tokio::time::timeout(Duration::from_millis(500), s.write_all(next)).await
                     {
-                        Ok(Ok(())) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        Ok(Ok(())) => {
+                            next = &one;
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                         Ok(Err(_)) => break,
                         Err(_) => {} // blocked: keep trying, never read
                     }
@@ -388,6 +400,19 @@ fn attack(
     set
 }
 
+/// Webhooks refused so far (every outcome but accepted, duplicate, ignored).
+async fn refused(http: SocketAddr) -> f64 {
+    let text = match reqwest::get(format!("http://{http}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return 0.0,
+    };
+    paysync::intake::admission::Outcome::ALL
+        .iter()
+        .filter(|o| !matches!(o.label(), "accepted" | "duplicate" | "ignored"))
+        .map(|o| sum_metric(&text, "paysync_webhooks_total", &[("outcome", o.label())]))
+        .sum()
+}
+
 /// Open files of `pid`.
 fn open_files(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -404,7 +429,8 @@ fn payments_in_kafka(brokers: &str, topic: &str) -> BTreeSet<String> {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut keys = BTreeSet::new();
@@ -443,10 +469,13 @@ struct Report {
     /// The genuine webhooks (both phases) whose request is in Kafka.
     genuine_in_kafka: usize,
     genuine_accepted: usize,
-    /// Forgeries refused per CPU-second of paysync in the attack phase (the
-    /// other attackers' cost counted in).
+    /// Requests refused (every outcome but accepted, duplicate, ignored) per
+    /// CPU-second of paysync in the attack phase; the idle and slow
+    /// connections' cost counted in.
     refusals_per_cpu_second: f64,
     connections_closed: Vec<(String, f64)>,
+    /// `paysync_webhooks_total` by outcome over the run.
+    outcomes: Vec<(String, f64)>,
 }
 
 fn machine() -> String {
@@ -508,8 +537,9 @@ fn markdown(r: &Report) -> String {
          - genuine answered 200 within 1 s under attack: {:.2}%\n\
          - peak RSS {:.1} MiB; open files at most {}\n\
          - genuine requests in Kafka: {} of {} accepted\n\
-         - forgeries refused per paysync CPU-second: {:.0}\n\
-         - connections closed by the intake: {}\n\n\
+         - requests refused per paysync CPU-second (idle and slow connections' cost counted in): {:.0}\n\
+         - connections closed by the intake: {}\n\
+         - webhooks by outcome (paysync_webhooks_total, whole run): {}\n\n\
          Configuration:\n\n```toml\n{}```\n",
         r.machine,
         r.broker,
@@ -529,6 +559,11 @@ fn markdown(r: &Report) -> String {
         r.genuine_accepted,
         r.refusals_per_cpu_second,
         r.connections_closed
+            .iter()
+            .map(|(k, v)| format!("{v:.0} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.outcomes
             .iter()
             .map(|(k, v)| format!("{v:.0} {k}"))
             .collect::<Vec<_>>()
@@ -576,7 +611,11 @@ async fn main() {
     let ready = Instant::now() + Duration::from_secs(120);
     while !matches!(reqwest::get(format!("http://{http}/readyz/webhooks")).await, Ok(r) if r.status().is_success())
     {
-        assert!(Instant::now() < ready, "paysync not ready:\n{}", paysync.log());
+        assert!(
+            Instant::now() < ready,
+            "paysync not ready:\n{}",
+            paysync.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Open files, sampled through both phases.
@@ -603,10 +642,10 @@ async fn main() {
     let mut attackers = attack(intake, &args, stop.clone(), counters.clone());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let forged_before = counters.forged_sent.load(Ordering::Relaxed);
-    let refused_before = counters.forged_refused.load(Ordering::Relaxed);
+    let refused_before = refused(http).await;
     let attacked = genuine_phase("attacked", intake, args.genuine, args.rate, pid).await;
     let forged_in_phase = counters.forged_sent.load(Ordering::Relaxed) - forged_before;
-    let refused_in_phase = counters.forged_refused.load(Ordering::Relaxed) - refused_before;
+    let refused_in_phase = refused(http).await - refused_before;
     stop.store(true, Ordering::Relaxed);
     let attack_seconds = attack_started.elapsed().as_secs_f64();
     let _ = tokio::time::timeout(Duration::from_secs(20), async {
@@ -624,18 +663,36 @@ async fn main() {
         .text()
         .await
         .unwrap();
-    let connections_closed = ["header_timeout", "idle_timeout", "write_timeout", "lifetime", "evicted"]
+    let connections_closed = [
+        "header_timeout",
+        "idle_timeout",
+        "write_timeout",
+        "lifetime",
+        "evicted",
+    ]
+    .iter()
+    .map(|r| {
+        (
+            (*r).to_owned(),
+            sum_metric(
+                &metrics,
+                "paysync_webhook_connections_closed_total",
+                &[("reason", r)],
+            ) + 0.0,
+        )
+    })
+    .collect();
+    let outcomes = paysync::intake::admission::Outcome::ALL
         .iter()
-        .map(|r| {
-            (
-                (*r).to_owned(),
-                sum_metric(
-                    &metrics,
-                    "paysync_webhook_connections_closed_total",
-                    &[("reason", r)],
-                ),
-            )
+        .map(|o| {
+            let n = sum_metric(
+                &metrics,
+                "paysync_webhooks_total",
+                &[("outcome", o.label())],
+            );
+            (o.label().to_owned(), n + 0.0)
         })
+        .filter(|(_, n)| *n > 0.0)
         .collect();
     let keys = {
         let (b, topic) = (brokers.clone(), t.input.clone());
@@ -658,7 +715,7 @@ async fn main() {
         peak_open_files,
         genuine_in_kafka,
         genuine_accepted: baseline.accepted + attacked.accepted,
-        refusals_per_cpu_second: refused_in_phase as f64 / attacked.paysync_cpu_s,
+        refusals_per_cpu_second: refused_in_phase / attacked.paysync_cpu_s,
         attack: Attack {
             forged_sent: c.forged_sent.load(Ordering::Relaxed),
             forged_refused: c.forged_refused.load(Ordering::Relaxed),
@@ -671,6 +728,7 @@ async fn main() {
         baseline,
         attacked,
         connections_closed,
+        outcomes,
     };
     eprintln!("attack ran {attack_seconds:.1} s");
     paysync.signal("TERM");
