@@ -97,7 +97,10 @@ pub struct Tls {
     pub acceptor: tokio_rustls::TlsAcceptor,
 }
 
-fn stamp(files: &TlsFiles) -> Option<(SystemTime, u64, SystemTime, u64)> {
+/// What says the files changed: each one's modification time and length.
+type Stamp = (SystemTime, u64, SystemTime, u64);
+
+fn stamp(files: &TlsFiles) -> Option<Stamp> {
     let c = std::fs::metadata(&files.cert).ok()?;
     let k = std::fs::metadata(&files.key).ok()?;
     Some((c.modified().ok()?, c.len(), k.modified().ok()?, k.len()))
@@ -131,11 +134,8 @@ impl Tls {
     /// seen now, and `Some(result)` when a load was tried.
     fn reload_if_changed(
         &self,
-        seen: Option<(SystemTime, u64, SystemTime, u64)>,
-    ) -> (
-        Option<(SystemTime, u64, SystemTime, u64)>,
-        Option<Result<(), TlsError>>,
-    ) {
+        seen: Option<Stamp>,
+    ) -> (Option<Stamp>, Option<Result<(), TlsError>>) {
         let now = stamp(&self.files);
         if now == seen || now.is_none() {
             return (seen, None);
