@@ -479,15 +479,10 @@ struct Report {
 }
 
 fn machine() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|m| m.trim().to_owned())
-        .unwrap_or_default();
-    format!("{cores} cores, {model}; attackers, broker and paysync on the same cores")
+    format!(
+        "{}; attackers, broker and paysync on the same cores",
+        paysync::demo::stack::cores_and_model()
+    )
 }
 
 /// Raises this process's open-file limit: the attackers hold thousands.

@@ -362,15 +362,10 @@ fn markdown(report: &Report) -> String {
 }
 
 fn machine() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|m| m.trim().to_owned())
-        .unwrap_or_default();
-    format!("{cores} cores, {model}; generator, simulator, broker and paysync on the same cores")
+    format!(
+        "{}; generator, simulator, broker and paysync on the same cores",
+        paysync::demo::stack::cores_and_model()
+    )
 }
 
 /// What runs behind the intake.

@@ -302,3 +302,16 @@ pub fn proc_usage(pid: u32) -> (f64, f64) {
     // they are 11 and 12 (0-based). Linux reports them in 1/100 s.
     (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / 100.0)
 }
+
+/// "<cores> cores, <CPU model>" of this machine (benchmark reports).
+pub fn cores_and_model() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|m| m.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cores} cores, {model}")
+}
