@@ -347,11 +347,11 @@ impl Connector for MollieConnector {
             return payment(id, None);
         }
         if let Some(secret) = webhook.secret {
-            if !webhook::hmac_sha256_matches(
-                secret,
-                webhook.body,
-                webhook.header_values("x-mollie-signature"),
-            ) {
+            let mut signatures = webhook.header_values("x-mollie-signature").peekable();
+            if signatures.peek().is_none() {
+                return Err(WebhookError::Unsigned);
+            }
+            if !webhook::hmac_sha256_matches(secret, webhook.body, signatures) {
                 return Err(WebhookError::BadSignature);
             }
         }
@@ -529,7 +529,7 @@ mod tests {
         );
         assert_eq!(
             c.read_webhook(&w(body, json(), Some(secret))).unwrap_err(),
-            WebhookError::BadSignature,
+            WebhookError::Unsigned,
             "missing"
         );
         // Without a secret configured, an event only triggers a check.

@@ -127,20 +127,40 @@ impl WebhookError {
     }
 }
 
+/// Signature values looked at, at most: a secret being rotated sends two;
+/// more cost nothing (the HMAC is computed once) but are not read.
+pub const MAX_SIGNATURES: usize = 4;
+
 /// True when one of `signatures` (each `sha256=<hex>` or bare hex) is the
-/// HMAC-SHA256 of `body` under `secret`. Compared in constant time; several
-/// values are allowed because a secret being rotated sends the header twice.
+/// HMAC-SHA256 of `body` under `secret`. The HMAC is computed once, whatever
+/// the number of values (the first [`MAX_SIGNATURES`]), and compared in
+/// constant time; several values are allowed because a secret being rotated
+/// sends the header twice.
 pub fn hmac_sha256_matches<'a>(
     secret: &SecretString,
     body: &[u8],
     signatures: impl IntoIterator<Item = &'a str>,
 ) -> bool {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.expose_secret().as_bytes());
-    signatures.into_iter().any(|value| {
-        let hex = value.trim();
-        let hex = hex.strip_prefix("sha256=").unwrap_or(hex);
-        decode_hex(hex).is_some_and(|tag| ring::hmac::verify(&key, body, &tag).is_ok())
-    })
+    let mut expected: Option<ring::hmac::Tag> = None;
+    signatures
+        .into_iter()
+        .take(MAX_SIGNATURES)
+        .filter_map(|value| {
+            let hex = value.trim();
+            decode_hex(hex.strip_prefix("sha256=").unwrap_or(hex))
+        })
+        .fold(false, |matched, tag| {
+            let expected = expected.get_or_insert_with(|| ring::hmac::sign(&key, body));
+            let equal =
+                tag.len() == expected.as_ref().len() && constant_time_eq(&tag, expected.as_ref());
+            matched | equal
+        })
+}
+
+/// Compares equal-length byte strings without an early exit.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// The HMAC-SHA256 of `body` under `secret`, as `sha256=<hex>` (tests, the demo
@@ -207,5 +227,12 @@ mod tests {
             ["sha256=zz", "", "sha256="]
         ));
         assert!(!hmac_sha256_matches(&secret, body, std::iter::empty()));
+        // Many values: only the first MAX_SIGNATURES are read (the HMAC is
+        // computed once whatever their number).
+        let mut many = vec!["sha256=00"; MAX_SIGNATURES - 1];
+        many.push(good.as_str());
+        assert!(hmac_sha256_matches(&secret, body, many.clone()));
+        many.insert(0, "00");
+        assert!(!hmac_sha256_matches(&secret, body, many));
     }
 }

@@ -15,26 +15,32 @@ pub fn source(peer: IpAddr, headers: &[(String, String)], trusted: &[IpNet]) -> 
     if !is_trusted(&peer) {
         return peer;
     }
-    // `Forwarded` wins over `X-Forwarded-For` when both are present.
-    let mut chain: Vec<IpAddr> = headers
+    // `Forwarded` wins over `X-Forwarded-For` when both are present. An entry
+    // that is not an address (`unknown`, an obfuscated `_id`) ends the walk:
+    // what lies left of it was not written by a trusted proxy.
+    let forwarded: Vec<&str> = headers
         .iter()
         .filter(|(k, _)| k == "forwarded")
         .flat_map(|(_, v)| v.split(','))
-        .filter_map(forwarded_for)
         .collect();
-    if chain.is_empty() {
-        chain = headers
+    let chain: Vec<Option<IpAddr>> = if forwarded.is_empty() {
+        headers
             .iter()
             .filter(|(k, _)| k == "x-forwarded-for")
             .flat_map(|(_, v)| v.split(','))
-            .filter_map(|a| plain_address(a.trim()))
-            .collect();
+            .map(|a| plain_address(a.trim()))
+            .collect()
+    } else {
+        forwarded.into_iter().map(forwarded_for).collect()
+    };
+    for entry in chain.into_iter().rev() {
+        match entry {
+            Some(ip) if is_trusted(&ip) => continue,
+            Some(ip) => return ip,
+            None => return peer,
+        }
     }
-    chain
-        .into_iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .unwrap_or(peer)
+    peer
 }
 
 /// The `for=` of one `Forwarded` element: `for=192.0.2.60`,
@@ -115,11 +121,14 @@ mod tests {
             source(peer, &both, &trusted),
             "2001:db8:cafe::17".parse::<IpAddr>().unwrap()
         );
-        // Obfuscated and unknown identifiers are skipped.
+        // An entry that is not an address ends the walk: left of it, the
+        // client may have written anything.
         let hidden = h(&[("forwarded", "for=192.0.2.43, for=_hidden, for=unknown")]);
+        assert_eq!(source(peer, &hidden, &trusted), peer);
+        let spoofed = h(&[("x-forwarded-for", "6.6.6.6, unknown, 10.1.1.1")]);
         assert_eq!(
-            source(peer, &hidden, &trusted),
-            "192.0.2.43".parse::<IpAddr>().unwrap()
+            source(peer, &spoofed, &[trusted[0], "10.0.0.0/8".parse().unwrap()]),
+            peer
         );
         assert_eq!(
             source(peer, &h(&[("x-forwarded-for", "192.0.2.5:8080")]), &trusted),

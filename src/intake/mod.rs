@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
@@ -161,26 +161,39 @@ impl Intake {
         self.store.health()
     }
 
+    /// Spends one unit of the verification budget at `now_ms` (a TLS
+    /// handshake); false when it is spent.
+    pub fn afford(&self, now_ms: u64) -> bool {
+        self.admission.afford(now_ms).is_ok()
+    }
+
     /// Waits for requests in flight to the broker (shutdown).
     pub fn flush(&self, timeout: Duration) {
         self.store.flush(timeout);
     }
 
-    /// Answers one HTTP request from `peer`.
+    /// Answers one HTTP request from `peer`; `body_read` hears when its body
+    /// is read (or given up on), for the connection's clocks.
     pub async fn handle(
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
+        body_read: &(dyn Fn() + Send + Sync),
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
-        let (connector, answer) = self.answer(request, peer).await;
+        let (connector, answer) = self.answer(request, peer, body_read).await;
         self.metrics
             .webhook(connector, answer.outcome.label(), started.elapsed());
         respond(answer.status, &answer.message, answer.retry_after)
     }
 
     /// (connector label, answer).
-    async fn answer(&self, request: Request<Incoming>, peer: SocketAddr) -> (&'static str, Answer) {
+    async fn answer(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        body_read: &(dyn Fn() + Send + Sync),
+    ) -> (&'static str, Answer) {
         if request.method() != hyper::Method::POST {
             return (
                 "unknown",
@@ -217,17 +230,18 @@ impl Intake {
             return (connector, answer);
         }
         let limit = self.admission.max_body_bytes();
-        let bytes = match tokio::time::timeout(
+        let read = tokio::time::timeout(
             self.settings.body_read_timeout,
-            Limited::new(body, limit).collect(),
+            read_body(body, declared, limit),
         )
-        .await
-        {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+        .await;
+        body_read();
+        let bytes = match read {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(BodyError::TooLarge)) => {
                 return (connector, answer(Outcome::TooLarge, 413, "body too large"))
             }
-            Ok(Err(_)) => {
+            Ok(Err(BodyError::CutShort)) => {
                 return (
                     connector,
                     answer(Outcome::Malformed, 400, "the body was cut short"),
@@ -307,6 +321,32 @@ impl Intake {
             }
         }
     }
+}
+
+enum BodyError {
+    TooLarge,
+    CutShort,
+}
+
+/// Reads a body of at most `limit` bytes into one buffer (frames are copied,
+/// so a body sent in many small chunks costs its bytes, not a buffer each).
+async fn read_body(
+    mut body: Incoming,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
+    let capacity = declared.map_or(8 * 1024, |d| d.min(limit as u64) as usize);
+    let mut buf = bytes::BytesMut::with_capacity(capacity);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::CutShort)?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 fn answer(outcome: Outcome, status: u16, message: &'static str) -> Answer {

@@ -68,6 +68,8 @@ enum Phase {
     Idle = 3,
     /// Answered; the answer not yet flushed to the socket.
     Answering = 4,
+    /// A request head in; its body being read.
+    Body = 5,
 }
 
 impl Phase {
@@ -77,7 +79,8 @@ impl Phase {
             1 => Phase::Head,
             2 => Phase::Busy,
             3 => Phase::Idle,
-            _ => Phase::Answering,
+            4 => Phase::Answering,
+            _ => Phase::Body,
         }
     }
 }
@@ -90,6 +93,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "write_timeout",
     "lifetime",
     "evicted",
+    "overloaded",
 ];
 
 /// One connection's clocks, shared by its task and the watcher.
@@ -118,12 +122,19 @@ impl Conn {
     /// A request head arrived: returns true when this is the last request
     /// the connection serves.
     fn begin(&self, max_requests: u32) -> bool {
-        self.enter(Phase::Busy, mono_ms());
+        self.enter(Phase::Body, mono_ms());
         let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= max_requests {
             self.closing.store(true, Ordering::Release);
         }
         self.closing.load(Ordering::Acquire)
+    }
+
+    /// The request's body is read (or given up on).
+    fn body_read(&self) {
+        if self.phase() == Phase::Body {
+            self.enter(Phase::Busy, mono_ms());
+        }
     }
 
     /// The answer is handed to the connection: it is not idle until the
@@ -213,8 +224,12 @@ impl Limits {
             }
             _ => {}
         }
-        if now.saturating_sub(c.opened_ms) >= ms(self.lifetime) {
-            return if phase == Phase::Busy || phase == Phase::Answering {
+        let lived = now.saturating_sub(c.opened_ms);
+        if lived >= ms(self.lifetime) {
+            // A request in hand may finish (within the write timeout past the
+            // lifetime); then the connection closes, whatever its peer does.
+            let serving = matches!(phase, Phase::Body | Phase::Busy | Phase::Answering);
+            return if serving && lived < ms(self.lifetime) + ms(self.write_timeout) {
                 Verdict::CloseAfterAnswer
             } else {
                 Verdict::Close("lifetime")
@@ -265,11 +280,14 @@ impl Registry {
         )
     }
 
-    /// The connection to close to make room at `now`: the oldest without a
-    /// complete request head that had `grace` to send one (a connection just
-    /// accepted may hold its head unread), else the longest idle; none while
-    /// all are serving.
+    /// The connection to close to make room at `now`, in this order: the
+    /// oldest without a complete request head, then the one whose body has
+    /// been arriving longest, each once it had `grace` (a connection just
+    /// accepted may hold its head unread, a genuine body arrives at once);
+    /// then the longest idle; then one whose answer has waited `grace` for
+    /// its peer to read. None while every connection is working.
     fn victim(&self, now: u64, grace: Duration) -> Option<Arc<Conn>> {
+        let grace = grace.as_millis() as u64;
         let conns = lock(&self.conns);
         let alive = || conns.values().filter(|c| !c.kill.is_cancelled());
         let oldest = |phases: &[Phase], grace: u64| {
@@ -279,8 +297,20 @@ impl Registry {
                 .min_by_key(|c| c.since_ms.load(Ordering::Acquire))
                 .cloned()
         };
-        oldest(&[Phase::Fresh, Phase::Head], grace.as_millis() as u64)
+        let blocked_answer = || {
+            alive()
+                .filter(|c| c.phase() == Phase::Answering)
+                .filter(|c| {
+                    let since = c.write_blocked_ms.load(Ordering::Relaxed);
+                    since != 0 && now.saturating_sub(since) >= grace
+                })
+                .min_by_key(|c| c.write_blocked_ms.load(Ordering::Relaxed))
+                .cloned()
+        };
+        oldest(&[Phase::Fresh, Phase::Head], grace)
+            .or_else(|| oldest(&[Phase::Body], grace))
             .or_else(|| oldest(&[Phase::Idle], 0))
+            .or_else(blocked_answer)
     }
 }
 
@@ -586,6 +616,13 @@ async fn connection(
     match tls {
         None => serve_http(io, peer, conn, intake, &limits, kill, shutdown).await,
         Some(tls) => {
+            // A handshake costs a signature: it spends the verification
+            // budget too, so a flood of handshakes is bounded like one of
+            // forged bodies.
+            if !intake.afford(mono_ms()) {
+                intake.metrics().connection_closed("overloaded");
+                return;
+            }
             let handshake = tokio::select! {
                 () = kill.cancelled() => return,
                 () = shutdown.cancelled() => return,
@@ -616,7 +653,9 @@ async fn serve_http<S>(
         let conn = conn.clone();
         async move {
             let last = conn.begin(max_requests);
-            let mut response = intake.handle(request, peer).await;
+            let body_conn = conn.clone();
+            let body_read = move || body_conn.body_read();
+            let mut response = intake.handle(request, peer, &body_read).await;
             if last || conn.closing.load(Ordering::Acquire) {
                 response.headers_mut().insert(
                     hyper::header::CONNECTION,
@@ -728,6 +767,12 @@ mod tests {
             l.verdict(&conn(s, Phase::Busy, old - 1), old),
             Verdict::CloseAfterAnswer
         );
+        // ... and closed at the lifetime plus the write timeout, whatever it
+        // is doing (a peer reading a little now and then holds nothing longer).
+        assert_eq!(
+            l.verdict(&conn(s, Phase::Answering, old - 1), old + 30_000),
+            Verdict::Close("lifetime")
+        );
     }
 
     #[test]
@@ -738,6 +783,8 @@ mod tests {
         assert!(!c.begin(3));
         c.end();
         assert!(c.begin(3), "the third of three");
+        assert_eq!(c.phase(), Phase::Body);
+        c.body_read();
         assert_eq!(c.phase(), Phase::Busy);
         c.end();
         assert_eq!(c.phase(), Phase::Answering, "idle only once flushed");
@@ -780,6 +827,23 @@ mod tests {
             registry.victim(1_000, Duration::ZERO).is_none(),
             "a serving connection stays, and one whose answer is not flushed"
         );
+        // A body arriving for longer than the grace goes before an idle one;
+        // an answer its peer has not read for the grace goes last.
+        let (body, _bo) = registry.open();
+        body.enter(Phase::Body, 600);
+        assert!(registry.victim(700, Duration::from_millis(250)).is_none());
+        assert!(Arc::ptr_eq(
+            &registry.victim(900, Duration::from_millis(250)).unwrap(),
+            &body
+        ));
+        body.kill.cancel();
+        answering.write_blocked_ms.store(500, Ordering::Relaxed);
+        assert!(Arc::ptr_eq(
+            &registry.victim(900, Duration::from_millis(250)).unwrap(),
+            &answering
+        ));
+        answering.write_blocked_ms.store(0, Ordering::Relaxed);
+        drop(_bo);
         drop(_f);
         assert_eq!(registry.len(), 3);
         // A connection accepted a moment ago may hold its head unread.

@@ -54,7 +54,7 @@ impl IntakeMetrics {
             closed: counter(
                 r,
                 "paysync_webhook_connections_closed_total",
-                "Connections the intake closed, by reason (header_timeout, idle_timeout, write_timeout, lifetime, evicted to make room at max_connections).",
+                "Connections the intake closed, by reason (header_timeout, idle_timeout, write_timeout, lifetime, evicted to make room at max_connections, overloaded: a TLS handshake over the verification budget).",
                 &["reason"],
             ),
             producer_rebuilds,
