@@ -796,7 +796,6 @@ async fn prepare_intake(
     metrics: &Arc<Metrics>,
     role: Role,
 ) -> Result<PreparedIntake, StartupError> {
-    let (listener, addr) = bind("webhooks.listen", w.listen).await?;
     // The processor's connector calls hold a socket each.
     let reserved = intake_server::RESERVED_FILES
         + if role == Role::All {
@@ -810,6 +809,11 @@ async fn prepare_intake(
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
+    // A backlog as deep as the connection bound (the kernel caps it at
+    // net.core.somaxconn): a burst of connections beyond the default 1,024
+    // waits there instead of having its SYNs dropped (a 1 s retransmit each).
+    let backlog = u32::try_from(max_connections.max(1024)).unwrap_or(u32::MAX);
+    let (listener, addr) = bind_with_backlog("webhooks.listen", w.listen, backlog)?;
     let tls = w
         .tls
         .as_ref()
@@ -928,6 +932,27 @@ async fn bind(
         .local_addr()
         .map_err(|source| StartupError::Listen { key, addr, source })?;
     Ok((listener, local))
+}
+
+/// [`bind`] with a listen backlog of `backlog`.
+fn bind_with_backlog(
+    key: &'static str,
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartupError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(backlog)?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    listen().map_err(|source| StartupError::Listen { key, addr, source })
 }
 
 struct AliveGuard(Arc<AtomicBool>);
