@@ -536,7 +536,25 @@ fn from_object(
         },
     };
     request.from_webhook = header(headers, WEBHOOK_SOURCE.0)? == Some(WEBHOOK_SOURCE.1);
+    request.connected_account = match opt_string(obj, "connected_account")? {
+        None => None,
+        Some(a) if is_connected_account(&a) => Some(a),
+        Some(_) => {
+            return Err(invalid(
+                "connected_account",
+                "a connected account id (acct_ and 1 to 64 letters or digits)",
+            ))
+        }
+    };
     Ok(request)
+}
+
+/// True for a connected account id: `acct_` and 1 to 64 letters or digits
+/// (it goes into a header).
+pub fn is_connected_account(id: &str) -> bool {
+    id.strip_prefix("acct_").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
 }
 
 /// The header (name, value) paysync's webhook intake puts on the requests it
@@ -565,6 +583,8 @@ pub struct WebhookRequest {
     pub payment_method_type: Option<PaymentMethodType>,
     /// The processor's event id, when it sends one.
     pub event_id: Option<String>,
+    /// A connected account to read the payment through (Stripe Connect).
+    pub connected_account: Option<String>,
 }
 
 /// A record ready to produce: key, value and headers.
@@ -590,6 +610,9 @@ impl WebhookRequest {
         });
         if let Some(m) = &self.payment_method_type {
             value["payment_method_type"] = Value::from(m.as_str());
+        }
+        if let Some(a) = &self.connected_account {
+            value["connected_account"] = Value::from(a.as_str());
         }
         let mut headers = vec![(WEBHOOK_SOURCE.0, WEBHOOK_SOURCE.1.as_bytes().to_vec())];
         if let Some(id) = &self.event_id {
@@ -624,9 +647,15 @@ mod tests {
 
     #[test]
     fn a_webhook_request_reads_back_as_the_request_it_was() {
-        for (method, event_id, follow) in
-            [(Some("IDEAL"), Some("evt_1"), true), (None, None, false)]
-        {
+        for (method, event_id, follow, account) in [
+            (
+                Some("IDEAL"),
+                Some("evt_1"),
+                true,
+                Some("acct_1032D82eZvKYlo2C"),
+            ),
+            (None, None, false, None),
+        ] {
             let written = WebhookRequest {
                 transaction_id: TransactionId::parse("tr_WDqYK6vllg").unwrap(),
                 connector: "mollie".into(),
@@ -635,6 +664,7 @@ mod tests {
                 follow,
                 payment_method_type: method.and_then(PaymentMethodType::parse),
                 event_id: event_id.map(str::to_owned),
+                connected_account: account.map(str::to_owned),
             };
             let record = written.encode();
             assert_eq!(record.key, b"tr_WDqYK6vllg");
@@ -656,6 +686,7 @@ mod tests {
             assert_eq!(read.follow, follow);
             assert_eq!(read.payment_method_type, written.payment_method_type);
             assert!(read.from_webhook);
+            assert_eq!(read.connected_account.as_deref(), account);
             let event_header = record
                 .headers
                 .iter()
@@ -667,6 +698,17 @@ mod tests {
 
     fn code_of(v: serde_json::Value) -> RejectCode {
         decode(v.to_string().as_bytes(), &[]).unwrap_err().code
+    }
+
+    #[test]
+    fn a_connected_account_must_be_one() {
+        for bad in ["acct_", "acct_../x", "acc_1", "acct_1\r\nx-injected: 1"] {
+            assert_eq!(
+                code_of(json!({"connector_transaction_id": "pi_1", "connected_account": bad})),
+                RejectCode::InvalidField,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -276,6 +276,13 @@ pub struct ConnectorSettings {
     pub gateway: GatewaySettings,
     /// Follow mode, when `[connectors.<name>.follow]` exists.
     pub follow: Option<FollowSettings>,
+    /// How far a webhook signature's timestamp may be from now (connectors
+    /// whose signatures carry one: Stripe).
+    #[serde(with = "humantime_serde")]
+    pub webhook_tolerance: std::time::Duration,
+    /// The largest webhook body, when the connector's events need more than
+    /// `webhooks.max_body_bytes`.
+    pub webhook_max_body_bytes: Option<usize>,
 }
 
 /// The validated settings of one paysync process.

@@ -338,6 +338,11 @@ pub(super) struct RawConnector {
     pub concurrency: RawConcurrency,
     pub accounts: BTreeMap<String, serde_json::Value>,
     pub follow: Option<RawFollow>,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub api_version: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub webhook_tolerance: Option<Duration>,
+    pub webhook_max_body_bytes: Option<i64>,
 }
 
 /// `"adaptive"` or a number of calls in flight.
@@ -362,6 +367,9 @@ impl Default for RawConnector {
             rate_limit: None,
             concurrency: RawConcurrency::Word("adaptive".into()),
             accounts: BTreeMap::new(),
+            api_version: None,
+            webhook_tolerance: None,
+            webhook_max_body_bytes: None,
             follow: None,
         }
     }
@@ -446,32 +454,4 @@ pub(super) struct RawRateLimit {
     pub requests_per_second: i64,
     #[serde(default)]
     pub burst: Option<i64>,
-}
-
-/// An account of an OAuth2 client-credentials connector.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawClientCredentialsAccount {
-    #[serde(deserialize_with = "lenient_string")]
-    pub client_id: String,
-    pub client_secret: SecretSource,
-    #[serde(default)]
-    pub requests_per_second: Option<i64>,
-    #[serde(default)]
-    pub webhook_secret: Option<SecretSource>,
-    #[serde(default)]
-    pub webhook_path_token: Option<SecretSource>,
-}
-
-/// An account of a static-API-key connector.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawApiKeyAccount {
-    pub api_key: SecretSource,
-    #[serde(default)]
-    pub requests_per_second: Option<i64>,
-    #[serde(default)]
-    pub webhook_secret: Option<SecretSource>,
-    #[serde(default)]
-    pub webhook_path_token: Option<SecretSource>,
 }

@@ -1,18 +1,26 @@
 //! Loading and validation: defaults, overrides, secrets, and errors that name the key.
 
 use super::*;
-use crate::connectors::auth::Credentials;
+use crate::connectors::auth::digest;
+use secrecy::SecretString;
 
-/// The client credentials of a configured account.
-fn cc<'a>(
-    s: &'a Settings,
-    connector: &str,
-    account: &str,
-) -> &'a crate::connectors::ClientCredentials {
-    match &s.connectors[connector].gateway.accounts[account].credentials {
-        Credentials::ClientCredentials(c) => c,
-        other => panic!("{other:?}"),
-    }
+/// The client id of a configured account (secrets show only masked).
+fn client_id(s: &Settings, connector: &str, account: &str) -> String {
+    let masked = s.connectors[connector].gateway.accounts[account]
+        .credential
+        .masked();
+    assert_eq!(masked["client_secret"], "********");
+    masked["client_id"].as_str().unwrap().to_owned()
+}
+
+/// True when the account's OAuth2 credentials are `id` and `secret` (through
+/// the credential's limit key, a digest of both).
+fn has_client_credentials(s: &Settings, connector: &str, account: &str, secret: &str) -> bool {
+    let id = client_id(s, connector, account);
+    s.connectors[connector].gateway.accounts[account]
+        .credential
+        .limit_key()
+        == digest(&SecretString::from(format!("{id}\n{secret}")))
 }
 
 const MINIMAL: &str = r#"
@@ -45,7 +53,7 @@ fn defaults_apply() {
     let cm = &s.connectors["cm"].gateway;
     assert_eq!(cm.base_url.as_str(), "https://api.pay.cm.com/");
     assert_eq!(cm.request_timeout, Duration::from_secs(10));
-    assert_eq!(cc(&s, "cm", "default").client_id, "shop");
+    assert_eq!(client_id(&s, "cm", "default"), "shop");
     assert_eq!(s.processing.stuck_after, Duration::from_secs(300));
     assert_eq!(s.kafka.max_record_bytes, 1_000_000);
     assert!(s.schema_registry.is_none());
@@ -78,7 +86,7 @@ fn env_overrides_win_and_nest() {
         s.connectors["cm"].gateway.request_timeout,
         Duration::from_millis(250)
     );
-    assert_eq!(cc(&s, "cm", "shop2").secret(), "sec2");
+    assert!(has_client_credentials(&s, "cm", "shop2", "sec2"));
     assert_eq!(s.kafka.consumer.0["session.timeout.ms"], "6000");
 }
 
@@ -101,8 +109,9 @@ client_secret = {{ file = "{}" }}
         secret_file.display()
     );
     let s = Settings::from_toml(&toml).unwrap();
-    assert_eq!(cc(&s, "cm", "a").secret(), "from-env");
-    assert_eq!(cc(&s, "cm", "b").secret(), "from-file");
+    assert!(has_client_credentials(&s, "cm", "a", "from-env"));
+    assert!(has_client_credentials(&s, "cm", "b", "from-file"));
+    assert!(!has_client_credentials(&s, "cm", "b", "from-env"));
     let missing = Settings::from_toml(
         "[connectors.cm.accounts.a]\nclient_id = \"a\"\nclient_secret = { env = \"PAYSYNC_TEST_SURELY_UNSET_VAR\" }\n",
     )
@@ -215,7 +224,7 @@ fn errors_name_the_key() {
     let err = load("[connectors.cm]\nrequest_timeout = \"1s\"\n", &[]).unwrap_err();
     assert_eq!(err.key, "connectors.cm.accounts");
     let err = load("[connectors.cm.accounts.default]\napi_key = \"k\"\n", &[]).unwrap_err();
-    assert_eq!(err.key, "connectors.cm.accounts.default");
+    assert_eq!(err.key, "connectors.cm.accounts.default.client_id");
     assert!(
         err.message.contains("client_id, client_secret"),
         "{}",

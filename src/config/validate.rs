@@ -8,15 +8,15 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::raw::{
-    RawApiKeyAccount, RawClientCredentialsAccount, RawConcurrency, RawConnector, RawFollow,
-    RawKafka, RawProcessing, RawRegistry, RawSettings, RawWebhooks, SecretSource,
+    RawConcurrency, RawConnector, RawFollow, RawKafka, RawProcessing, RawRegistry, RawSettings,
+    RawWebhooks, SecretSource,
 };
 use super::{
     ConfigError, ConnectorSettings, EventSettings, FollowSettings, Guarantee, HttpSettings,
     KafkaProperties, KafkaSettings, LogFormat, LogSettings, ProcessingSettings, PublishMode,
     RegistrySettings, Settings, TlsFiles, WebhookSettings, DEAD_LETTER_RESERVE,
 };
-use crate::connectors::auth::{Account, AuthScheme, ClientCredentials, Credentials};
+use crate::connectors::auth::{Account, AccountFields, AuthScheme, FieldError};
 use crate::connectors::breaker::BreakerSettings;
 use crate::connectors::gateway::{GatewaySettings, RateLimit};
 use crate::connectors::http::Http2;
@@ -391,72 +391,129 @@ fn processing(p: RawProcessing, kafka: &KafkaSettings) -> Result<ProcessingSetti
     Ok(processing)
 }
 
-/// One account, parsed by the credential shape of the connector's auth scheme.
+/// One account: the fields every account has (`requests_per_second`,
+/// `webhook_secret`, `webhook_path_token`), then its scheme's own; anything
+/// else is an unknown field.
 fn account(
     key: &str,
-    scheme: AuthScheme,
+    scheme: &dyn AuthScheme,
     raw: serde_json::Value,
     env: Env<'_>,
 ) -> Result<Account, ConfigError> {
-    let shape = |e: serde_json::Error| {
-        ConfigError::new(
+    let serde_json::Value::Object(mut table) = raw else {
+        return Err(ConfigError::new(
             key,
+            format!("must be a table of {}", scheme.fields().join(", ")),
+        ));
+    };
+    let requests_per_second = match table.remove("requests_per_second") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => {
+            let k = format!("{key}.requests_per_second");
+            let n = v
+                .as_i64()
+                .ok_or_else(|| ConfigError::new(&k, "must be a whole number"))?;
+            Some(bounded_u32(&k, n, 1, 1_000_000)?)
+        }
+    };
+    let mut fields = TableFields {
+        key,
+        table: &mut table,
+        env,
+    };
+    let webhook_secret = fields
+        .secret("webhook_secret")
+        .map_err(|e| field_error(key, scheme, e))?;
+    let webhook_path_token = fields
+        .secret("webhook_path_token")
+        .map_err(|e| field_error(key, scheme, e))?;
+    if let Some(t) = &webhook_path_token {
+        use secrecy::ExposeSecret;
+        let v = t.expose_secret();
+        if v.len() < 16
+            || v.len() > 128
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::new(
+                format!("{key}.webhook_path_token"),
+                "must be 16 to 128 characters of [A-Za-z0-9_-] (it is a path segment and a secret)",
+            ));
+        }
+    }
+    let credential = scheme
+        .credential(&mut fields)
+        .map_err(|e| field_error(key, scheme, e))?;
+    if let Some(unknown) = table.keys().next() {
+        return Err(ConfigError::new(
+            format!("{key}.{unknown}"),
             format!(
-                "{e} (this connector's accounts take {})",
-                scheme.account_fields().join(", ")
+                "unknown field: this connector's accounts ({}) take {}, requests_per_second, webhook_secret and webhook_path_token",
+                scheme.name(),
+                scheme.fields().join(", ")
             ),
-        )
-    };
-    let rps = |v: Option<i64>| {
-        v.map(|r| bounded_u32(&format!("{key}.requests_per_second"), r, 1, 1_000_000))
-            .transpose()
-    };
-    let webhook_secret = |v: &Option<SecretSource>| {
-        v.as_ref()
-            .map(|src| secret(&format!("{key}.webhook_secret"), src, env))
-            .transpose()
-    };
-    let path_token = |v: &Option<SecretSource>| -> Result<Option<SecretString>, ConfigError> {
-        let k = format!("{key}.webhook_path_token");
-        let t = v.as_ref().map(|src| secret(&k, src, env)).transpose()?;
-        if let Some(t) = &t {
-            use secrecy::ExposeSecret;
-            let v = t.expose_secret();
-            if v.len() < 16
-                || v.len() > 128
-                || !v
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return Err(ConfigError::new(k, "must be 16 to 128 characters of [A-Za-z0-9_-] (it is a path segment and a secret)"));
+        ));
+    }
+    Ok(Account {
+        credential,
+        requests_per_second,
+        webhook_secret,
+        webhook_path_token,
+    })
+}
+
+fn field_error(key: &str, scheme: &dyn AuthScheme, e: FieldError) -> ConfigError {
+    ConfigError::new(
+        format!("{key}.{}", e.field),
+        format!(
+            "{} (this connector's accounts take {})",
+            e.why,
+            scheme.fields().join(", ")
+        ),
+    )
+}
+
+/// An account's table as its scheme reads it: each field read is taken out
+/// (what is left is unknown); secrets resolved from files and the
+/// environment.
+struct TableFields<'a> {
+    key: &'a str,
+    table: &'a mut serde_json::Map<String, serde_json::Value>,
+    env: Env<'a>,
+}
+
+impl AccountFields for TableFields<'_> {
+    fn text(&mut self, name: &'static str) -> Result<Option<String>, FieldError> {
+        Ok(match self.table.remove(name) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                Some(v.to_string())
             }
-        }
-        Ok(t)
-    };
-    match scheme {
-        AuthScheme::OAuth2ClientCredentials(_) => {
-            let a: RawClientCredentialsAccount = serde_json::from_value(raw).map_err(shape)?;
-            Ok(Account {
-                credentials: Credentials::ClientCredentials(ClientCredentials {
-                    client_id: non_empty(&format!("{key}.client_id"), &a.client_id)?,
-                    client_secret: secret(&format!("{key}.client_secret"), &a.client_secret, env)?,
-                }),
-                requests_per_second: rps(a.requests_per_second)?,
-                webhook_secret: webhook_secret(&a.webhook_secret)?,
-                webhook_path_token: path_token(&a.webhook_path_token)?,
+            Some(_) => {
+                return Err(FieldError {
+                    field: name,
+                    why: "must be a string".into(),
+                })
+            }
+        })
+    }
+
+    fn secret(&mut self, name: &'static str) -> Result<Option<SecretString>, FieldError> {
+        let Some(v) = self.table.remove(name).filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let source: SecretSource = serde_json::from_value(v).map_err(|_| FieldError {
+            field: name,
+            why: "must be a string, { env = \"VAR\" } or { file = \"/path\" }".into(),
+        })?;
+        secret(&format!("{}.{name}", self.key), &source, self.env)
+            .map(Some)
+            .map_err(|e| FieldError {
+                field: name,
+                why: e.message,
             })
-        }
-        AuthScheme::BearerApiKey => {
-            let a: RawApiKeyAccount = serde_json::from_value(raw).map_err(shape)?;
-            Ok(Account {
-                credentials: Credentials::ApiKey {
-                    api_key: secret(&format!("{key}.api_key"), &a.api_key, env)?,
-                },
-                requests_per_second: rps(a.requests_per_second)?,
-                webhook_secret: webhook_secret(&a.webhook_secret)?,
-                webhook_path_token: path_token(&a.webhook_path_token)?,
-            })
-        }
     }
 }
 
@@ -496,7 +553,7 @@ fn connector(
             key("accounts"),
             format!(
                 "at least one account is required, e.g. [connectors.{name}.accounts.default] with {}",
-                scheme.account_fields().join(" and ")
+                scheme.fields().join(" and ")
             ),
         ));
     }
@@ -550,6 +607,57 @@ fn connector(
         }
     };
     let follow = c.follow.map(|f| follow(&key("follow"), f)).transpose()?;
+    let api_version = match (c.api_version, translator.api_version()) {
+        (None, pinned) => pinned.map(|(_, v)| v.to_owned()),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                key("api_version"),
+                format!("{name} pins no API version"),
+            ))
+        }
+        (Some(v), Some(_)) => {
+            if v.is_empty()
+                || v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            {
+                return Err(ConfigError::new(
+                    key("api_version"),
+                    "must be a version such as 2022-11-15",
+                ));
+            }
+            Some(v)
+        }
+    };
+    if c.webhook_tolerance.is_some() && !translator.signs_webhooks() {
+        return Err(ConfigError::new(
+            key("webhook_tolerance"),
+            format!("{name} signs no webhooks"),
+        ));
+    }
+    let webhook_tolerance = match c.webhook_tolerance {
+        Some(t)
+            if t < std::time::Duration::from_secs(1)
+                || t > std::time::Duration::from_secs(86_400) =>
+        {
+            return Err(ConfigError::new(
+                key("webhook_tolerance"),
+                "must be between 1s and 24h",
+            ))
+        }
+        Some(t) => t,
+        None => std::time::Duration::from_secs(300),
+    };
+    let webhook_max_body_bytes = match c.webhook_max_body_bytes {
+        Some(n) => Some(bounded(
+            &key("webhook_max_body_bytes"),
+            n,
+            1024,
+            16 * 1024 * 1024,
+        )?),
+        None => translator.webhook_max_body_bytes(),
+    };
     let concurrency = match c.concurrency {
         RawConcurrency::Word(w) if w == "adaptive" => Concurrency::Adaptive,
         RawConcurrency::Fixed(n) => {
@@ -592,8 +700,11 @@ fn connector(
             circuit,
             rate_limit,
             accounts,
+            api_version,
         },
         follow,
+        webhook_tolerance,
+        webhook_max_body_bytes,
     })
 }
 

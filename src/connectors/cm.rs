@@ -12,7 +12,7 @@ use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
 use super::{
     deserialization_failure, raw_status, rfc3339_to_unix, url_with_segments, AccessToken,
     AuthScheme, ClientCredentials, Connector, ErrorBody, HttpRequest, HttpResponse, Method,
-    SecretBody, TokenEndpoint,
+    OAuth2ClientCredentials, SecretBody, TokenEndpoint,
 };
 use crate::codec::{RejectCode, Rejection};
 use crate::domain::event::{CheckFailure, ConnectorErrorDetails, ErrorInfo, FailureCode};
@@ -156,7 +156,10 @@ struct WireToken {
 }
 
 /// CM.com's OAuth2 token endpoint.
-struct CmToken;
+pub struct CmToken;
+
+/// CM.com's scheme: OAuth2 client credentials at its token endpoint.
+pub static CM_AUTH: OAuth2ClientCredentials = OAuth2ClientCredentials { endpoint: &CmToken };
 
 impl TokenEndpoint for CmToken {
     fn token_request(&self, base_url: &Url, credentials: &ClientCredentials) -> HttpRequest {
@@ -207,8 +210,8 @@ impl Connector for CmConnector {
         "https://api.pay.cm.com"
     }
 
-    fn auth(&self) -> AuthScheme {
-        AuthScheme::OAuth2ClientCredentials(&CmToken)
+    fn auth(&self) -> &'static dyn AuthScheme {
+        &CM_AUTH
     }
 
     fn default_payment_method(&self) -> &'static str {
@@ -388,6 +391,7 @@ impl Connector for CmConnector {
             transaction_id: webhook::transaction_id(&id)?,
             method: Some(method),
             event_id: None,
+            connected_account: None,
         })
     }
 }
@@ -526,6 +530,9 @@ mod tests {
             headers: &[],
             query,
             secret: None,
+            now: std::time::SystemTime::now(),
+            tolerance: None,
+            mode: None,
         };
         let ideal: &'static [(String, String)] = Box::leak(q("IDEAL").into_boxed_slice());
         match c.read_webhook(&w(body, ideal)).unwrap() {
@@ -533,7 +540,9 @@ mod tests {
                 transaction_id,
                 method,
                 event_id,
+                connected_account,
             } => {
+                assert_eq!(connected_account, None);
                 assert_eq!(transaction_id.as_str(), "9f3c2a1e-7b");
                 assert_eq!(method.unwrap().as_str(), "IDEAL");
                 assert_eq!(event_id, None);

@@ -16,7 +16,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 use url::Url;
 
-use super::auth::{Account, AuthScheme, Authorization, ClientCredentials, Credentials};
+use super::auth::{Account, AuthContext, Authorized, TokenParser};
 use super::breaker::{BreakerSettings, CircuitBreaker};
 use super::http::{Http2, HttpExecutor, Transport, TransportError};
 use super::limit::{AccountLimiter, Concurrency, Priority, Signal};
@@ -30,6 +30,7 @@ use crate::codec::{RejectCode, Rejection};
 use crate::domain::event::{CheckFailure, FailureCode};
 use crate::domain::{PaymentStatus, RedirectForm, StatusCheckRequest, StatusReport};
 use crate::telemetry::Metrics;
+use futures::future::BoxFuture;
 
 /// A token-bucket rate limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,6 +74,9 @@ pub struct GatewaySettings {
     pub recheck_share: f64,
     /// Merchant accounts by `merchant_id`.
     pub accounts: BTreeMap<String, Account>,
+    /// The API version sent in the connector's version header (where it
+    /// pins one: [`super::Connector::api_version`]).
+    pub api_version: Option<String>,
 }
 
 /// Why a gateway cannot be built.
@@ -81,14 +85,6 @@ pub enum GatewayError {
     /// The HTTP client could not be built (TLS backend).
     #[error("cannot build the HTTP client: {0}")]
     Http(#[source] super::http::ClientBuildError),
-    /// An account's credentials are not of the connector's scheme.
-    #[error("account `{account}` has credentials of another scheme than {scheme:?}")]
-    WrongCredentials {
-        /// The merchant account.
-        account: String,
-        /// The connector's scheme.
-        scheme: AuthScheme,
-    },
 }
 
 /// The result of one `call_once`: the outcome and how many status calls it took.
@@ -106,10 +102,11 @@ pub struct Gateway {
     settings: GatewaySettings,
     http: Arc<dyn Transport>,
     /// The OAuth2 token cache (`None` for static-key schemes).
-    tokens: Option<TokenCache>,
+    tokens: TokenCache,
     metrics: Arc<Metrics>,
     limiter: Option<DefaultDirectRateLimiter>,
-    account_limiters: HashMap<String, DefaultDirectRateLimiter>,
+    /// By merchant; accounts that share a key share one.
+    account_limiters: HashMap<String, Arc<DefaultDirectRateLimiter>>,
     /// Calls in flight per account (adaptive or fixed).
     concurrency: HashMap<String, Arc<AccountLimiter>>,
     policy: RetryPolicy,
@@ -148,63 +145,51 @@ impl Gateway {
         clock: Clock,
         http: Arc<dyn Transport>,
     ) -> Result<Self, GatewayError> {
-        let scheme = connector.auth();
-        for (name, account) in &settings.accounts {
-            let fits = matches!(
-                (scheme, &account.credentials),
-                (
-                    AuthScheme::OAuth2ClientCredentials(_),
-                    Credentials::ClientCredentials(_)
-                ) | (AuthScheme::BearerApiKey, Credentials::ApiKey { .. })
-            );
-            if !fits {
-                return Err(GatewayError::WrongCredentials {
-                    account: name.clone(),
-                    scheme,
-                });
-            }
-        }
-        let tokens = matches!(scheme, AuthScheme::OAuth2ClientCredentials(_)).then(|| {
-            TokenCache::new(
-                settings.accounts.keys(),
-                settings.token_refresh_margin,
-                clock,
-            )
-        });
+        let tokens = TokenCache::new(
+            settings.accounts.keys(),
+            settings.token_refresh_margin,
+            clock,
+        );
         metrics.register_connector(connector.name());
         let limiter = settings.rate_limit.map(token_bucket);
-        let account_limiters = settings
-            .accounts
-            .iter()
-            .filter_map(|(name, a)| {
-                a.requests_per_second.map(|rps| {
-                    (
-                        name.clone(),
-                        token_bucket(RateLimit {
-                            requests_per_second: rps,
-                            burst: rps,
-                        }),
-                    )
-                })
-            })
-            .collect();
+        // Accounts that share a key share the processor's limits (Stripe's
+        // are per key): one bucket at the lowest rate any of them sets, and
+        // one concurrency window, labelled with the first account's name.
+        let mut by_key: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+        for (name, a) in &settings.accounts {
+            by_key
+                .entry(a.credential.limit_key())
+                .or_default()
+                .push(name);
+        }
+        let mut account_limiters = HashMap::new();
+        let mut concurrency = HashMap::new();
+        for names in by_key.values() {
+            let rps = names
+                .iter()
+                .filter_map(|n| settings.accounts[*n].requests_per_second)
+                .min();
+            if let Some(rps) = rps {
+                let bucket = Arc::new(token_bucket(RateLimit {
+                    requests_per_second: rps,
+                    burst: rps,
+                }));
+                for n in names {
+                    account_limiters.insert((*n).clone(), bucket.clone());
+                }
+            }
+            let (m, name, label) = (metrics.clone(), connector.name(), names[0].clone());
+            let window = Arc::new(AccountLimiter::new(
+                settings.concurrency,
+                settings.concurrency_ceiling,
+                settings.recheck_share,
+                Box::new(move |limit| m.set_concurrency_limit(name, &label, limit)),
+            ));
+            for n in names {
+                concurrency.insert((*n).clone(), window.clone());
+            }
+        }
         let policy = RetryPolicy::new(connector.name(), settings.retry.clone(), settings.circuit);
-        let concurrency = settings
-            .accounts
-            .keys()
-            .map(|account| {
-                let (m, name, acc) = (metrics.clone(), connector.name(), account.clone());
-                (
-                    account.clone(),
-                    Arc::new(AccountLimiter::new(
-                        settings.concurrency,
-                        settings.concurrency_ceiling,
-                        settings.recheck_share,
-                        Box::new(move |limit| m.set_concurrency_limit(name, &acc, limit)),
-                    )),
-                )
-            })
-            .collect();
         Ok(Gateway {
             concurrency,
             connector,
@@ -304,13 +289,14 @@ impl Gateway {
             .await
     }
 
+    /// Sends a token request and parses its 2xx answer with `parse`; a busy
+    /// token endpoint is retried like the API, a refusal is counted.
     async fn fetch_token(
         &self,
         merchant_id: &str,
-        endpoint: &dyn super::TokenEndpoint,
-        credentials: &ClientCredentials,
+        request: HttpRequest,
+        parse: TokenParser,
     ) -> Result<AccessToken, CallError> {
-        let request = endpoint.token_request(&self.settings.base_url, credentials);
         self.metrics.token_refresh(self.name());
         let started = Instant::now();
         let response = self.http.send(&request, None).await;
@@ -321,9 +307,7 @@ impl Gateway {
             .connector_call(self.name(), &code, started.elapsed());
         let response = response.map_err(|e| transport_failure(&e, "token request"))?;
         match response.status {
-            200..=299 => endpoint
-                .parse_token(&response)
-                .map_err(CallError::Permanent),
+            200..=299 => parse(&response).map_err(CallError::Permanent),
             status @ (408 | 429 | 500..=599) => {
                 // The token endpoint is down or busy: retry like the API, never a status.
                 match self.capped(classify_error_status(
@@ -370,36 +354,27 @@ impl Gateway {
         }
     }
 
-    /// The `Authorization` for an account's call, and the token generation it came
-    /// from (to invalidate it after a 401).
-    async fn authorization(&self, merchant_id: &str) -> Result<(Authorization, u64), CallError> {
-        let no_account = || {
+    /// The account's authorization for one call (its credential decides how).
+    async fn authorization(&self, merchant_id: &str) -> Result<(Authorized, bool), CallError> {
+        let account = self.settings.accounts.get(merchant_id).ok_or_else(|| {
             CallError::Permanent(CheckFailure::new(
                 FailureCode::AuthenticationFailed,
                 "no credentials for this merchant account",
             ))
+        })?;
+        let fetch = |request: HttpRequest, parse: TokenParser| {
+            let f: BoxFuture<'_, Result<AccessToken, CallError>> =
+                Box::pin(self.fetch_token(merchant_id, request, parse));
+            f
         };
-        let account = self
-            .settings
-            .accounts
-            .get(merchant_id)
-            .ok_or_else(no_account)?;
-        match (self.connector.auth(), &account.credentials, &self.tokens) {
-            (
-                AuthScheme::OAuth2ClientCredentials(endpoint),
-                Credentials::ClientCredentials(cc),
-                Some(tokens),
-            ) => {
-                let lease = tokens
-                    .get(merchant_id, || self.fetch_token(merchant_id, endpoint, cc))
-                    .await?;
-                Ok((Authorization::bearer(&lease.token.token), lease.generation))
-            }
-            (AuthScheme::BearerApiKey, Credentials::ApiKey { api_key }, _) => {
-                Ok((Authorization::bearer(api_key), 0))
-            }
-            _ => Err(no_account()),
-        }
+        let cx = AuthContext {
+            merchant_id,
+            base_url: &self.settings.base_url,
+            tokens: &self.tokens,
+            fetch_token: &fetch,
+        };
+        let authorized = account.credential.authorize(&cx).await?;
+        Ok((authorized, account.credential.refreshes()))
     }
 
     /// Waits for the connector's and the account's rate-limit permits. Waiting is
@@ -430,7 +405,7 @@ impl Gateway {
         let mut calls = 0;
         let mut refreshed = false;
         loop {
-            let (authorization, generation) = match self.authorization(&request.merchant_id).await {
+            let (authorized, refreshes) = match self.authorization(&request.merchant_id).await {
                 Ok(a) => a,
                 Err(e) => {
                     return CallRecord {
@@ -447,7 +422,32 @@ impl Gateway {
             };
             calls += 1;
             let started = Instant::now();
-            let response = self.http.send(http_request, Some(&authorization)).await;
+            let mut extra = authorized.headers.clone();
+            if let (Some((name, _)), Some(version)) =
+                (self.connector.api_version(), &self.settings.api_version)
+            {
+                extra.push((name, version.clone()));
+            }
+            let response = if extra.is_empty() {
+                self.http
+                    .send(http_request, Some(&authorized.authorization))
+                    .await
+            } else {
+                // The scheme's headers and the pinned version, where the
+                // request has none of that name (a request's own
+                // Stripe-Account wins, say).
+                let mut with = http_request.clone();
+                for (name, value) in &extra {
+                    if !with
+                        .headers
+                        .iter()
+                        .any(|(n, _)| n.eq_ignore_ascii_case(name))
+                    {
+                        with.headers.push((name, value.clone()));
+                    }
+                }
+                self.http.send(&with, Some(&authorized.authorization)).await
+            };
             let signal = match &response {
                 Ok(r) if r.status == 429 => {
                     self.metrics.throttled(self.name(), &request.merchant_id);
@@ -499,15 +499,24 @@ impl Gateway {
                 crate::clock::system_now(),
             )) {
                 CallError::Unauthorized(failure) => {
-                    let Some(tokens) = self.tokens.as_ref().filter(|_| !refreshed) else {
+                    if !refreshes || refreshed {
                         // A static key gets no second chance, nor does a fresh token.
                         return CallRecord {
                             outcome: Err(CallError::Permanent(failure)),
                             calls,
                         };
-                    };
+                    }
                     refreshed = true;
-                    tokens.invalidate(&request.merchant_id, generation).await;
+                    self.tokens
+                        .invalidate(&request.merchant_id, authorized.generation)
+                        .await;
+                }
+                CallError::Retryable { failure, .. } if !self.connector.may_retry(&response) => {
+                    // The processor says a retry cannot succeed.
+                    return CallRecord {
+                        outcome: Err(CallError::Permanent(failure)),
+                        calls,
+                    };
                 }
                 other => {
                     return CallRecord {

@@ -1,16 +1,16 @@
 //! Connectors: translators between a [`StatusCheckRequest`] and one payment
 //! processor's API, and the one gateway that does their I/O.
 //!
-//! A connector ([`Connector`]) is pure: it declares its auth scheme ([`AuthScheme`];
-//! the scheme defines the credential type an account configures), its default base
+//! A connector ([`Connector`]) is pure: it names its auth scheme ([`AuthScheme`];
+//! the scheme reads what an account configures), its default base
 //! URL and payment method, builds the status request (and the token request when
 //! its scheme has one), parses answers and error bodies, maps its status enum
 //! exhaustively, and says which statuses are final. It never sees credentials
 //! beyond what its token request needs, and never performs I/O.
 //!
 //! The [`gateway::Gateway`] does everything else for every connector: the HTTP
-//! executor ([`http`], the only HTTP client code), the auth schemes ([`auth`]: the
-//! OAuth2 token cache with single flight and one refresh on 401, or a static key),
+//! executor ([`http`], the only HTTP client code), the token cache ([`token`]:
+//! single flight, one refresh on 401) that schemes ([`auth`]) borrow,
 //! retries ([`retry`]), the circuit breaker ([`breaker`]), rate limits and
 //! adaptive concurrency ([`limit`]). [`webhook`] holds what connectors share to
 //! read their webhooks.
@@ -27,6 +27,7 @@ pub mod limit;
 pub mod mollie;
 pub mod registry;
 pub mod retry;
+pub mod stripe;
 pub mod token;
 pub mod webhook;
 
@@ -41,6 +42,7 @@ use crate::codec::Rejection;
 use crate::domain::event::{CheckFailure, FailureCode};
 use crate::domain::{PaymentStatus, StatusCheckRequest, StatusReport};
 
+pub use auth::oauth2::OAuth2ClientCredentials;
 pub use auth::{AuthScheme, ClientCredentials, TokenEndpoint};
 
 /// HTTP method of a described request.
@@ -203,8 +205,9 @@ pub trait Connector: Send + Sync + 'static {
     /// The API base URL used when the configuration names none.
     fn default_base_url(&self) -> &'static str;
 
-    /// How requests are authenticated; the scheme defines what an account configures.
-    fn auth(&self) -> AuthScheme;
+    /// How requests are authenticated; the scheme reads what an account
+    /// configures.
+    fn auth(&self) -> &'static dyn AuthScheme;
 
     /// The UCS `PaymentMethodType` used when a request names none.
     fn default_payment_method(&self) -> &'static str;
@@ -231,6 +234,26 @@ pub trait Connector: Send + Sync + 'static {
     /// True when `status` will not change any more for this connector (follow mode
     /// stops there).
     fn is_final(&self, status: PaymentStatus) -> bool;
+
+    /// A header that pins the API version, and its default value (the
+    /// configuration's `connectors.<c>.api_version` overrides the value).
+    fn api_version(&self) -> Option<(&'static str, &'static str)> {
+        None
+    }
+
+    /// The largest webhook body this connector's processor sends, when it is
+    /// more than the intake's `max_body_bytes` (a processor that retries a
+    /// 413 for days must fit).
+    fn webhook_max_body_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// False when the processor's answer says a retry cannot succeed (Stripe's
+    /// `Stripe-Should-Retry: false`): a retryable answer is then final.
+    fn may_retry(&self, response: &HttpResponse) -> bool {
+        let _ = response;
+        true
+    }
 
     /// True when this connector signs its webhooks, so that an account's
     /// `webhook_secret` means something; a secret on a connector that signs

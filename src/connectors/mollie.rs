@@ -186,8 +186,8 @@ impl Connector for MollieConnector {
         "https://api.mollie.com"
     }
 
-    fn auth(&self) -> AuthScheme {
-        AuthScheme::BearerApiKey
+    fn auth(&self) -> &'static dyn AuthScheme {
+        &crate::connectors::auth::bearer::BEARER_API_KEY
     }
 
     /// Mollie's path does not depend on the method; this only names one.
@@ -332,6 +332,7 @@ impl Connector for MollieConnector {
                 transaction_id: webhook::transaction_id(id)?,
                 method: None,
                 event_id,
+                connected_account: None,
             })
         };
         if !webhook.is_json() {
@@ -451,6 +452,9 @@ mod tests {
                 headers,
                 query: form,
                 secret,
+                now: std::time::SystemTime::now(),
+                tolerance: None,
+                mode: None,
             }
         };
         let json = || vec![("content-type".to_owned(), "application/json".to_owned())];

@@ -12,6 +12,7 @@ type Constructor = fn() -> Arc<dyn Connector>;
 const REGISTRY: &[(&str, Constructor)] = &[
     ("cm", || Arc::new(super::cm::CmConnector)),
     ("mollie", || Arc::new(super::mollie::MollieConnector)),
+    ("stripe", || Arc::new(super::stripe::StripeConnector)),
 ];
 
 /// The connector called `name`, if any.
@@ -40,5 +41,12 @@ mod tests {
             assert_eq!(super::get(name).unwrap().name(), name);
         }
         assert!(super::get("nope").is_none());
+    }
+
+    #[test]
+    fn every_connectors_scheme_reads_its_fields_and_masks_its_secrets() {
+        for name in super::names() {
+            crate::connectors::auth::tests::scheme_holds(super::get(name).unwrap().auth());
+        }
     }
 }

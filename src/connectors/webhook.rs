@@ -5,8 +5,11 @@
 //! the HTTP, the routing and Kafka. A webhook never carries a status into an
 //! event: it only says which payment to check.
 
+use std::time::{Duration, SystemTime};
+
 use secrecy::{ExposeSecret, SecretString};
 
+use super::auth::Mode;
 use crate::domain::{PaymentMethodType, TransactionId};
 
 /// A webhook as received.
@@ -20,6 +23,14 @@ pub struct Webhook<'a> {
     pub query: &'a [(String, String)],
     /// The account's `webhook_secret`, when it has one.
     pub secret: Option<&'a SecretString>,
+    /// Now (signatures with a timestamp are checked against it).
+    pub now: SystemTime,
+    /// How far a signature's timestamp may be from `now`, where the
+    /// connector's signatures carry one (`connectors.<c>.webhook_tolerance`).
+    pub tolerance: Option<Duration>,
+    /// The account's key mode, where its key says one (events for the other
+    /// mode are refused).
+    pub mode: Option<Mode>,
 }
 
 impl Webhook<'_> {
@@ -79,9 +90,11 @@ pub enum WebhookCheck {
         transaction_id: TransactionId,
         /// The payment method, when the connector's status path needs one.
         method: Option<PaymentMethodType>,
-        /// The webhook's own id (an event id), when it has one: the request id
-        /// derives from it, so a retried webhook maps to the same request.
+        /// The webhook's own id (an event id), when it has one: it travels
+        /// in `x-webhook-event-id`.
         event_id: Option<String>,
+        /// A connected account to read the payment through (Stripe Connect).
+        connected_account: Option<String>,
     },
     /// Nothing to check (not a payment: an order, a refund, a chargeback...).
     Ignore(&'static str),
@@ -104,13 +117,17 @@ pub enum WebhookError {
     /// The connector takes no webhooks (404).
     #[error("this connector takes no webhooks")]
     Unsupported,
+    /// The event is for the other mode (live or test) than the account's key
+    /// (400).
+    #[error("the event's livemode does not match the account's key")]
+    WrongMode,
 }
 
 impl WebhookError {
     /// The HTTP status to answer.
     pub fn status(&self) -> u16 {
         match self {
-            WebhookError::Malformed(_) => 400,
+            WebhookError::Malformed(_) | WebhookError::WrongMode => 400,
             WebhookError::BadSignature | WebhookError::Unsigned => 401,
             WebhookError::Unsupported => 404,
         }
@@ -123,6 +140,7 @@ impl WebhookError {
             WebhookError::BadSignature => "bad_signature",
             WebhookError::Unsigned => "unsigned",
             WebhookError::Unsupported => "unsupported",
+            WebhookError::WrongMode => "wrong_mode",
         }
     }
 }
@@ -172,7 +190,8 @@ pub fn hmac_sha256_header(secret: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+/// Hex to bytes (even length, at most 128 bytes); `None` when it is not hex.
+pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || s.len() > 256 {
         return None;
     }

@@ -249,6 +249,9 @@ pub struct StatusCheckRequest {
     /// webhook only names a payment, so an id the connector does not know (404)
     /// publishes nothing: a forged webhook cannot put events on the topic.
     pub from_webhook: bool,
+    /// A connected account to read the payment through (Stripe Connect's
+    /// `Stripe-Account`); JSON field `connected_account`.
+    pub connected_account: Option<String>,
 }
 
 impl fmt::Debug for StatusCheckRequest {
@@ -296,6 +299,7 @@ impl StatusCheckRequest {
             merchant_request_id: None,
             follow: false,
             from_webhook: false,
+            connected_account: None,
         }
     }
 }

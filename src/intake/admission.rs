@@ -71,6 +71,8 @@ pub enum Outcome {
     Timeout,
     /// Not a POST; 405.
     MethodNotAllowed,
+    /// An event for the other mode (live or test) than the account's key; 400.
+    WrongMode,
 }
 
 impl Outcome {
@@ -91,6 +93,7 @@ impl Outcome {
         Outcome::Unavailable,
         Outcome::Timeout,
         Outcome::MethodNotAllowed,
+        Outcome::WrongMode,
     ];
 
     /// The metric label.
@@ -111,6 +114,7 @@ impl Outcome {
             Outcome::Unavailable => "unavailable",
             Outcome::Timeout => "timeout",
             Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::WrongMode => "wrong_mode",
         }
     }
 }
@@ -221,12 +225,15 @@ impl Dedupe {
 /// One account's route.
 struct AccountRoute {
     secret: Option<SecretString>,
+    mode: Option<crate::connectors::auth::Mode>,
     path_token: Option<SecretString>,
     bucket: Mutex<Bucket>,
 }
 
 struct ConnectorRoute {
     connector: Arc<dyn Connector>,
+    tolerance: std::time::Duration,
+    max_body_bytes: usize,
     accounts: HashMap<String, AccountRoute>,
 }
 
@@ -241,6 +248,12 @@ impl Target<'_> {
     /// The connector's name (a bounded label).
     pub fn connector(&self) -> &'static str {
         self.connector.connector.name()
+    }
+
+    /// The body limit of this route (its connector's, where it needs more
+    /// than `webhooks.max_body_bytes`).
+    pub fn max_body_bytes(&self) -> usize {
+        self.connector.max_body_bytes
     }
 }
 
@@ -323,6 +336,7 @@ impl Admission {
                         merchant.clone(),
                         AccountRoute {
                             secret: a.webhook_secret.clone(),
+                            mode: a.credential.mode(),
                             path_token: a.webhook_path_token.clone(),
                             bucket: Mutex::new(Bucket::new(
                                 webhooks.requests_per_second,
@@ -336,6 +350,8 @@ impl Admission {
                 name.clone(),
                 ConnectorRoute {
                     connector,
+                    tolerance: c.webhook_tolerance,
+                    max_body_bytes: c.webhook_max_body_bytes.unwrap_or(webhooks.max_body_bytes),
                     accounts,
                 },
             );
@@ -395,7 +411,7 @@ impl Admission {
         if !token_ok {
             return Err(Answer::not_found());
         }
-        if declared_length.is_some_and(|l| l > self.max_body_bytes as u64) {
+        if declared_length.is_some_and(|l| l > route.max_body_bytes as u64) {
             return Err(Answer::new(Outcome::TooLarge, 413, "body too large"));
         }
         Ok(Target {
@@ -428,14 +444,18 @@ impl Admission {
             headers: received.headers,
             query: received.query,
             secret: target.account.secret.as_ref(),
+            now: crate::clock::system_now(),
+            tolerance: Some(target.connector.tolerance),
+            mode: target.account.mode,
         };
-        let (transaction_id, method, event_id) =
+        let (transaction_id, method, event_id, connected_account) =
             match target.connector.connector.read_webhook(&webhook) {
                 Ok(WebhookCheck::Check {
                     transaction_id,
                     method,
                     event_id,
-                }) => (transaction_id, method, event_id),
+                    connected_account,
+                }) => (transaction_id, method, event_id, connected_account),
                 Ok(WebhookCheck::Ignore(why)) => {
                     return Decision::Answer(Answer::new(
                         Outcome::Ignored,
@@ -450,6 +470,7 @@ impl Admission {
                         E::BadSignature => Outcome::BadSignature,
                         E::Unsigned => Outcome::Unsigned,
                         E::Unsupported => Outcome::Unsupported,
+                        E::WrongMode => Outcome::WrongMode,
                     };
                     // The message names fields, never echoes values.
                     return Decision::Answer(Answer::new(outcome, e.status(), e.to_string()));
@@ -482,6 +503,7 @@ impl Admission {
                 follow: self.follow,
                 payment_method_type: method,
                 event_id,
+                connected_account,
             },
             key,
         })
@@ -511,6 +533,9 @@ fn webhook_capable(connector: &dyn Connector) -> bool {
         headers: &[],
         query: &[],
         secret: None,
+        now: std::time::SystemTime::UNIX_EPOCH,
+        tolerance: None,
+        mode: None,
     };
     !matches!(
         connector.read_webhook(&probe),

@@ -229,7 +229,7 @@ impl Intake {
         if let Err(answer) = self.admission.afford(mono_ms()) {
             return (connector, answer);
         }
-        let limit = self.admission.max_body_bytes();
+        let limit = target.max_body_bytes();
         let read = tokio::time::timeout(
             self.settings.body_read_timeout,
             read_body(body, declared, limit),

@@ -666,6 +666,7 @@ async fn a_fatal_producer_error_rebuilds_the_producer_then_fails_liveness() {
         follow: false,
         payment_method_type: None,
         event_id: None,
+        connected_account: None,
     }
     .encode();
     let topic = t.input.clone();

@@ -212,7 +212,7 @@ impl Connector for PanickyCm {
     fn default_base_url(&self) -> &'static str {
         CmConnector.default_base_url()
     }
-    fn auth(&self) -> AuthScheme {
+    fn auth(&self) -> &'static dyn AuthScheme {
         CmConnector.auth()
     }
     fn default_payment_method(&self) -> &'static str {

@@ -461,9 +461,12 @@ async fn against_a_rate_limit(
     let mut settings = gateway_settings("cm", &sim.base_url());
     settings.accounts.insert(
         "default".to_string(),
-        paysync::connectors::auth::Account::client_credentials(
-            paysync::demo::simulator::SIM_CLIENT_ID,
-            paysync::demo::simulator::SIM_CLIENT_SECRET,
+        paysync::connectors::auth::Account::of(
+            &paysync::connectors::cm::CM_AUTH,
+            &[
+                ("client_id", paysync::demo::simulator::SIM_CLIENT_ID),
+                ("client_secret", paysync::demo::simulator::SIM_CLIENT_SECRET),
+            ],
         ),
     );
     settings.concurrency = concurrency;

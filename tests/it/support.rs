@@ -16,17 +16,72 @@ use url::Url;
 pub const CLIENT_ID: &str = "shop-client";
 pub const CLIENT_SECRET: &str = "cs_live_DO_NOT_LEAK_42";
 pub const API_KEY: &str = "live_DO_NOT_LEAK_api_key_42";
+/// A Stripe secret key (its prefix gives the test mode).
+pub const STRIPE_KEY: &str = "sk_test_DO_NOT_LEAK_stripe_42";
+
+/// An account of `scheme` with the test credentials.
+pub fn test_account(scheme: &dyn paysync::connectors::AuthScheme) -> Account {
+    let fields: Vec<(&'static str, &str)> = scheme
+        .fields()
+        .iter()
+        .filter_map(|f| {
+            let v = match *f {
+                "client_id" => CLIENT_ID,
+                "client_secret" => CLIENT_SECRET,
+                "api_key" if scheme.name().starts_with("Stripe") => STRIPE_KEY,
+                "api_key" => API_KEY,
+                _ => return None,
+            };
+            Some((*f, v))
+        })
+        .collect();
+    Account::of(scheme, &fields)
+}
+
+/// What `account`'s calls to `base` carry as `Authorization`, given a token
+/// endpoint that answers `token` (for the schemes that have one), and that
+/// endpoint's request (None for the schemes without).
+pub async fn expected_authorization(
+    account: &Account,
+    base: &str,
+    token: &str,
+) -> (String, Option<paysync::connectors::HttpRequest>) {
+    use paysync::connectors::auth::{AuthContext, TokenParser};
+    use paysync::connectors::{AccessToken, HttpRequest};
+    let seen: std::sync::Mutex<Option<HttpRequest>> = std::sync::Mutex::new(None);
+    let fetch = |request: HttpRequest, _: TokenParser| {
+        *seen.lock().unwrap() = Some(request);
+        let token = token.to_owned();
+        let f: futures::future::BoxFuture<'_, _> = Box::pin(async move {
+            Ok(AccessToken {
+                token: token.into(),
+                expires_in: Duration::from_secs(3600),
+            })
+        });
+        f
+    };
+    let tokens = paysync::connectors::token::TokenCache::new(
+        [&"default".to_owned()],
+        Duration::from_secs(60),
+        paysync::connectors::token::system_clock(),
+    );
+    let base = url::Url::parse(base).unwrap();
+    let cx = AuthContext {
+        merchant_id: "default",
+        base_url: &base,
+        tokens: &tokens,
+        fetch_token: &fetch,
+    };
+    let authorized = account.credential.authorize(&cx).await.unwrap();
+    let request = seen.lock().unwrap().take();
+    (authorized.authorization.value().to_owned(), request)
+}
 
 /// Gateway settings for a connector at `base` with one `default` account of its
 /// scheme, short timeouts and quick retries.
 pub fn gateway_settings(connector: &str, base: &str) -> GatewaySettings {
     let mut accounts = BTreeMap::new();
-    let account = match registry::get(connector).unwrap().auth() {
-        paysync::connectors::AuthScheme::OAuth2ClientCredentials(_) => {
-            Account::client_credentials(CLIENT_ID, CLIENT_SECRET)
-        }
-        paysync::connectors::AuthScheme::BearerApiKey => Account::api_key(API_KEY),
-    };
+    let account = test_account(registry::get(connector).unwrap().auth());
     accounts.insert("default".to_string(), account);
     GatewaySettings {
         base_url: Url::parse(base).unwrap(),
@@ -53,6 +108,10 @@ pub fn gateway_settings(connector: &str, base: &str) -> GatewaySettings {
         concurrency_ceiling: 256,
         recheck_share: 0.3,
         accounts,
+        api_version: registry::get(connector)
+            .unwrap()
+            .api_version()
+            .map(|(_, v)| v.to_owned()),
     }
 }
 

@@ -490,7 +490,11 @@ async fn webhooks_of_every_format_become_checks_and_nothing_else_does() {
     let outcome =
         |o: &str| sum_metric(&metrics, "paysync_webhooks_total", &[("outcome", o)]) as u64;
     assert_eq!(outcome("accepted"), 6);
-    assert_eq!(outcome("unsigned"), 2, "a classic form, an event without its header");
+    assert_eq!(
+        outcome("unsigned"),
+        2,
+        "a classic form, an event without its header"
+    );
     assert_eq!(outcome("duplicate"), 1);
     assert_eq!(outcome("malformed"), 4);
     assert_eq!(outcome("bad_signature"), 1);

@@ -240,7 +240,7 @@ impl Connector for Panicky {
     fn default_base_url(&self) -> &'static str {
         self.0.default_base_url()
     }
-    fn auth(&self) -> AuthScheme {
+    fn auth(&self) -> &'static dyn AuthScheme {
         self.0.auth()
     }
     fn default_payment_method(&self) -> &'static str {
