@@ -123,6 +123,34 @@ client_secret = {{ file = "{}" }}
 fn errors_name_the_key() {
     let cases: &[(&str, &str)] = &[
         (
+            "[connectors.stripe.accounts.s]\napi_key = \"pk_live_publishable\"\n",
+            "connectors.stripe.accounts.s.api_key",
+        ),
+        (
+            "[connectors.stripe.accounts.s]\napi_key = \"sk_test_1\"\nstripe_account = \"acct_../x\"\n",
+            "connectors.stripe.accounts.s.stripe_account",
+        ),
+        (
+            "[connectors.stripe.accounts.s]\napi_key = \"sk_test_1\"\nclient_id = \"x\"\n",
+            "connectors.stripe.accounts.s.client_id",
+        ),
+        (
+            "[connectors.mollie]\napi_version = \"2024-01-01\"\n[connectors.mollie.accounts.m]\napi_key = \"test_x\"\n",
+            "connectors.mollie.api_version",
+        ),
+        (
+            "[connectors.stripe]\napi_version = \"2022 11 15\"\n[connectors.stripe.accounts.s]\napi_key = \"sk_test_1\"\n",
+            "connectors.stripe.api_version",
+        ),
+        (
+            "[connectors.stripe]\nwebhook_tolerance = \"0s\"\n[connectors.stripe.accounts.s]\napi_key = \"sk_test_1\"\n",
+            "connectors.stripe.webhook_tolerance",
+        ),
+        (
+            "[connectors.cm]\nwebhook_tolerance = \"60s\"\n",
+            "connectors.cm.webhook_tolerance",
+        ),
+        (
             "[processing]\nmax_in_flight = 0\n",
             "processing.max_in_flight",
         ),
@@ -239,6 +267,25 @@ fn errors_name_the_key() {
     assert_eq!(ok.kafka.max_record_bytes, 2_000_000);
     let err = load(MINIMAL, &[("PAYSYNC_PROCESSING__MAX_IN_FLIGHT", "-5")]).unwrap_err();
     assert_eq!(err.key, "processing.max_in_flight");
+}
+
+#[test]
+fn a_stripe_account_reads_its_key_mode_and_connected_account() {
+    let s = load(
+        &format!("{MINIMAL}\n[connectors.stripe]\nwebhook_tolerance = \"120s\"\n[connectors.stripe.accounts.platform]\napi_key = \"rk_live_restricted\"\nstripe_account = \"acct_1032D82eZvKYlo2C\"\nwebhook_secret = \"whsec_x\"\n"),
+        &[],
+    )
+    .unwrap();
+    let c = &s.connectors["stripe"];
+    assert_eq!(c.gateway.api_version.as_deref(), Some("2022-11-15"));
+    assert_eq!(c.webhook_tolerance, Duration::from_secs(120));
+    assert_eq!(c.webhook_max_body_bytes, Some(1024 * 1024));
+    let a = &c.gateway.accounts["platform"];
+    assert_eq!(a.credential.mode(), Some(crate::connectors::auth::Mode::Live));
+    let shown = s.to_masked_toml();
+    assert!(shown.contains("stripe_account = \"acct_1032D82eZvKYlo2C\""), "{shown}");
+    assert!(!shown.contains("rk_live_restricted"), "{shown}");
+    assert!(!shown.contains("whsec_x"), "{shown}");
 }
 
 #[test]

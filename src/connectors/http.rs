@@ -54,6 +54,8 @@ const KEPT_HEADERS: &[&str] = &[
     "x-correlation-id",
     "request-id",
     "retry-after",
+    // Stripe: whether a retry can succeed.
+    "stripe-should-retry",
 ];
 
 /// What performs a connector's HTTP calls: the pooled client ([`HttpExecutor`])

@@ -556,3 +556,92 @@ async fn http2_prior_knowledge_speaks_h2c_and_the_others_http1() {
         app.stop().await;
     }
 }
+
+/// Stripe over HTTP: the pinned `Stripe-Version` (or the configured one), the
+/// account's `Stripe-Account`, a request's connected account winning over it,
+/// the key's bearer header; a 429 with `Stripe-Should-Retry: false` is final
+/// after one call; accounts that share a key share one limiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_sends_its_version_and_connected_account() {
+    use paysync::connectors::auth::Account;
+    use wiremock::matchers::{header, query_param};
+    let server = MockServer::start().await;
+    let connector = registry::get("stripe").unwrap();
+    let body = fixture("stripe", "succeeded_card.json");
+    let mut settings = gateway_settings("stripe", &server.uri());
+    settings.accounts.insert(
+        "platform".into(),
+        Account::of(
+            connector.auth(),
+            &[
+                ("api_key", STRIPE_KEY),
+                ("stripe_account", "acct_1ConnectedA"),
+            ],
+        ),
+    );
+    settings.api_version = Some("2023-10-16".into());
+    settings.retry.max_throttled = Duration::from_secs(2);
+    let gateway = Gateway::new(
+        connector.clone(),
+        settings,
+        Arc::new(Metrics::new()),
+        ManualClock::new().clock(),
+    )
+    .unwrap();
+    Mock::given(method("GET"))
+        .and(path("/v1/payment_intents/pi_a"))
+        .and(query_param("expand[]", "latest_charge"))
+        .and(header(
+            "authorization",
+            format!("Bearer {STRIPE_KEY}").as_str(),
+        ))
+        .and(header("stripe-version", "2023-10-16"))
+        .and(header("stripe-account", "acct_1ConnectedA"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(body.clone()))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/payment_intents/pi_b"))
+        .and(header("stripe-account", "acct_1FromTheEvent"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(body.clone()))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/payment_intents/pi_c"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("stripe-should-retry", "false")
+                .set_body_bytes(fixture("stripe", "error_429.json")),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let check = |id: &str, account: Option<&str>| {
+        let mut r =
+            StatusCheckRequest::new(TransactionId::parse(id).unwrap(), "stripe", "platform", "r");
+        r.connected_account = account.map(str::to_owned);
+        r
+    };
+    for (id, account) in [("pi_a", None), ("pi_b", Some("acct_1FromTheEvent"))] {
+        let req = check(id, account);
+        let http = connector
+            .status_request(&url::Url::parse(&server.uri()).unwrap(), &req)
+            .unwrap();
+        let result = gateway.check(&req, &http).await;
+        assert_eq!(
+            result.outcome.unwrap().status,
+            PaymentStatus::CHARGED,
+            "{id}"
+        );
+    }
+    let req = check("pi_c", None);
+    let http = connector
+        .status_request(&url::Url::parse(&server.uri()).unwrap(), &req)
+        .unwrap();
+    let result = gateway.check(&req, &http).await;
+    assert!(result.outcome.is_err(), "{:?}", result.outcome);
+    assert_eq!(result.attempts, 1, "Stripe-Should-Retry: false is final: {:?}", result.outcome);
+    server.verify().await;
+}
