@@ -281,9 +281,15 @@ fn a_stripe_account_reads_its_key_mode_and_connected_account() {
     assert_eq!(c.webhook_tolerance, Duration::from_secs(120));
     assert_eq!(c.webhook_max_body_bytes, Some(1024 * 1024));
     let a = &c.gateway.accounts["platform"];
-    assert_eq!(a.credential.mode(), Some(crate::connectors::auth::Mode::Live));
+    assert_eq!(
+        a.credential.mode(),
+        Some(crate::connectors::auth::Mode::Live)
+    );
     let shown = s.to_masked_toml();
-    assert!(shown.contains("stripe_account = \"acct_1032D82eZvKYlo2C\""), "{shown}");
+    assert!(
+        shown.contains("stripe_account = \"acct_1032D82eZvKYlo2C\""),
+        "{shown}"
+    );
     assert!(!shown.contains("rk_live_restricted"), "{shown}");
     assert!(!shown.contains("whsec_x"), "{shown}");
 }

@@ -642,6 +642,10 @@ async fn stripe_sends_its_version_and_connected_account() {
         .unwrap();
     let result = gateway.check(&req, &http).await;
     assert!(result.outcome.is_err(), "{:?}", result.outcome);
-    assert_eq!(result.attempts, 1, "Stripe-Should-Retry: false is final: {:?}", result.outcome);
+    assert_eq!(
+        result.attempts, 1,
+        "Stripe-Should-Retry: false is final: {:?}",
+        result.outcome
+    );
     server.verify().await;
 }

@@ -26,9 +26,13 @@ pub fn webhook_settings(listen: SocketAddr, more: &str) -> String {
     format!(
         "[webhooks]\nlisten = \"{listen}\"\n{more}\n\
          [connectors.mollie.accounts.signed]\n{mollie}webhook_secret = \"{SECRET}\"\n\
-         [connectors.mollie.accounts.guarded]\n{mollie}webhook_path_token = \"{PATH_TOKEN}\"\n"
+         [connectors.mollie.accounts.guarded]\n{mollie}webhook_path_token = \"{PATH_TOKEN}\"\n\
+         [connectors.stripe.accounts.shop]\napi_key = \"{STRIPE_KEY}\"\nwebhook_secret = \"{STRIPE_SECRET}\"\n"
     )
 }
+
+/// The Stripe account's endpoint secret.
+pub const STRIPE_SECRET: &str = "whsec_stripe_it_secret";
 
 /// paysync with `[webhooks]` (`more` of its keys) on `broker`, a CM.com and
 /// Mollie simulator, fresh topics; ready to take webhooks.
@@ -686,5 +690,157 @@ async fn the_intake_limits_each_account_and_slow_clients() {
         ),
         1.0
     );
+    sim.stop().await;
+}
+
+/// Stripe's signed events through the binary (the intake alone): a
+/// PaymentIntent event and a refund become checks of their PaymentIntent (a
+/// connected account's through that account), other types are ignored, the
+/// other mode is 400, a wrong or stale signature 401; each counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_events_become_checks_of_their_payment_intent() {
+    use paysync::connectors::stripe::signature_header;
+    let broker = Broker::new();
+    let Intake {
+        brokers,
+        t,
+        sim,
+        listen,
+        process,
+    } = intake_with(
+        &broker,
+        "stripe-webhooks",
+        1,
+        "",
+        SimOptions::default(),
+        &[("PAYSYNC_ROLE", "webhooks")],
+    )
+    .await;
+    let mut input = InputReader::new(&brokers, &t);
+    let url = format!("http://{listen}/webhooks/stripe/shop");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let event = |id: &str,
+                 kind: &str,
+                 object: serde_json::Value,
+                 live: bool,
+                 account: Option<&str>| {
+        let mut e = serde_json::json!({"id": id, "object": "event", "type": kind, "livemode": live,
+                                       "created": now, "data": {"object": object}});
+        if let Some(a) = account {
+            e["account"] = a.into();
+        }
+        e.to_string().into_bytes()
+    };
+    let send = |body: Vec<u8>, t: u64, secret: &'static str| {
+        let url = url.clone();
+        async move {
+            let signature = signature_header(secret, t, &body);
+            post(
+                &url,
+                "application/json",
+                &[("stripe-signature", signature.as_str())],
+                &body,
+            )
+            .await
+        }
+    };
+    let pi = serde_json::json!({"id": "pi_webhook1", "object": "payment_intent"});
+    let cases = [
+        (
+            event(
+                "evt_1",
+                "payment_intent.succeeded",
+                pi.clone(),
+                false,
+                Some("acct_1Connected"),
+            ),
+            now,
+            STRIPE_SECRET,
+            200,
+        ),
+        (
+            event(
+                "evt_2",
+                "charge.refunded",
+                serde_json::json!({"id": "ch_1", "payment_intent": "pi_webhook2"}),
+                false,
+                None,
+            ),
+            now,
+            STRIPE_SECRET,
+            200,
+        ),
+        (
+            event(
+                "evt_3",
+                "customer.created",
+                serde_json::json!({"id": "cus_1"}),
+                false,
+                None,
+            ),
+            now,
+            STRIPE_SECRET,
+            200,
+        ),
+        (
+            event("evt_4", "payment_intent.succeeded", pi.clone(), true, None),
+            now,
+            STRIPE_SECRET,
+            400,
+        ),
+        (
+            event("evt_5", "payment_intent.succeeded", pi.clone(), false, None),
+            now,
+            "whsec_a_guess",
+            401,
+        ),
+        (
+            event("evt_6", "payment_intent.succeeded", pi.clone(), false, None),
+            now - 3600,
+            STRIPE_SECRET,
+            401,
+        ),
+    ];
+    for (i, (body, t, secret, want)) in cases.into_iter().enumerate() {
+        let answer = send(body, t, secret).await;
+        assert_eq!(answer.status, want, "case {i}: {}", answer.body);
+    }
+    let records = input.read(2, Duration::from_secs(20)).await;
+    assert_eq!(records.len(), 2);
+    let by_key = |k: &str| {
+        records
+            .iter()
+            .find(|r| r.key.as_deref() == Some(k.as_bytes()))
+            .unwrap_or_else(|| panic!("{k} in Kafka"))
+    };
+    let first = by_key("pi_webhook1");
+    let json: serde_json::Value = serde_json::from_slice(first.value.as_deref().unwrap()).unwrap();
+    assert_eq!(json["connector"], "stripe");
+    assert_eq!(json["merchant_id"], "shop");
+    assert_eq!(json["connected_account"], "acct_1Connected");
+    let event_id = first
+        .headers
+        .iter()
+        .find(|(k, _)| k.as_slice() == b"x-webhook-event-id")
+        .and_then(|(_, v)| v.clone());
+    assert_eq!(event_id.as_deref(), Some(&b"evt_1"[..]));
+    let second = by_key("pi_webhook2");
+    let json: serde_json::Value = serde_json::from_slice(second.value.as_deref().unwrap()).unwrap();
+    assert!(json.get("connected_account").is_none());
+    let metrics = process.metrics().await;
+    let outcome = |o: &str| {
+        sum_metric(
+            &metrics,
+            "paysync_webhooks_total",
+            &[("connector", "stripe"), ("outcome", o)],
+        )
+    };
+    assert_eq!(outcome("accepted"), 2.0);
+    assert_eq!(outcome("ignored"), 1.0);
+    assert_eq!(outcome("wrong_mode"), 1.0);
+    assert_eq!(outcome("bad_signature"), 2.0);
     sim.stop().await;
 }
