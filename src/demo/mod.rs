@@ -30,6 +30,9 @@ const DLQ: &str = "payment-status-requests.dlq";
 const FOLLOW: &str = "[connectors.cm.follow]\nschedule = [[\"1s\", 10]]\npublish = \"changes\"\n[webhooks]\nlisten = \"127.0.0.1:0\"\n";
 /// The demo Mollie account's webhook secret (signed events are verified with it).
 const MOLLIE_WEBHOOK_SECRET: &str = "demo-webhook-secret";
+
+/// The demo's Stripe event (test mode, as the simulator's key).
+const STRIPE_EVENT: &str = r#"{"id":"evt_demo0001","object":"event","type":"payment_intent.succeeded","livemode":false,"created":1763719200,"data":{"object":{"id":"pi_success-3003","object":"payment_intent"}}}"#;
 const RECHECK: &str = "payment-status-requests.recheck.1s";
 /// The followed sample.
 const FOLLOWED: &str = "progress-1015";
@@ -124,7 +127,7 @@ const SAMPLES: &[Sample] = &[
         headers: &[],
     },
     Sample {
-        value: r#"{"connector_transaction_id":"x-1","connector":"stripe"}"#,
+        value: r#"{"connector_transaction_id":"x-1","connector":"adyen"}"#,
         headers: &[],
     },
     Sample {
@@ -167,7 +170,8 @@ fn samples() -> Vec<(String, Vec<(&'static str, &'static str)>)> {
         for (i, prefix) in OTHER_CONNECTOR_SCENARIOS.iter().enumerate() {
             out.push((
                 format!(
-                    r#"{{"connector_transaction_id":"{prefix}{}-{}","connector":"{}"}}"#,
+                    r#"{{"connector_transaction_id":"{}{prefix}{}-{}","connector":"{}"}}"#,
+                    connector.id_prefix,
                     connector.name,
                     2001 + i,
                     connector.name
@@ -204,6 +208,23 @@ async fn send_webhooks(addr: SocketAddr) -> Result<Vec<(String, u16)>, String> {
                 .header("content-type", "application/json")
                 .header("x-mollie-signature", signature)
                 .body(mollie_event),
+        ),
+        (
+            "stripe: signed payment_intent.succeeded for pi_success-3003",
+            client
+                .post(format!("http://{addr}/webhooks/stripe/default"))
+                .header("content-type", "application/json")
+                .header(
+                    "stripe-signature",
+                    crate::connectors::stripe::signature_header(
+                        simulator::stripe::SIM_WEBHOOK_SECRET,
+                        crate::clock::system_now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                        STRIPE_EVENT.as_bytes(),
+                    ),
+                )
+                .body(STRIPE_EVENT),
         ),
     ];
     let mut out = Vec::new();
@@ -281,6 +302,13 @@ pub async fn run(options: DemoOptions) -> Result<String, String> {
         .and_then(|c| c.gateway.accounts.get_mut("default"))
     {
         account.webhook_secret = Some(MOLLIE_WEBHOOK_SECRET.into());
+    }
+    if let Some(account) = settings
+        .connectors
+        .get_mut("stripe")
+        .and_then(|c| c.gateway.accounts.get_mut("default"))
+    {
+        account.webhook_secret = Some(simulator::stripe::SIM_WEBHOOK_SECRET.into());
     }
     let app = crate::app::start(settings)
         .await

@@ -469,7 +469,7 @@ async fn every_simulated_connector_maps_every_scenario_end_to_end() {
     for connector in SIMULATED {
         let table = cases(connector.name);
         for (i, (prefix, want)) in table["simulator"].as_object().unwrap().iter().enumerate() {
-            let id = format!("{prefix}{}-{i}", connector.name);
+            let id = format!("{}{prefix}{}-{i}", connector.id_prefix, connector.name);
             let value = format!(
                 r#"{{"connector_transaction_id":"{id}","connector":"{}"}}"#,
                 connector.name

@@ -149,7 +149,7 @@ fn inputs() -> Vec<Input> {
             "invalid_transaction_id",
         ),
         bad(
-            r#"{"connector_transaction_id":"x","connector":"stripe"}"#,
+            r#"{"connector_transaction_id":"x","connector":"adyen"}"#,
             "unknown_connector",
         ),
         bad(

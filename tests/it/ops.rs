@@ -148,7 +148,7 @@ async fn check_prints_one_event_per_id_and_exits_by_outcome() {
 
     // Bad arguments or configuration: exit 2, nothing on stdout.
     for args in [
-        vec!["check", "--connector", "stripe", "x-1"],
+        vec!["check", "--connector", "adyen", "x-1"],
         vec!["check", "../etc/passwd"],
         vec!["check", "--amount", "5", "x-2"],
         vec!["check", "--method", "PAYPAL", "x-3"],
@@ -277,7 +277,7 @@ async fn redrive_sends_dead_letters_back_once_with_their_headers() {
         ),
         (
             "k3",
-            br#"{"connector_transaction_id":"x-3","connector":"stripe"}"#,
+            br#"{"connector_transaction_id":"x-3","connector":"adyen"}"#,
             &[],
         ),
         ("k4", b"not json", &[]),

@@ -20,13 +20,15 @@
 //! | `notyet-` | 404 until one `progress_step` after its first call, then paid (a payment the connector does not show yet) |
 //! | anything else | paid |
 //!
-//! A leading `tr_` (Mollie's payment ids) is ignored: `tr_success-1` is paid.
+//! A leading `tr_` (Mollie's payment ids) or `pi_` (Stripe's PaymentIntents) is
+//! ignored: `tr_success-1` and `pi_success-1` are paid.
 //!
 //! Every transaction is 12.00 EUR. Optional latency (fixed, or normal, or long
 //! tail) and a random 5xx rate make it a load target.
 
 pub mod cm;
 pub mod mollie;
+pub mod stripe;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -54,13 +56,17 @@ pub struct SimulatedConnector {
     pub account: &'static str,
     /// Its routes.
     pub routes: fn() -> Router<Arc<SimState>>,
+    /// What its transaction ids begin with (`pi_` for Stripe's
+    /// PaymentIntents); the scenario prefix follows.
+    pub id_prefix: &'static str,
 }
 
 /// Every connector the simulator serves, on the same server and base URL.
 #[rustfmt::skip]
 pub const SIMULATED: &[SimulatedConnector] = &[
-    SimulatedConnector { name: "cm", account: cm::ACCOUNT, routes: cm::routes },
-    SimulatedConnector { name: "mollie", account: mollie::ACCOUNT, routes: mollie::routes },
+    SimulatedConnector { name: "cm", account: cm::ACCOUNT, routes: cm::routes, id_prefix: "" },
+    SimulatedConnector { name: "mollie", account: mollie::ACCOUNT, routes: mollie::routes, id_prefix: "" },
+    SimulatedConnector { name: "stripe", account: stripe::ACCOUNT, routes: stripe::routes, id_prefix: "pi_" },
 ];
 
 /// Response latency model.
@@ -283,13 +289,21 @@ impl Scenario {
             ("ratelimited-", Scenario::RateLimited),
             ("malformed-", Scenario::Malformed),
         ];
-        // Mollie-style ids (`tr_success-1`) answer by what follows `tr_`.
-        let id = id.strip_prefix("tr_").unwrap_or(id);
+        // Mollie's and Stripe's ids (`tr_success-1`, `pi_success-1`) answer
+        // by what follows their prefix.
+        let id = unprefixed(id);
         PREFIXES
             .iter()
             .find(|(p, _)| id.starts_with(p))
             .map_or(Scenario::Paid, |(_, s)| *s)
     }
+}
+
+/// An id without Mollie's `tr_` or Stripe's `pi_`.
+fn unprefixed(id: &str) -> &str {
+    id.strip_prefix("tr_")
+        .or_else(|| id.strip_prefix("pi_"))
+        .unwrap_or(id)
 }
 
 /// What a status call answers before its connector-specific body.
@@ -329,7 +343,7 @@ impl SimState {
             return Answer::Response((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response());
         }
         self.limits.answered();
-        let scenario = match id.strip_prefix("tr_").unwrap_or(id) {
+        let scenario = match unprefixed(id) {
             i if i.starts_with("progress-") || i.starts_with("notyet-") => self.moving(id),
             _ => Scenario::of(id),
         };
@@ -358,7 +372,7 @@ impl SimState {
         calls.push(now);
         let age = now.duration_since(calls[0]).unwrap_or_default();
         let step = self.options.progress_step;
-        match (id.starts_with("notyet-"), age) {
+        match (unprefixed(id).starts_with("notyet-"), age) {
             (true, a) if a < step => Scenario::NotFound,
             (true, _) => Scenario::Paid,
             (false, a) if a < step => Scenario::Open,
