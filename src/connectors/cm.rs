@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use secrecy::SecretString;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use url::Url;
 
 use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
@@ -54,7 +54,7 @@ pub enum CmStatus {
 impl CmStatus {
     /// Parses CM.com's status string (exact, upper case as documented).
     pub fn parse(s: &str) -> CmStatus {
-        serde_json::from_value(serde_json::Value::String(s.to_owned())).unwrap_or(CmStatus::Unknown)
+        super::parse_status_enum(s, CmStatus::Unknown)
     }
 }
 
@@ -96,55 +96,43 @@ pub fn method_segment(payment_method_type: &str) -> Option<&'static str> {
         .map(|(_, segment)| *segment)
 }
 
-/// A field that is kept when it has the documented type and dropped otherwise:
-/// bodies differ by payment method and may change, and an odd optional field must
-/// not cost us the status.
-fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
-{
-    let v = serde_json::Value::deserialize(d)?;
-    Ok(serde_json::from_value(v).ok())
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireTransaction {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     status: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     reference: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     amount: Option<i64>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     currency: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     created_at: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     action: Option<WireAction>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     refunds: Option<WireRefunds>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireAction {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     redirect: Option<WireRedirect>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireRedirect {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireRefunds {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     refunded_amount: Option<i64>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     refunded_pending_amount: Option<i64>,
 }
 

@@ -273,6 +273,24 @@ pub trait Connector: Send + Sync + 'static {
     }
 }
 
+/// A wire field kept when it has the documented type and dropped otherwise
+/// (`#[serde(default, deserialize_with = "lenient")]` on optional fields).
+pub(crate) fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::Deserialize;
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
+}
+
+/// A connector's status string as its serde enum, `unknown` when it is not
+/// one of the documented values (exact, case included).
+pub(crate) fn parse_status_enum<T: serde::de::DeserializeOwned>(s: &str, unknown: T) -> T {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).unwrap_or(unknown)
+}
+
 /// `base` with `segments` appended, each percent-encoded as one path segment.
 pub fn url_with_segments(base: &Url, segments: &[&str]) -> Url {
     let mut url = base.clone();

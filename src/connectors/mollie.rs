@@ -5,7 +5,7 @@
 //! ISO 4217 exponent, exactly: more decimals than the currency has is a failed
 //! check, never a rounded amount. Pure translation; the gateway does the I/O.
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use url::Url;
 
 use super::webhook::{self, Webhook, WebhookCheck, WebhookError};
@@ -47,8 +47,7 @@ pub enum MollieStatus {
 impl MollieStatus {
     /// Parses Mollie's status string (exact, lower case as documented).
     pub fn parse(s: &str) -> MollieStatus {
-        serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .unwrap_or(MollieStatus::Unknown)
+        super::parse_status_enum(s, MollieStatus::Unknown)
     }
 }
 
@@ -85,16 +84,6 @@ pub const PAYMENT_METHODS: &[(&str, &str)] = &[
     ("directdebit", "SEPA_DIRECT_DEBIT"),
 ];
 
-/// A field kept when it has the documented type and dropped otherwise.
-fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
-{
-    let v = serde_json::Value::deserialize(d)?;
-    Ok(serde_json::from_value(v).ok())
-}
-
 #[derive(Debug, Deserialize)]
 struct WireAmount {
     value: String,
@@ -104,7 +93,7 @@ struct WireAmount {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WirePayment {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     status: Option<String>,
     // Amounts are not lenient: a malformed amount fails the check.
     #[serde(default)]
@@ -113,50 +102,50 @@ struct WirePayment {
     amount_captured: Option<WireAmount>,
     #[serde(default)]
     amount_refunded: Option<WireAmount>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     method: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     created_at: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     authorized_at: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     paid_at: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     details: Option<WireDetails>,
-    #[serde(rename = "_links", default, deserialize_with = "lenient")]
+    #[serde(rename = "_links", default, deserialize_with = "super::lenient")]
     links: Option<WireLinks>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireDetails {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     failure_reason: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     failure_message: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireLinks {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     checkout: Option<WireLink>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireLink {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     href: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireError {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     status: Option<u16>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     title: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     detail: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     field: Option<String>,
 }
 

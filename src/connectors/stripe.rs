@@ -68,8 +68,7 @@ pub enum StripeStatus {
 impl StripeStatus {
     /// Parses Stripe's status string (exact, as documented).
     pub fn parse(s: &str) -> StripeStatus {
-        serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .unwrap_or(StripeStatus::Unknown)
+        super::parse_status_enum(s, StripeStatus::Unknown)
     }
 }
 
@@ -132,19 +131,9 @@ pub fn iso_minor_units(amount: i64, currency: &str) -> Option<Money> {
     })
 }
 
-/// A field kept when it has the documented type and dropped otherwise.
-fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
-{
-    let v = serde_json::Value::deserialize(d)?;
-    Ok(serde_json::from_value(v).ok())
-}
-
 #[derive(Debug, Deserialize)]
 struct WireIntent {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     status: Option<String>,
     // Amounts are not lenient: a malformed amount fails the check.
     #[serde(default)]
@@ -153,39 +142,39 @@ struct WireIntent {
     amount_received: Option<i64>,
     #[serde(default)]
     currency: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     last_payment_error: Option<WirePaymentError>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     next_action: Option<WireNextAction>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     latest_charge: Option<WireCharge>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     cancellation_reason: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     created: Option<i64>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     metadata: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WirePaymentError {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     code: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     decline_code: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     message: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireNextAction {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     redirect_to_url: Option<WireRedirect>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireRedirect {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     url: Option<String>,
 }
 
@@ -194,13 +183,13 @@ struct WireRedirect {
 struct WireCharge {
     #[serde(default)]
     amount_refunded: Option<i64>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     payment_method_details: Option<WireMethodDetails>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WireMethodDetails {
-    #[serde(rename = "type", default, deserialize_with = "lenient")]
+    #[serde(rename = "type", default, deserialize_with = "super::lenient")]
     kind: Option<String>,
 }
 
@@ -211,13 +200,13 @@ struct WireErrorBody {
 
 #[derive(Debug, Deserialize)]
 struct WireErrorDetail {
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     code: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     message: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
+    #[serde(default, deserialize_with = "super::lenient")]
     param: Option<String>,
-    #[serde(rename = "type", default, deserialize_with = "lenient")]
+    #[serde(rename = "type", default, deserialize_with = "super::lenient")]
     kind: Option<String>,
 }
 

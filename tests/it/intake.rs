@@ -499,7 +499,11 @@ async fn forgeries_and_bad_clients_do_not_get_genuine_webhooks_refused() {
     // The account's bucket (30/s) takes the genuine 20/s, and is far less
     // than the forgeries' rate: were they charged to it, the genuine ones
     // would be refused.
-    let settings = "requests_per_second = 30\nburst = 30\nmax_connections = 512";
+    // The verification budget is out of the way (the forgers, as fast as they
+    // are answered, reach about 24,000 a second here; past the budget every
+    // request is 503, by design): this test is about the account's bucket.
+    let settings = "requests_per_second = 30\nburst = 30\nmax_connections = 512\n\
+                    max_verifications_per_second = 1000000";
     let Intake {
         brokers,
         t,
@@ -565,7 +569,9 @@ async fn forgeries_and_bad_clients_do_not_get_genuine_webhooks_refused() {
                         .send()
                         .await;
                     if let Ok(r) = r {
-                        assert_eq!(r.status().as_u16(), 401);
+                        let status = r.status().as_u16();
+                        let text = r.text().await.unwrap_or_default();
+                        assert_eq!(status, 401, "{text}");
                     }
                     n += 1;
                 }
@@ -595,7 +601,10 @@ async fn forgeries_and_bad_clients_do_not_get_genuine_webhooks_refused() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut forged = 0;
     for f in forgers {
-        forged += f.await.unwrap();
+        match f.await {
+            Ok(n) => forged += n,
+            Err(e) => fail(&process, e).await,
+        }
     }
     bad.join().unwrap();
     held.clear();

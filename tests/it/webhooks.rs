@@ -341,7 +341,7 @@ async fn webhooks_of_every_format_become_checks_and_nothing_else_does() {
         ),
         (
             "unknown connector",
-            format!("{base}/stripe/default"),
+            format!("{base}/adyen/default"),
             FORM,
             vec![],
             "id=tr_success-wh-x".into(),
