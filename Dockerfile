@@ -18,7 +18,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin paysync
 COPY --from=build /src/target/release/paysync /usr/local/bin/paysync
 USER 10001:10001
-EXPOSE 9464
+EXPOSE 9464 9465
 # Health, not a port: GET /healthz on the configured http.listen (exit 0 on 200).
 # The image has no shell tools for this; paysync asks itself.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
