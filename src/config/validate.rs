@@ -630,10 +630,10 @@ fn connector(
             Some(v)
         }
     };
-    if c.webhook_tolerance.is_some() && !translator.signs_webhooks() {
+    if c.webhook_tolerance.is_some() && !translator.signs_with_timestamp() {
         return Err(ConfigError::new(
             key("webhook_tolerance"),
-            format!("{name} signs no webhooks"),
+            format!("{name}'s webhook signatures carry no timestamp"),
         ));
     }
     let webhook_tolerance = match c.webhook_tolerance {

@@ -178,12 +178,17 @@ impl Gateway {
                     account_limiters.insert((*n).clone(), bucket.clone());
                 }
             }
-            let (m, name, label) = (metrics.clone(), connector.name(), names[0].clone());
+            let (m, name) = (metrics.clone(), connector.name());
+            let labels: Vec<String> = names.iter().map(|n| (*n).clone()).collect();
             let window = Arc::new(AccountLimiter::new(
                 settings.concurrency,
                 settings.concurrency_ceiling,
                 settings.recheck_share,
-                Box::new(move |limit| m.set_concurrency_limit(name, &label, limit)),
+                Box::new(move |limit| {
+                    for label in &labels {
+                        m.set_concurrency_limit(name, label, limit);
+                    }
+                }),
             ));
             for n in names {
                 concurrency.insert((*n).clone(), window.clone());
@@ -269,7 +274,13 @@ impl Gateway {
     /// their pacing, or held after a refusal): zero once every call is over
     /// and every hold has run out.
     pub fn places_taken(&self) -> usize {
-        self.concurrency.values().map(|l| l.taken()).sum()
+        // A window shared by accounts with one key counts once.
+        let mut seen = std::collections::HashSet::new();
+        self.concurrency
+            .values()
+            .filter(|l| seen.insert(Arc::as_ptr(l)))
+            .map(|l| l.taken())
+            .sum()
     }
 
     /// The learned (or fixed) concurrency limit of an account.
@@ -493,11 +504,13 @@ impl Gateway {
                 message: body.message.map(|m| sanitize(&m)),
                 reason: body.reason.map(|r| sanitize(&r)),
             };
-            match self.capped(classify_error_status(
+            let classified = super::classify_for(
+                self.connector.as_ref(),
                 &response,
                 body,
                 crate::clock::system_now(),
-            )) {
+            );
+            match self.capped(classified) {
                 CallError::Unauthorized(failure) => {
                     if !refreshes || refreshed {
                         // A static key gets no second chance, nor does a fresh token.
@@ -510,13 +523,6 @@ impl Gateway {
                     self.tokens
                         .invalidate(&request.merchant_id, authorized.generation)
                         .await;
-                }
-                CallError::Retryable { failure, .. } if !self.connector.may_retry(&response) => {
-                    // The processor says a retry cannot succeed.
-                    return CallRecord {
-                        outcome: Err(CallError::Permanent(failure)),
-                        calls,
-                    };
                 }
                 other => {
                     return CallRecord {

@@ -248,6 +248,20 @@ pub trait Connector: Send + Sync + 'static {
         None
     }
 
+    /// True when a 404 with this error body means the payment is unknown
+    /// (`TRANSACTION_NOT_FOUND`); otherwise it is an error answer. The
+    /// default reads every 404 so.
+    fn is_not_found(&self, body: &ErrorBody) -> bool {
+        let _ = body;
+        true
+    }
+
+    /// True when this connector's webhook signatures carry a timestamp (the
+    /// `webhook_tolerance` setting applies).
+    fn signs_with_timestamp(&self) -> bool {
+        false
+    }
+
     /// False when the processor's answer says a retry cannot succeed (Stripe's
     /// `Stripe-Should-Retry: false`): a retryable answer is then final.
     fn may_retry(&self, response: &HttpResponse) -> bool {
@@ -337,6 +351,29 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         at.duration_since(now).unwrap_or(Duration::ZERO)
     };
     Some(after.min(RETRY_AFTER_CEILING))
+}
+
+/// [`classify_error_status`] with what `connector` adds: a 404 it does not
+/// read as an unknown payment is an error answer, and a retryable answer it
+/// says cannot succeed is final.
+pub fn classify_for(
+    connector: &dyn Connector,
+    response: &HttpResponse,
+    body: ErrorBody,
+    now: SystemTime,
+) -> CallError {
+    let not_found = response.status != 404 || connector.is_not_found(&body);
+    match classify_error_status(response, body, now) {
+        CallError::Permanent(mut f) if !not_found => {
+            f.code = FailureCode::ConnectorErrorResponse;
+            f.message = "connector answered 404 for something other than the payment".into();
+            CallError::Permanent(f)
+        }
+        CallError::Retryable { failure, .. } if !connector.may_retry(response) => {
+            CallError::Permanent(failure)
+        }
+        other => other,
+    }
 }
 
 /// Classifies a non-2xx answer of the status endpoint. `body` is what the

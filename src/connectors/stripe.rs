@@ -246,6 +246,16 @@ impl Connector for StripeConnector {
         Some(("stripe-version", API_VERSION))
     }
 
+    /// Only `resource_missing` is an unknown PaymentIntent (an unknown URL
+    /// is a 404 too).
+    fn is_not_found(&self, body: &ErrorBody) -> bool {
+        body.code.as_deref() == Some("resource_missing")
+    }
+
+    fn signs_with_timestamp(&self) -> bool {
+        true
+    }
+
     fn may_retry(&self, response: &HttpResponse) -> bool {
         response.header("stripe-should-retry") != Some("false")
     }
@@ -342,7 +352,10 @@ impl Connector for StripeConnector {
                 PAYMENT_METHODS
                     .iter()
                     .find(|(stripe, _)| *stripe == kind)
-                    .map_or_else(|| kind.to_ascii_uppercase(), |(_, ucs)| (*ucs).to_owned())
+                    .map_or_else(
+                        || super::sanitize(&kind.to_ascii_uppercase()),
+                        |(_, ucs)| (*ucs).to_owned(),
+                    )
             })
             .or_else(|| {
                 request
@@ -475,9 +488,16 @@ impl Connector for StripeConnector {
         let intent = if kind.starts_with("payment_intent.") {
             object.and_then(|o| o.id)
         } else if kind == "charge.refunded" || kind == "charge.refund.updated" {
-            object
+            // A charge made without a PaymentIntent (the Charges API) has
+            // nothing paysync checks: ignored, not refused (Stripe would
+            // retry a 4xx for days).
+            match object
                 .and_then(|o| o.payment_intent)
                 .and_then(|v| v.as_str().map(str::to_owned))
+            {
+                Some(pi) => Some(pi),
+                None => return Ok(WebhookCheck::Ignore("a charge without a PaymentIntent")),
+            }
         } else {
             return Ok(WebhookCheck::Ignore("an event type paysync does not check"));
         };

@@ -351,7 +351,9 @@ impl Admission {
                 ConnectorRoute {
                     connector,
                     tolerance: c.webhook_tolerance,
-                    max_body_bytes: c.webhook_max_body_bytes.unwrap_or(webhooks.max_body_bytes),
+                    max_body_bytes: c
+                        .webhook_max_body_bytes
+                        .map_or(webhooks.max_body_bytes, |n| n.max(webhooks.max_body_bytes)),
                     accounts,
                 },
             );
@@ -477,10 +479,18 @@ impl Admission {
                 }
             };
         let connector = target.connector();
+        // A webhook with an event id of its own (Stripe's, Mollie's signed
+        // events) is a repeat only of that event: another event for the same
+        // payment is a change (3-D Secure done, then a refund). One without
+        // (classic and CM.com webhooks) is a repeat of any webhook for the
+        // payment within the window.
         let key: DedupeKey = (
             connector,
             target.merchant.to_owned(),
-            transaction_id.as_str().to_owned(),
+            match &event_id {
+                Some(e) => format!("event {e}"),
+                None => transaction_id.as_str().to_owned(),
+            },
         );
         if self.dedupe_window_ms > 0
             && lock(&self.dedupe).seen_within(&key, self.dedupe_window_ms, now_ms)
@@ -725,6 +735,24 @@ webhook_path_token = "pt_0123456789abcdef"
         };
         assert_eq!(signed_one.request.event_id.as_deref(), Some("event_tr_abc"));
         assert_ne!(signed_one.request.request_id, "webhook:mollie:event_tr_abc");
+        a.stored(signed_one, 20_100);
+        // The same event again: a repeat. Another event for the same payment
+        // (a later change, say) is not, inside the window too.
+        assert_eq!(
+            outcome(&decide(
+                &a,
+                "mollie/signed",
+                &ev,
+                &signed(&ev, SECRET),
+                20_200
+            )),
+            Outcome::Duplicate
+        );
+        let other = br#"{"id":"event_second","entityId":"tr_abc","type":"payment-link.paid"}"#;
+        assert!(matches!(
+            decide(&a, "mollie/signed", other, &signed(other, SECRET), 20_300),
+            Decision::Store(_)
+        ));
     }
 
     #[test]

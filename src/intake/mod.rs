@@ -95,7 +95,15 @@ pub struct Intake {
     admission: Admission,
     store: Arc<dyn Store>,
     metrics: IntakeMetrics,
+    /// Bytes of bodies being read, at most [`BODY_BYTES_IN_FLIGHT`].
+    bodies: Arc<tokio::sync::Semaphore>,
 }
+
+/// Body bytes the intake holds while reading, across connections: each body
+/// reserves its declared length (or its route's limit) before it is read, and
+/// past this the intake answers 503 (a thousand connections sending 1 MiB
+/// bodies slowly would otherwise hold a gigabyte).
+pub const BODY_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 impl std::fmt::Debug for Intake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,6 +151,7 @@ impl Intake {
             admission,
             store,
             metrics,
+            bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
         }
     }
 
@@ -230,6 +239,24 @@ impl Intake {
             return (connector, answer);
         }
         let limit = target.max_body_bytes();
+        let reserve = declared
+            .map_or(limit, |d| d.min(limit as u64) as usize)
+            .max(1);
+        let Ok(_reserved) = self
+            .bodies
+            .clone()
+            .try_acquire_many_owned(u32::try_from(reserve).unwrap_or(u32::MAX))
+        else {
+            body_read();
+            return (
+                connector,
+                Answer::unavailable(
+                    Outcome::Overloaded,
+                    "more bodies in flight than the intake holds: try again",
+                    1_000,
+                ),
+            );
+        };
         let read = tokio::time::timeout(
             self.settings.body_read_timeout,
             read_body(body, declared, limit),
@@ -335,7 +362,8 @@ async fn read_body(
     declared: Option<u64>,
     limit: usize,
 ) -> Result<Bytes, BodyError> {
-    let capacity = declared.map_or(8 * 1024, |d| d.min(limit as u64) as usize);
+    // Grown as bytes arrive: a declared length is a claim, not bytes.
+    let capacity = declared.map_or(8 * 1024, |d| d.min(limit as u64).min(64 * 1024) as usize);
     let mut buf = bytes::BytesMut::with_capacity(capacity);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| BodyError::CutShort)?;

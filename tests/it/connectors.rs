@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use paysync::connectors::gateway::Gateway;
-use paysync::connectors::{classify_error_status, registry, CallError, Connector, HttpResponse};
+use paysync::connectors::{registry, CallError, Connector, HttpResponse};
 use paysync::domain::event::FailureCode;
 use paysync::domain::{
     Money, PaymentMethodType, PaymentStatus, RedirectForm, StatusCheckRequest, TransactionId,
@@ -215,8 +215,12 @@ fn every_connector_passes_its_conformance_table() {
             };
             let what = format!("{name}/{status}");
             let e = &case["expect"];
-            match classify_error_status(&response, connector.parse_error(&body), SystemTime::now())
-            {
+            match paysync::connectors::classify_for(
+                connector.as_ref(),
+                &response,
+                connector.parse_error(&body),
+                SystemTime::now(),
+            ) {
                 CallError::Permanent(f) => {
                     assert_eq!(Some(f.code.as_str()), e["failure"].as_str(), "{what}");
                     check(
@@ -408,10 +412,19 @@ async fn every_connector_behaves_the_same_over_http() {
         );
         assert_eq!(result.attempts, 2);
 
-        // 4. 404: the transaction is unknown, not failed.
+        // 4. 404 (with the connector's own 404 body, where it has one): the
+        // transaction is unknown, not failed.
+        let not_found_body = table["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["http_status"] == 404)
+            .and_then(|c| c["fixture"].as_str())
+            .map(|f| fixture(name, f))
+            .unwrap_or_default();
         Mock::given(method("GET"))
             .and(path(status_path.clone()))
-            .respond_with(ResponseTemplate::new(404))
+            .respond_with(ResponseTemplate::new(404).set_body_bytes(not_found_body))
             .up_to_n_times(1)
             .mount(&server)
             .await;

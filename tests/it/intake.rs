@@ -711,3 +711,62 @@ async fn a_fatal_producer_error_rebuilds_the_producer_then_fails_liveness() {
         }
     }
 }
+
+/// Bodies being read are bounded in bytes across connections: 64 clients
+/// declaring 1 MiB bodies to the Stripe route (its limit) and sending them
+/// slowly hold 64 MiB; the next body is answered 503 before it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_flight_are_bounded_in_bytes() {
+    let broker = Broker::new();
+    let Intake {
+        sim,
+        listen,
+        process,
+        ..
+    } = intake_with(
+        &broker,
+        "intake-bodies",
+        1,
+        "body_read_timeout = \"20s\"",
+        SimOptions::default(),
+        &[("PAYSYNC_ROLE", "webhooks")],
+    )
+    .await;
+    let head = |n: usize| {
+        format!(
+            "POST /webhooks/stripe/shop HTTP/1.1\r\nhost: p\r\ncontent-type: application/json\r\ncontent-length: {n}\r\n\r\n{{"
+        )
+    };
+    let checks = tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..64)
+            .map(|_| {
+                let mut s = connect(listen);
+                s.write_all(head(1024 * 1024).as_bytes()).unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let mut s = connect(listen);
+        s.write_all(head(1024 * 1024).as_bytes()).unwrap();
+        let answer = read_response(&mut s).unwrap_or_default();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+        drop(held);
+    });
+    if let Err(e) = checks.await {
+        fail(&process, e).await;
+    }
+    assert!(
+        metric(
+            &process,
+            "paysync_webhooks_total",
+            &[("connector", "stripe"), ("outcome", "overloaded")]
+        )
+        .await
+            >= 1.0
+    );
+    sim.stop().await;
+}

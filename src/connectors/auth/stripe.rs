@@ -57,7 +57,14 @@ impl AuthScheme for StripeSecretKey {
         fields: &mut dyn AccountFields,
     ) -> Result<Arc<dyn Credential>, FieldError> {
         let api_key = required("api_key", fields.secret("api_key")?)?;
-        let mode = key_mode(api_key.expose_secret()).ok_or_else(|| FieldError {
+        let key = api_key.expose_secret();
+        if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || key.len() > 256 {
+            return Err(FieldError {
+                field: "api_key",
+                why: "must be letters, digits and _ only (a stray newline or space from a file or variable?)".into(),
+            });
+        }
+        let mode = key_mode(key).ok_or_else(|| FieldError {
             field: "api_key",
             why: "must be a Stripe secret or restricted key (sk_test_, sk_live_, rk_test_ or rk_live_)".into(),
         })?;
