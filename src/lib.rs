@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | [`domain`] | `PaymentStatus`, `StatusCheckRequest`, `PaymentStatusEvent` | none |
 //! | [`codec`] | request decoding (JSON/Avro + headers), Avro event encoding | none |
-//! | [`connectors`] | pure translators (`Connector`, one file each) and their registry; the one `Gateway` that does their I/O (auth schemes, retries, circuit breaker, rate limits; `http.rs` is the only HTTP client code) | HTTP |
+//! | [`connectors`] | pure translators (`Connector`, one file each: CM.com, Mollie, Stripe) and their registry; authentication schemes (`auth/`, one file each); the one `Gateway` that does their I/O (authorization, retries, circuit breaker, rate limits; `http.rs` is the only HTTP client code) | HTTP |
 //! | [`config`] | settings from TOML + environment, validation, secrets | reads files/env at start-up |
 //! | [`telemetry`] | Prometheus metrics, tracing | none |
 //! | [`clock`] | the clocks the delivery core reads (tokio's, and a wall clock a simulation can fix) | none |
