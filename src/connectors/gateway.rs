@@ -416,7 +416,7 @@ impl Gateway {
         let mut calls = 0;
         let mut refreshed = false;
         loop {
-            let (authorized, refreshes) = match self.authorization(&request.merchant_id).await {
+            let (mut authorized, refreshes) = match self.authorization(&request.merchant_id).await {
                 Ok(a) => a,
                 Err(e) => {
                     return CallRecord {
@@ -433,7 +433,7 @@ impl Gateway {
             };
             calls += 1;
             let started = Instant::now();
-            let mut extra = authorized.headers.clone();
+            let mut extra = std::mem::take(&mut authorized.headers);
             if let (Some((name, _)), Some(version)) =
                 (self.connector.api_version(), &self.settings.api_version)
             {

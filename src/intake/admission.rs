@@ -291,7 +291,6 @@ pub type IdSource = Box<dyn Fn() -> String + Send + Sync>;
 /// The admission step's configuration and state.
 pub struct Admission {
     routes: HashMap<String, ConnectorRoute>,
-    max_body_bytes: usize,
     dedupe_window_ms: u64,
     follow: bool,
     verifications: Mutex<Bucket>,
@@ -360,7 +359,6 @@ impl Admission {
         }
         Admission {
             routes,
-            max_body_bytes: webhooks.max_body_bytes,
             dedupe_window_ms: webhooks.dedupe_window.as_millis() as u64,
             follow: webhooks.follow,
             verifications: Mutex::new(Bucket::new(
@@ -432,11 +430,6 @@ impl Admission {
                 wait_ms,
             )
         })
-    }
-
-    /// The body limit (the HTTP side reads at most this).
-    pub fn max_body_bytes(&self) -> usize {
-        self.max_body_bytes
     }
 
     /// Steps 4 to 7, once the body is read.

@@ -415,26 +415,48 @@ async fn an_event_over_the_record_limit_is_published_without_its_raw_fields() {
     app.stop().await;
 }
 
-/// Runs on librdkafka's mock cluster, whose broker can be told to refuse requests.
+/// On Apache Kafka the events topic takes at most 8,000-byte records
+/// (`max.message.bytes`, altered through the admin API), so the broker itself
+/// refuses the event; on librdkafka's mock cluster the broker is told to
+/// refuse the next produce request as too large.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_broker_refuses_is_dead_lettered_as_publish_refused() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     // The event fits the producer's limit, and the broker refuses it as too
     // large (a topic whose max.message.bytes is lower): a permanent error, not
     // a retry loop.
-    let broker = Broker::mock();
+    let broker = Broker::new();
     let t = broker.topics("refused-event", 1).await;
+    if !broker.is_mock() {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .create()
+            .unwrap();
+        let altered = admin
+            .alter_configs(
+                &[AlterConfig::new(ResourceSpecifier::Topic(&t.output))
+                    .set("max.message.bytes", "8000")],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        assert!(altered.iter().all(Result::is_ok), "{altered:?}");
+    }
     let cm = cm_with_a_huge_answer(20_000, Duration::from_secs(1)).await;
     let app = paysync::app::start(raw_settings(&broker, &t, &cm))
         .await
         .unwrap();
-    // The answer takes a second: the broker's refusal is armed after the
-    // request is written and before its event is produced.
+    // The answer takes a second: on the mock cluster the broker's refusal is
+    // armed after the request is written and before its event is produced.
     send_ids(&broker, &t.input, &["huge-1"]).await;
-    broker.mock_cluster().unwrap().request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
-    );
+    if let Some(mock) = broker.mock_cluster() {
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
+    }
     let records = read_outputs(broker.bootstrap(), &t, 1, WAIT).await;
     let dead = records
         .iter()

@@ -7,8 +7,8 @@ use futures::future::BoxFuture;
 use secrecy::SecretString;
 
 use super::{
-    digest, required, AccountFields, AuthContext, AuthScheme, Authorization, Authorized,
-    Credential, FieldError, MASK,
+    bearer_key, digest, required, AccountFields, AuthContext, AuthScheme, Authorized, Credential,
+    FieldError, MASK,
 };
 use crate::connectors::CallError;
 
@@ -50,13 +50,7 @@ impl Credential for ApiKey {
         &'a self,
         _: &'a AuthContext<'a>,
     ) -> BoxFuture<'a, Result<Authorized, CallError>> {
-        Box::pin(async move {
-            Ok(Authorized {
-                authorization: Authorization::bearer(&self.api_key),
-                headers: Vec::new(),
-                generation: 0,
-            })
-        })
+        bearer_key(&self.api_key, Vec::new())
     }
 
     fn limit_key(&self) -> String {

@@ -149,6 +149,19 @@ pub trait Credential: Send + Sync {
     fn masked(&self) -> serde_json::Map<String, serde_json::Value>;
 }
 
+/// A static key's authorization (`Bearer <key>` and the scheme's headers):
+/// ready at once, nothing to refresh.
+pub fn bearer_key<'a>(
+    key: &SecretString,
+    headers: Vec<(&'static str, String)>,
+) -> BoxFuture<'a, Result<Authorized, CallError>> {
+    Box::pin(std::future::ready(Ok(Authorized {
+        authorization: Authorization::bearer(key),
+        headers,
+        generation: 0,
+    })))
+}
+
 /// The mask shown for every secret.
 pub const MASK: &str = "********";
 

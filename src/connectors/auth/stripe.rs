@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{
-    digest, required, AccountFields, AuthContext, AuthScheme, Authorization, Authorized,
-    Credential, FieldError, Mode, MASK,
+    bearer_key, digest, required, AccountFields, AuthContext, AuthScheme, Authorized, Credential,
+    FieldError, Mode, MASK,
 };
 use crate::connectors::CallError;
 
@@ -96,17 +96,12 @@ impl Credential for StripeKey {
         &'a self,
         _: &'a AuthContext<'a>,
     ) -> BoxFuture<'a, Result<Authorized, CallError>> {
-        Box::pin(async move {
-            Ok(Authorized {
-                authorization: Authorization::bearer(&self.api_key),
-                headers: self
-                    .stripe_account
-                    .iter()
-                    .map(|a| (STRIPE_ACCOUNT, a.clone()))
-                    .collect(),
-                generation: 0,
-            })
-        })
+        let headers = self
+            .stripe_account
+            .iter()
+            .map(|a| (STRIPE_ACCOUNT, a.clone()))
+            .collect();
+        bearer_key(&self.api_key, headers)
     }
 
     fn limit_key(&self) -> String {

@@ -299,6 +299,15 @@ impl Scenario {
     }
 }
 
+/// True when `headers` carry `Authorization: Bearer <key>`.
+pub fn bearer_is(headers: &axum::http::HeaderMap, key: &str) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|v| v == key)
+}
+
 /// An id without Mollie's `tr_` or Stripe's `pi_`.
 fn unprefixed(id: &str) -> &str {
     id.strip_prefix("tr_")

@@ -50,11 +50,7 @@ async fn payment(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let authorized = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {SIM_API_KEY}"));
-    if !authorized {
+    if !super::bearer_is(&headers, SIM_API_KEY) {
         return error(
             StatusCode::UNAUTHORIZED,
             "Unauthorized Request",

@@ -63,11 +63,7 @@ async fn intent(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let authorized = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {SIM_SECRET_KEY}"));
-    if !authorized {
+    if !super::bearer_is(&headers, SIM_SECRET_KEY) {
         return error(StatusCode::UNAUTHORIZED, None, "Invalid API Key provided");
     }
     let scenario = match state.answer(&id, "stripe").await {
